@@ -1,0 +1,629 @@
+//! The provider document (DESIGN §4) and its normalization into one [`Schedule`] per device.
+//!
+//! The document is read once, borrowing from the input: each field is kept as raw JSON text
+//! until it is checked, so every error can name its place and quote the offending value, and
+//! one bad schedule never stops the others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::day::{OffGrid, time_zone};
+use crate::{Day, DeviceId, Mode, PERIOD_SECS, ProtocolError, RateKw, Schedule, Setpoint};
+
+/// What normalization needs to know about the fleet.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    /// The fleet's zone; a document in another zone is rejected whole.
+    pub timezone: TimeZone,
+    /// The limit for devices without one of their own.
+    pub default_max_rate: RateKw,
+    /// Registered devices and their own limits; `"*"` schedules go to these.
+    pub devices: BTreeMap<DeviceId, RateKw>,
+    /// The largest document accepted, in bytes.
+    pub max_document_bytes: usize,
+}
+
+impl Fleet {
+    /// A fleet in `timezone` with no registered devices and the default limits.
+    pub fn new(timezone: TimeZone) -> Fleet {
+        Fleet {
+            timezone,
+            default_max_rate: RateKw::from_watts(150_000),
+            devices: BTreeMap::new(),
+            max_document_bytes: 64 * 1024 * 1024,
+        }
+    }
+
+    /// The rate limit that applies to `device`.
+    pub fn max_rate(&self, device: &DeviceId) -> RateKw {
+        self.devices
+            .get(device)
+            .copied()
+            .unwrap_or(self.default_max_rate)
+    }
+}
+
+/// One error inside a document: where it is and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// E.g. `schedules[3].intervals[12].rate_kw`.
+    pub path: String,
+    /// E.g. `412 exceeds max_rate_kw 150`.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A device's schedule that was refused, with every reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The device, when its id could be read.
+    pub device_id: Option<DeviceId>,
+    /// How to name the device in messages: its id, or its place in the document.
+    pub label: String,
+    /// Every error found.
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}", self.label, e)?;
+        }
+        Ok(())
+    }
+}
+
+/// A device's accepted schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormalizedSchedule {
+    /// The plan.
+    pub schedule: Schedule,
+    /// How many periods the document left out and were filled with `idle`.
+    pub filled: u32,
+    /// Whether it came from the `"*"` entry.
+    pub from_wildcard: bool,
+}
+
+/// The result of normalizing a document that was not rejected whole.
+#[derive(Clone, Debug)]
+pub struct Normalized {
+    /// The local date and its grid.
+    pub day: Day,
+    /// The provider's `generated_at`, when it gave a valid one.
+    pub generated_at: Option<Timestamp>,
+    /// The accepted schedules, in document order.
+    pub schedules: Vec<NormalizedSchedule>,
+    /// The refused ones, in document order.
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Deserialize)]
+struct RawDocument<'a> {
+    #[serde(borrow, default)]
+    schedule_date: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timezone: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    generated_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    schedules: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawSchedule<'a> {
+    #[serde(borrow, default)]
+    device_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    intervals: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawInterval<'a> {
+    #[serde(borrow, default)]
+    period: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    start: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    end: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    mode: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    rate_kw: Option<&'a RawValue>,
+}
+
+/// One checked interval: periods `first..last` (0-based, end exclusive) at one setpoint.
+struct Span<'a> {
+    index: usize,
+    first: u32,
+    last: u32,
+    setpoint: Setpoint,
+    rate_text: &'a str,
+}
+
+/// The target of one entry of `schedules`.
+enum Target {
+    Device(DeviceId),
+    Wildcard,
+    Invalid(FieldError, String),
+}
+
+/// Parses and normalizes a provider document.
+///
+/// `Err` rejects the document whole (not JSON, too large, date or zone missing or wrong);
+/// otherwise each schedule is accepted or rejected on its own.
+pub fn normalize(input: &[u8], fleet: &Fleet) -> Result<Normalized, ProtocolError> {
+    if input.len() > fleet.max_document_bytes {
+        return Err(ProtocolError::Document(format!(
+            "{} bytes exceeds the limit of {} bytes",
+            input.len(),
+            fleet.max_document_bytes
+        )));
+    }
+    if input.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ProtocolError::Document(
+            "not a JSON object: the document must start with '{'".into(),
+        ));
+    }
+    let doc: RawDocument = serde_json::from_slice(input)
+        .map_err(|e| ProtocolError::Document(format!("not a JSON object: {e}")))?;
+
+    let date_text = required_string(doc.schedule_date, "schedule_date")?;
+    let date: Date = date_text.parse().map_err(|_| {
+        ProtocolError::Document(format!(
+            "schedule_date: {date_text:?} is not a date (YYYY-MM-DD)"
+        ))
+    })?;
+    let tz_text = required_string(doc.timezone, "timezone")?;
+    let tz = time_zone(&tz_text)
+        .map_err(|_| ProtocolError::Document(format!("timezone: {tz_text:?} is not a known zone")))?;
+    if tz.iana_name() != fleet.timezone.iana_name() {
+        return Err(ProtocolError::Document(format!(
+            "timezone: {tz_text:?} is not the fleet's zone {}",
+            fleet.timezone.iana_name().unwrap_or("UTC")
+        )));
+    }
+    let day = Day::new(date, tz).map_err(|e| ProtocolError::Document(e.to_string()))?;
+    let generated_at = doc
+        .generated_at
+        .and_then(|raw| string_value(raw))
+        .and_then(|s| s.parse().ok());
+
+    let entries: Vec<&RawValue> = match doc.schedules {
+        None => return Err(ProtocolError::Document("schedules: missing".into())),
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
+            ProtocolError::Document(format!(
+                "schedules: expected an array, got {}",
+                quote(raw.get())
+            ))
+        })?,
+    };
+
+    // First pass: who each entry is for, so that duplicates and "*" can be resolved.
+    let parsed: Vec<(Target, Option<RawSchedule>)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| read_entry(i, raw))
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (target, _) in &parsed {
+        let key = match target {
+            Target::Device(id) => id.as_str().to_owned(),
+            Target::Wildcard => "*".to_owned(),
+            Target::Invalid(..) => continue,
+        };
+        *seen.entry(key).or_default() += 1;
+    }
+
+    let mut out = Normalized {
+        day: day.clone(),
+        generated_at,
+        schedules: Vec::new(),
+        rejected: Vec::new(),
+    };
+    for (i, (target, body)) in parsed.into_iter().enumerate() {
+        let path = format!("schedules[{i}]");
+        let (device_id, label) = match target {
+            Target::Invalid(err, label) => {
+                out.rejected.push(Rejection {
+                    device_id: None,
+                    label,
+                    errors: vec![err],
+                });
+                continue;
+            }
+            Target::Device(id) => (Some(id.clone()), id.to_string()),
+            Target::Wildcard => (None, "*".to_owned()),
+        };
+        let key = device_id.as_ref().map_or("*", |d| d.as_str()).to_owned();
+        if seen.get(&key).copied().unwrap_or(0) > 1 {
+            out.rejected.push(Rejection {
+                device_id,
+                label,
+                errors: vec![FieldError {
+                    path: format!("{path}.device_id"),
+                    message: format!("{key} is listed more than once"),
+                }],
+            });
+            continue;
+        }
+        let body = body.expect("a device or wildcard target always comes with its body");
+        let plan = read_plan(&day, body.intervals, &path);
+        match device_id {
+            Some(id) => {
+                let max = fleet.max_rate(&id);
+                out.push(id, label, &day, &plan, max, false);
+            }
+            None => {
+                let targets: Vec<DeviceId> = fleet
+                    .devices
+                    .keys()
+                    .filter(|id| !seen.contains_key(id.as_str()))
+                    .cloned()
+                    .collect();
+                if let Err(errors) = &plan {
+                    // Name the wildcard itself once rather than once per device.
+                    out.rejected.push(Rejection {
+                        device_id: None,
+                        label,
+                        errors: errors.clone(),
+                    });
+                    continue;
+                }
+                for id in targets {
+                    let max = fleet.max_rate(&id);
+                    let label = id.to_string();
+                    out.push(id, label, &day, &plan, max, true);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A schedule entry's intervals, read into a full day of setpoints.
+struct PlanOk<'a> {
+    path: String,
+    setpoints: Vec<Setpoint>,
+    filled: u32,
+    spans: Vec<Span<'a>>,
+}
+
+type Plan<'a> = Result<PlanOk<'a>, Vec<FieldError>>;
+
+impl Normalized {
+    fn push(
+        &mut self,
+        id: DeviceId,
+        label: String,
+        day: &Day,
+        plan: &Plan,
+        max: RateKw,
+        from_wildcard: bool,
+    ) {
+        let plan = match plan {
+            Ok(p) => p,
+            Err(errors) => {
+                self.rejected.push(Rejection {
+                    device_id: Some(id),
+                    label,
+                    errors: errors.clone(),
+                });
+                return;
+            }
+        };
+        let over: Vec<FieldError> = plan
+            .spans
+            .iter()
+            .filter(|s| s.setpoint.rate() > max)
+            .map(|s| FieldError {
+                path: format!("{}.intervals[{}].rate_kw", plan.path, s.index),
+                message: format!("{} exceeds max_rate_kw {max}", s.rate_text),
+            })
+            .collect();
+        if !over.is_empty() {
+            self.rejected.push(Rejection {
+                device_id: Some(id),
+                label,
+                errors: over,
+            });
+            return;
+        }
+        let schedule = Schedule::new(id, day.clone(), plan.setpoints.clone())
+            .expect("read_plan yields exactly one setpoint per period");
+        self.schedules.push(NormalizedSchedule {
+            schedule,
+            filled: plan.filled,
+            from_wildcard,
+        });
+    }
+}
+
+fn read_entry<'a>(i: usize, raw: &'a RawValue) -> (Target, Option<RawSchedule<'a>>) {
+    let path = format!("schedules[{i}]");
+    let body: RawSchedule = match serde_json::from_str(raw.get()) {
+        Ok(b) => b,
+        Err(_) => {
+            let err = FieldError {
+                path: path.clone(),
+                message: format!("expected an object, got {}", quote(raw.get())),
+            };
+            return (Target::Invalid(err, path), None);
+        }
+    };
+    let Some(raw_id) = body.device_id else {
+        let err = FieldError {
+            path: format!("{path}.device_id"),
+            message: "missing".into(),
+        };
+        return (Target::Invalid(err, path), None);
+    };
+    let Some(text) = string_value(raw_id) else {
+        let err = FieldError {
+            path: format!("{path}.device_id"),
+            message: format!("expected a string, got {}", quote(raw_id.get())),
+        };
+        return (Target::Invalid(err, path), None);
+    };
+    if text == "*" {
+        return (Target::Wildcard, Some(body));
+    }
+    match DeviceId::parse(text.as_str()) {
+        Ok(id) => (Target::Device(id), Some(body)),
+        Err(e) => {
+            let err = FieldError {
+                path: format!("{path}.device_id"),
+                message: e.to_string(),
+            };
+            let label: String = text.chars().take(64).collect();
+            (Target::Invalid(err, label), None)
+        }
+    }
+}
+
+/// Reads one schedule's intervals into a full day of setpoints, filling gaps with idle.
+fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan<'a> {
+    let Some(raw) = intervals else {
+        return Err(vec![FieldError {
+            path: format!("{path}.intervals"),
+            message: "missing".into(),
+        }]);
+    };
+    let list: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+        vec![FieldError {
+            path: format!("{path}.intervals"),
+            message: format!("expected an array, got {}", quote(raw.get())),
+        }]
+    })?;
+
+    let mut errors = Vec::new();
+    let mut spans = Vec::with_capacity(list.len());
+    for (j, raw) in list.iter().enumerate() {
+        let here = format!("{path}.intervals[{j}]");
+        match read_interval(day, raw, &here) {
+            Ok(span) => spans.push(Span { index: j, ..span }),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+
+    let n = day.period_count() as usize;
+    let mut owner: Vec<Option<usize>> = vec![None; n];
+    let mut setpoints = vec![Setpoint::IDLE; n];
+    for span in &spans {
+        for p in span.first..span.last {
+            let slot = &mut owner[p as usize];
+            if let Some(other) = *slot {
+                errors.push(FieldError {
+                    path: format!("{path}.intervals[{}]", span.index),
+                    message: format!(
+                        "period {} overlaps {path}.intervals[{other}]",
+                        p + 1
+                    ),
+                });
+                break;
+            }
+            *slot = Some(span.index);
+            setpoints[p as usize] = span.setpoint;
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(PlanOk {
+        path: path.to_owned(),
+        filled: owner.iter().filter(|o| o.is_none()).count() as u32,
+        setpoints,
+        spans,
+    })
+}
+
+fn read_interval<'a>(day: &Day, raw: &'a RawValue, here: &str) -> Result<Span<'a>, Vec<FieldError>> {
+    let interval: RawInterval = serde_json::from_str(raw.get()).map_err(|e| {
+        vec![FieldError {
+            path: here.to_owned(),
+            message: if raw.get().starts_with('{') {
+                e.to_string()
+            } else {
+                format!("expected an object, got {}", quote(raw.get()))
+            },
+        }]
+    })?;
+    let err = |field: &str, message: String| FieldError {
+        path: if field.is_empty() {
+            here.to_owned()
+        } else {
+            format!("{here}.{field}")
+        },
+        message,
+    };
+
+    let range = match (interval.period, interval.start) {
+        (Some(_), Some(_)) => Err(err("", "give either period or start, not both".into())),
+        (None, None) => Err(err("", "missing: give period or start".into())),
+        (Some(p), None) => match interval.end {
+            Some(_) => Err(err("end", "end goes with start, not with period".into())),
+            None => read_period(day, p).map(|p| (p - 1, p)).map_err(|m| err("period", m)),
+        },
+        (None, Some(s)) => read_range(day, s, interval.end).map_err(|(f, m)| err(f, m)),
+    };
+    let mode = match interval.mode {
+        None => Err(err("mode", "missing".into())),
+        Some(raw) => match string_value(raw).and_then(|s| Mode::parse_loose(&s)) {
+            Some(m) => Ok(m),
+            None => Err(err(
+                "mode",
+                format!("{} is not charge, discharge or idle", quote(raw.get())),
+            )),
+        },
+    };
+    let rate = match (interval.rate_kw, &mode) {
+        (None, Ok(Mode::Idle)) => Ok((RateKw::ZERO, "0")),
+        (None, _) => Err(err("rate_kw", "missing".into())),
+        (Some(raw), _) => read_rate(raw.get())
+            .map(|r| (r, raw.get()))
+            .map_err(|m| err("rate_kw", m)),
+    };
+    match (range, mode, rate) {
+        (Ok((first, last)), Ok(mode), Ok((rate, rate_text))) => match Setpoint::new(mode, rate) {
+            Ok(setpoint) => Ok(Span {
+                index: 0,
+                first,
+                last,
+                setpoint,
+                rate_text,
+            }),
+            Err(_) => Err(vec![err(
+                "rate_kw",
+                format!("idle takes rate_kw 0, got {rate_text}"),
+            )]),
+        },
+        (range, mode, rate) => Err([range.err(), mode.err(), rate.err()]
+            .into_iter()
+            .flatten()
+            .collect()),
+    }
+}
+
+fn read_period(day: &Day, raw: &RawValue) -> Result<u32, String> {
+    let text = raw.get();
+    let n = day.period_count();
+    if !looks_numeric(text) {
+        return Err(format!("expected a whole number, got {}", quote(text)));
+    }
+    match text.parse::<i64>() {
+        Ok(p) if (1..=i64::from(n)).contains(&p) => Ok(p as u32),
+        Ok(p) => Err(format!("{p} is outside 1..={n} for {}", day.date())),
+        Err(_) => match text.parse::<f64>() {
+            Ok(f) if f.is_finite() && f.fract() != 0.0 => {
+                Err(format!("{text} is not a whole number"))
+            }
+            _ => Err(format!("{text} does not fit")),
+        },
+    }
+}
+
+fn read_range(
+    day: &Day,
+    start: &RawValue,
+    end: Option<&RawValue>,
+) -> Result<(u32, u32), (&'static str, String)> {
+    let instant = |raw: &RawValue, field: &'static str| -> Result<Timestamp, (&'static str, String)> {
+        string_value(raw)
+            .and_then(|s| s.parse::<Timestamp>().ok())
+            .ok_or_else(|| (field, format!("{} is not an RFC 3339 instant", quote(raw.get()))))
+    };
+    let s = instant(start, "start")?;
+    let e = match end {
+        Some(raw) => instant(raw, "end")?,
+        None => s
+            .checked_add(SignedDuration::from_secs(PERIOD_SECS))
+            .map_err(|_| ("start", format!("{} is out of range", quote(start.get()))))?,
+    };
+    let boundary = |t: Timestamp, raw: &str, field: &'static str| {
+        day.boundary(t).map_err(|why| {
+            let msg = match why {
+                OffGrid::Outside => format!(
+                    "{} is outside {} ({} to {})",
+                    quote(raw),
+                    day.date(),
+                    day.start(),
+                    day.end()
+                ),
+                OffGrid::NotOnBoundary => format!(
+                    "{} is not a period boundary (periods start every 30 minutes from local midnight)",
+                    quote(raw)
+                ),
+            };
+            (field, msg)
+        })
+    };
+    let first = boundary(s, start.get(), "start")?;
+    let end_text = end.map_or_else(|| format!("\"{e}\""), |r| r.get().to_owned());
+    let last = boundary(e, &end_text, if end.is_some() { "end" } else { "start" })?;
+    if first == day.period_count() {
+        return Err(("start", format!("{} is outside {}", quote(start.get()), day.date())));
+    }
+    if last <= first {
+        return Err(("end", format!("{} is not after start", quote(&end_text))));
+    }
+    Ok((first, last))
+}
+
+fn read_rate(text: &str) -> Result<RateKw, String> {
+    if !looks_numeric(text) {
+        return Err(format!("expected a number, got {}", quote(text)));
+    }
+    let kw: f64 = text
+        .parse()
+        .map_err(|_| format!("{text} is not a number"))?;
+    if !kw.is_finite() {
+        return Err(format!("{text} is not finite"));
+    }
+    RateKw::try_from(kw).map_err(|e| match e {
+        ProtocolError::InvalidRate(m) => m.replacen(&kw.to_string(), text, 1),
+        other => other.to_string(),
+    })
+}
+
+fn looks_numeric(text: &str) -> bool {
+    text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+}
+
+fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
+    let raw = raw.ok_or_else(|| ProtocolError::Document(format!("{field}: missing")))?;
+    string_value(raw).ok_or_else(|| {
+        ProtocolError::Document(format!("{field}: expected a string, got {}", quote(raw.get())))
+    })
+}
+
+fn string_value(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<String>(raw.get()).ok()
+}
+
+/// Raw JSON text for an error message, cut short so a hostile document can't flood the log.
+fn quote(text: &str) -> String {
+    const MAX: usize = 40;
+    if text.chars().count() <= MAX {
+        text.to_owned()
+    } else {
+        let cut: String = text.chars().take(MAX).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+#[path = "document_tests.rs"]
+mod tests;

@@ -1,0 +1,144 @@
+//! A normalized schedule: one setpoint for every period of one device's local date.
+
+use sha2::{Digest, Sha256};
+
+use crate::{Day, DeviceId, Setpoint};
+
+/// The plan for one device and one local date. It always has exactly one setpoint per period.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    device_id: DeviceId,
+    day: Day,
+    setpoints: Vec<Setpoint>,
+}
+
+/// One period of a schedule, as it goes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Period {
+    /// 1-based period number within the local date.
+    pub period: u32,
+    /// The period's start.
+    pub start: jiff::Timestamp,
+    /// What to do in it.
+    pub setpoint: Setpoint,
+}
+
+impl Schedule {
+    /// A schedule; `None` unless there is exactly one setpoint per period of `day`.
+    pub fn new(device_id: DeviceId, day: Day, setpoints: Vec<Setpoint>) -> Option<Schedule> {
+        (setpoints.len() == day.period_count() as usize).then_some(Schedule {
+            device_id,
+            day,
+            setpoints,
+        })
+    }
+
+    /// The device.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
+    }
+
+    /// The local date and its grid.
+    pub fn day(&self) -> &Day {
+        &self.day
+    }
+
+    /// The setpoints, period 1 first.
+    pub fn setpoints(&self) -> &[Setpoint] {
+        &self.setpoints
+    }
+
+    /// The setpoint of a 1-based period.
+    pub fn setpoint(&self, period: u32) -> Option<Setpoint> {
+        let index = usize::try_from(period).ok()?.checked_sub(1)?;
+        self.setpoints.get(index).copied()
+    }
+
+    /// Every period with its start.
+    pub fn periods(&self) -> impl Iterator<Item = Period> + '_ {
+        self.setpoints.iter().enumerate().map(|(i, sp)| {
+            let period = i as u32 + 1;
+            Period {
+                period,
+                start: self.day.period_start(period),
+                setpoint: *sp,
+            }
+        })
+    }
+
+    /// SHA-256 (lowercase hex) of `{period},{start},{mode},{rate_w}\n` for every period.
+    /// The ack echoes it, so the cloud knows exactly which plan a device holds.
+    pub fn sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        let mut line = String::with_capacity(64);
+        for p in self.periods() {
+            use std::fmt::Write;
+            line.clear();
+            let _ = writeln!(
+                line,
+                "{},{},{},{}",
+                p.period,
+                p.start,
+                p.setpoint.mode(),
+                p.setpoint.rate().watts()
+            );
+            hasher.update(line.as_bytes());
+        }
+        hex(&hasher.finalize())
+    }
+
+    /// Energy moved over the whole day, in kWh: (charged, discharged).
+    pub fn energy_kwh(&self) -> (f64, f64) {
+        let hours = crate::PERIOD_SECS as f64 / 3600.0;
+        self.setpoints
+            .iter()
+            .fold((0.0, 0.0), |(c, d), sp| match sp.mode() {
+                crate::Mode::Charge => (c + sp.rate().kw() * hours, d),
+                crate::Mode::Discharge => (c, d + sp.rate().kw() * hours),
+                crate::Mode::Idle => (c, d),
+            })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Mode, RateKw};
+    use jiff::civil::date;
+
+    fn day() -> Day {
+        Day::named(date(2026, 11, 30), "Europe/London").unwrap()
+    }
+
+    #[test]
+    fn needs_one_setpoint_per_period() {
+        let id = DeviceId::parse("d1").unwrap();
+        assert!(Schedule::new(id.clone(), day(), vec![Setpoint::IDLE; 47]).is_none());
+        assert!(Schedule::new(id, day(), vec![Setpoint::IDLE; 48]).is_some());
+    }
+
+    #[test]
+    fn sha256_is_over_the_documented_lines() {
+        let id = DeviceId::parse("d1").unwrap();
+        let mut sps = vec![Setpoint::IDLE; 48];
+        sps[0] = Setpoint::new(Mode::Charge, RateKw::from_watts(50_000)).unwrap();
+        let s = Schedule::new(id, day(), sps).unwrap();
+        let mut text = String::from("1,2026-11-30T00:00:00Z,charge,50000\n");
+        for p in 2..=48u32 {
+            let start = day().period_start(p);
+            text.push_str(&format!("{p},{start},idle,0\n"));
+        }
+        assert_eq!(s.sha256(), hex(&Sha256::digest(text.as_bytes())));
+        assert_eq!(s.sha256().len(), 64);
+    }
+}
