@@ -1,1 +1,28 @@
-//! placeholder
+//! The MAX300 edge agent: receives day-ahead plans over MQTT, keeps them on disk, and drives
+//! one battery controller through every half-hour period, reporting what happened.
+//!
+//! # Layout
+//! - [`config`]: the agent's settings, layered from defaults, a file and `MAX300_*` variables.
+//! - [`agent`]: the async shell: one `select!` over MQTT events, period boundaries, heartbeats,
+//!   re-asserts, outbox resends and shutdown. It carries out what the engine decides.
+//! - [`engine`]: pure decisions: which plans are held, what each period runs or skips, when to
+//!   wake next, and the fallback when there is no plan.
+//! - [`safety`]: pure clamping to the device limit, the controller's live limits and the
+//!   state-of-charge window with hysteresis.
+//! - [`store`]: the SQLite store: plans, reports (one per period), the outbox of acks and
+//!   reports awaiting a receipt, and the store's id and sequence.
+//! - [`battery`]: the controller seam ([`Battery`]) and the simulated unit ([`SimBattery`]).
+//! - [`error`]: the crate's error type.
+
+pub mod agent;
+pub mod battery;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod safety;
+pub mod store;
+
+pub use agent::run;
+pub use battery::{Battery, BatteryStatus, SimBattery, SimConfig};
+pub use config::AgentConfig;
+pub use error::AgentError;

@@ -1,1 +1,37 @@
-//! placeholder
+//! The MAX300 cloud service: fetch and normalize day-ahead schedules, keep the raw documents
+//! for audit, turn each device's plan into a command, deliver it over MQTT, and follow every
+//! command and period through acks, reports and heartbeats.
+//!
+//! # Layout
+//! - [`config`]: the service's settings, layered from an embedded default, a file and env.
+//! - [`app`]: composition: builds the parts, runs them until shutdown.
+//! - [`lifecycle`]: the command and period state machine (pure).
+//! - [`store`]: the [`CommandStore`] seam and its SQLite implementation.
+//! - [`audit`]: raw documents and rejections, kept in an `object_store`.
+//! - [`provider`]: the HTTP client for the schedule provider.
+//! - [`ingest`]: document → audit → normalize → commit → publish.
+//! - [`publish`]: commands and receipts out to devices.
+//! - [`feedback`]: acks, reports, heartbeats and sync from devices; receipts back.
+//! - [`daily`]: the daily fetch at a configured local time.
+//! - [`api`]: the HTTP API.
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod config;
+pub mod daily;
+pub mod feedback;
+pub mod ingest;
+pub mod lifecycle;
+pub mod provider;
+pub mod publish;
+pub mod store;
+
+mod error;
+
+pub use app::Cloud;
+pub use config::CloudConfig;
+pub use error::CloudError;
+pub use ingest::IngestReport;
+pub use lifecycle::{CommandState, PeriodStatus};
+pub use store::{CommandStore, SqliteStore};

@@ -1,1 +1,35 @@
-//! placeholder
+//! One robust MQTT session over rumqttc, used by the cloud and by every agent.
+//!
+//! Only this crate knows about rumqttc. It reconnects with backoff and jitter, resubscribes
+//! after every connect (nothing depends on the broker keeping sessions), reports "connected"
+//! only once the subscription is confirmed, and hands out decoded protocol messages that the
+//! application acks (PUBACK) after it has committed them.
+//!
+//! # Layout
+//! - [`url`]: the `mqtt://` / `mqtts://` broker address.
+//! - [`session`]: the session task, its handle and its events.
+
+pub mod session;
+pub mod url;
+
+pub use session::{Event, Inbound, Qos, Session, SessionConfig, connect};
+pub use url::BrokerUrl;
+
+/// What can go wrong with the MQTT session.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// The broker address is malformed or unsupported.
+    #[error("broker address {url:?}: {reason}")]
+    Url {
+        /// The address given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The session task has stopped (shutdown).
+    #[error("the MQTT session is closed")]
+    Closed,
+    /// The client refused a request.
+    #[error("mqtt client: {0}")]
+    Client(String),
+}

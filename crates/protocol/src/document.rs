@@ -199,7 +199,7 @@ pub fn normalize(input: &[u8], fleet: &Fleet) -> Result<Normalized, ProtocolErro
     let day = Day::new(date, tz).map_err(|e| ProtocolError::Document(e.to_string()))?;
     let generated_at = doc
         .generated_at
-        .and_then(|raw| string_value(raw))
+        .and_then(string_value)
         .and_then(|s| s.parse().ok());
 
     let entries: Vec<&RawValue> = match doc.schedules {

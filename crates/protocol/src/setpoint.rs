@@ -140,9 +140,7 @@ impl Setpoint {
 
     /// A setpoint where a zero rate in any mode counts as idle.
     pub fn normalized(mode: Mode, rate: RateKw) -> Self {
-        if rate == RateKw::ZERO {
-            Setpoint::IDLE
-        } else if mode == Mode::Idle {
+        if rate == RateKw::ZERO || mode == Mode::Idle {
             Setpoint::IDLE
         } else {
             Setpoint { mode, rate }

@@ -1,0 +1,673 @@
+//! The async shell around the engine: one task per agent, one `select!` over MQTT events,
+//! the next period boundary, the heartbeat, the re-assert, the outbox resend, the sync
+//! re-send and shutdown. It decides nothing itself: the engine and the safety rules do.
+//!
+//! ```text
+//!  schedule ─▶ engine.on_schedule ─▶ store.accept_plan (plan + ack, one tx) ─▶ publish ack ─▶ PUBACK
+//!  boundary ─▶ engine.due ─▶ clamp, apply, read back ─▶ store.record_period ─▶ publish report
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use max300_mqtt::{Event, Inbound, Qos, Session, SessionConfig};
+use max300_protocol::clock::monotonic;
+use max300_protocol::message::{
+    AckMsg, AckStatus, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg,
+    RejectReason, ReportMsg, ReportStatus, ScheduleMsg, SyncMsg, V1,
+};
+use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, RateKw, Setpoint, Topics};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, instrument, warn};
+
+use crate::battery::{Battery, BatteryStatus, SimBattery};
+use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
+use crate::safety::{Guard, SocWindow};
+use crate::store::{Outgoing, Store};
+use crate::{AgentConfig, AgentError};
+
+/// At most this many outbox entries are (re)published per resend tick of one second.
+const RESEND_BATCH: usize = 100;
+/// How often the outbox is checked for entries to resend (real time).
+const RESEND_TICK: Duration = Duration::from_secs(1);
+/// How often `sync` is sent again while a plan for today or tomorrow is missing (real time).
+const SYNC_EVERY: Duration = Duration::from_secs(600);
+/// The longest sleep between checks of the clock, so a clock that jumps is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// A publish that cannot be queued this fast is left to the outbox resend, so a stalled
+/// session never stalls the agent.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Capacity of the session's event channel: one agent handles one message at a time.
+const EVENT_CAPACITY: usize = 32;
+/// Half a period of plan time, in hours: the energy of one period at a rate in kW.
+const PERIOD_HOURS: f64 = max300_protocol::PERIOD_SECS as f64 / 3600.0;
+
+/// Runs one agent until `shutdown`: opens its store, builds its battery, connects to the
+/// broker and follows its plans. Start-up failures (config, store, broker address) are
+/// returned; everything after start-up is logged and retried.
+#[instrument(skip_all, fields(device_id = %config.device_id))]
+pub async fn run(
+    config: AgentConfig,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let url = config.broker_url()?;
+    let tz = config.time_zone()?;
+    let max_rate = config.max_rate()?;
+    let device_id = config.device_id.clone();
+
+    let data_dir = config.data_dir.clone();
+    let path = config.store_path();
+    let durable = config.durable;
+    let store = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&data_dir).map_err(|e| AgentError::Store {
+            path: data_dir.display().to_string(),
+            reason: format!("cannot create the data directory: {e}"),
+        })?;
+        Store::open(&path, durable)
+    })
+    .await
+    .map_err(|e| AgentError::Store {
+        path: config.store_path().display().to_string(),
+        reason: format!("opening task failed: {e}"),
+    })??;
+    let store = Arc::new(store);
+
+    let battery: Arc<dyn Battery> = match config.battery.as_str() {
+        "sim" => Arc::new(SimBattery::new(
+            config.sim.clone(),
+            clock.clone(),
+            config.revert_timeout(),
+        )),
+        other => {
+            return Err(AgentError::Config(format!(
+                "battery: {other:?} is not supported; the only battery so far is \"sim\""
+            )));
+        }
+    };
+
+    let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate);
+    let loaded = blocking(&store, |s| s.load()).await?;
+    for stored in loaded.plans {
+        let msg = stored.msg;
+        match msg.to_schedule() {
+            Ok(schedule) => engine.hold(Plan {
+                message_id: msg.message_id.clone(),
+                version: msg.version,
+                sha256: schedule.sha256(),
+                effective_period: stored.effective_period,
+                schedule,
+                cancelled: stored.cancelled,
+            }),
+            Err(e) => {
+                warn!(device_id = %device_id, message_id = %msg.message_id, error = %e, "stored plan unreadable: ignored")
+            }
+        }
+    }
+    for (control, target) in loaded.controls {
+        engine.cancel(control, &target);
+    }
+    engine.restore(loaded.last_done, loaded.last_instant);
+
+    let topics = config.topics();
+    // The session lives exactly as long as this function: the guard stops it on any return.
+    let session_stop = shutdown.child_token();
+    let _session_guard = session_stop.clone().drop_guard();
+    let mut session_config = SessionConfig::new(
+        url,
+        device_id.as_str(),
+        topics.device_filters(&device_id),
+    );
+    session_config.topics = topics.clone();
+    session_config.channel_capacity = EVENT_CAPACITY;
+    let (session, events) = max300_mqtt::connect(session_config, session_stop)?;
+
+    let reassert = (config.revert_timeout() / 2).max(Duration::from_millis(500));
+    let window = SocWindow {
+        min_pct: config.sim.soc_min_pct,
+        max_pct: config.sim.soc_max_pct,
+        hysteresis_pct: config.sim.hysteresis_pct,
+    };
+    info!(
+        device_id = %device_id,
+        store_id = %store.store_id(),
+        plans = engine.held_plans(clock.now()).len(),
+        "agent started"
+    );
+    let agent = Agent {
+        device_id,
+        clock,
+        store,
+        battery,
+        session,
+        topics,
+        engine,
+        guard: Guard::new(window, max_rate),
+        planned: Setpoint::IDLE,
+        fault: None,
+        started: monotonic(),
+        resend_after: Duration::from_secs(config.resend_after_s),
+        dropped: 0,
+    };
+    agent
+        .run(
+            events,
+            shutdown,
+            Duration::from_secs(config.heartbeat_interval_s),
+            reassert,
+        )
+        .await
+}
+
+/// Runs one short store transaction on the blocking pool, so a thousand agents in one
+/// process never block the runtime's workers on disk.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    let store = store.clone();
+    let path = store.path().to_owned();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| AgentError::Store {
+            path,
+            reason: format!("store task failed: {e}"),
+        })?
+}
+
+struct Agent {
+    device_id: DeviceId,
+    clock: Arc<dyn Clock>,
+    store: Arc<Store>,
+    battery: Arc<dyn Battery>,
+    session: Session,
+    topics: Topics,
+    engine: Engine,
+    guard: Guard,
+    /// What the current period's plan asks for; idle when skipped or in fallback.
+    planned: Setpoint,
+    /// The last controller error, until a write and read-back succeed again.
+    fault: Option<String>,
+    started: Instant,
+    resend_after: Duration,
+    /// Inbound messages dropped as undecodable or not for this device.
+    dropped: u64,
+}
+
+impl Agent {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        shutdown: CancellationToken,
+        heartbeat_every: Duration,
+        reassert_every: Duration,
+    ) -> Result<(), AgentError> {
+        // After a restart: report what was missed, and apply the current period at once.
+        self.on_boundary().await;
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        let mut reassert = tokio::time::interval(reassert_every);
+        let mut resend = tokio::time::interval(RESEND_TICK);
+        let mut sync = tokio::time::interval(SYNC_EVERY);
+        for timer in [&mut heartbeat, &mut reassert, &mut resend, &mut sync] {
+            timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
+        loop {
+            let wake = self.engine.next_wake(self.clock.now());
+            let sleep = self.clock.real_until(wake).min(MAX_SLEEP);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(Event::Connected) => {
+                        self.on_connected().await;
+                        // The flush counts as this second's resend batch.
+                        resend.reset();
+                    }
+                    Some(Event::Disconnected(reason)) => {
+                        info!(device_id = %self.device_id, reason = %reason, "mqtt disconnected: outbox waits");
+                    }
+                    Some(Event::Message(inbound)) => {
+                        self.on_inbound(&inbound).await;
+                        // Acked in arrival order, after the message was committed or refused.
+                        inbound.ack().await;
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep(sleep) => self.on_boundary().await,
+                _ = heartbeat.tick() => self.heartbeat().await,
+                _ = reassert.tick() => self.drive(true).await,
+                _ = resend.tick() => self.resend(self.resend_after).await,
+                _ = sync.tick() => {
+                    if self.engine.lacks_plan(self.clock.now()) {
+                        self.sync().await;
+                    }
+                }
+            }
+        }
+        info!(device_id = %self.device_id, dropped = self.dropped, "agent stopped");
+        Ok(())
+    }
+
+    async fn on_connected(&mut self) {
+        self.sync().await;
+        self.resend(Duration::ZERO).await;
+    }
+
+    fn topic(&self, channel: Channel) -> String {
+        self.topics.topic(&self.device_id, channel)
+    }
+
+    // ---- inbound ----
+
+    async fn on_inbound(&mut self, inbound: &Inbound) {
+        if let Some((device, _)) = &inbound.route
+            && device != &self.device_id
+        {
+            self.dropped += 1;
+            warn!(device_id = %self.device_id, topic = %inbound.topic, "message on another device's topic dropped");
+            return;
+        }
+        match &inbound.message {
+            Err(e) => {
+                self.dropped += 1;
+                warn!(device_id = %self.device_id, topic = %inbound.topic, error = %e, dropped = self.dropped, "undecodable message dropped");
+            }
+            Ok(Message::Schedule(msg)) => self.on_schedule(msg).await,
+            Ok(Message::Control(msg)) => self.on_control(msg).await,
+            Ok(Message::Receipt(msg)) => self.on_receipt(msg).await,
+            Ok(other) => {
+                self.dropped += 1;
+                warn!(device_id = %self.device_id, topic = %inbound.topic, channel = other.channel().as_str(), "unexpected message type dropped");
+            }
+        }
+    }
+
+    fn ack(
+        &self,
+        message_id: &MessageId,
+        now: Timestamp,
+        reason: Option<RejectReason>,
+        details: Option<String>,
+        sha256: Option<String>,
+        effective_period: Option<u32>,
+    ) -> Message {
+        Message::Ack(AckMsg {
+            v: V1,
+            // The store stamps its id and the seq inside the transaction.
+            store_id: self.store.store_id().clone(),
+            seq: 0,
+            message_id: message_id.clone(),
+            device_id: self.device_id.clone(),
+            status: if reason.is_some() {
+                AckStatus::Rejected
+            } else {
+                AckStatus::Accepted
+            },
+            reason,
+            details,
+            sha256,
+            effective_period,
+            at: now,
+            traceparent: None,
+        })
+    }
+
+    async fn on_schedule(&mut self, msg: &ScheduleMsg) {
+        let now = self.clock.now();
+        let id = &self.device_id;
+        let mid = &msg.message_id;
+        let topic = self.topic(Channel::Ack);
+        let sent = self.session.is_connected();
+        let (result, plan) = match self.engine.on_schedule(msg, now) {
+            Decision::Accept(plan) => {
+                let ack = self.ack(mid, now, None, None, Some(plan.sha256.clone()), Some(plan.effective_period));
+                let (m, eff) = (msg.clone(), plan.effective_period);
+                let r = blocking(&self.store, move |s| s.accept_plan(&m, eff, ack, topic, now, sent)).await;
+                (r, Some(plan))
+            }
+            Decision::Repeat { effective_period, sha256 } => {
+                debug!(device_id = %id, message_id = %mid, "repeated schedule: accepted again");
+                let ack = self.ack(mid, now, None, None, Some(sha256), Some(effective_period));
+                (blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await, None)
+            }
+            Decision::Reject { reason, details } => {
+                warn!(device_id = %id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "schedule rejected");
+                let ack = self.ack(mid, now, Some(reason), details, None, None);
+                (blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await, None)
+            }
+            Decision::Withhold { why } => {
+                warn!(device_id = %id, message_id = %mid, why, "ack withheld: the cloud will resend");
+                return;
+            }
+        };
+        match result {
+            Ok(out) => {
+                if let Some(plan) = plan {
+                    info!(device_id = %id, message_id = %mid, date = %msg.schedule_date, version = plan.version, effective_period = plan.effective_period, "schedule accepted");
+                    self.engine.hold(plan);
+                    self.engine.acted(now);
+                }
+                self.publish(&out).await;
+            }
+            Err(e) => {
+                // Never ack what is not on disk; the cloud resends.
+                error!(device_id = %id, message_id = %mid, error = %e, "schedule not stored: ack withheld");
+            }
+        }
+    }
+
+    async fn on_control(&mut self, msg: &ControlMsg) {
+        let now = self.clock.now();
+        let mid = msg.message_id.clone();
+        let topic = self.topic(Channel::Ack);
+        let sent = self.session.is_connected();
+        let result = match self.engine.on_control(msg) {
+            ControlDecision::Cancel { target } => {
+                let ack = self.ack(&mid, now, None, None, None, None);
+                let (control, t) = (mid.clone(), target.clone());
+                let r = blocking(&self.store, move |s| s.cancel_plan(&control, &t, ack, topic, now, sent)).await;
+                if r.is_ok() {
+                    self.engine.cancel(mid.clone(), &target);
+                    self.engine.acted(now);
+                    info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "plan cancelled: going idle");
+                    if self.engine.active(now).is_none() {
+                        self.planned = Setpoint::IDLE;
+                        self.drive(false).await;
+                    }
+                }
+                r
+            }
+            ControlDecision::Repeat => {
+                let ack = self.ack(&mid, now, None, None, None, None);
+                blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
+            }
+            ControlDecision::Reject { reason, details } => {
+                warn!(device_id = %self.device_id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "control rejected");
+                let ack = self.ack(&mid, now, Some(reason), details, None, None);
+                blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
+            }
+        };
+        match result {
+            Ok(out) => self.publish(&out).await,
+            Err(e) => error!(device_id = %self.device_id, message_id = %mid, error = %e, "control not stored: ack withheld"),
+        }
+    }
+
+    async fn on_receipt(&mut self, msg: &ReceiptMsg) {
+        if &msg.store_id != self.store.store_id() {
+            debug!(device_id = %self.device_id, store_id = %msg.store_id, "receipt for another store ignored");
+            return;
+        }
+        let (store_id, seqs) = (msg.store_id.clone(), msg.seqs.clone());
+        match blocking(&self.store, move |s| s.receipt(&store_id, &seqs)).await {
+            Ok(n) => debug!(device_id = %self.device_id, removed = n, "receipt applied"),
+            Err(e) => warn!(device_id = %self.device_id, error = %e, "receipt not applied: entries will be resent"),
+        }
+    }
+
+    // ---- periods ----
+
+    async fn on_boundary(&mut self) {
+        let now = self.clock.now();
+        if self.engine.clock_unsynced(now) {
+            if self.planned != Setpoint::IDLE {
+                warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
+            }
+            self.planned = Setpoint::IDLE;
+            self.drive(false).await;
+            return;
+        }
+        let due = self.engine.due(now);
+        let count = due.len();
+        for (i, period) in due.into_iter().enumerate() {
+            let is_current = i + 1 == count;
+            let report = self.handle_period(&period, is_current, now).await;
+            let topic = self.topic(Channel::Report);
+            let sent = self.session.is_connected();
+            let start = period.start;
+            match blocking(&self.store, move |s| s.record_period(report, topic, now, sent)).await {
+                Ok(Some(out)) => {
+                    self.engine.mark_done(start);
+                    self.engine.acted(now);
+                    self.publish(&out).await;
+                }
+                Ok(None) => {
+                    warn!(device_id = %self.device_id, interval_start = %start, "period already reported: not again");
+                    self.engine.mark_done(start);
+                }
+                Err(e) => {
+                    // Left for the next boundary; it will then be reported as missed, once.
+                    error!(device_id = %self.device_id, interval_start = %start, error = %e, "report not stored");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Runs or skips one period and builds its report (seq and store id are stamped later).
+    async fn handle_period(&mut self, due: &PeriodDue, is_current: bool, now: Timestamp) -> Message {
+        let mut report = ReportMsg {
+            v: V1,
+            store_id: self.store.store_id().clone(),
+            seq: 0,
+            message_id: None,
+            device_id: self.device_id.clone(),
+            period: due.period,
+            interval_start: due.start,
+            mode: Setpoint::IDLE.mode(),
+            rate_kw: RateKw::ZERO,
+            status: ReportStatus::Skipped,
+            applied_kw: None,
+            limited_by: None,
+            reason: None,
+            would_kw: None,
+            soc_pct: None,
+            energy_kwh: None,
+            error: None,
+            at: now,
+            traceparent: None,
+        };
+        match &due.action {
+            Action::Skip { reason, message_id, planned } => {
+                report.message_id = message_id.clone();
+                report.mode = planned.mode();
+                report.rate_kw = planned.rate();
+                report.reason = Some(*reason);
+                if is_current {
+                    self.planned = Setpoint::IDLE;
+                    self.drive(false).await;
+                }
+                if *reason != PeriodReason::AgentDown {
+                    info!(device_id = %self.device_id, message_id = ?message_id.as_ref().map(|m| m.as_str()), period = due.period, reason = ?reason, "period skipped");
+                }
+            }
+            Action::Run { setpoint, message_id } => {
+                report.message_id = Some(message_id.clone());
+                report.mode = setpoint.mode();
+                report.rate_kw = setpoint.rate();
+                self.planned = *setpoint;
+                match self.execute(*setpoint).await {
+                    Ok((applied, limited_by, status)) => {
+                        report.applied_kw = Some(applied.rate());
+                        report.limited_by = limited_by;
+                        report.soc_pct = Some(status.soc_pct);
+                        report.energy_kwh = Some(applied.rate().kw() * PERIOD_HOURS);
+                        if status.setpoint == applied {
+                            report.status = ReportStatus::Executed;
+                        } else {
+                            report.status = ReportStatus::Failed;
+                            report.error = Some(format!(
+                                "read back {}, expected {applied}",
+                                status.setpoint
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        report.status = ReportStatus::Failed;
+                        report.error = Some(e);
+                    }
+                }
+                info!(device_id = %self.device_id, message_id = %message_id, period = due.period, status = report.status.as_str(), applied_kw = ?report.applied_kw.map(|r| r.kw()), "period run");
+            }
+        }
+        report.into_message()
+    }
+
+    /// Clamps, writes if it changed, and reads back: (applied, why limited, read-back).
+    async fn execute(
+        &mut self,
+        planned: Setpoint,
+    ) -> Result<(Setpoint, Option<max300_protocol::message::LimitedBy>, BatteryStatus), String> {
+        let status = self.battery.read().await.map_err(|e| self.faulted(e.to_string()))?;
+        let clamped = self.guard.clamp(planned, &status);
+        if status.setpoint != clamped.setpoint {
+            self.battery
+                .apply(clamped.setpoint)
+                .await
+                .map_err(|e| self.faulted(e.to_string()))?;
+        }
+        let back = self.battery.read().await.map_err(|e| self.faulted(e.to_string()))?;
+        if back.setpoint == clamped.setpoint {
+            self.fault = None;
+        }
+        Ok((clamped.setpoint, clamped.limited_by, back))
+    }
+
+    fn faulted(&mut self, error: String) -> String {
+        warn!(device_id = %self.device_id, error = %error, "controller fault");
+        self.fault = Some(error.clone());
+        error
+    }
+
+    /// Keeps the controller on the clamped plan: writes when the clamped setpoint differs
+    /// from what it runs, and always when `reassert` (before its revert timer runs out).
+    async fn drive(&mut self, reassert: bool) {
+        if self.engine.clock_unsynced(self.clock.now()) {
+            self.planned = Setpoint::IDLE;
+        }
+        let status = match self.battery.read().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.faulted(e.to_string());
+                return;
+            }
+        };
+        let clamped = self.guard.clamp(self.planned, &status);
+        if reassert || status.setpoint != clamped.setpoint {
+            match self.battery.apply(clamped.setpoint).await {
+                Ok(()) => self.fault = None,
+                Err(e) => {
+                    self.faulted(e.to_string());
+                }
+            }
+        }
+    }
+
+    // ---- outbound ----
+
+    async fn publish(&self, out: &Outgoing) {
+        if !self.session.is_connected() {
+            return;
+        }
+        let publish = self
+            .session
+            .publish(out.topic.clone(), out.payload.clone(), Qos::AtLeastOnce);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(device_id = %self.device_id, seq = out.seq, error = %e, "publish failed: left to resend"),
+            Err(_) => debug!(device_id = %self.device_id, seq = out.seq, "publish timed out: left to resend"),
+        }
+    }
+
+    /// Publishes outbox entries not sent within `older_than`, at most 100 per call.
+    async fn resend(&mut self, older_than: Duration) {
+        if !self.session.is_connected() {
+            return;
+        }
+        let batch = match blocking(&self.store, move |s| s.due_for_resend(older_than, RESEND_BATCH)).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(device_id = %self.device_id, error = %e, "outbox not readable");
+                return;
+            }
+        };
+        if batch.is_empty() {
+            return;
+        }
+        for out in &batch {
+            self.publish(out).await;
+        }
+        debug!(device_id = %self.device_id, entries = batch.len(), "outbox sent");
+        let seqs: Vec<u64> = batch.iter().map(|o| o.seq).collect();
+        if let Err(e) = blocking(&self.store, move |s| s.mark_sent(&seqs)).await {
+            warn!(device_id = %self.device_id, error = %e, "outbox send times not stored");
+        }
+    }
+
+    async fn sync(&self) {
+        if !self.session.is_connected() {
+            return;
+        }
+        let have = self.engine.held_plans(self.clock.now());
+        let msg = Message::Sync(SyncMsg {
+            v: V1,
+            device_id: self.device_id.clone(),
+            have,
+        });
+        let send = self.session.send(self.topic(Channel::Sync), &msg, Qos::AtLeastOnce);
+        if !matches!(tokio::time::timeout(PUBLISH_TIMEOUT, send).await, Ok(Ok(()))) {
+            debug!(device_id = %self.device_id, "sync not sent: will retry");
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        if !self.session.is_connected() {
+            return;
+        }
+        let now = self.clock.now();
+        let status = match self.battery.read().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.faulted(e.to_string());
+                None
+            }
+        };
+        let outbox = blocking(&self.store, |s| s.outbox_len()).await.unwrap_or(0);
+        let running = status.map_or(Setpoint::IDLE, |s| s.setpoint);
+        let fallback = self
+            .engine
+            .fallback(now)
+            .or(self.fault.as_ref().map(|_| Fallback::ControllerFault));
+        let msg = Message::Heartbeat(HeartbeatMsg {
+            v: V1,
+            device_id: self.device_id.clone(),
+            at: now,
+            uptime_s: monotonic().saturating_duration_since(self.started).as_secs(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            active_message_id: self.engine.active(now).cloned(),
+            mode: running.mode(),
+            rate_kw: running.rate(),
+            soc_pct: status.map(|s| s.soc_pct),
+            fallback,
+            outbox,
+        });
+        let send = self.session.send(self.topic(Channel::Heartbeat), &msg, Qos::AtMostOnce);
+        if !matches!(tokio::time::timeout(PUBLISH_TIMEOUT, send).await, Ok(Ok(()))) {
+            debug!(device_id = %self.device_id, "heartbeat not sent");
+        }
+    }
+}
+
+/// Wraps a report as a message for the store.
+trait IntoMessage {
+    fn into_message(self) -> Message;
+}
+
+impl IntoMessage for ReportMsg {
+    fn into_message(self) -> Message {
+        Message::Report(self)
+    }
+}

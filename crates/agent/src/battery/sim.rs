@@ -1,0 +1,292 @@
+//! A simulated battery: state of charge integrated over clock time, live limits at the ends
+//! of its range, and a revert timer on real time, as a real controller has.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use jiff::{SignedDuration, Timestamp};
+use max300_protocol::clock::monotonic;
+use max300_protocol::{Clock, Mode, RateKw, Setpoint};
+use serde::{Deserialize, Serialize};
+
+use super::{Battery, BatteryError, BatteryStatus};
+
+/// How many writes [`SimBattery::writes`] keeps.
+const WRITE_LOG: usize = 1024;
+
+/// The simulated unit, and the state-of-charge window the agent keeps it in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Usable capacity in kWh.
+    pub capacity_kwh: f64,
+    /// State of charge at start-up, percent.
+    pub initial_soc_pct: f64,
+    /// No discharging at or below this, percent.
+    pub soc_min_pct: f64,
+    /// No charging at or above this, percent.
+    pub soc_max_pct: f64,
+    /// How far inside the window a blocked direction resumes, percent.
+    pub hysteresis_pct: f64,
+    /// The controller's own charge limit, kW.
+    pub max_charge_kw: f64,
+    /// The controller's own discharge limit, kW.
+    pub max_discharge_kw: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            capacity_kwh: 300.0,
+            initial_soc_pct: 50.0,
+            soc_min_pct: 10.0,
+            soc_max_pct: 90.0,
+            hysteresis_pct: 2.0,
+            max_charge_kw: 150.0,
+            max_discharge_kw: 150.0,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Checks the ranges; the message starts with the field name.
+    pub fn validate(&self) -> Result<(), String> {
+        let pct = |name: &str, v: f64| {
+            if v.is_finite() && (0.0..=100.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name}: {v} must be from 0 to 100"))
+            }
+        };
+        if !(self.capacity_kwh.is_finite() && self.capacity_kwh > 0.0) {
+            return Err(format!("capacity_kwh: {} must be above 0", self.capacity_kwh));
+        }
+        pct("initial_soc_pct", self.initial_soc_pct)?;
+        pct("soc_min_pct", self.soc_min_pct)?;
+        pct("soc_max_pct", self.soc_max_pct)?;
+        if self.soc_min_pct >= self.soc_max_pct {
+            return Err(format!(
+                "soc_min_pct: {} must be below soc_max_pct {}",
+                self.soc_min_pct, self.soc_max_pct
+            ));
+        }
+        if !(self.hysteresis_pct.is_finite()
+            && self.hysteresis_pct >= 0.0
+            && self.hysteresis_pct < self.soc_max_pct - self.soc_min_pct)
+        {
+            return Err(format!(
+                "hysteresis_pct: {} must be at least 0 and below the window's width",
+                self.hysteresis_pct
+            ));
+        }
+        for (name, v) in [
+            ("max_charge_kw", self.max_charge_kw),
+            ("max_discharge_kw", self.max_discharge_kw),
+        ] {
+            RateKw::try_from(v).map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A simulated controller. Cheap: one mutex, never held across an await.
+#[derive(Debug)]
+pub struct SimBattery {
+    config: SimConfig,
+    clock: Arc<dyn Clock>,
+    revert: Duration,
+    max_charge: RateKw,
+    max_discharge: RateKw,
+    state: Mutex<SimState>,
+}
+
+#[derive(Debug)]
+struct SimState {
+    setpoint: Setpoint,
+    energy_kwh: f64,
+    integrated_to: Timestamp,
+    asserted_at: Instant,
+    writes: VecDeque<(Timestamp, Setpoint)>,
+}
+
+impl SimBattery {
+    /// A unit at `initial_soc_pct`. `revert_timeout` is real time; zero disables it.
+    pub fn new(config: SimConfig, clock: Arc<dyn Clock>, revert_timeout: Duration) -> SimBattery {
+        let now = clock.now();
+        let energy_kwh = config.capacity_kwh * config.initial_soc_pct.clamp(0.0, 100.0) / 100.0;
+        SimBattery {
+            max_charge: RateKw::try_from(config.max_charge_kw).unwrap_or(RateKw::ZERO),
+            max_discharge: RateKw::try_from(config.max_discharge_kw).unwrap_or(RateKw::ZERO),
+            config,
+            clock,
+            revert: revert_timeout,
+            state: Mutex::new(SimState {
+                setpoint: Setpoint::IDLE,
+                energy_kwh,
+                integrated_to: now,
+                asserted_at: monotonic(),
+                writes: VecDeque::new(),
+            }),
+        }
+    }
+
+    /// Every write so far (the last 1024), with the clock time it was made at.
+    pub fn writes(&self) -> Vec<(Timestamp, Setpoint)> {
+        self.lock().writes.iter().copied().collect()
+    }
+
+    /// The state of charge now, percent.
+    pub fn soc_pct(&self) -> f64 {
+        let mut state = self.lock();
+        self.advance(&mut state);
+        self.soc(&state)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
+        // A panic while holding the lock leaves consistent numbers behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn soc(&self, state: &SimState) -> f64 {
+        state.energy_kwh / self.config.capacity_kwh * 100.0
+    }
+
+    /// Brings the state up to now: the revert timer first (real time), then the energy.
+    fn advance(&self, state: &mut SimState) {
+        let now = self.clock.now();
+        if !self.revert.is_zero() && state.setpoint != Setpoint::IDLE {
+            let quiet = monotonic().saturating_duration_since(state.asserted_at);
+            if quiet > self.revert {
+                // The controller went idle when the timer ran out, some clock time ago.
+                let ago = (quiet - self.revert).as_secs_f64() * self.clock.speed();
+                let reverted_at = now
+                    .checked_sub(SignedDuration::from_secs_f64(ago))
+                    .unwrap_or(now)
+                    .max(state.integrated_to);
+                self.integrate(state, reverted_at);
+                state.setpoint = Setpoint::IDLE;
+            }
+        }
+        self.integrate(state, now);
+    }
+
+    fn integrate(&self, state: &mut SimState, to: Timestamp) {
+        // A clock that steps back moves no energy.
+        let hours = to.duration_since(state.integrated_to).as_secs_f64().max(0.0) / 3600.0;
+        let energy = state.energy_kwh + state.setpoint.signed_kw() * hours;
+        // The unit stops by itself when full or empty.
+        state.energy_kwh = energy.clamp(0.0, self.config.capacity_kwh);
+        state.integrated_to = to;
+    }
+
+    fn status(&self, state: &SimState) -> BatteryStatus {
+        let soc_pct = self.soc(state);
+        BatteryStatus {
+            setpoint: state.setpoint,
+            soc_pct,
+            max_charge: if soc_pct >= 100.0 { RateKw::ZERO } else { self.max_charge },
+            max_discharge: if soc_pct <= 0.0 { RateKw::ZERO } else { self.max_discharge },
+        }
+    }
+}
+
+#[async_trait]
+impl Battery for SimBattery {
+    async fn apply(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
+        let mut state = self.lock();
+        self.advance(&mut state);
+        let limits = self.status(&state);
+        let limit = match setpoint.mode() {
+            Mode::Charge => limits.max_charge,
+            Mode::Discharge => limits.max_discharge,
+            Mode::Idle => RateKw::ZERO,
+        };
+        if setpoint.rate() > limit {
+            return Err(BatteryError::Device(format!(
+                "{setpoint} exceeds the live limit of {limit} kW"
+            )));
+        }
+        state.setpoint = setpoint;
+        state.asserted_at = monotonic();
+        if state.writes.len() == WRITE_LOG {
+            state.writes.pop_front();
+        }
+        let now = state.integrated_to;
+        state.writes.push_back((now, setpoint));
+        Ok(())
+    }
+
+    async fn read(&self) -> Result<BatteryStatus, BatteryError> {
+        let mut state = self.lock();
+        self.advance(&mut state);
+        Ok(self.status(&state))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use max300_protocol::ManualClock;
+
+    fn t0() -> Timestamp {
+        "2026-11-30T00:00:00Z".parse().unwrap()
+    }
+
+    fn kw(mode: Mode, kw: f64) -> Setpoint {
+        Setpoint::new(mode, RateKw::try_from(kw).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_sim_meets_the_battery_contract() {
+        let clock = Arc::new(ManualClock::new(t0()));
+        let sim = SimBattery::new(SimConfig::default(), clock, Duration::from_secs(30));
+        crate::battery::contract(&sim).await;
+        assert_eq!(sim.writes().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn soc_integrates_applied_power_over_clock_time() {
+        let clock = Arc::new(ManualClock::new(t0()));
+        let sim = SimBattery::new(SimConfig::default(), clock.clone(), Duration::ZERO);
+        sim.apply(kw(Mode::Charge, 60.0)).await.unwrap();
+        clock.advance(SignedDuration::from_secs(1800));
+        // 60 kW for half an hour is 30 kWh, 10 % of 300 kWh.
+        let soc = sim.read().await.unwrap().soc_pct;
+        assert!((soc - 60.0).abs() < 1e-9, "{soc}");
+        sim.apply(kw(Mode::Discharge, 150.0)).await.unwrap();
+        clock.advance(SignedDuration::from_secs(3600));
+        let soc = sim.read().await.unwrap().soc_pct;
+        assert!((soc - 10.0).abs() < 1e-9, "{soc}");
+    }
+
+    #[tokio::test]
+    async fn the_unit_stops_by_itself_when_full_and_refuses_more_charge() {
+        let config = SimConfig {
+            initial_soc_pct: 99.0,
+            ..SimConfig::default()
+        };
+        let clock = Arc::new(ManualClock::new(t0()));
+        let sim = SimBattery::new(config, clock.clone(), Duration::ZERO);
+        sim.apply(kw(Mode::Charge, 150.0)).await.unwrap();
+        clock.advance(SignedDuration::from_secs(3600));
+        let status = sim.read().await.unwrap();
+        assert_eq!(status.soc_pct, 100.0);
+        assert_eq!(status.max_charge, RateKw::ZERO);
+        assert!(sim.apply(kw(Mode::Charge, 1.0)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_revert_timer_sends_an_unasserted_unit_idle() {
+        let clock = Arc::new(ManualClock::new(t0()));
+        let sim = SimBattery::new(SimConfig::default(), clock, Duration::from_millis(50));
+        sim.apply(kw(Mode::Charge, 10.0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        sim.apply(kw(Mode::Charge, 10.0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(sim.read().await.unwrap().setpoint.mode(), Mode::Charge);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(sim.read().await.unwrap().setpoint, Setpoint::IDLE);
+    }
+}

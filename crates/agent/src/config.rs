@@ -1,0 +1,366 @@
+//! The agent's configuration: one serde struct, layered from the embedded default TOML, a
+//! config file and `MAX300_*` environment variables, and checked once at start-up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+use max300_mqtt::BrokerUrl;
+use max300_protocol::{DeviceId, RateKw, Topics};
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+use crate::AgentError;
+use crate::battery::SimConfig;
+
+/// Everything one agent needs to run. Build it with [`AgentConfig::from_toml`], adjust it
+/// (the binary applies CLI flags here), then call [`AgentConfig::validate`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This unit's id; also its MQTT client id.
+    pub device_id: DeviceId,
+    /// The directory of the store (`agent.sqlite`); created if missing.
+    pub data_dir: PathBuf,
+    /// The broker address, `mqtt://host:port`.
+    pub mqtt: String,
+    /// The root of every topic.
+    pub topic_root: String,
+    /// The IANA zone of schedule dates.
+    pub timezone: String,
+    /// This unit's own rate limit in kW.
+    pub max_rate_kw: f64,
+    /// Real seconds between heartbeats.
+    pub heartbeat_interval_s: u64,
+    /// Real seconds an outbox entry waits for a receipt before it is sent again.
+    pub resend_after_s: u64,
+    /// The controller's revert timer in whole real seconds (1..=60).
+    pub revert_timeout_s: u64,
+    /// `synchronous=FULL` when true, `OFF` when false.
+    pub durable: bool,
+    /// Which controller drives the battery: only `"sim"` so far.
+    pub battery: String,
+    /// The simulated battery.
+    pub sim: SimConfig,
+}
+
+/// The env var prefix of every field.
+const ENV_PREFIX: &str = "MAX300_";
+
+impl AgentConfig {
+    /// The embedded default configuration, every field commented.
+    pub const DEFAULT_TOML: &'static str = include_str!("../agent.default.toml");
+
+    /// Layers `defaults`, then `file`, then `MAX300_<FIELD>` (and `MAX300_SIM_<FIELD>`) from
+    /// `env`, and checks the result. Pure: the caller reads the file and the environment.
+    pub fn from_toml(
+        defaults: &str,
+        file: Option<&str>,
+        env: &[(String, String)],
+    ) -> Result<AgentConfig, AgentError> {
+        let mut table = parse_layer("embedded default", defaults)?;
+        if let Some(file) = file {
+            merge(&mut table, parse_layer("config file", file)?);
+        }
+        apply_env(&mut table, env)?;
+        if !table.contains_key("device_id") {
+            return Err(AgentError::Config(
+                "device_id: missing (set it in the config, --device-id or MAX300_DEVICE_ID)"
+                    .into(),
+            ));
+        }
+        let config: AgentConfig = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| AgentError::Config(one_line(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every range once, naming the field and the value in the message.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let bad = |msg: String| Err(AgentError::Config(msg));
+        self.broker_url()?;
+        self.time_zone()?;
+        if self.topic_root.is_empty() || self.topic_root.contains(['+', '#', '/']) {
+            return bad(format!(
+                "topic_root: {:?} must be one non-empty topic level without wildcards",
+                self.topic_root
+            ));
+        }
+        self.max_rate()?;
+        if self.max_rate_kw <= 0.0 {
+            return bad(format!("max_rate_kw: {} must be above 0", self.max_rate_kw));
+        }
+        if self.heartbeat_interval_s == 0 {
+            return bad("heartbeat_interval_s: must be at least 1".into());
+        }
+        if self.resend_after_s < 2 {
+            return bad(format!(
+                "resend_after_s: {} is below the minimum of 2 (a fast clock must not cause a resend storm)",
+                self.resend_after_s
+            ));
+        }
+        if !(1..=60).contains(&self.revert_timeout_s) {
+            return bad(format!(
+                "revert_timeout_s: {} must be from 1 to 60",
+                self.revert_timeout_s
+            ));
+        }
+        if self.battery != "sim" {
+            return bad(format!(
+                "battery: {:?} is not supported; the only battery so far is \"sim\"",
+                self.battery
+            ));
+        }
+        self.sim.validate().map_err(|e| AgentError::Config(format!("sim.{e}")))
+    }
+
+    /// The broker address, parsed.
+    pub fn broker_url(&self) -> Result<BrokerUrl, AgentError> {
+        self.mqtt
+            .parse()
+            .map_err(|e| AgentError::Config(format!("mqtt: {e}")))
+    }
+
+    /// The schedule zone, looked up in the bundled tz database.
+    pub fn time_zone(&self) -> Result<TimeZone, AgentError> {
+        max300_protocol::day::time_zone(&self.timezone)
+            .map_err(|e| AgentError::Config(format!("timezone: {e}")))
+    }
+
+    /// This unit's own limit as a rate.
+    pub fn max_rate(&self) -> Result<RateKw, AgentError> {
+        RateKw::try_from(self.max_rate_kw)
+            .map_err(|e| AgentError::Config(format!("max_rate_kw: {e}")))
+    }
+
+    /// The topic layout.
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.topic_root.clone())
+    }
+
+    /// The store file inside `data_dir`.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("agent.sqlite")
+    }
+
+    /// The controller's revert timer (real time).
+    pub fn revert_timeout(&self) -> Duration {
+        Duration::from_secs(self.revert_timeout_s)
+    }
+}
+
+fn parse_layer(what: &str, text: &str) -> Result<Table, AgentError> {
+    text.parse::<Table>()
+        .map_err(|e| AgentError::Config(format!("{what}: {}", one_line(&e.to_string()))))
+}
+
+/// toml's messages span several lines with a source excerpt; a config error is one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Later layers win key by key; tables (`[sim]`) merge rather than replace.
+fn merge(base: &mut Table, over: Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `MAX300_<FIELD>` for every top-level field and `MAX300_SIM_<FIELD>` for the sim
+/// table. A value is taken as a string where the default is a string, else parsed as TOML, so
+/// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
+/// to other roles and are ignored.
+fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
+    const TOP: [&str; 11] = [
+        "device_id",
+        "data_dir",
+        "mqtt",
+        "topic_root",
+        "timezone",
+        "max_rate_kw",
+        "heartbeat_interval_s",
+        "resend_after_s",
+        "revert_timeout_s",
+        "durable",
+        "battery",
+    ];
+    const SIM: [&str; 7] = [
+        "capacity_kwh",
+        "initial_soc_pct",
+        "soc_min_pct",
+        "soc_max_pct",
+        "hysteresis_pct",
+        "max_charge_kw",
+        "max_discharge_kw",
+    ];
+    const STRINGS: [&str; 6] = [
+        "device_id",
+        "data_dir",
+        "mqtt",
+        "topic_root",
+        "timezone",
+        "battery",
+    ];
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let (target, key) = if let Some(key) = TOP.iter().find(|k| **k == rest) {
+            (&mut *table, *key)
+        } else if let Some(key) = rest
+            .strip_prefix("sim_")
+            .and_then(|r| SIM.iter().find(|k| **k == r))
+        {
+            let sim = table
+                .entry("sim")
+                .or_insert_with(|| Value::Table(Table::new()));
+            let Value::Table(sim) = sim else {
+                return Err(AgentError::Config("sim: must be a table".into()));
+            };
+            (sim, *key)
+        } else {
+            continue;
+        };
+        let value = if STRINGS.contains(&key) {
+            Value::String(raw.clone())
+        } else {
+            parse_scalar(raw).ok_or_else(|| {
+                AgentError::Config(format!("{name}: {raw:?} is not a number or boolean"))
+            })?
+        };
+        target.insert(key.to_owned(), value);
+    }
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> Option<Value> {
+    let raw = raw.trim();
+    if let Ok(b) = raw.parse::<bool>() {
+        return Some(Value::Boolean(b));
+    }
+    if let Ok(i) = raw.parse::<i64>() {
+        return Some(Value::Integer(i));
+    }
+    raw.parse::<f64>().ok().map(Value::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_default_needs_only_a_device_id() {
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            None,
+            &env(&[("MAX300_DEVICE_ID", "max300-0001")]),
+        )
+        .unwrap();
+        assert_eq!(c.device_id.as_str(), "max300-0001");
+        assert_eq!(c.topic_root, "max300");
+        assert_eq!(c.timezone, "Europe/London");
+        assert_eq!(c.max_rate_kw, 150.0);
+        assert_eq!((c.heartbeat_interval_s, c.resend_after_s, c.revert_timeout_s), (60, 10, 30));
+        assert!(c.durable);
+        assert_eq!(c.sim.capacity_kwh, 300.0);
+        assert_eq!(c.store_path(), PathBuf::from("data/agent/agent.sqlite"));
+    }
+
+    #[test]
+    fn a_missing_device_id_says_where_to_set_it() {
+        let err = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, None, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config: device_id: missing (set it in the config, --device-id or MAX300_DEVICE_ID)"
+        );
+    }
+
+    #[test]
+    fn the_file_overrides_the_default_and_env_overrides_the_file() {
+        let file = "device_id = \"from-file\"\nmax_rate_kw = 100\n[sim]\ncapacity_kwh = 200\n";
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some(file),
+            &env(&[
+                ("MAX300_MQTT", "mqtt://broker:1884"),
+                ("MAX300_DURABLE", "false"),
+                ("MAX300_SIM_INITIAL_SOC_PCT", "20"),
+                ("MAX300_API_TOKEN", "not ours"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.device_id.as_str(), "from-file");
+        assert_eq!(c.max_rate_kw, 100.0);
+        assert_eq!(c.mqtt, "mqtt://broker:1884");
+        assert!(!c.durable);
+        assert_eq!(c.sim.capacity_kwh, 200.0);
+        assert_eq!(c.sim.initial_soc_pct, 20.0);
+        assert_eq!(c.sim.soc_max_pct, 90.0);
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let cases = [
+            ("revert_timeout_s = 0", "revert_timeout_s: 0"),
+            ("revert_timeout_s = 61", "revert_timeout_s: 61"),
+            ("resend_after_s = 1", "resend_after_s: 1"),
+            ("battery = \"sunspec\"", "battery: \"sunspec\""),
+            ("mqtt = \"http://x\"", "mqtt:"),
+            ("timezone = \"Mars/Base\"", "timezone:"),
+            ("max_rate_kw = -1", "max_rate_kw:"),
+            ("[sim]\nsoc_min_pct = 95", "sim.soc_min_pct"),
+            ("device_id = \"a b\"", "device_id"),
+            ("colour = \"red\"", "colour"),
+        ];
+        for (file, expected) in cases {
+            let file = if file.starts_with("device_id") {
+                file.to_owned()
+            } else {
+                format!("device_id = \"d1\"\n{file}")
+            };
+            let err = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some(&file), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{file}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_non_numeric_env_value_is_refused_by_name() {
+        let err = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\""),
+            &env(&[("MAX300_MAX_RATE_KW", "lots")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("MAX300_MAX_RATE_KW"), "{err}");
+    }
+
+    #[test]
+    fn the_config_round_trips_through_toml() {
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\""),
+            &[],
+        )
+        .unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back = AgentConfig::from_toml(&text, None, &[]).unwrap();
+        assert_eq!(back.device_id, c.device_id);
+        assert_eq!(back.sim.max_charge_kw, c.sim.max_charge_kw);
+    }
+}

@@ -1,0 +1,764 @@
+//! The execution engine: which plans the device holds, what to do in each period, and when to
+//! wake next. Pure: it takes `now` and returns decisions; the shell in `agent` carries them out.
+//!
+//! ```text
+//!            persisted here          effective_period
+//!                  │                       │
+//!  ... ──┼─────────▼─────┼─────────────────▼──┼── ...   a newer version never takes over
+//!   period p (old plan)   period p+1 (new plan)          in the middle of a period
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use max300_protocol::day::period_start_at;
+use max300_protocol::message::{ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg};
+use max300_protocol::{Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint};
+
+/// How far back periods missed while the agent was down are still reported: 48 hours. The
+/// cloud marks a command `incomplete` an hour after its end anyway, and a unit that was off
+/// for weeks must not flood its outbox with thousands of `agent_down` reports on start-up.
+const CATCH_UP: SignedDuration = SignedDuration::from_hours(48);
+
+/// Plans older than this many days before the period just done are dropped from memory.
+const KEEP_DAYS: i64 = 2;
+
+const PERIOD: SignedDuration = SignedDuration::from_secs(PERIOD_SECS);
+
+/// A plan the device holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The command it came in.
+    pub message_id: MessageId,
+    /// Its version for its date.
+    pub version: u32,
+    /// Its sha256, as computed here.
+    pub sha256: String,
+    /// The first period it governs.
+    pub effective_period: u32,
+    /// The setpoints.
+    pub schedule: Schedule,
+    /// Cancelled by a control message: its remaining periods are skipped.
+    pub cancelled: bool,
+}
+
+/// What to do with a schedule message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Persist the plan, then ack it accepted.
+    Accept(Plan),
+    /// Already held: ack it accepted again, with the same effective period.
+    Repeat {
+        /// As acked the first time.
+        effective_period: u32,
+        /// As acked the first time.
+        sha256: String,
+    },
+    /// Ack it rejected.
+    Reject {
+        /// Why.
+        reason: RejectReason,
+        /// Details, for `invalid` and a few others.
+        details: Option<String>,
+    },
+    /// Send no ack now because of the device's own passing state; the cloud resends.
+    Withhold {
+        /// Why, for the log.
+        why: &'static str,
+    },
+}
+
+/// What to do with a control message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ControlDecision {
+    /// Persist the cancel, go idle at once, then ack it accepted.
+    Cancel {
+        /// The plan to cancel.
+        target: MessageId,
+    },
+    /// Already handled: ack it accepted again.
+    Repeat,
+    /// Ack it rejected.
+    Reject {
+        /// Why.
+        reason: RejectReason,
+        /// Details.
+        details: Option<String>,
+    },
+}
+
+/// One period that has started and not yet been handled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeriodDue {
+    /// The period's start: the report's natural key.
+    pub start: Timestamp,
+    /// Its local date.
+    pub date: Date,
+    /// Its 1-based number within the date.
+    pub period: u32,
+    /// What to do about it.
+    pub action: Action,
+}
+
+/// Run a period or report it skipped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Apply the plan's setpoint now.
+    Run {
+        /// The planned setpoint.
+        setpoint: Setpoint,
+        /// The plan governing the period.
+        message_id: MessageId,
+    },
+    /// Report the period skipped; if it is the current one, go idle.
+    Skip {
+        /// Why.
+        reason: PeriodReason,
+        /// The plan that governed the period, if any.
+        message_id: Option<MessageId>,
+        /// What that plan said (idle when there was none).
+        planned: Setpoint,
+    },
+}
+
+/// The engine's state: plans by local date, cancellations, and what was done last.
+#[derive(Debug)]
+pub struct Engine {
+    device_id: DeviceId,
+    tz: TimeZone,
+    tz_name: String,
+    max_rate: RateKw,
+    plans: BTreeMap<Date, Vec<Plan>>,
+    controls: HashSet<MessageId>,
+    last_done: Option<Timestamp>,
+    last_instant: Option<Timestamp>,
+}
+
+impl Engine {
+    /// An engine for one device, in the zone named `tz_name`, holding nothing.
+    pub fn new(device_id: DeviceId, tz: TimeZone, tz_name: &str, max_rate: RateKw) -> Engine {
+        Engine {
+            device_id,
+            tz,
+            tz_name: tz_name.to_owned(),
+            max_rate,
+            plans: BTreeMap::new(),
+            controls: HashSet::new(),
+            last_done: None,
+            last_instant: None,
+        }
+    }
+
+    /// Restores what the store remembers: the last period handled and the latest instant
+    /// the agent acted at.
+    pub fn restore(&mut self, last_done: Option<Timestamp>, last_instant: Option<Timestamp>) {
+        self.last_done = last_done;
+        self.last_instant = last_instant;
+    }
+
+    /// The zone of schedule dates.
+    pub fn tz(&self) -> &TimeZone {
+        &self.tz
+    }
+
+    /// Whether the clock reads earlier than an instant the agent already acted at.
+    pub fn clock_unsynced(&self, now: Timestamp) -> bool {
+        self.last_instant.is_some_and(|last| now < last)
+    }
+
+    /// Records that the agent acted at `now` (the shell persists the same instant).
+    pub fn acted(&mut self, now: Timestamp) {
+        self.last_instant = Some(self.last_instant.map_or(now, |l| l.max(now)));
+    }
+
+    /// Decides about a schedule message; changes nothing until [`Engine::hold`].
+    pub fn on_schedule(&self, msg: &ScheduleMsg, now: Timestamp) -> Decision {
+        let reject = |reason, details: Option<String>| Decision::Reject { reason, details };
+        if msg.device_id != self.device_id {
+            return reject(
+                RejectReason::WrongDevice,
+                Some(format!("device_id {} is not {}", msg.device_id, self.device_id)),
+            );
+        }
+        if let Some(held) = self.find(&msg.message_id) {
+            return Decision::Repeat {
+                effective_period: held.effective_period,
+                sha256: held.sha256.clone(),
+            };
+        }
+        if self.clock_unsynced(now) {
+            return Decision::Withhold {
+                why: "clock_unsynced",
+            };
+        }
+        if msg.timezone != self.tz_name {
+            return reject(
+                RejectReason::Invalid,
+                Some(format!(
+                    "timezone: {:?} is not the device's zone {:?}",
+                    msg.timezone, self.tz_name
+                )),
+            );
+        }
+        let schedule = match msg.to_schedule() {
+            Ok(s) => s,
+            Err(e) => return reject(RejectReason::Invalid, Some(e.to_string())),
+        };
+        if let Some((i, iv)) = msg
+            .intervals
+            .iter()
+            .enumerate()
+            .find(|(_, iv)| iv.rate_kw > self.max_rate)
+        {
+            return reject(
+                RejectReason::RateAboveMax,
+                Some(format!(
+                    "intervals[{i}].rate_kw: {} exceeds max_rate_kw {}",
+                    iv.rate_kw, self.max_rate
+                )),
+            );
+        }
+        let day = schedule.day();
+        if now >= day.end() {
+            return reject(
+                RejectReason::Past,
+                Some(format!("{} ended at {}", day.date(), day.end())),
+            );
+        }
+        if let Some(held) = self.plans.get(&day.date()).and_then(|v| v.last())
+            && held.version >= msg.version
+        {
+            return reject(
+                RejectReason::Superseded,
+                Some(format!(
+                    "version {} is not newer than the held version {}",
+                    msg.version, held.version
+                )),
+            );
+        }
+        // Never mid-period: a plan for today governs from the next boundary on.
+        let effective_period = if now < day.start() {
+            1
+        } else {
+            day.period_at(now).unwrap_or(day.period_count()) + 1
+        };
+        if effective_period > day.period_count() {
+            return reject(
+                RejectReason::Past,
+                Some(format!("no period of {} is left to govern", day.date())),
+            );
+        }
+        Decision::Accept(Plan {
+            message_id: msg.message_id.clone(),
+            version: msg.version,
+            sha256: schedule.sha256(),
+            effective_period,
+            schedule,
+            cancelled: false,
+        })
+    }
+
+    /// Holds a plan once it is on disk (also used when loading the store).
+    pub fn hold(&mut self, plan: Plan) {
+        let versions = self.plans.entry(plan.schedule.day().date()).or_default();
+        versions.push(plan);
+        versions.sort_by_key(|p| p.version);
+    }
+
+    /// Decides about a control message; changes nothing until [`Engine::cancel`].
+    pub fn on_control(&self, msg: &ControlMsg) -> ControlDecision {
+        if msg.device_id != self.device_id {
+            return ControlDecision::Reject {
+                reason: RejectReason::WrongDevice,
+                details: Some(format!("device_id {} is not {}", msg.device_id, self.device_id)),
+            };
+        }
+        if self.controls.contains(&msg.message_id) {
+            return ControlDecision::Repeat;
+        }
+        if self.find(&msg.target_message_id).is_none() {
+            return ControlDecision::Reject {
+                reason: RejectReason::Invalid,
+                details: Some(format!(
+                    "target_message_id: {} is not a plan this device holds",
+                    msg.target_message_id
+                )),
+            };
+        }
+        ControlDecision::Cancel {
+            target: msg.target_message_id.clone(),
+        }
+    }
+
+    /// Cancels a held plan once the cancel is on disk; `control` is remembered for repeats.
+    pub fn cancel(&mut self, control: MessageId, target: &MessageId) {
+        self.controls.insert(control);
+        for plan in self.plans.values_mut().flatten() {
+            if &plan.message_id == target {
+                plan.cancelled = true;
+            }
+        }
+    }
+
+    /// Every period start `s` with `last_done < s <= now`, oldest first: the current one to
+    /// run (or skip), the earlier ones missed while the agent was down. Nothing while the
+    /// clock is unsynchronized, so no period is ever handled twice.
+    pub fn due(&self, now: Timestamp) -> Vec<PeriodDue> {
+        if self.clock_unsynced(now) {
+            return Vec::new();
+        }
+        let Ok(current) = period_start_at(now, &self.tz) else {
+            return Vec::new();
+        };
+        let first = match self.last_done {
+            None => current,
+            Some(done) => (done + PERIOD).max(current - CATCH_UP),
+        };
+        let mut out = Vec::new();
+        let mut start = first;
+        while start <= current {
+            if let Some(due) = self.period_due(start, start == current) {
+                out.push(due);
+            }
+            start += PERIOD;
+        }
+        out
+    }
+
+    fn period_due(&self, start: Timestamp, is_current: bool) -> Option<PeriodDue> {
+        let day = Day::containing(start, &self.tz).ok()?;
+        let period = day.period_at(start)?;
+        let plan = self.governing(&day, period);
+        let planned = plan
+            .and_then(|p| p.schedule.setpoint(period))
+            .unwrap_or(Setpoint::IDLE);
+        let message_id = plan.map(|p| p.message_id.clone());
+        let action = match plan {
+            Some(p) if p.cancelled => Action::Skip {
+                reason: PeriodReason::Cancelled,
+                message_id,
+                planned,
+            },
+            Some(p) if is_current => Action::Run {
+                setpoint: planned,
+                message_id: p.message_id.clone(),
+            },
+            None if is_current => Action::Skip {
+                reason: PeriodReason::NoSchedule,
+                message_id: None,
+                planned,
+            },
+            _ => Action::Skip {
+                reason: PeriodReason::AgentDown,
+                message_id,
+                planned,
+            },
+        };
+        Some(PeriodDue {
+            start,
+            date: day.date(),
+            period,
+            action,
+        })
+    }
+
+    /// Records that a period was handled (its report is on disk).
+    pub fn mark_done(&mut self, start: Timestamp) {
+        self.last_done = Some(self.last_done.map_or(start, |d| d.max(start)));
+        let date = start.to_zoned_datetime(self.tz.clone()).date();
+        if let Ok(oldest) = date.checked_sub(jiff::Span::new().days(KEEP_DAYS)) {
+            self.plans.retain(|d, _| *d >= oldest);
+        }
+    }
+
+    /// The start of the last period handled.
+    pub fn last_done(&self) -> Option<Timestamp> {
+        self.last_done
+    }
+
+    /// The next period boundary after `now`.
+    pub fn next_wake(&self, now: Timestamp) -> Timestamp {
+        match period_start_at(now, &self.tz) {
+            Ok(start) => start + PERIOD,
+            Err(_) => now + PERIOD,
+        }
+    }
+
+    /// The plan governing the period at `now`, cancelled or not.
+    fn governing_at(&self, now: Timestamp) -> Option<&Plan> {
+        let day = Day::containing(now, &self.tz).ok()?;
+        let period = day.period_at(now)?;
+        self.governing(&day, period)
+    }
+
+    fn governing(&self, day: &Day, period: u32) -> Option<&Plan> {
+        self.plans
+            .get(&day.date())?
+            .iter()
+            .rev()
+            .find(|p| p.effective_period <= period)
+    }
+
+    fn find(&self, id: &MessageId) -> Option<&Plan> {
+        self.plans.values().flatten().find(|p| &p.message_id == id)
+    }
+
+    /// What the plan says for the period at `now`; idle under any fallback.
+    pub fn current(&self, now: Timestamp) -> Setpoint {
+        if self.fallback(now).is_some() {
+            return Setpoint::IDLE;
+        }
+        let Ok(day) = Day::containing(now, &self.tz) else {
+            return Setpoint::IDLE;
+        };
+        day.period_at(now)
+            .and_then(|p| self.governing(&day, p)?.schedule.setpoint(p))
+            .unwrap_or(Setpoint::IDLE)
+    }
+
+    /// The plan in force at `now`, if the device follows one.
+    pub fn active(&self, now: Timestamp) -> Option<&MessageId> {
+        if self.clock_unsynced(now) {
+            return None;
+        }
+        self.governing_at(now)
+            .filter(|p| !p.cancelled)
+            .map(|p| &p.message_id)
+    }
+
+    /// Why the device does not follow a plan at `now`; `None` when it does.
+    pub fn fallback(&self, now: Timestamp) -> Option<Fallback> {
+        if self.clock_unsynced(now) {
+            return Some(Fallback::ClockUnsynced);
+        }
+        match self.governing_at(now) {
+            None => Some(Fallback::NoSchedule),
+            Some(p) if p.cancelled => Some(Fallback::Cancelled),
+            Some(_) => None,
+        }
+    }
+
+    /// The newest version held for each date from `now`'s date on: the `have` of a sync.
+    pub fn held_plans(&self, now: Timestamp) -> Vec<HeldPlan> {
+        let today = now.to_zoned_datetime(self.tz.clone()).date();
+        self.plans
+            .range(today..)
+            .filter_map(|(date, versions)| {
+                let p = versions.last()?;
+                Some(HeldPlan {
+                    schedule_date: *date,
+                    version: p.version,
+                    message_id: p.message_id.clone(),
+                    sha256: p.sha256.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a plan for today or tomorrow is missing (then the agent asks with `sync`).
+    pub fn lacks_plan(&self, now: Timestamp) -> bool {
+        let today = now.to_zoned_datetime(self.tz.clone()).date();
+        let tomorrow = today.tomorrow().unwrap_or(today);
+        !(self.plans.contains_key(&today) && self.plans.contains_key(&tomorrow))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use max300_protocol::message::{ControlAction, V1};
+    use max300_protocol::Mode;
+
+    const TZ: &str = "Europe/London";
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn device() -> DeviceId {
+        DeviceId::parse("max300-0001").unwrap()
+    }
+
+    fn engine() -> Engine {
+        Engine::new(
+            device(),
+            TimeZone::get(TZ).unwrap(),
+            TZ,
+            RateKw::from_watts(150_000),
+        )
+    }
+
+    fn charge(kw: u32) -> Setpoint {
+        Setpoint::new(Mode::Charge, RateKw::from_watts(kw * 1000)).unwrap()
+    }
+
+    /// A plan for `date` charging at `kw` in every period.
+    fn msg(date: &str, version: u32, kw: u32) -> ScheduleMsg {
+        let day = Day::named(date.parse().unwrap(), TZ).unwrap();
+        let n = day.period_count() as usize;
+        let schedule = Schedule::new(device(), day, vec![charge(kw); n]).unwrap();
+        let at = ts("2026-01-01T00:00:00Z");
+        ScheduleMsg::new(&schedule, MessageId::generate(at), version, at)
+    }
+
+    fn accept(e: &mut Engine, m: &ScheduleMsg, now: Timestamp) -> u32 {
+        match e.on_schedule(m, now) {
+            Decision::Accept(plan) => {
+                let eff = plan.effective_period;
+                e.hold(plan);
+                eff
+            }
+            other => panic!("not accepted: {other:?}"),
+        }
+    }
+
+    fn run_due(e: &mut Engine, now: Timestamp) -> Vec<PeriodDue> {
+        let due = e.due(now);
+        for d in &due {
+            e.mark_done(d.start);
+        }
+        e.acted(now);
+        due
+    }
+
+    fn reason(d: &PeriodDue) -> Option<PeriodReason> {
+        match &d.action {
+            Action::Skip { reason, .. } => Some(*reason),
+            Action::Run { .. } => None,
+        }
+    }
+
+    #[test]
+    fn the_autumn_clock_change_runs_all_50_periods_once() {
+        let mut e = engine();
+        let m = msg("2026-10-25", 1, 10);
+        assert_eq!(accept(&mut e, &m, ts("2026-10-24T15:00:00Z")), 1);
+        run_due(&mut e, ts("2026-10-24T22:59:00Z"));
+        let mut runs = Vec::new();
+        let mut now = ts("2026-10-24T23:00:00Z");
+        while now < ts("2026-10-26T00:00:00Z") {
+            for d in run_due(&mut e, now) {
+                if d.date == "2026-10-25".parse::<Date>().unwrap() {
+                    assert!(matches!(d.action, Action::Run { .. }), "{d:?}");
+                    runs.push(d.period);
+                }
+            }
+            now = e.next_wake(now);
+        }
+        assert_eq!(runs, (1..=50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_spring_clock_change_has_46_periods() {
+        let mut e = engine();
+        let m = msg("2027-03-28", 1, 10);
+        assert_eq!(m.intervals.len(), 46);
+        assert_eq!(accept(&mut e, &m, ts("2027-03-27T15:00:00Z")), 1);
+        let mut now = ts("2027-03-28T00:00:00Z");
+        let mut runs = 0;
+        while now < ts("2027-03-28T23:00:00Z") {
+            runs += run_due(&mut e, now).len();
+            now = e.next_wake(now);
+        }
+        assert_eq!(runs, 46);
+    }
+
+    #[test]
+    fn a_newer_version_takes_effect_at_the_next_boundary() {
+        let mut e = engine();
+        let v1 = msg("2026-11-30", 1, 10);
+        assert_eq!(accept(&mut e, &v1, ts("2026-11-29T16:00:00Z")), 1);
+        let v2 = msg("2026-11-30", 2, 20);
+        // 10:15 is in period 21 (10:00–10:30).
+        let now = ts("2026-11-30T10:15:00Z");
+        assert_eq!(accept(&mut e, &v2, now), 22);
+        assert_eq!(e.current(now), charge(10));
+        assert_eq!(e.current(ts("2026-11-30T10:30:00Z")), charge(20));
+        assert_eq!(e.active(now), Some(&v1.message_id));
+    }
+
+    #[test]
+    fn a_first_plan_for_today_starts_at_the_next_boundary() {
+        let mut e = engine();
+        let now = ts("2026-11-30T10:15:00Z");
+        let due = run_due(&mut e, now);
+        assert_eq!(due.len(), 1);
+        assert_eq!(reason(&due[0]), Some(PeriodReason::NoSchedule));
+        assert_eq!(e.fallback(now), Some(Fallback::NoSchedule));
+        assert_eq!(accept(&mut e, &msg("2026-11-30", 1, 10), now), 22);
+        assert_eq!(e.fallback(now), Some(Fallback::NoSchedule));
+        let due = run_due(&mut e, ts("2026-11-30T10:30:00Z"));
+        assert_eq!(due[0].period, 22);
+        assert!(matches!(due[0].action, Action::Run { setpoint, .. } if setpoint == charge(10)));
+    }
+
+    #[test]
+    fn rejects_past_superseded_wrong_device_too_fast_and_invalid_plans() {
+        let mut e = engine();
+        let now = ts("2026-11-30T10:15:00Z");
+        let r = |d: Decision| match d {
+            Decision::Reject { reason, .. } => reason,
+            other => panic!("not rejected: {other:?}"),
+        };
+        assert_eq!(r(e.on_schedule(&msg("2026-11-29", 1, 10), now)), RejectReason::Past);
+        accept(&mut e, &msg("2026-12-01", 3, 10), now);
+        assert_eq!(r(e.on_schedule(&msg("2026-12-01", 2, 10), now)), RejectReason::Superseded);
+        assert_eq!(r(e.on_schedule(&msg("2026-12-01", 3, 10), now)), RejectReason::Superseded);
+        let mut other = msg("2026-12-02", 1, 10);
+        other.device_id = DeviceId::parse("max300-0002").unwrap();
+        assert_eq!(r(e.on_schedule(&other, now)), RejectReason::WrongDevice);
+        assert_eq!(
+            r(e.on_schedule(&msg("2026-12-02", 1, 151), now)),
+            RejectReason::RateAboveMax
+        );
+        let mut bad = msg("2026-12-02", 1, 10);
+        bad.intervals.pop();
+        let Decision::Reject { reason, details } = e.on_schedule(&bad, now) else {
+            panic!("accepted a short plan")
+        };
+        assert_eq!(reason, RejectReason::Invalid);
+        assert!(details.unwrap().contains("48 periods"));
+        let mut tz = msg("2026-12-02", 1, 10);
+        tz.timezone = "UTC".into();
+        assert_eq!(r(e.on_schedule(&tz, now)), RejectReason::Invalid);
+    }
+
+    #[test]
+    fn a_plan_arriving_in_the_last_period_of_its_date_is_past() {
+        let e = engine();
+        let d = e.on_schedule(&msg("2026-11-30", 1, 10), ts("2026-11-30T23:45:00Z"));
+        assert!(matches!(d, Decision::Reject { reason: RejectReason::Past, .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_repeated_delivery_is_accepted_again_with_the_same_effective_period() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        let eff = accept(&mut e, &m, ts("2026-11-30T10:15:00Z"));
+        let d = e.on_schedule(&m, ts("2026-11-30T12:00:00Z"));
+        assert_eq!(
+            d,
+            Decision::Repeat {
+                effective_period: eff,
+                sha256: m.sha256.clone()
+            }
+        );
+    }
+
+    #[test]
+    fn catch_up_after_downtime_reports_agent_down_once_per_period() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        accept(&mut e, &m, ts("2026-11-29T16:00:00Z"));
+        run_due(&mut e, ts("2026-11-30T00:00:00Z"));
+        // Down from 00:10 to 02:10: periods 2, 3, 4 (01:30) were missed; 5 is current.
+        let due = run_due(&mut e, ts("2026-11-30T02:10:00Z"));
+        let summary: Vec<_> = due.iter().map(|d| (d.period, reason(d))).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (2, Some(PeriodReason::AgentDown)),
+                (3, Some(PeriodReason::AgentDown)),
+                (4, Some(PeriodReason::AgentDown)),
+                (5, None)
+            ]
+        );
+        assert!(due[..3].iter().all(|d| matches!(
+            &d.action,
+            Action::Skip { message_id: Some(id), .. } if *id == m.message_id
+        )));
+        assert!(run_due(&mut e, ts("2026-11-30T02:20:00Z")).is_empty());
+    }
+
+    #[test]
+    fn catch_up_is_capped_at_48_hours() {
+        let mut e = engine();
+        e.restore(Some(ts("2026-11-01T00:00:00Z")), None);
+        let due = e.due(ts("2026-11-30T00:00:00Z"));
+        assert_eq!(due.len(), 97);
+        assert_eq!(due[0].start, ts("2026-11-28T00:00:00Z"));
+        assert!(due.iter().all(|d| reason(d) == Some(PeriodReason::AgentDown)
+            || reason(d) == Some(PeriodReason::NoSchedule)));
+    }
+
+    #[test]
+    fn a_clock_going_backwards_falls_back_and_reports_nothing_twice() {
+        let mut e = engine();
+        accept(&mut e, &msg("2026-11-30", 1, 10), ts("2026-11-29T16:00:00Z"));
+        run_due(&mut e, ts("2026-11-30T10:00:00Z"));
+        run_due(&mut e, ts("2026-11-30T10:30:00Z"));
+        let back = ts("2026-11-30T09:00:00Z");
+        assert!(e.due(back).is_empty());
+        assert_eq!(e.fallback(back), Some(Fallback::ClockUnsynced));
+        assert_eq!(e.current(back), Setpoint::IDLE);
+        assert!(matches!(
+            e.on_schedule(&msg("2026-12-01", 1, 10), back),
+            Decision::Withhold { .. }
+        ));
+        // Once the clock is past the last instant again, only new periods come due.
+        assert!(e.due(ts("2026-11-30T10:45:00Z")).is_empty());
+        let due = e.due(ts("2026-11-30T11:00:00Z"));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].period, 23);
+    }
+
+    #[test]
+    fn a_cancel_goes_idle_and_skips_the_rest_of_the_plan() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        accept(&mut e, &m, ts("2026-11-29T16:00:00Z"));
+        run_due(&mut e, ts("2026-11-30T10:00:00Z"));
+        let now = ts("2026-11-30T10:10:00Z");
+        let control = ControlMsg {
+            v: V1,
+            message_id: MessageId::parse("ctl-1").unwrap(),
+            device_id: device(),
+            action: ControlAction::Cancel,
+            target_message_id: m.message_id.clone(),
+            issued_at: now,
+            traceparent: None,
+        };
+        assert_eq!(
+            e.on_control(&control),
+            ControlDecision::Cancel {
+                target: m.message_id.clone()
+            }
+        );
+        e.cancel(control.message_id.clone(), &m.message_id);
+        assert_eq!(e.on_control(&control), ControlDecision::Repeat);
+        assert_eq!(e.current(now), Setpoint::IDLE);
+        assert_eq!(e.fallback(now), Some(Fallback::Cancelled));
+        // The current period keeps its report; the next ones are skipped as cancelled.
+        assert!(e.due(now).is_empty());
+        let due = run_due(&mut e, ts("2026-11-30T10:30:00Z"));
+        assert_eq!(reason(&due[0]), Some(PeriodReason::Cancelled));
+
+        let unknown = ControlMsg {
+            message_id: MessageId::parse("ctl-2").unwrap(),
+            target_message_id: MessageId::parse("nope").unwrap(),
+            ..control
+        };
+        assert!(matches!(
+            e.on_control(&unknown),
+            ControlDecision::Reject { reason: RejectReason::Invalid, .. }
+        ));
+    }
+
+    #[test]
+    fn sync_lists_the_newest_version_of_each_date_from_today() {
+        let mut e = engine();
+        let now = ts("2026-11-30T10:15:00Z");
+        assert!(e.lacks_plan(now));
+        accept(&mut e, &msg("2026-11-30", 1, 10), now);
+        accept(&mut e, &msg("2026-12-01", 1, 10), now);
+        let v2 = msg("2026-12-01", 2, 20);
+        accept(&mut e, &v2, now);
+        assert!(!e.lacks_plan(now));
+        let have = e.held_plans(now);
+        assert_eq!(have.len(), 2);
+        assert_eq!(have[1].message_id, v2.message_id);
+        assert_eq!(have[1].version, 2);
+    }
+}

@@ -1,0 +1,231 @@
+//! The agent's contract with the cloud, end to end.
+
+use std::collections::BTreeSet;
+
+use max300_protocol::message::{
+    AckStatus, ControlAction, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, RejectReason,
+    ReportMsg, ReportStatus, V1,
+};
+use max300_protocol::{Channel, Clock, Day, DeviceId, Message, MessageId, Mode};
+
+use crate::helpers::*;
+
+fn report(m: &Message) -> Option<ReportMsg> {
+    match m {
+        Message::Report(r) => Some(r.clone()),
+        _ => None,
+    }
+}
+
+fn heartbeat(m: &Message) -> Option<HeartbeatMsg> {
+    match m {
+        Message::Heartbeat(h) => Some(h.clone()),
+        _ => None,
+    }
+}
+
+/// Reports seen so far, one per seq (resends dropped), keyed by interval start.
+fn distinct_reports(seen: &[Message]) -> Vec<ReportMsg> {
+    let mut seqs = BTreeSet::new();
+    seen.iter()
+        .filter_map(report)
+        .filter(|r| seqs.insert(r.seq))
+        .collect()
+}
+
+fn assert_no_period_reported_twice(seen: &[Message]) {
+    let reports = distinct_reports(seen);
+    let starts: BTreeSet<_> = reports.iter().map(|r| r.interval_start).collect();
+    assert_eq!(starts.len(), reports.len(), "a period was reported twice: {reports:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_a_plan_and_reports_each_period_executed() {
+    // 600×: one period is 3 s of real time; the first boundary is 2.5 s away.
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(())).await;
+    let first = app.next("the first report", report).await;
+    assert_eq!((first.period, first.status), (21, ReportStatus::Skipped));
+    assert_eq!(first.reason, Some(PeriodReason::NoSchedule));
+    assert_eq!(first.message_id, None);
+
+    // Charge 50 kW, except discharge 30 kW in odd periods.
+    let plan_of = |p: u32| {
+        if p % 2 == 1 {
+            setpoint(Mode::Discharge, 30.0)
+        } else {
+            setpoint(Mode::Charge, 50.0)
+        }
+    };
+    let today = plan(&device(), "2026-11-30", 1, plan_of);
+    let tomorrow = plan(&device(), "2026-12-01", 1, plan_of);
+    let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+    let period_at_send = day.period_at(app.clock.now()).unwrap();
+    app.send(Message::Schedule(today.clone())).await;
+    app.send(Message::Schedule(tomorrow.clone())).await;
+
+    let ack = app
+        .next("today's ack", |m| match m {
+            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, AckStatus::Accepted);
+    assert_eq!(ack.sha256.as_deref(), Some(today.sha256.as_str()));
+    let effective = ack.effective_period.unwrap();
+    assert!(
+        (period_at_send + 1..=period_at_send + 2).contains(&effective),
+        "{effective} after period {period_at_send}"
+    );
+    let ack = app
+        .next("tomorrow's ack", |m| match m {
+            Message::Ack(a) if a.message_id == tomorrow.message_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!((ack.status, ack.effective_period), (AckStatus::Accepted, Some(1)));
+
+    for expected in effective..effective + 2 {
+        let r = app
+            .next("an executed report", |m| report(m).filter(|r| r.period >= expected))
+            .await;
+        assert_eq!(r.period, expected);
+        assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
+        assert_eq!(r.message_id.as_ref(), Some(&today.message_id));
+        let planned = plan_of(expected);
+        assert_eq!((r.mode, r.rate_kw), (planned.mode(), planned.rate()));
+        assert_eq!(r.applied_kw, Some(planned.rate()));
+        assert_eq!(r.limited_by, None);
+        assert_eq!(r.energy_kwh, Some(planned.rate().kw() * 0.5));
+        assert!(r.soc_pct.is_some());
+    }
+    let hb = app
+        .next("a heartbeat following the plan", |m| {
+            heartbeat(m).filter(|h| h.active_message_id.is_some())
+        })
+        .await;
+    assert_eq!(hb.fallback, None);
+    assert_eq!(hb.active_message_id, Some(today.message_id.clone()));
+    assert_no_period_reported_twice(&app.seen);
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreceipted_entries_are_resent_and_a_receipt_clears_the_outbox() {
+    // 60×: the next boundary is 25 s of real time away, so no new report interferes.
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 60.0).await;
+    let first = app.next("the first report", report).await;
+    let hb = app.next("a heartbeat", heartbeat).await;
+    assert_eq!(hb.fallback, Some(Fallback::NoSchedule));
+    // No receipt: resent after resend_after_s (2 s), same store and seq.
+    let again = app
+        .next("the report again", |m| report(m).filter(|r| r.seq == first.seq))
+        .await;
+    assert_eq!(again.interval_start, first.interval_start);
+    app.next("a heartbeat with a full outbox", |m| heartbeat(m).filter(|h| h.outbox >= 1))
+        .await;
+
+    app.receipt(&first.store_id, vec![first.seq]).await;
+    app.next("a heartbeat with an empty outbox", |m| heartbeat(m).filter(|h| h.outbox == 0))
+        .await;
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 60.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(())).await;
+    app.publish(Channel::Schedule, b"not json at all".to_vec()).await;
+    app.publish(Channel::Schedule, br#"{"type":"schedule","v":1}"#.to_vec()).await;
+    let other = DeviceId::parse("max300-0002").unwrap();
+    let foreign = plan(&other, "2026-12-01", 1, |_| setpoint(Mode::Charge, 10.0));
+    app.send(Message::Schedule(foreign.clone())).await;
+    let too_fast = plan(&device(), "2026-12-01", 1, |_| setpoint(Mode::Charge, 151.0));
+    app.send(Message::Schedule(too_fast.clone())).await;
+    let good = plan(&device(), "2026-12-01", 1, |_| setpoint(Mode::Charge, 10.0));
+    app.send(Message::Schedule(good.clone())).await;
+
+    let ack_of = |id: MessageId| {
+        move |m: &Message| match m {
+            Message::Ack(a) if a.message_id == id => Some(a.clone()),
+            _ => None,
+        }
+    };
+    let a = app.next("the foreign plan's ack", ack_of(foreign.message_id.clone())).await;
+    assert_eq!((a.status, a.reason), (AckStatus::Rejected, Some(RejectReason::WrongDevice)));
+    let a = app.next("the too-fast plan's ack", ack_of(too_fast.message_id.clone())).await;
+    assert_eq!((a.status, a.reason), (AckStatus::Rejected, Some(RejectReason::RateAboveMax)));
+    let a = app.next("the good plan's ack", ack_of(good.message_id.clone())).await;
+    assert_eq!((a.status, a.effective_period), (AckStatus::Accepted, Some(1)));
+
+    // A repeated delivery is accepted again with the same effective period.
+    app.send(Message::Schedule(good.clone())).await;
+    let again = app.next("the repeat's ack", ack_of(good.message_id.clone())).await;
+    assert_eq!((again.status, again.effective_period), (AckStatus::Accepted, Some(1)));
+    assert_ne!(again.seq, a.seq);
+
+    // A cancel for a plan it does not hold is rejected as invalid; one it holds, accepted.
+    let control = |id: &str, target: &MessageId| ControlMsg {
+        v: V1,
+        message_id: MessageId::parse(id).unwrap(),
+        device_id: device(),
+        action: ControlAction::Cancel,
+        target_message_id: target.clone(),
+        issued_at: ts("2026-11-30T10:06:00Z"),
+        traceparent: None,
+    };
+    app.send(Message::Control(control("ctl-1", &foreign.message_id))).await;
+    let a = app.next("the bad cancel's ack", ack_of(MessageId::parse("ctl-1").unwrap())).await;
+    assert_eq!((a.status, a.reason), (AckStatus::Rejected, Some(RejectReason::Invalid)));
+    app.send(Message::Control(control("ctl-2", &good.message_id))).await;
+    let a = app.next("the cancel's ack", ack_of(MessageId::parse("ctl-2").unwrap())).await;
+    assert_eq!(a.status, AckStatus::Accepted);
+    app.next("a heartbeat", heartbeat).await;
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 60.0).await;
+    let today = plan(&device(), "2026-11-30", 1, |_| setpoint(Mode::Charge, 20.0));
+    app.next("the first report", report).await;
+    app.send(Message::Schedule(today.clone())).await;
+    let ack = app
+        .next("the ack", |m| match m {
+            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.effective_period, Some(22));
+
+    // Down from 10:05 to 12:05: 10:30, 11:00 and 11:30 were missed; 12:00 runs at once.
+    app.restart_agent("2026-11-30T12:05:00Z", 60.0).await;
+    let current = app
+        .next("the current period's report", |m| report(m).filter(|r| r.period == 25))
+        .await;
+    assert_eq!(current.status, ReportStatus::Executed);
+    let missed: Vec<_> = distinct_reports(&app.seen)
+        .into_iter()
+        .filter(|r| (22..25).contains(&r.period))
+        .collect();
+    let order: Vec<String> = app.seen.iter().map(|m| match m { Message::Report(r) => format!("r{}:{}", r.seq, r.period), Message::Ack(a) => format!("a{}", a.seq), Message::Heartbeat(_) => "h".into(), Message::Sync(_) => "s".into(), _ => "?".into() }).collect();
+    assert_eq!(missed.len(), 3, "{order:?}");
+    for r in &missed {
+        assert_eq!((r.status, r.reason), (ReportStatus::Skipped, Some(PeriodReason::AgentDown)));
+        assert_eq!(r.message_id.as_ref(), Some(&today.message_id));
+    }
+    assert_eq!(current.store_id, ack.store_id);
+    assert!(current.seq > ack.seq);
+
+    // A clock behind the last stored instant: idle, clock_unsynced, nothing reported.
+    app.restart_agent("2026-11-30T11:00:00Z", 60.0).await;
+    app.next("an unsynced heartbeat", |m| {
+        heartbeat(m).filter(|h| h.fallback == Some(Fallback::ClockUnsynced))
+    })
+    .await;
+    let hb = app.next("another heartbeat", heartbeat).await;
+    assert_eq!(hb.fallback, Some(Fallback::ClockUnsynced));
+    assert_eq!(hb.mode, Mode::Idle);
+    assert_no_period_reported_twice(&app.seen);
+    app.stop_agent().await;
+}

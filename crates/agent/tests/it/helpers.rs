@@ -1,0 +1,242 @@
+//! `TestApp`: starts the broker, the "cloud" client and the agent, with one method per action.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use max300_agent::{AgentConfig, AgentError};
+use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
+use max300_protocol::{
+    Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, Schedule, ScaledClock,
+    Setpoint, StoreId, Topics,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const DEVICE: &str = "max300-0001";
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Starts an embedded broker on a free loopback port. rumqttd cannot report a port it bound
+/// from 0, so a free one is reserved, released and used, with a retry if someone took it.
+pub fn start_broker() -> u16 {
+    for _ in 0..20 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: 1010,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 4 * 1024 * 1024,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some(HashMap::from([(
+                "1".to_string(),
+                ServerSettings {
+                    name: "v4-1".into(),
+                    listen: addr,
+                    tls: None,
+                    next_connection_delay_ms: 1,
+                    connections: ConnectionSettings {
+                        connection_timeout_ms: 5_000,
+                        max_payload_size: 256 * 1024 + 1024,
+                        max_inflight_count: 100,
+                        auth: None,
+                        external_auth: None,
+                        dynamic_filters: true,
+                    },
+                },
+            )])),
+            ..Default::default()
+        };
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut broker = Broker::new(config);
+            let result = broker.start();
+            let _ = started_tx.send(result.is_ok());
+        });
+        for _ in 0..200 {
+            if let Ok(false) = started_rx.try_recv() {
+                break;
+            }
+            if TcpStream::connect(addr).is_ok() {
+                return port;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("no broker could be started");
+}
+
+pub fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+pub fn device() -> DeviceId {
+    DeviceId::parse(DEVICE).unwrap()
+}
+
+pub fn setpoint(mode: Mode, kw: f64) -> Setpoint {
+    Setpoint::new(mode, RateKw::try_from(kw).unwrap()).unwrap()
+}
+
+/// A plan for `date`, with `f(period)` as each period's setpoint.
+pub fn plan(device: &DeviceId, date: &str, version: u32, f: impl Fn(u32) -> Setpoint) -> ScheduleMsg {
+    let day = Day::named(date.parse().unwrap(), "Europe/London").unwrap();
+    let setpoints = (1..=day.period_count()).map(f).collect();
+    let schedule = Schedule::new(device.clone(), day, setpoints).unwrap();
+    let at = ts("2026-11-29T16:00:00Z");
+    ScheduleMsg::new(&schedule, MessageId::generate(at), version, at)
+}
+
+/// The broker, the cloud client, and one agent.
+pub struct TestApp {
+    pub port: u16,
+    pub cloud: AsyncClient,
+    inbox: mpsc::Receiver<Message>,
+    /// Every message the cloud has seen, in arrival order.
+    pub seen: Vec<Message>,
+    pub clock: Arc<ScaledClock>,
+    pub dir: tempfile::TempDir,
+    agent: Option<(CancellationToken, JoinHandle<Result<(), AgentError>>)>,
+    topics: Topics,
+}
+
+impl TestApp {
+    /// A broker, a subscribed cloud client, and an agent whose clock reads `start` now.
+    pub async fn start(start: &str, speed: f64) -> TestApp {
+        let port = start_broker();
+        let (cloud, inbox) = cloud_client(port).await;
+        let mut app = TestApp {
+            port,
+            cloud,
+            inbox,
+            seen: Vec::new(),
+            clock: Arc::new(ScaledClock::starting_now(ts(start), speed)),
+            dir: tempfile::tempdir().unwrap(),
+            agent: None,
+            topics: Topics::default(),
+        };
+        app.start_agent();
+        app
+    }
+
+    pub fn config(&self) -> AgentConfig {
+        let file = format!(
+            "device_id = \"{DEVICE}\"\nmqtt = \"mqtt://127.0.0.1:{}\"\ndata_dir = {:?}\n\
+             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n",
+            self.port,
+            self.dir.path().display().to_string()
+        );
+        AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some(&file), &[]).unwrap()
+    }
+
+    pub fn start_agent(&mut self) {
+        let shutdown = CancellationToken::new();
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        let task = tokio::spawn(max300_agent::run(self.config(), clock, shutdown.clone()));
+        self.agent = Some((shutdown, task));
+    }
+
+    /// Stops the agent and checks it returned `Ok`.
+    pub async fn stop_agent(&mut self) {
+        let (shutdown, task) = self.agent.take().expect("an agent is running");
+        shutdown.cancel();
+        let result = tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    /// Restarts the agent on the same store, with a clock that reads `start` now.
+    pub async fn restart_agent(&mut self, start: &str, speed: f64) {
+        self.stop_agent().await;
+        self.clock = Arc::new(ScaledClock::starting_now(ts(start), speed));
+        self.start_agent();
+    }
+
+    pub async fn publish(&self, channel: Channel, payload: Vec<u8>) {
+        let topic = self.topics.topic(&device(), channel);
+        self.cloud
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    pub async fn send(&self, msg: Message) {
+        let channel = msg.channel();
+        self.publish(channel, msg.encode()).await;
+    }
+
+    pub async fn receipt(&self, store_id: &StoreId, seqs: Vec<u64>) {
+        self.send(Message::Receipt(ReceiptMsg {
+            v: V1,
+            device_id: device(),
+            store_id: store_id.clone(),
+            seqs,
+        }))
+        .await;
+    }
+
+    /// Waits for the first message that `pick` takes.
+    pub async fn next<T>(&mut self, what: &str, pick: impl Fn(&Message) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::from_std(max300_protocol::clock::monotonic()) + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.inbox.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}; seen: {:#?}", self.seen))
+                .expect("the cloud client stopped");
+            self.seen.push(msg.clone());
+            if let Some(found) = pick(&msg) {
+                return found;
+            }
+        }
+    }
+}
+
+/// The cloud's MQTT client, subscribed to every device channel before it returns.
+async fn cloud_client(port: u16) -> (AsyncClient, mpsc::Receiver<Message>) {
+    let mut options = MqttOptions::new("cloud-test", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    for filter in Topics::default().cloud_filters() {
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
+    let (tx, rx) = mpsc::channel(4096);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        let mut subacks = 0;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    subacks += 1;
+                    if subacks == 4 {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(msg) = Message::decode(&p.payload) {
+                        let _ = tx.try_send(msg);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(WAIT, ready_rx).await.unwrap().unwrap();
+    (client, rx)
+}

@@ -1,0 +1,318 @@
+//! The HTTP API of DESIGN §8.
+//!
+//! Writes need `Authorization: Bearer <token>` when a token is configured; without one the
+//! service only starts on a loopback listener (see `CloudConfig::validate`).
+
+mod error;
+
+pub use error::ApiError;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use jiff::civil::Date;
+use max300_mqtt::Session;
+use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::ingest::{IngestReport, Ingestor};
+use crate::store::DeviceRecord;
+use crate::CommandStore;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    /// The command store.
+    pub store: Arc<dyn CommandStore>,
+    /// Ingestion.
+    pub ingestor: Arc<Ingestor>,
+    /// The MQTT session, for readiness.
+    pub session: Session,
+    /// Plan time.
+    pub clock: Arc<dyn Clock>,
+    /// The fleet's zone.
+    pub timezone: jiff::tz::TimeZone,
+    /// The API token, if any.
+    pub token: Option<String>,
+    /// Whether reads need the token.
+    pub protect_reads: bool,
+    /// Devices' heartbeat interval, real seconds.
+    pub heartbeat_interval_s: u64,
+}
+
+/// The router.
+pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
+    let writes = Router::new()
+        .route("/api/ingest", post(ingest))
+        .route("/api/schedules", post(schedules))
+        .route("/api/devices", post(register))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let reads = Router::new()
+        .route("/api/devices", get(devices))
+        .route("/api/devices/{id}", get(device))
+        .route("/api/commands", get(commands))
+        .route("/api/commands/{id}", get(command))
+        .route("/", get(index))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token_for_reads));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .merge(writes)
+        .merge(reads)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    match check_token(&state, &headers) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn require_token_for_reads(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !state.protect_reads {
+        return next.run(request).await;
+    }
+    match check_token(&state, &headers) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn check_token(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    let store = state.store.ping().await;
+    let broker = state.session.is_connected();
+    let body = json!({
+        "store": if store.is_ok() { "ok" } else { "unavailable" },
+        "broker": if broker { "connected" } else { "disconnected" },
+    });
+    let status = if store.is_ok() && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct DateQuery {
+    date: Option<String>,
+}
+
+fn parse_date(text: &str) -> Result<Date, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request(format!("date: {text:?} is not YYYY-MM-DD")))
+}
+
+async fn ingest(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<DateQuery>,
+) -> Result<Json<IngestReport>, ApiError> {
+    let date = match q.date.as_deref() {
+        Some(text) => parse_date(text)?,
+        None => {
+            let today = state
+                .clock
+                .now()
+                .to_zoned_datetime(state.timezone.clone())
+                .date();
+            today
+                .tomorrow()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+    };
+    if !state.ingestor.can_fetch() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no provider is configured (--provider); POST the document to /api/schedules",
+        ));
+    }
+    Ok(Json(state.ingestor.fetch(date).await?))
+}
+
+async fn schedules(
+    State(state): State<Arc<ApiState>>,
+    body: Bytes,
+) -> Result<Json<IngestReport>, ApiError> {
+    Ok(Json(state.ingestor.post(body).await?))
+}
+
+#[derive(Deserialize)]
+struct NewDevice {
+    device_id: String,
+    #[serde(default)]
+    max_rate_kw: Option<f64>,
+}
+
+async fn register(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<NewDevice>, JsonRejection>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let id = DeviceId::parse(body.device_id)
+        .map_err(|e| ApiError::bad_request(format!("device_id: {e}")))?;
+    let max = body
+        .max_rate_kw
+        .map(RateKw::try_from)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("max_rate_kw: {e}")))?;
+    state.store.register_device(&id, max, state.clock.now()).await?;
+    let record = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("device {id}")))?;
+    Ok(Json(DeviceView::new(record, &state)))
+}
+
+/// A device as the API shows it.
+#[derive(Serialize)]
+struct DeviceView {
+    #[serde(flatten)]
+    record: DeviceRecord,
+    online: bool,
+}
+
+impl DeviceView {
+    fn new(record: DeviceRecord, state: &ApiState) -> DeviceView {
+        // Three missed heartbeats (real time) make a device offline; last_seen is clock time.
+        let window_s = 3.0 * state.heartbeat_interval_s as f64 * state.clock.speed();
+        let online = record.last_seen.is_some_and(|seen| {
+            state.clock.now().duration_since(seen).as_secs_f64() <= window_s
+        });
+        DeviceView { record, online }
+    }
+}
+
+async fn devices(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    let list = state.store.devices().await?;
+    Ok(Json(list.into_iter().map(|d| DeviceView::new(d, &state)).collect()))
+}
+
+async fn device(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = DeviceId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let record = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("device {id} is not registered")))?;
+    let commands = state.store.commands(Some(&id), None).await?;
+    let mut view = serde_json::to_value(DeviceView::new(record, &state))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    view["commands"] = json!(commands);
+    Ok(Json(view))
+}
+
+#[derive(Deserialize)]
+struct CommandQuery {
+    device_id: Option<String>,
+    date: Option<String>,
+}
+
+async fn commands(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<CommandQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let device = q
+        .device_id
+        .filter(|d| !d.is_empty())
+        .map(DeviceId::parse)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let date = q
+        .date
+        .filter(|d| !d.is_empty())
+        .map(|d| parse_date(&d))
+        .transpose()?;
+    Ok(Json(state.store.commands(device.as_ref(), date).await?))
+}
+
+async fn command(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = MessageId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let detail = state
+        .store
+        .command(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("command {id} does not exist")))?;
+    Ok(Json(detail))
+}
+
+async fn index() -> Html<&'static str> {
+    Html(
+        "<!doctype html><title>MAX300 fleet control</title>\
+         <h1>MAX300 fleet control</h1>\
+         <p>The dashboard is not built yet. The API: \
+         <a href=\"/api/devices\">/api/devices</a>, \
+         <a href=\"/api/commands\">/api/commands</a>, \
+         <a href=\"/readyz\">/readyz</a>.</p>",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compares_tokens_fully() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
+        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

@@ -1,0 +1,161 @@
+//! Composition: build every part from the config, run them until shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use max300_mqtt::{BrokerUrl, SessionConfig};
+use max300_protocol::day::time_zone;
+use max300_protocol::{Clock, RateKw, Topics};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{ApiState, router};
+use crate::audit::Audit;
+use crate::daily::DailyFetch;
+use crate::feedback::{Feedback, FeedbackStats};
+use crate::ingest::Ingestor;
+use crate::provider::ProviderClient;
+use crate::publish::Publisher;
+use crate::{CloudConfig, CloudError, CommandStore, SqliteStore};
+
+/// A running cloud service.
+#[derive(Debug)]
+pub struct Cloud {
+    /// The address the HTTP API listens on (useful with port 0).
+    pub addr: SocketAddr,
+    /// The command store.
+    pub store: Arc<dyn CommandStore>,
+    /// Ingestion, for in-process runs (`max300 ingest`).
+    pub ingestor: Arc<Ingestor>,
+    /// Feedback counters.
+    pub stats: Arc<FeedbackStats>,
+    tasks: JoinSet<()>,
+}
+
+impl Cloud {
+    /// Validates the config, opens the stores, connects to the broker, binds the API and
+    /// starts every task. Returns once everything is listening.
+    pub async fn start(
+        config: CloudConfig,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Result<Cloud, CloudError> {
+        config.validate()?;
+        let timezone = time_zone(&config.timezone)
+            .map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
+        let store = open_store(&config.store_url())?;
+        let audit = Audit::open(&config.audit_url())?;
+        let now = clock.now();
+        for d in &config.devices {
+            let max = d.max_rate_kw.map(RateKw::try_from).transpose()?;
+            store.register_device(&d.device_id, max, now).await?;
+        }
+
+        let topics = Topics::new(config.topic_root.clone());
+        let url: BrokerUrl = config
+            .mqtt
+            .parse()
+            .map_err(|e| CloudError::Config(format!("mqtt: {e}")))?;
+        let client_id = config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("max300-cloud-{:08x}", fastrand::u32(..)));
+        let mut session_config =
+            SessionConfig::new(url.clone(), client_id.clone(), topics.cloud_filters());
+        session_config.topics = topics.clone();
+        session_config.channel_capacity = 4096;
+        let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
+        let publisher = Publisher::new(session.clone(), topics, store.clone(), clock.clone());
+
+        let max_bytes = usize::try_from(config.max_document_mib * 1024 * 1024)
+            .map_err(|_| CloudError::Config("max_document_mib: too large".into()))?;
+        let provider = config
+            .provider
+            .as_deref()
+            .map(|url| {
+                ProviderClient::new(url, max_bytes, Duration::from_secs(config.provider_timeout_s))
+            })
+            .transpose()?;
+        let ingestor = Arc::new(Ingestor::new(
+            store.clone(),
+            audit,
+            publisher.clone(),
+            clock.clone(),
+            timezone.clone(),
+            config.default_max_rate()?,
+            max_bytes,
+            provider,
+        ));
+        let stats = Arc::new(FeedbackStats::default());
+
+        let listener = tokio::net::TcpListener::bind(config.http_addr()?)
+            .await
+            .map_err(|e| CloudError::Io(format!("http: cannot listen on {}: {e}", config.http)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CloudError::Io(e.to_string()))?;
+        let state = Arc::new(ApiState {
+            store: store.clone(),
+            ingestor: ingestor.clone(),
+            session: session.clone(),
+            clock: clock.clone(),
+            timezone: timezone.clone(),
+            token: config.api_token.clone(),
+            protect_reads: config.protect_reads,
+            heartbeat_interval_s: config.heartbeat_interval_s,
+        });
+
+        let mut tasks = JoinSet::new();
+        let app = router(state, max_bytes);
+        let http_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "http server stopped");
+            }
+        });
+        let feedback = Feedback::new(
+            store.clone(),
+            publisher,
+            clock.clone(),
+            timezone.clone(),
+            config.auto_register,
+            stats.clone(),
+        );
+        tasks.spawn(feedback.run(events, shutdown.clone()));
+        if ingestor.can_fetch() {
+            let daily = DailyFetch {
+                timezone,
+                at: config.fetch_time()?,
+            };
+            tasks.spawn(daily.run(ingestor.clone(), store.clone(), clock, shutdown.clone()));
+        }
+        info!(http = %addr, mqtt = %url, client_id = %client_id, "cloud service started");
+        Ok(Cloud {
+            addr,
+            store,
+            ingestor,
+            stats,
+            tasks,
+        })
+    }
+
+    /// Waits for every task to end (after shutdown).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn open_store(url: &str) -> Result<Arc<dyn CommandStore>, CloudError> {
+    match url.split_once("://") {
+        Some(("sqlite", path)) => Ok(Arc::new(SqliteStore::open(&PathBuf::from(path))?)),
+        _ => Err(CloudError::Config(format!(
+            "store: {url:?} is not supported by this build; use sqlite://PATH"
+        ))),
+    }
+}

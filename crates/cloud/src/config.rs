@@ -1,0 +1,248 @@
+//! The cloud service's settings: an embedded default TOML, then a file, then `MAX300_*`
+//! environment variables, then flags. Parsing is a pure function of its inputs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use jiff::civil::Time;
+use max300_mqtt::BrokerUrl;
+use max300_protocol::{DeviceId, RateKw, day::time_zone};
+use serde::{Deserialize, Serialize};
+
+use crate::CloudError;
+
+/// A device listed in the config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its own limit, in kW.
+    #[serde(default)]
+    pub max_rate_kw: Option<f64>,
+}
+
+/// Everything the cloud service needs to start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Where the default store and audit folder live.
+    pub data_dir: PathBuf,
+    /// The broker.
+    pub mqtt: String,
+    /// The HTTP listener.
+    pub http: String,
+    /// The provider endpoint.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The API token.
+    #[serde(default)]
+    pub api_token: Option<String>,
+    /// Whether reads need the token too.
+    pub protect_reads: bool,
+    /// `sqlite://PATH`.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// `file://DIR`.
+    #[serde(default)]
+    pub audit: Option<String>,
+    /// Topic root.
+    pub topic_root: String,
+    /// The fleet's zone.
+    pub timezone: String,
+    /// Limit for devices without their own, in kW.
+    pub default_max_rate_kw: f64,
+    /// Largest document, in MiB.
+    pub max_document_mib: u64,
+    /// Local time of the daily fetch, `HH:MM`.
+    pub fetch_at: String,
+    /// Provider timeout in seconds.
+    pub provider_timeout_s: u64,
+    /// Register devices on their first message.
+    pub auto_register: bool,
+    /// Devices' heartbeat interval, real seconds.
+    pub heartbeat_interval_s: u64,
+    /// MQTT client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Devices known up front.
+    #[serde(default)]
+    pub devices: Vec<DeviceEntry>,
+}
+
+impl CloudConfig {
+    /// The embedded default, as `max300 config print-default cloud` prints it.
+    pub const DEFAULT_TOML: &'static str = include_str!("../cloud.default.toml");
+
+    /// Layers the default, an optional file and `MAX300_*` variables.
+    pub fn load(file: Option<&str>, env: &[(String, String)]) -> Result<CloudConfig, CloudError> {
+        let mut table: toml::Table = Self::DEFAULT_TOML
+            .parse()
+            .map_err(|e| CloudError::Config(format!("embedded default: {e}")))?;
+        if let Some(text) = file {
+            let file: toml::Table = text
+                .parse()
+                .map_err(|e| CloudError::Config(format!("config file: {e}")))?;
+            table.extend(file);
+        }
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix("MAX300_") else {
+                continue;
+            };
+            let name = name.to_ascii_lowercase();
+            if !Self::is_key(&name) {
+                continue;
+            }
+            table.insert(name, env_value(value));
+        }
+        let config: CloudConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| CloudError::Config(e.message().to_owned()))?;
+        Ok(config)
+    }
+
+    fn is_key(name: &str) -> bool {
+        const KEYS: &[&str] = &[
+            "data_dir", "mqtt", "http", "provider", "api_token", "protect_reads", "store",
+            "audit", "topic_root", "timezone", "default_max_rate_kw", "max_document_mib",
+            "fetch_at", "provider_timeout_s", "auto_register", "heartbeat_interval_s",
+            "client_id",
+        ];
+        KEYS.contains(&name)
+    }
+
+    /// Checks every setting once, at start-up, with a message that names it.
+    pub fn validate(&self) -> Result<(), CloudError> {
+        let bad = |key: &str, why: String| Err(CloudError::Config(format!("{key}: {why}")));
+        self.mqtt
+            .parse::<BrokerUrl>()
+            .map_err(|e| CloudError::Config(format!("mqtt: {e}")))?;
+        let http = self.http_addr()?;
+        time_zone(&self.timezone).map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
+        self.fetch_time()?;
+        self.default_max_rate()?;
+        if self.max_document_mib == 0 || self.max_document_mib > 4096 {
+            return bad("max_document_mib", format!("{} is not within 1..=4096", self.max_document_mib));
+        }
+        if self.heartbeat_interval_s == 0 {
+            return bad("heartbeat_interval_s", "must be at least 1".into());
+        }
+        if let Some(token) = &self.api_token
+            && token.len() < 16
+        {
+            return bad("api_token", "must be at least 16 characters".into());
+        }
+        if self.api_token.is_none() && !http.ip().is_loopback() {
+            return bad(
+                "http",
+                format!(
+                    "{http} is not a loopback address and no api_token is set: writes would be \
+                     open to the network. Set api_token (or MAX300_API_TOKEN), or listen on 127.0.0.1"
+                ),
+            );
+        }
+        for d in &self.devices {
+            if let Some(kw) = d.max_rate_kw {
+                RateKw::try_from(kw).map_err(|e| {
+                    CloudError::Config(format!("devices.{}.max_rate_kw: {e}", d.device_id))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The HTTP listener address.
+    pub fn http_addr(&self) -> Result<SocketAddr, CloudError> {
+        self.http
+            .parse()
+            .map_err(|_| CloudError::Config(format!("http: {:?} is not host:port", self.http)))
+    }
+
+    /// The daily fetch time.
+    pub fn fetch_time(&self) -> Result<Time, CloudError> {
+        format!("{}:00", self.fetch_at).parse().map_err(|_| {
+            CloudError::Config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at))
+        })
+    }
+
+    /// The default rate limit.
+    pub fn default_max_rate(&self) -> Result<RateKw, CloudError> {
+        RateKw::try_from(self.default_max_rate_kw)
+            .map_err(|e| CloudError::Config(format!("default_max_rate_kw: {e}")))
+    }
+
+    /// The store URL, defaulting into the data dir.
+    pub fn store_url(&self) -> String {
+        self.store.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("cloud.sqlite").display())
+        })
+    }
+
+    /// The audit URL, defaulting into the data dir.
+    pub fn audit_url(&self) -> String {
+        self.audit
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.data_dir.join("audit").display()))
+    }
+}
+
+fn env_value(text: &str) -> toml::Value {
+    // Numbers and booleans keep their type; everything else is a string.
+    if let Ok(b) = text.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else if let Ok(i) = text.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(f) = text.parse::<f64>() {
+        toml::Value::Float(f)
+    } else {
+        toml::Value::String(text.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = CloudConfig::load(None, &[]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.timezone, "Europe/London");
+        assert_eq!(c.fetch_time().unwrap().to_string(), "16:00:00");
+    }
+
+    #[test]
+    fn a_file_then_env_override_the_default() {
+        let c = CloudConfig::load(
+            Some("http = \"127.0.0.1:9000\"\nauto_register = true\n"),
+            &env(&[("MAX300_HTTP", "127.0.0.1:9100"), ("MAX300_DEFAULT_MAX_RATE_KW", "100"), ("PATH", "/bin")]),
+        )
+        .unwrap();
+        assert_eq!(c.http, "127.0.0.1:9100");
+        assert!(c.auto_register);
+        assert_eq!(c.default_max_rate_kw, 100.0);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = CloudConfig::load(Some("htp = 1"), &[]).unwrap_err();
+        assert!(err.to_string().contains("htp"), "{err}");
+        let mut c = CloudConfig::load(None, &[]).unwrap();
+        c.fetch_at = "25:99".into();
+        assert!(c.validate().unwrap_err().to_string().contains("fetch_at"));
+    }
+
+    #[test]
+    fn a_public_listener_without_a_token_refuses_to_start() {
+        let mut c = CloudConfig::load(None, &[]).unwrap();
+        c.http = "0.0.0.0:8300".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api_token"), "{err}");
+        c.api_token = Some("0123456789abcdef".into());
+        c.validate().unwrap();
+    }
+}

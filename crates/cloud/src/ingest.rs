@@ -1,0 +1,257 @@
+//! Ingestion: keep the raw document, normalize it, commit one command per changed device
+//! schedule, then publish. One run at a time; a second one answers [`CloudError::Busy`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use max300_protocol::document::{Fleet, normalize};
+use max300_protocol::message::ScheduleMsg;
+use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::audit::Audit;
+use crate::provider::ProviderClient;
+use crate::publish::Publisher;
+use crate::store::{IngestionRecord, Insert, NewCommand};
+use crate::{CloudError, CommandStore};
+
+/// One device's command in an ingestion result.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CommandRef {
+    /// The device.
+    pub device_id: DeviceId,
+    /// The command.
+    pub message_id: MessageId,
+    /// Its version.
+    pub version: u32,
+}
+
+/// One device's refused schedule in an ingestion result.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RejectedRef {
+    /// The device, or the entry's label when its id was unreadable.
+    pub device_id: String,
+    /// Every error, with its place.
+    pub errors: Vec<String>,
+}
+
+/// The answer to an ingestion (DESIGN §8).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct IngestReport {
+    /// The local date.
+    pub schedule_date: Date,
+    /// New commands.
+    pub accepted: Vec<CommandRef>,
+    /// Schedules identical to what is already held.
+    pub unchanged: Vec<CommandRef>,
+    /// Refused schedules.
+    pub rejected: Vec<RejectedRef>,
+}
+
+/// Runs ingestions.
+#[derive(Debug)]
+pub struct Ingestor {
+    store: Arc<dyn CommandStore>,
+    audit: Audit,
+    publisher: Publisher,
+    clock: Arc<dyn Clock>,
+    timezone: TimeZone,
+    default_max_rate: RateKw,
+    max_document_bytes: usize,
+    provider: Option<ProviderClient>,
+    running: Mutex<()>,
+}
+
+impl Ingestor {
+    /// An ingestor; `provider` enables fetching.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn CommandStore>,
+        audit: Audit,
+        publisher: Publisher,
+        clock: Arc<dyn Clock>,
+        timezone: TimeZone,
+        default_max_rate: RateKw,
+        max_document_bytes: usize,
+        provider: Option<ProviderClient>,
+    ) -> Ingestor {
+        Ingestor {
+            store,
+            audit,
+            publisher,
+            clock,
+            timezone,
+            default_max_rate,
+            max_document_bytes,
+            provider,
+            running: Mutex::new(()),
+        }
+    }
+
+    /// Whether a provider is configured.
+    pub fn can_fetch(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Fetches the document for `date` from the provider and ingests it.
+    pub async fn fetch(&self, date: Date) -> Result<IngestReport, CloudError> {
+        let provider = self.provider.as_ref().ok_or_else(|| {
+            CloudError::Config("provider: not configured, so there is nothing to fetch".into())
+        })?;
+        let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
+        let body = provider.fetch(date).await?;
+        self.run(body, "fetch", Some(date)).await
+    }
+
+    /// Ingests a POSTed document.
+    pub async fn post(&self, body: Bytes) -> Result<IngestReport, CloudError> {
+        let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
+        self.run(body, "post", None).await
+    }
+
+    async fn run(
+        &self,
+        body: Bytes,
+        source: &str,
+        want: Option<Date>,
+    ) -> Result<IngestReport, CloudError> {
+        let received = self.clock.now();
+        let audit_key = self.audit.put_raw(body.clone(), source, received).await?;
+        let fleet = self.fleet().await?;
+        let normalized = match normalize(&body, &fleet) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(audit_key = %audit_key, error = %e, "document rejected");
+                let json = serde_json::json!({"audit_key": audit_key, "error": e.to_string()});
+                self.audit
+                    .put_rejections("whole", received, json.to_string().into_bytes())
+                    .await?;
+                return Err(e.into());
+            }
+        };
+        let date = normalized.day.date();
+        if let Some(want) = want
+            && want != date
+        {
+            return Err(CloudError::Provider(format!(
+                "the document is for {date}, but {want} was asked for (kept as {audit_key})"
+            )));
+        }
+        drop(body);
+
+        for s in &normalized.schedules {
+            if !s.from_wildcard {
+                let id = s.schedule.device_id();
+                if !fleet.devices.contains_key(id) {
+                    self.store.register_device(id, None, received).await?;
+                }
+            }
+        }
+        let commands: Vec<NewCommand> = normalized
+            .schedules
+            .iter()
+            .map(|s| NewCommand {
+                message_id: MessageId::generate(received),
+                schedule: s.schedule.clone(),
+            })
+            .collect();
+        let inserts = self.store.insert_commands(&commands, received).await?;
+
+        let mut report = IngestReport {
+            schedule_date: date,
+            accepted: Vec::new(),
+            unchanged: Vec::new(),
+            rejected: normalized
+                .rejected
+                .iter()
+                .map(|r| RejectedRef {
+                    device_id: r.label.clone(),
+                    errors: r.errors.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+        };
+        let mut to_publish = Vec::new();
+        for (cmd, insert) in commands.into_iter().zip(inserts) {
+            let device_id = cmd.schedule.device_id().clone();
+            match insert {
+                Insert::Created {
+                    message_id,
+                    version,
+                } => {
+                    to_publish.push(ScheduleMsg::new(
+                        &cmd.schedule,
+                        message_id.clone(),
+                        version,
+                        received,
+                    ));
+                    report.accepted.push(CommandRef {
+                        device_id,
+                        message_id,
+                        version,
+                    });
+                }
+                Insert::Unchanged {
+                    message_id,
+                    version,
+                } => report.unchanged.push(CommandRef {
+                    device_id,
+                    message_id,
+                    version,
+                }),
+            }
+        }
+        for r in &normalized.rejected {
+            warn!(device_id = %r.label, errors = ?r.errors.iter().map(ToString::to_string).collect::<Vec<_>>(), "schedule rejected");
+        }
+        if !report.rejected.is_empty() {
+            let json = serde_json::to_vec_pretty(&report.rejected)
+                .map_err(|e| CloudError::Audit(e.to_string()))?;
+            self.audit
+                .put_rejections(&date.to_string(), received, json)
+                .await?;
+        }
+        self.publisher.commands(to_publish).await?;
+        self.store
+            .record_ingestion(&IngestionRecord {
+                schedule_date: date,
+                source: source.to_owned(),
+                audit_key: audit_key.clone(),
+                accepted: report.accepted.len() as u32,
+                unchanged: report.unchanged.len() as u32,
+                rejected: report.rejected.len() as u32,
+                finished_at: self.clock.now(),
+            })
+            .await?;
+        info!(
+            schedule_date = %date,
+            source,
+            audit_key = %audit_key,
+            accepted = report.accepted.len(),
+            unchanged = report.unchanged.len(),
+            rejected = report.rejected.len(),
+            "ingestion finished"
+        );
+        Ok(report)
+    }
+
+    async fn fleet(&self) -> Result<Fleet, CloudError> {
+        let devices: BTreeMap<DeviceId, RateKw> = self
+            .store
+            .devices()
+            .await?
+            .into_iter()
+            .map(|d| (d.device_id, d.max_rate_kw.unwrap_or(self.default_max_rate)))
+            .collect();
+        Ok(Fleet {
+            timezone: self.timezone.clone(),
+            default_max_rate: self.default_max_rate,
+            devices,
+            max_document_bytes: self.max_document_bytes,
+        })
+    }
+}

@@ -1,0 +1,258 @@
+//! The command store: devices, commands, their periods, acks and reports.
+//!
+//! [`CommandStore`] is the seam between the service and its database: SQLite here, DynamoDB
+//! for AWS. Its methods speak the domain (`record_ack`, `record_report`), so either backend
+//! can make each one atomic in its own way.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use jiff::civil::Date;
+use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
+use max300_protocol::{DeviceId, MessageId, RateKw, Schedule};
+use serde::Serialize;
+
+use crate::{CloudError, CommandState, PeriodStatus};
+
+/// A registered device and what its last heartbeat said.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DeviceRecord {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its own rate limit, if it has one.
+    pub max_rate_kw: Option<RateKw>,
+    /// When it was registered.
+    pub registered_at: Timestamp,
+    /// When anything was last heard from it.
+    pub last_seen: Option<Timestamp>,
+    /// Mode from the last heartbeat.
+    pub mode: Option<String>,
+    /// Rate from the last heartbeat.
+    pub rate_kw: Option<RateKw>,
+    /// State of charge from the last heartbeat.
+    pub soc_pct: Option<f64>,
+    /// Fallback from the last heartbeat.
+    pub fallback: Option<String>,
+    /// The plan it says it follows.
+    pub active_message_id: Option<String>,
+    /// Its outbox depth.
+    pub outbox: Option<u64>,
+}
+
+/// A command to create: one device's schedule with the id it will carry.
+#[derive(Clone, Debug)]
+pub struct NewCommand {
+    /// The id to give it.
+    pub message_id: MessageId,
+    /// The plan.
+    pub schedule: Schedule,
+}
+
+/// What happened to a [`NewCommand`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Insert {
+    /// A new command, with the version it was given.
+    Created {
+        /// Its id.
+        message_id: MessageId,
+        /// Its version.
+        version: u32,
+    },
+    /// The same content is already the latest version: nothing was created.
+    Unchanged {
+        /// The existing command.
+        message_id: MessageId,
+        /// Its version.
+        version: u32,
+    },
+}
+
+/// A command in a listing.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CommandSummary {
+    /// Its id.
+    pub message_id: MessageId,
+    /// The device.
+    pub device_id: DeviceId,
+    /// The local date.
+    pub schedule_date: Date,
+    /// Its version.
+    pub version: u32,
+    /// Its state.
+    pub state: CommandState,
+    /// Not acknowledged when its first period started.
+    pub late: bool,
+}
+
+/// One state change of a command.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HistoryEntry {
+    /// The new state.
+    pub state: CommandState,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// One period of a command and how it went.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PeriodView {
+    /// 1-based period.
+    pub period: u32,
+    /// Its start.
+    pub start: Timestamp,
+    /// Planned mode.
+    pub mode: String,
+    /// Planned rate.
+    pub rate_kw: RateKw,
+    /// Its status.
+    pub status: PeriodStatus,
+    /// What ran.
+    pub applied_kw: Option<RateKw>,
+    /// Why it differed.
+    pub limited_by: Option<String>,
+    /// Why it was skipped or limited.
+    pub reason: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// State of charge reported with it.
+    pub soc_pct: Option<f64>,
+    /// When the device reported it.
+    pub at: Option<Timestamp>,
+}
+
+/// A command with its history and periods.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CommandDetail {
+    /// Id, device, date, version, state, late.
+    #[serde(flatten)]
+    pub summary: CommandSummary,
+    /// The plan's sha256.
+    pub sha256: String,
+    /// The sha256 the device acked, if it did.
+    pub acked_sha256: Option<String>,
+    /// The first period the plan governs on the device.
+    pub effective_period: Option<u32>,
+    /// Times published.
+    pub publishes: u32,
+    /// State changes, oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// Every period.
+    pub periods: Vec<PeriodView>,
+}
+
+/// A command a device holds or should hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CurrentCommand {
+    /// Its id.
+    pub message_id: MessageId,
+    /// The local date.
+    pub schedule_date: Date,
+    /// Its version.
+    pub version: u32,
+    /// Its sha256.
+    pub sha256: String,
+}
+
+/// What recording an ack or report did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// First time seen: applied.
+    Applied,
+    /// Seen before: nothing changed.
+    Duplicate,
+    /// Stored, but no command of ours matches it.
+    UnknownCommand,
+}
+
+/// A finished ingestion run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IngestionRecord {
+    /// The date ingested.
+    pub schedule_date: Date,
+    /// `fetch` or `post`.
+    pub source: String,
+    /// Where the raw document is.
+    pub audit_key: String,
+    /// Counts.
+    pub accepted: u32,
+    /// Counts.
+    pub unchanged: u32,
+    /// Counts.
+    pub rejected: u32,
+    /// When it finished.
+    pub finished_at: Timestamp,
+}
+
+/// The store of devices, commands, periods, acks and reports.
+#[async_trait]
+pub trait CommandStore: Send + Sync + std::fmt::Debug {
+    /// Registers a device if it is new; sets its own rate limit when one is given.
+    async fn register_device(
+        &self,
+        device: &DeviceId,
+        max_rate: Option<RateKw>,
+        at: Timestamp,
+    ) -> Result<(), CloudError>;
+
+    /// Every registered device.
+    async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError>;
+
+    /// One device.
+    async fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, CloudError>;
+
+    /// Records a heartbeat (and that the device was seen).
+    async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError>;
+
+    /// Creates commands in one transaction, versioning per device and date: the same content
+    /// as the latest version creates nothing; changed content is version + 1.
+    async fn insert_commands(
+        &self,
+        commands: &[NewCommand],
+        at: Timestamp,
+    ) -> Result<Vec<Insert>, CloudError>;
+
+    /// The message to publish for a command.
+    async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError>;
+
+    /// Marks commands published; `created` becomes `sent`.
+    async fn mark_sent(&self, ids: &[MessageId], at: Timestamp) -> Result<(), CloudError>;
+
+    /// Applies an ack once, by its message_id.
+    async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError>;
+
+    /// Applies a report once, by (device_id, interval_start).
+    async fn record_report(&self, report: &ReportMsg, at: Timestamp)
+    -> Result<Recorded, CloudError>;
+
+    /// One command in full.
+    async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError>;
+
+    /// Commands, newest first, filtered by device and date.
+    async fn commands(
+        &self,
+        device: Option<&DeviceId>,
+        date: Option<Date>,
+    ) -> Result<Vec<CommandSummary>, CloudError>;
+
+    /// The latest live version per date, from `from` on, for one device.
+    async fn current_commands(
+        &self,
+        device: &DeviceId,
+        from: Date,
+    ) -> Result<Vec<CurrentCommand>, CloudError>;
+
+    /// Commands still `created`: committed but never published (e.g. after a crash).
+    async fn unsent(&self) -> Result<Vec<MessageId>, CloudError>;
+
+    /// Records a finished ingestion run.
+    async fn record_ingestion(&self, run: &IngestionRecord) -> Result<(), CloudError>;
+
+    /// Whether an ingestion of `date` has finished.
+    async fn ingested(&self, date: Date) -> Result<bool, CloudError>;
+
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), CloudError>;
+}

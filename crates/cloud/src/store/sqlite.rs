@@ -1,0 +1,753 @@
+//! The SQLite command store: one file, WAL, `synchronous=FULL`. Every method is one
+//! transaction, run on the blocking pool so the async tasks never wait on disk.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use jiff::civil::Date;
+use max300_protocol::day::period_start_at;
+use max300_protocol::message::{AckMsg, AckStatus, HeartbeatMsg, ReportMsg, ScheduleMsg};
+use max300_protocol::{Day, DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::{
+    CommandDetail, CommandStore, CommandSummary, CurrentCommand, DeviceRecord, HistoryEntry,
+    IngestionRecord, Insert, NewCommand, PeriodView, Recorded,
+};
+use crate::{CloudError, CommandState, PeriodStatus};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    max_rate_w INTEGER,
+    registered_at TEXT NOT NULL,
+    last_seen TEXT,
+    mode TEXT,
+    rate_w INTEGER,
+    soc_pct REAL,
+    fallback TEXT,
+    active_message_id TEXT,
+    outbox INTEGER
+);
+CREATE TABLE IF NOT EXISTS commands (
+    message_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    schedule_date TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    state TEXT NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0,
+    governs_from TEXT NOT NULL,
+    effective_period INTEGER,
+    acked_sha256 TEXT,
+    created_at TEXT NOT NULL,
+    publishes INTEGER NOT NULL DEFAULT 0,
+    last_sent_at TEXT,
+    UNIQUE (device_id, schedule_date, version)
+);
+CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state);
+CREATE TABLE IF NOT EXISTS history (
+    message_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_command ON history (message_id);
+CREATE TABLE IF NOT EXISTS periods (
+    message_id TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    start TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    rate_w INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    applied_w INTEGER,
+    limited_by TEXT,
+    reason TEXT,
+    error TEXT,
+    soc_pct REAL,
+    at TEXT,
+    PRIMARY KEY (message_id, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS acks (
+    message_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    device_id TEXT NOT NULL,
+    interval_start TEXT NOT NULL,
+    message_id TEXT,
+    body TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (device_id, interval_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ingestions (
+    id INTEGER PRIMARY KEY,
+    schedule_date TEXT NOT NULL,
+    source TEXT NOT NULL,
+    audit_key TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    unchanged INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    finished_at TEXT NOT NULL
+);
+"#;
+
+/// The SQLite implementation of [`CommandStore`].
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, CloudError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                CloudError::Store(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| CloudError::Store(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
+            .and_then(|_| conn.execute_batch(SCHEMA))
+            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, CloudError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| CloudError::Store(format!("store task failed: {e}")))?
+        .map_err(|e| CloudError::Store(e.to_string()))
+    }
+}
+
+fn conversion(e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}
+
+fn ts(text: String) -> rusqlite::Result<Timestamp> {
+    text.parse().map_err(conversion)
+}
+
+fn opt_ts(text: Option<String>) -> rusqlite::Result<Option<Timestamp>> {
+    text.map(ts).transpose()
+}
+
+fn parsed<T: std::str::FromStr>(text: String) -> rusqlite::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(conversion)
+}
+
+fn rate(watts: Option<i64>) -> Option<RateKw> {
+    watts.and_then(|w| u32::try_from(w).ok()).map(RateKw::from_watts)
+}
+
+fn set_state(
+    tx: &Transaction,
+    id: &str,
+    state: CommandState,
+    at: Timestamp,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE commands SET state = ?2 WHERE message_id = ?1",
+        params![id, state.as_str()],
+    )?;
+    tx.execute(
+        "INSERT INTO history (message_id, state, at) VALUES (?1, ?2, ?3)",
+        params![id, state.as_str(), at.to_string()],
+    )?;
+    Ok(())
+}
+
+fn touch_device(tx: &Transaction, device: &str, at: Timestamp) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE devices SET last_seen = ?2 WHERE device_id = ?1 AND (last_seen IS NULL OR last_seen < ?2)",
+        params![device, at.to_string()],
+    )?;
+    Ok(())
+}
+
+fn device_row(row: &rusqlite::Row) -> rusqlite::Result<DeviceRecord> {
+    Ok(DeviceRecord {
+        device_id: parsed(row.get(0)?)?,
+        max_rate_kw: rate(row.get(1)?),
+        registered_at: ts(row.get(2)?)?,
+        last_seen: opt_ts(row.get(3)?)?,
+        mode: row.get(4)?,
+        rate_kw: rate(row.get(5)?),
+        soc_pct: row.get(6)?,
+        fallback: row.get(7)?,
+        active_message_id: row.get(8)?,
+        outbox: row.get::<_, Option<i64>>(9)?.map(|n| n.max(0) as u64),
+    })
+}
+
+const DEVICE_COLUMNS: &str = "device_id, max_rate_w, registered_at, last_seen, mode, rate_w, \
+                              soc_pct, fallback, active_message_id, outbox";
+
+fn summary_row(row: &rusqlite::Row) -> rusqlite::Result<CommandSummary> {
+    Ok(CommandSummary {
+        message_id: parsed(row.get(0)?)?,
+        device_id: parsed(row.get(1)?)?,
+        schedule_date: parsed(row.get(2)?)?,
+        version: row.get(3)?,
+        state: parsed(row.get(4)?)?,
+        late: row.get(5)?,
+    })
+}
+
+const SUMMARY_COLUMNS: &str = "message_id, device_id, schedule_date, version, state, late";
+
+#[async_trait]
+impl CommandStore for SqliteStore {
+    async fn register_device(
+        &self,
+        device: &DeviceId,
+        max_rate: Option<RateKw>,
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        let device = device.to_string();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO devices (device_id, max_rate_w, registered_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device_id) DO UPDATE SET max_rate_w = coalesce(?2, max_rate_w)",
+                params![device, max_rate.map(|r| r.watts()), at.to_string()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError> {
+        self.run(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
+            ))?;
+            stmt.query_map([], device_row)?.collect()
+        })
+        .await
+    }
+
+    async fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, CloudError> {
+        let device = device.to_string();
+        self.run(move |c| {
+            c.query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"),
+                [device],
+                device_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError> {
+        let hb = hb.clone();
+        self.run(move |c| {
+            c.execute(
+                "UPDATE devices SET last_seen = ?2, mode = ?3, rate_w = ?4, soc_pct = ?5,
+                        fallback = ?6, active_message_id = ?7, outbox = ?8
+                 WHERE device_id = ?1",
+                params![
+                    hb.device_id.as_str(),
+                    at.to_string(),
+                    hb.mode.as_str(),
+                    hb.rate_kw.watts(),
+                    hb.soc_pct,
+                    hb.fallback.map(|f| f.as_str()),
+                    hb.active_message_id.as_ref().map(|m| m.as_str()),
+                    i64::try_from(hb.outbox).unwrap_or(i64::MAX),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_commands(
+        &self,
+        commands: &[NewCommand],
+        at: Timestamp,
+    ) -> Result<Vec<Insert>, CloudError> {
+        let commands = commands.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::with_capacity(commands.len());
+            for cmd in &commands {
+                let s = &cmd.schedule;
+                let device = s.device_id().as_str();
+                let date = s.day().date().to_string();
+                let sha = s.sha256();
+                let latest: Option<(String, u32, String)> = tx
+                    .query_row(
+                        "SELECT message_id, version, sha256 FROM commands
+                         WHERE device_id = ?1 AND schedule_date = ?2
+                         ORDER BY version DESC LIMIT 1",
+                        params![device, date],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let version = match latest {
+                    Some((id, version, old_sha)) if old_sha == sha => {
+                        out.push(Insert::Unchanged {
+                            message_id: parsed(id)?,
+                            version,
+                        });
+                        continue;
+                    }
+                    Some((_, version, _)) => version + 1,
+                    None => 1,
+                };
+                // It governs from the first period that starts after it was created.
+                let next_boundary = period_start_at(at, s.day().tz())
+                    .map_err(conversion)?
+                    .checked_add(jiff::SignedDuration::from_secs(max300_protocol::PERIOD_SECS))
+                    .map_err(conversion)?;
+                let governs_from = s.day().start().max(next_boundary);
+                let id = cmd.message_id.as_str();
+                tx.execute(
+                    "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
+                                           sha256, state, governs_from, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8)",
+                    params![
+                        id,
+                        device,
+                        date,
+                        s.day().tz_name(),
+                        version,
+                        sha,
+                        governs_from.to_string(),
+                        at.to_string()
+                    ],
+                )?;
+                tx.execute(
+                    "INSERT INTO history (message_id, state, at) VALUES (?1, 'created', ?2)",
+                    params![id, at.to_string()],
+                )?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO periods (message_id, period, start, mode, rate_w)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for p in s.periods() {
+                    insert.execute(params![
+                        id,
+                        p.period,
+                        p.start.to_string(),
+                        p.setpoint.mode().as_str(),
+                        p.setpoint.rate().watts()
+                    ])?;
+                }
+                out.push(Insert::Created {
+                    message_id: cmd.message_id.clone(),
+                    version,
+                });
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let row: Option<(String, String, String, u32, String)> = c
+                .query_row(
+                    "SELECT device_id, schedule_date, timezone, version, created_at
+                     FROM commands WHERE message_id = ?1",
+                    [id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            let Some((device, date, tz, version, created)) = row else {
+                return Ok(None);
+            };
+            let day = Day::named(parsed(date)?, &tz).map_err(conversion)?;
+            let mut stmt = c.prepare_cached(
+                "SELECT mode, rate_w FROM periods WHERE message_id = ?1 ORDER BY period",
+            )?;
+            let setpoints = stmt
+                .query_map([id.as_str()], |r| {
+                    let mode: String = r.get(0)?;
+                    let watts: u32 = r.get(1)?;
+                    let mode = Mode::parse_loose(&mode).ok_or_else(|| conversion(&mode))?;
+                    Setpoint::new(mode, RateKw::from_watts(watts)).map_err(conversion)
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let schedule = Schedule::new(parsed(device)?, day, setpoints)
+                .ok_or_else(|| conversion("stored periods do not match the date"))?;
+            Ok(Some(ScheduleMsg::new(&schedule, id, version, ts(created)?)))
+        })
+        .await
+    }
+
+    async fn mark_sent(&self, ids: &[MessageId], at: Timestamp) -> Result<(), CloudError> {
+        let ids = ids.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            for id in &ids {
+                tx.execute(
+                    "UPDATE commands SET publishes = publishes + 1, last_sent_at = ?2
+                     WHERE message_id = ?1",
+                    params![id.as_str(), at.to_string()],
+                )?;
+                let moved = tx.execute(
+                    "UPDATE commands SET state = 'sent' WHERE message_id = ?1 AND state = 'created'",
+                    [id.as_str()],
+                )?;
+                if moved > 0 {
+                    tx.execute(
+                        "INSERT INTO history (message_id, state, at) VALUES (?1, 'sent', ?2)",
+                        params![id.as_str(), at.to_string()],
+                    )?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError> {
+        let ack = ack.clone();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let id = ack.message_id.as_str();
+            let device = ack.device_id.as_str();
+            let body = serde_json::to_string(&ack).map_err(conversion)?;
+            let fresh = tx.execute(
+                "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![id, device, body, at.to_string()],
+            )?;
+            touch_device(&tx, device, at)?;
+            if fresh == 0 {
+                tx.commit()?;
+                return Ok(Recorded::Duplicate);
+            }
+            let row: Option<(String, String, u32, String)> = tx
+                .query_row(
+                    "SELECT state, schedule_date, version, governs_from FROM commands
+                     WHERE message_id = ?1 AND device_id = ?2",
+                    params![id, device],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((state, date, version, governs_from)) = row else {
+                tx.commit()?;
+                return Ok(Recorded::UnknownCommand);
+            };
+            let state: CommandState = parsed(state)?;
+            if let Some(next) = state.after_ack(ack.status) {
+                set_state(&tx, id, next, at)?;
+            }
+            if ack.status == AckStatus::Accepted {
+                let late = at > ts(governs_from)?;
+                tx.execute(
+                    "UPDATE commands SET effective_period = ?2, acked_sha256 = ?3,
+                            late = late OR ?4
+                     WHERE message_id = ?1",
+                    params![id, ack.effective_period, ack.sha256, late],
+                )?;
+                let effective = ack.effective_period.unwrap_or(1);
+                // The newer version takes over from its effective period.
+                tx.execute(
+                    "UPDATE periods SET status = 'skipped', reason = 'superseded'
+                     WHERE message_id = ?1 AND period < ?2 AND status = 'pending'",
+                    params![id, effective],
+                )?;
+                let older: Vec<(String, String)> = tx
+                    .prepare(
+                        "SELECT message_id, state FROM commands
+                         WHERE device_id = ?1 AND schedule_date = ?2 AND version < ?3",
+                    )?
+                    .query_map(params![device, date, version], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (old, old_state) in older {
+                    tx.execute(
+                        "UPDATE periods SET status = 'skipped', reason = 'superseded'
+                         WHERE message_id = ?1 AND period >= ?2 AND status = 'pending'",
+                        params![old, effective],
+                    )?;
+                    let old_state: CommandState = parsed(old_state)?;
+                    if !matches!(
+                        old_state,
+                        CommandState::Superseded | CommandState::Cancelled | CommandState::Rejected
+                    ) {
+                        set_state(&tx, &old, CommandState::Superseded, at)?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(Recorded::Applied)
+        })
+        .await
+    }
+
+    async fn record_report(
+        &self,
+        report: &ReportMsg,
+        at: Timestamp,
+    ) -> Result<Recorded, CloudError> {
+        let report = report.clone();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let device = report.device_id.as_str();
+            let start = report.interval_start.to_string();
+            let body = serde_json::to_string(&report).map_err(conversion)?;
+            let fresh = tx.execute(
+                "INSERT OR IGNORE INTO reports (device_id, interval_start, message_id, body, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    device,
+                    start,
+                    report.message_id.as_ref().map(|m| m.as_str()),
+                    body,
+                    at.to_string()
+                ],
+            )?;
+            touch_device(&tx, device, at)?;
+            if fresh == 0 {
+                tx.commit()?;
+                return Ok(Recorded::Duplicate);
+            }
+            let Some(id) = report.message_id.as_ref().map(|m| m.as_str()) else {
+                tx.commit()?;
+                return Ok(Recorded::Applied);
+            };
+            let state: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM commands WHERE message_id = ?1 AND device_id = ?2",
+                    params![id, device],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(state) = state else {
+                tx.commit()?;
+                return Ok(Recorded::UnknownCommand);
+            };
+            let status = PeriodStatus::from(report.status);
+            tx.execute(
+                "UPDATE periods SET status = ?3, applied_w = ?4, limited_by = ?5, reason = ?6,
+                        error = ?7, soc_pct = ?8, at = ?9
+                 WHERE message_id = ?1 AND start = ?2",
+                params![
+                    id,
+                    start,
+                    status.as_str(),
+                    report.applied_kw.map(|r| r.watts()),
+                    report
+                        .limited_by
+                        .map(|l| serde_json::to_value(l).ok().and_then(|v| v.as_str().map(str::to_owned))),
+                    report
+                        .reason
+                        .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned))),
+                    report.error,
+                    report.soc_pct,
+                    report.at.to_string()
+                ],
+            )?;
+            let pending: u32 = tx.query_row(
+                "SELECT count(*) FROM periods WHERE message_id = ?1 AND status IN ('pending', 'unreported')",
+                [id],
+                |r| r.get(0),
+            )?;
+            let state: CommandState = parsed(state)?;
+            if let Some(next) = state.after_report(pending == 0) {
+                if state == CommandState::Created || state == CommandState::Sent {
+                    // A report implies the ack: record that step too, so the history reads right.
+                    if next == CommandState::Completed {
+                        set_state(&tx, id, CommandState::Acknowledged, at)?;
+                    }
+                }
+                set_state(&tx, id, next, at)?;
+            }
+            tx.commit()?;
+            Ok(Recorded::Applied)
+        })
+        .await
+    }
+
+    async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let head = c
+                .query_row(
+                    &format!(
+                        "SELECT {SUMMARY_COLUMNS}, sha256, acked_sha256, effective_period, publishes
+                         FROM commands WHERE message_id = ?1"
+                    ),
+                    [id.as_str()],
+                    |r| {
+                        Ok((
+                            summary_row(r)?,
+                            r.get::<_, String>(6)?,
+                            r.get::<_, Option<String>>(7)?,
+                            r.get::<_, Option<u32>>(8)?,
+                            r.get::<_, u32>(9)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((summary, sha256, acked_sha256, effective_period, publishes)) = head else {
+                return Ok(None);
+            };
+            let history = c
+                .prepare_cached(
+                    "SELECT state, at FROM history WHERE message_id = ?1 ORDER BY rowid",
+                )?
+                .query_map([id.as_str()], |r| {
+                    Ok(HistoryEntry {
+                        state: parsed(r.get(0)?)?,
+                        at: ts(r.get(1)?)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let periods = c
+                .prepare_cached(
+                    "SELECT period, start, mode, rate_w, status, applied_w, limited_by, reason,
+                            error, soc_pct, at
+                     FROM periods WHERE message_id = ?1 ORDER BY period",
+                )?
+                .query_map([id.as_str()], |r| {
+                    Ok(PeriodView {
+                        period: r.get(0)?,
+                        start: ts(r.get(1)?)?,
+                        mode: r.get(2)?,
+                        rate_kw: RateKw::from_watts(r.get(3)?),
+                        status: parsed(r.get(4)?)?,
+                        applied_kw: rate(r.get(5)?),
+                        limited_by: r.get(6)?,
+                        reason: r.get(7)?,
+                        error: r.get(8)?,
+                        soc_pct: r.get(9)?,
+                        at: opt_ts(r.get(10)?)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(CommandDetail {
+                summary,
+                sha256,
+                acked_sha256,
+                effective_period,
+                publishes,
+                history,
+                periods,
+            }))
+        })
+        .await
+    }
+
+    async fn commands(
+        &self,
+        device: Option<&DeviceId>,
+        date: Option<Date>,
+    ) -> Result<Vec<CommandSummary>, CloudError> {
+        let device = device.map(|d| d.to_string());
+        let date = date.map(|d| d.to_string());
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM commands
+                 WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR schedule_date = ?2)
+                 ORDER BY schedule_date DESC, device_id, version DESC"
+            ))?;
+            stmt.query_map(params![device, date], summary_row)?.collect()
+        })
+        .await
+    }
+
+    async fn current_commands(
+        &self,
+        device: &DeviceId,
+        from: Date,
+    ) -> Result<Vec<CurrentCommand>, CloudError> {
+        let device = device.to_string();
+        let from = from.to_string();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT message_id, schedule_date, version, sha256 FROM commands AS c
+                 WHERE device_id = ?1 AND schedule_date >= ?2
+                   AND state NOT IN ('rejected', 'cancelled', 'superseded')
+                   AND version = (SELECT max(version) FROM commands
+                                  WHERE device_id = c.device_id AND schedule_date = c.schedule_date)
+                 ORDER BY schedule_date",
+            )?;
+            stmt.query_map(params![device, from], |r| {
+                Ok(CurrentCommand {
+                    message_id: parsed(r.get(0)?)?,
+                    schedule_date: parsed(r.get(1)?)?,
+                    version: r.get(2)?,
+                    sha256: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn unsent(&self) -> Result<Vec<MessageId>, CloudError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT message_id FROM commands WHERE state = 'created' ORDER BY message_id",
+            )?;
+            stmt.query_map([], |r| parsed(r.get(0)?))?.collect()
+        })
+        .await
+    }
+
+    async fn record_ingestion(&self, run: &IngestionRecord) -> Result<(), CloudError> {
+        let run = run.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO ingestions (schedule_date, source, audit_key, accepted, unchanged,
+                                         rejected, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    run.schedule_date.to_string(),
+                    run.source,
+                    run.audit_key,
+                    run.accepted,
+                    run.unchanged,
+                    run.rejected,
+                    run.finished_at.to_string()
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ingested(&self, date: Date) -> Result<bool, CloudError> {
+        let date = date.to_string();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT count(*) > 0 FROM ingestions WHERE schedule_date = ?1",
+                [date],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), CloudError> {
+        self.run(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}

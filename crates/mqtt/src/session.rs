@@ -1,0 +1,304 @@
+//! The session task and its handle.
+//!
+//! ```text
+//!  broker ⇄ rumqttc EventLoop ── task ──▶ bounded channel of Event ──▶ application
+//!                 ▲                                                      │
+//!                 └──── AsyncClient (publish, PUBACK) ◀───────────────────┘
+//! ```
+//!
+//! The task never waits on the application: a message that finds the channel full is
+//! acknowledged and dropped (and counted), because both directions resend what was not
+//! confirmed at the application level.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use max300_protocol::{Channel, DeviceId, Message, ProtocolError, Topics};
+use rumqttc::{AsyncClient, ConnectionError, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{BrokerUrl, MqttError};
+
+/// Largest packet either way: a 128 KiB payload plus topic and header, with room to spare.
+const MAX_PACKET_BYTES: usize = 192 * 1024;
+/// At most this many QoS 1 publishes wait for a PUBACK.
+const MAX_INFLIGHT: u16 = 100;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// The broker.
+    pub url: BrokerUrl,
+    /// The client id: a device's id, or a unique id per cloud instance.
+    pub client_id: String,
+    /// Topic filters to (re)subscribe after every connect.
+    pub subscriptions: Vec<String>,
+    /// The topic layout, for decoding.
+    pub topics: Topics,
+    /// MQTT keep-alive (real time).
+    pub keep_alive: Duration,
+    /// Capacity of the event channel to the application.
+    pub channel_capacity: usize,
+}
+
+impl SessionConfig {
+    /// Defaults for everything but the broker, the client id and the subscriptions.
+    pub fn new(url: BrokerUrl, client_id: impl Into<String>, subscriptions: Vec<String>) -> Self {
+        SessionConfig {
+            url,
+            client_id: client_id.into(),
+            subscriptions,
+            topics: Topics::default(),
+            keep_alive: Duration::from_secs(30),
+            channel_capacity: 512,
+        }
+    }
+}
+
+/// Delivery guarantee of a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos {
+    /// Fire and forget.
+    AtMostOnce,
+    /// Acknowledged by the broker.
+    AtLeastOnce,
+}
+
+/// What the session tells the application.
+#[derive(Debug)]
+pub enum Event {
+    /// Connected and subscribed: time to send `sync` and flush outboxes.
+    Connected,
+    /// The connection dropped; the session is reconnecting.
+    Disconnected(String),
+    /// A message arrived. Call [`Inbound::ack`] once it has been handled or refused.
+    Message(Box<Inbound>),
+}
+
+/// One received message, decoded.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The topic it arrived on.
+    pub topic: String,
+    /// Device and channel from the topic; `None` if the topic is not of ours.
+    pub route: Option<(DeviceId, Channel)>,
+    /// The decoded payload.
+    pub message: Result<Message, ProtocolError>,
+    publish: Publish,
+    client: AsyncClient,
+}
+
+impl Inbound {
+    /// Sends the PUBACK. Call it after the message is committed, or refused for good.
+    /// Acks must go in arrival order (some brokers drop a client that acks out of order).
+    pub async fn ack(self) {
+        if let Err(e) = self.client.ack(&self.publish).await {
+            debug!(error = %e, "puback not sent: session closing");
+        }
+    }
+
+    /// The raw payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.publish.payload
+    }
+}
+
+/// A handle for publishing. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Session {
+    client: AsyncClient,
+    connected: watch::Receiver<bool>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Session {
+    /// Publishes a payload.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>, qos: Qos) -> Result<(), MqttError> {
+        let qos = match qos {
+            Qos::AtMostOnce => QoS::AtMostOnce,
+            Qos::AtLeastOnce => QoS::AtLeastOnce,
+        };
+        self.client
+            .publish(topic, qos, false, payload)
+            .await
+            .map_err(|e| MqttError::Client(e.to_string()))
+    }
+
+    /// Publishes a protocol message on `topic`.
+    pub async fn send(&self, topic: String, message: &Message, qos: Qos) -> Result<(), MqttError> {
+        self.publish(topic, message.encode(), qos).await
+    }
+
+    /// Whether the session is connected and subscribed right now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Waits until the session is connected and subscribed.
+    pub async fn wait_connected(&self) {
+        let mut rx = self.connected.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Messages dropped because the application was not keeping up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts a session. It runs until `shutdown` is cancelled, reconnecting as needed.
+pub fn connect(
+    config: SessionConfig,
+    shutdown: CancellationToken,
+) -> Result<(Session, mpsc::Receiver<Event>), MqttError> {
+    if config.url.tls {
+        return Err(MqttError::Url {
+            url: config.url.to_string(),
+            reason: "TLS (mqtts://) is not supported by this build yet; use mqtt:// on loopback"
+                .into(),
+        });
+    }
+    let mut options = MqttOptions::new(&config.client_id, &config.url.host, config.url.port);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
+        .set_inflight(MAX_INFLIGHT)
+        .set_manual_acks(true);
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (events_tx, events_rx) = mpsc::channel(config.channel_capacity.max(1));
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let session = Session {
+        client: client.clone(),
+        connected: connected_rx,
+        dropped: Arc::new(AtomicU64::new(0)),
+    };
+    let task = Driver {
+        config,
+        client,
+        eventloop,
+        events: events_tx,
+        connected: connected_tx,
+        dropped: session.dropped.clone(),
+    };
+    tokio::spawn(task.run(shutdown));
+    Ok((session, events_rx))
+}
+
+struct Driver {
+    config: SessionConfig,
+    client: AsyncClient,
+    eventloop: EventLoop,
+    events: mpsc::Sender<Event>,
+    connected: watch::Sender<bool>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Driver {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let client_id = self.config.client_id.clone();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let polled = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                polled = self.eventloop.poll() => polled,
+            };
+            match polled {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = BACKOFF_MIN;
+                    info!(client_id = %client_id, broker = %self.config.url, "mqtt connected");
+                    if self.config.subscriptions.is_empty() {
+                        self.up().await;
+                    } else {
+                        let filters = self
+                            .config
+                            .subscriptions
+                            .iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        if let Err(e) = self.client.try_subscribe_many(filters) {
+                            warn!(client_id = %client_id, error = %e, "subscribe not queued");
+                        }
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => self.up().await,
+                Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => self.deliver(publish),
+                Ok(_) => {}
+                Err(error) => {
+                    let was_up = self.connected.send_replace(false);
+                    let reason = describe(&error);
+                    if was_up {
+                        warn!(client_id = %client_id, error = %reason, "mqtt disconnected");
+                        let _ = self.events.send(Event::Disconnected(reason)).await;
+                    } else {
+                        debug!(client_id = %client_id, error = %reason, "mqtt connect failed");
+                    }
+                    let pause = jitter(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+        let _ = self.client.try_disconnect();
+        self.connected.send_replace(false);
+    }
+
+    async fn up(&mut self) {
+        self.connected.send_replace(true);
+        let _ = self.events.send(Event::Connected).await;
+    }
+
+    fn deliver(&self, publish: Publish) {
+        let route = self.config.topics.parse(&publish.topic);
+        let inbound = Inbound {
+            topic: publish.topic.clone(),
+            route,
+            message: Message::decode(&publish.payload),
+            publish,
+            client: self.client.clone(),
+        };
+        if let Err(mpsc::error::TrySendError::Full(inbound) | mpsc::error::TrySendError::Closed(inbound)) =
+            self.events.try_send(Event::Message(Box::new(inbound)))
+        {
+            // Never stall the event loop (keep-alive, acks) on slow application work.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Event::Message(m) = inbound {
+                warn!(topic = %m.topic, "application busy: message dropped, the sender will resend");
+                let _ = self.client.try_ack(&m.publish);
+            }
+        }
+    }
+}
+
+fn describe(error: &ConnectionError) -> String {
+    match error {
+        ConnectionError::Io(e) => format!("io: {e}"),
+        ConnectionError::ConnectionRefused(code) => format!("refused by broker: {code:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn jitter(base: Duration) -> Duration {
+    base.mul_f64(0.5 + fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_one_and_a_half() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_secs(2));
+            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3));
+        }
+    }
+}
