@@ -14,8 +14,8 @@ use jiff::Timestamp;
 use max300_mqtt::{Event, Inbound, Qos, Session, SessionConfig};
 use max300_protocol::clock::monotonic;
 use max300_protocol::message::{
-    AckMsg, AckStatus, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg,
-    RejectReason, ReportMsg, ReportStatus, ScheduleMsg, SyncMsg, V1,
+    AckMsg, AckStatus, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg, RejectReason,
+    ReportMsg, ReportStatus, ScheduleMsg, SyncMsg, V1,
 };
 use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, RateKw, Setpoint, Topics};
 use tokio::sync::mpsc;
@@ -117,11 +117,8 @@ pub async fn run(
     // The session lives exactly as long as this function: the guard stops it on any return.
     let session_stop = shutdown.child_token();
     let _session_guard = session_stop.clone().drop_guard();
-    let mut session_config = SessionConfig::new(
-        url,
-        device_id.as_str(),
-        topics.device_filters(&device_id),
-    );
+    let mut session_config =
+        SessionConfig::new(url, device_id.as_str(), topics.device_filters(&device_id));
     session_config.topics = topics.clone();
     session_config.channel_capacity = EVENT_CAPACITY;
     let (session, events) = max300_mqtt::connect(session_config, session_stop)?;
@@ -215,6 +212,8 @@ impl Agent {
         for timer in [&mut heartbeat, &mut reassert, &mut resend, &mut sync] {
             timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
+        // Every connect sends a sync; the timer only repeats it while a plan is missing.
+        sync.reset();
         loop {
             let wake = self.engine.next_wake(self.clock.now());
             let sleep = self.clock.real_until(wake).min(MAX_SLEEP);
@@ -323,20 +322,39 @@ impl Agent {
         let sent = self.session.is_connected();
         let (result, plan) = match self.engine.on_schedule(msg, now) {
             Decision::Accept(plan) => {
-                let ack = self.ack(mid, now, None, None, Some(plan.sha256.clone()), Some(plan.effective_period));
+                let ack = self.ack(
+                    mid,
+                    now,
+                    None,
+                    None,
+                    Some(plan.sha256.clone()),
+                    Some(plan.effective_period),
+                );
                 let (m, eff) = (msg.clone(), plan.effective_period);
-                let r = blocking(&self.store, move |s| s.accept_plan(&m, eff, ack, topic, now, sent)).await;
+                let r = blocking(&self.store, move |s| {
+                    s.accept_plan(&m, eff, ack, topic, now, sent)
+                })
+                .await;
                 (r, Some(plan))
             }
-            Decision::Repeat { effective_period, sha256 } => {
+            Decision::Repeat {
+                effective_period,
+                sha256,
+            } => {
                 debug!(device_id = %id, message_id = %mid, "repeated schedule: accepted again");
                 let ack = self.ack(mid, now, None, None, Some(sha256), Some(effective_period));
-                (blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await, None)
+                (
+                    blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
+                    None,
+                )
             }
             Decision::Reject { reason, details } => {
                 warn!(device_id = %id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "schedule rejected");
                 let ack = self.ack(mid, now, Some(reason), details, None, None);
-                (blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await, None)
+                (
+                    blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
+                    None,
+                )
             }
             Decision::Withhold { why } => {
                 warn!(device_id = %id, message_id = %mid, why, "ack withheld: the cloud will resend");
@@ -368,7 +386,10 @@ impl Agent {
             ControlDecision::Cancel { target } => {
                 let ack = self.ack(&mid, now, None, None, None, None);
                 let (control, t) = (mid.clone(), target.clone());
-                let r = blocking(&self.store, move |s| s.cancel_plan(&control, &t, ack, topic, now, sent)).await;
+                let r = blocking(&self.store, move |s| {
+                    s.cancel_plan(&control, &t, ack, topic, now, sent)
+                })
+                .await;
                 if r.is_ok() {
                     self.engine.cancel(mid.clone(), &target);
                     self.engine.acted(now);
@@ -392,7 +413,9 @@ impl Agent {
         };
         match result {
             Ok(out) => self.publish(&out).await,
-            Err(e) => error!(device_id = %self.device_id, message_id = %mid, error = %e, "control not stored: ack withheld"),
+            Err(e) => {
+                error!(device_id = %self.device_id, message_id = %mid, error = %e, "control not stored: ack withheld")
+            }
         }
     }
 
@@ -404,7 +427,9 @@ impl Agent {
         let (store_id, seqs) = (msg.store_id.clone(), msg.seqs.clone());
         match blocking(&self.store, move |s| s.receipt(&store_id, &seqs)).await {
             Ok(n) => debug!(device_id = %self.device_id, removed = n, "receipt applied"),
-            Err(e) => warn!(device_id = %self.device_id, error = %e, "receipt not applied: entries will be resent"),
+            Err(e) => {
+                warn!(device_id = %self.device_id, error = %e, "receipt not applied: entries will be resent")
+            }
         }
     }
 
@@ -428,7 +453,11 @@ impl Agent {
             let topic = self.topic(Channel::Report);
             let sent = self.session.is_connected();
             let start = period.start;
-            match blocking(&self.store, move |s| s.record_period(report, topic, now, sent)).await {
+            match blocking(&self.store, move |s| {
+                s.record_period(report, topic, now, sent)
+            })
+            .await
+            {
                 Ok(Some(out)) => {
                     self.engine.mark_done(start);
                     self.engine.acted(now);
@@ -448,7 +477,12 @@ impl Agent {
     }
 
     /// Runs or skips one period and builds its report (seq and store id are stamped later).
-    async fn handle_period(&mut self, due: &PeriodDue, is_current: bool, now: Timestamp) -> Message {
+    async fn handle_period(
+        &mut self,
+        due: &PeriodDue,
+        is_current: bool,
+        now: Timestamp,
+    ) -> Message {
         let mut report = ReportMsg {
             v: V1,
             store_id: self.store.store_id().clone(),
@@ -471,7 +505,11 @@ impl Agent {
             traceparent: None,
         };
         match &due.action {
-            Action::Skip { reason, message_id, planned } => {
+            Action::Skip {
+                reason,
+                message_id,
+                planned,
+            } => {
                 report.message_id = message_id.clone();
                 report.mode = planned.mode();
                 report.rate_kw = planned.rate();
@@ -484,7 +522,10 @@ impl Agent {
                     info!(device_id = %self.device_id, message_id = ?message_id.as_ref().map(|m| m.as_str()), period = due.period, reason = ?reason, "period skipped");
                 }
             }
-            Action::Run { setpoint, message_id } => {
+            Action::Run {
+                setpoint,
+                message_id,
+            } => {
                 report.message_id = Some(message_id.clone());
                 report.mode = setpoint.mode();
                 report.rate_kw = setpoint.rate();
@@ -499,10 +540,8 @@ impl Agent {
                             report.status = ReportStatus::Executed;
                         } else {
                             report.status = ReportStatus::Failed;
-                            report.error = Some(format!(
-                                "read back {}, expected {applied}",
-                                status.setpoint
-                            ));
+                            report.error =
+                                Some(format!("read back {}, expected {applied}", status.setpoint));
                         }
                     }
                     Err(e) => {
@@ -520,8 +559,19 @@ impl Agent {
     async fn execute(
         &mut self,
         planned: Setpoint,
-    ) -> Result<(Setpoint, Option<max300_protocol::message::LimitedBy>, BatteryStatus), String> {
-        let status = self.battery.read().await.map_err(|e| self.faulted(e.to_string()))?;
+    ) -> Result<
+        (
+            Setpoint,
+            Option<max300_protocol::message::LimitedBy>,
+            BatteryStatus,
+        ),
+        String,
+    > {
+        let status = self
+            .battery
+            .read()
+            .await
+            .map_err(|e| self.faulted(e.to_string()))?;
         let clamped = self.guard.clamp(planned, &status);
         if status.setpoint != clamped.setpoint {
             self.battery
@@ -529,7 +579,11 @@ impl Agent {
                 .await
                 .map_err(|e| self.faulted(e.to_string()))?;
         }
-        let back = self.battery.read().await.map_err(|e| self.faulted(e.to_string()))?;
+        let back = self
+            .battery
+            .read()
+            .await
+            .map_err(|e| self.faulted(e.to_string()))?;
         if back.setpoint == clamped.setpoint {
             self.fault = None;
         }
@@ -572,13 +626,17 @@ impl Agent {
         if !self.session.is_connected() {
             return;
         }
-        let publish = self
-            .session
-            .publish(out.topic.clone(), out.payload.clone(), Qos::AtLeastOnce);
+        let publish =
+            self.session
+                .publish(out.topic.clone(), out.payload.clone(), Qos::AtLeastOnce);
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(device_id = %self.device_id, seq = out.seq, error = %e, "publish failed: left to resend"),
-            Err(_) => debug!(device_id = %self.device_id, seq = out.seq, "publish timed out: left to resend"),
+            Ok(Err(e)) => {
+                debug!(device_id = %self.device_id, seq = out.seq, error = %e, "publish failed: left to resend")
+            }
+            Err(_) => {
+                debug!(device_id = %self.device_id, seq = out.seq, "publish timed out: left to resend")
+            }
         }
     }
 
@@ -587,7 +645,11 @@ impl Agent {
         if !self.session.is_connected() {
             return;
         }
-        let batch = match blocking(&self.store, move |s| s.due_for_resend(older_than, RESEND_BATCH)).await {
+        let batch = match blocking(&self.store, move |s| {
+            s.due_for_resend(older_than, RESEND_BATCH)
+        })
+        .await
+        {
             Ok(b) => b,
             Err(e) => {
                 warn!(device_id = %self.device_id, error = %e, "outbox not readable");
@@ -617,8 +679,13 @@ impl Agent {
             device_id: self.device_id.clone(),
             have,
         });
-        let send = self.session.send(self.topic(Channel::Sync), &msg, Qos::AtLeastOnce);
-        if !matches!(tokio::time::timeout(PUBLISH_TIMEOUT, send).await, Ok(Ok(()))) {
+        let send = self
+            .session
+            .send(self.topic(Channel::Sync), &msg, Qos::AtLeastOnce);
+        if !matches!(
+            tokio::time::timeout(PUBLISH_TIMEOUT, send).await,
+            Ok(Ok(()))
+        ) {
             debug!(device_id = %self.device_id, "sync not sent: will retry");
         }
     }
@@ -645,7 +712,9 @@ impl Agent {
             v: V1,
             device_id: self.device_id.clone(),
             at: now,
-            uptime_s: monotonic().saturating_duration_since(self.started).as_secs(),
+            uptime_s: monotonic()
+                .saturating_duration_since(self.started)
+                .as_secs(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             active_message_id: self.engine.active(now).cloned(),
             mode: running.mode(),
@@ -654,8 +723,13 @@ impl Agent {
             fallback,
             outbox,
         });
-        let send = self.session.send(self.topic(Channel::Heartbeat), &msg, Qos::AtMostOnce);
-        if !matches!(tokio::time::timeout(PUBLISH_TIMEOUT, send).await, Ok(Ok(()))) {
+        let send = self
+            .session
+            .send(self.topic(Channel::Heartbeat), &msg, Qos::AtMostOnce);
+        if !matches!(
+            tokio::time::timeout(PUBLISH_TIMEOUT, send).await,
+            Ok(Ok(()))
+        ) {
             debug!(device_id = %self.device_id, "heartbeat not sent");
         }
     }

@@ -65,8 +65,7 @@ impl AgentConfig {
         apply_env(&mut table, env)?;
         if !table.contains_key("device_id") {
             return Err(AgentError::Config(
-                "device_id: missing (set it in the config, --device-id or MAX300_DEVICE_ID)"
-                    .into(),
+                "device_id: missing (set it in the config, --device-id or MAX300_DEVICE_ID)".into(),
             ));
         }
         let config: AgentConfig = Value::Table(table)
@@ -112,7 +111,9 @@ impl AgentConfig {
                 self.battery
             ));
         }
-        self.sim.validate().map_err(|e| AgentError::Config(format!("sim.{e}")))
+        self.sim
+            .validate()
+            .map_err(|e| AgentError::Config(format!("sim.{e}")))
     }
 
     /// The broker address, parsed.
@@ -274,7 +275,10 @@ mod tests {
         assert_eq!(c.topic_root, "max300");
         assert_eq!(c.timezone, "Europe/London");
         assert_eq!(c.max_rate_kw, 150.0);
-        assert_eq!((c.heartbeat_interval_s, c.resend_after_s, c.revert_timeout_s), (60, 10, 30));
+        assert_eq!(
+            (c.heartbeat_interval_s, c.resend_after_s, c.revert_timeout_s),
+            (60, 10, 30)
+        );
         assert!(c.durable);
         assert_eq!(c.sim.capacity_kwh, 300.0);
         assert_eq!(c.store_path(), PathBuf::from("data/agent/agent.sqlite"));
@@ -352,12 +356,8 @@ mod tests {
 
     #[test]
     fn the_config_round_trips_through_toml() {
-        let c = AgentConfig::from_toml(
-            AgentConfig::DEFAULT_TOML,
-            Some("device_id = \"d1\""),
-            &[],
-        )
-        .unwrap();
+        let c = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some("device_id = \"d1\""), &[])
+            .unwrap();
         let text = toml::to_string(&c).unwrap();
         let back = AgentConfig::from_toml(&text, None, &[]).unwrap();
         assert_eq!(back.device_id, c.device_id);

@@ -14,7 +14,9 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use max300_protocol::day::period_start_at;
-use max300_protocol::message::{ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg};
+use max300_protocol::message::{
+    ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg,
+};
 use max300_protocol::{Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint};
 
 /// How far back periods missed while the agent was down are still reported: 48 hours. The
@@ -179,7 +181,10 @@ impl Engine {
         if msg.device_id != self.device_id {
             return reject(
                 RejectReason::WrongDevice,
-                Some(format!("device_id {} is not {}", msg.device_id, self.device_id)),
+                Some(format!(
+                    "device_id {} is not {}",
+                    msg.device_id, self.device_id
+                )),
             );
         }
         if let Some(held) = self.find(&msg.message_id) {
@@ -272,7 +277,10 @@ impl Engine {
         if msg.device_id != self.device_id {
             return ControlDecision::Reject {
                 reason: RejectReason::WrongDevice,
-                details: Some(format!("device_id {} is not {}", msg.device_id, self.device_id)),
+                details: Some(format!(
+                    "device_id {} is not {}",
+                    msg.device_id, self.device_id
+                )),
             };
         }
         if self.controls.contains(&msg.message_id) {
@@ -468,8 +476,8 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use max300_protocol::message::{ControlAction, V1};
     use max300_protocol::Mode;
+    use max300_protocol::message::{ControlAction, V1};
 
     const TZ: &str = "Europe/London";
 
@@ -602,10 +610,19 @@ mod tests {
             Decision::Reject { reason, .. } => reason,
             other => panic!("not rejected: {other:?}"),
         };
-        assert_eq!(r(e.on_schedule(&msg("2026-11-29", 1, 10), now)), RejectReason::Past);
+        assert_eq!(
+            r(e.on_schedule(&msg("2026-11-29", 1, 10), now)),
+            RejectReason::Past
+        );
         accept(&mut e, &msg("2026-12-01", 3, 10), now);
-        assert_eq!(r(e.on_schedule(&msg("2026-12-01", 2, 10), now)), RejectReason::Superseded);
-        assert_eq!(r(e.on_schedule(&msg("2026-12-01", 3, 10), now)), RejectReason::Superseded);
+        assert_eq!(
+            r(e.on_schedule(&msg("2026-12-01", 2, 10), now)),
+            RejectReason::Superseded
+        );
+        assert_eq!(
+            r(e.on_schedule(&msg("2026-12-01", 3, 10), now)),
+            RejectReason::Superseded
+        );
         let mut other = msg("2026-12-02", 1, 10);
         other.device_id = DeviceId::parse("max300-0002").unwrap();
         assert_eq!(r(e.on_schedule(&other, now)), RejectReason::WrongDevice);
@@ -629,7 +646,16 @@ mod tests {
     fn a_plan_arriving_in_the_last_period_of_its_date_is_past() {
         let e = engine();
         let d = e.on_schedule(&msg("2026-11-30", 1, 10), ts("2026-11-30T23:45:00Z"));
-        assert!(matches!(d, Decision::Reject { reason: RejectReason::Past, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::Reject {
+                    reason: RejectReason::Past,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -679,14 +705,21 @@ mod tests {
         let due = e.due(ts("2026-11-30T00:00:00Z"));
         assert_eq!(due.len(), 97);
         assert_eq!(due[0].start, ts("2026-11-28T00:00:00Z"));
-        assert!(due.iter().all(|d| reason(d) == Some(PeriodReason::AgentDown)
-            || reason(d) == Some(PeriodReason::NoSchedule)));
+        assert!(
+            due.iter()
+                .all(|d| reason(d) == Some(PeriodReason::AgentDown)
+                    || reason(d) == Some(PeriodReason::NoSchedule))
+        );
     }
 
     #[test]
     fn a_clock_going_backwards_falls_back_and_reports_nothing_twice() {
         let mut e = engine();
-        accept(&mut e, &msg("2026-11-30", 1, 10), ts("2026-11-29T16:00:00Z"));
+        accept(
+            &mut e,
+            &msg("2026-11-30", 1, 10),
+            ts("2026-11-29T16:00:00Z"),
+        );
         run_due(&mut e, ts("2026-11-30T10:00:00Z"));
         run_due(&mut e, ts("2026-11-30T10:30:00Z"));
         let back = ts("2026-11-30T09:00:00Z");
@@ -742,7 +775,10 @@ mod tests {
         };
         assert!(matches!(
             e.on_control(&unknown),
-            ControlDecision::Reject { reason: RejectReason::Invalid, .. }
+            ControlDecision::Reject {
+                reason: RejectReason::Invalid,
+                ..
+            }
         ));
     }
 

@@ -134,7 +134,13 @@ mod tests {
     #[test]
     fn passes_a_setpoint_inside_every_limit_unchanged() {
         let c = guard().clamp(sp(Mode::Charge, 50), &status(50.0, 150));
-        assert_eq!(c, Clamped { setpoint: sp(Mode::Charge, 50), limited_by: None });
+        assert_eq!(
+            c,
+            Clamped {
+                setpoint: sp(Mode::Charge, 50),
+                limited_by: None
+            }
+        );
     }
 
     #[test]
@@ -152,7 +158,10 @@ mod tests {
         let mut g = guard();
         let charge = sp(Mode::Charge, 50);
         let c = g.clamp(charge, &status(90.0, 150));
-        assert_eq!((c.setpoint, c.limited_by), (Setpoint::IDLE, Some(LimitedBy::SocMax)));
+        assert_eq!(
+            (c.setpoint, c.limited_by),
+            (Setpoint::IDLE, Some(LimitedBy::SocMax))
+        );
         assert_eq!(g.clamp(charge, &status(89.0, 150)).setpoint, Setpoint::IDLE);
         assert_eq!(g.clamp(charge, &status(88.0, 150)).setpoint, Setpoint::IDLE);
         assert_eq!(g.clamp(charge, &status(87.9, 150)).setpoint, charge);
@@ -166,7 +175,10 @@ mod tests {
         let mut g = guard();
         let d = sp(Mode::Discharge, 50);
         let c = g.clamp(d, &status(10.0, 150));
-        assert_eq!((c.setpoint, c.limited_by), (Setpoint::IDLE, Some(LimitedBy::SocMin)));
+        assert_eq!(
+            (c.setpoint, c.limited_by),
+            (Setpoint::IDLE, Some(LimitedBy::SocMin))
+        );
         assert_eq!(g.clamp(d, &status(11.5, 150)).setpoint, Setpoint::IDLE);
         assert_eq!(g.clamp(d, &status(12.1, 150)).setpoint, d);
     }
@@ -174,6 +186,9 @@ mod tests {
     #[test]
     fn a_zero_live_limit_gives_idle_with_controller_limit() {
         let c = guard().clamp(sp(Mode::Charge, 50), &status(50.0, 0));
-        assert_eq!((c.setpoint, c.limited_by), (Setpoint::IDLE, Some(LimitedBy::ControllerLimit)));
+        assert_eq!(
+            (c.setpoint, c.limited_by),
+            (Setpoint::IDLE, Some(LimitedBy::ControllerLimit))
+        );
     }
 }

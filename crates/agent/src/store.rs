@@ -164,8 +164,12 @@ impl Store {
     }
 
     fn now_ms(&self) -> i64 {
-        i64::try_from(monotonic().saturating_duration_since(self.opened).as_millis())
-            .unwrap_or(i64::MAX)
+        i64::try_from(
+            monotonic()
+                .saturating_duration_since(self.opened)
+                .as_millis(),
+        )
+        .unwrap_or(i64::MAX)
     }
 
     /// Everything held, for the engine after a (re)start.
@@ -218,7 +222,8 @@ impl Store {
         now: Timestamp,
         sent: bool,
     ) -> Result<Outgoing, AgentError> {
-        let body = serde_json::to_string(msg).map_err(|e| fail(&self.path, Fail::Data(e.to_string())))?;
+        let body =
+            serde_json::to_string(msg).map_err(|e| fail(&self.path, Fail::Data(e.to_string())))?;
         let last_sent = sent.then(|| self.now_ms());
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -273,7 +278,12 @@ impl Store {
     }
 
     /// Queues an ack that changes no state (a rejection, or a repeat).
-    pub fn enqueue(&self, message: Message, topic: String, sent: bool) -> Result<Outgoing, AgentError> {
+    pub fn enqueue(
+        &self,
+        message: Message,
+        topic: String,
+        sent: bool,
+    ) -> Result<Outgoing, AgentError> {
         let last_sent = sent.then(|| self.now_ms());
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -293,7 +303,10 @@ impl Store {
         sent: bool,
     ) -> Result<Option<Outgoing>, AgentError> {
         let Message::Report(r) = &report else {
-            return Err(fail(&self.path, Fail::Data("record_period takes a report".into())));
+            return Err(fail(
+                &self.path,
+                Fail::Data("record_period takes a report".into()),
+            ));
         };
         let (start, message_id, status) = (
             r.interval_start.as_second(),
@@ -350,7 +363,11 @@ impl Store {
     }
 
     /// Up to `limit` outbox entries, oldest first, not sent within `older_than` (real time).
-    pub fn due_for_resend(&self, older_than: Duration, limit: usize) -> Result<Vec<Outgoing>, AgentError> {
+    pub fn due_for_resend(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<Outgoing>, AgentError> {
         let cutoff = self.now_ms() - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
         self.with(|conn| {
             let mut stmt = conn.prepare_cached(
@@ -374,7 +391,8 @@ impl Store {
         self.with(|conn| {
             let tx = conn.transaction()?;
             {
-                let mut stmt = tx.prepare_cached("UPDATE outbox SET last_sent = ?1 WHERE seq = ?2")?;
+                let mut stmt =
+                    tx.prepare_cached("UPDATE outbox SET last_sent = ?1 WHERE seq = ?2")?;
                 for seq in seqs {
                     stmt.execute(params![now, *seq as i64])?;
                 }
@@ -421,7 +439,9 @@ fn push(
     topic: String,
     last_sent: Option<i64>,
 ) -> Result<Outgoing, Fail> {
-    let seq: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| r.get(0))?;
+    let seq: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+        r.get(0)
+    })?;
     let useq = seq as u64;
     match &mut message {
         Message::Ack(m) => {
@@ -526,12 +546,21 @@ mod tests {
         let (id, out) = {
             let store = Store::open(&path, true).unwrap();
             let out = store
-                .accept_plan(&msg, 1, ack(&msg), "t/ack".into(), ts("2026-11-29T16:00:01Z"), true)
+                .accept_plan(
+                    &msg,
+                    1,
+                    ack(&msg),
+                    "t/ack".into(),
+                    ts("2026-11-29T16:00:01Z"),
+                    true,
+                )
                 .unwrap();
             (store.store_id().clone(), out)
         };
         assert_eq!(out.seq, 1);
-        let Message::Ack(sent) = Message::decode(&out.payload).unwrap() else { panic!() };
+        let Message::Ack(sent) = Message::decode(&out.payload).unwrap() else {
+            panic!()
+        };
         assert_eq!((sent.store_id.clone(), sent.seq), (id.clone(), 1));
 
         let store = Store::open(&path, true).unwrap();
@@ -541,7 +570,13 @@ mod tests {
         assert_eq!(loaded.plans[0].msg, msg);
         assert_eq!(loaded.last_instant, Some(ts("2026-11-29T16:00:01Z")));
         // Reopening forgets when things were sent, so the outbox goes out again at once.
-        assert_eq!(store.due_for_resend(Duration::from_secs(3600), 100).unwrap().len(), 1);
+        assert_eq!(
+            store
+                .due_for_resend(Duration::from_secs(3600), 100)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -554,7 +589,10 @@ mod tests {
         let again = store.record_period(report("2026-11-30T00:00:00Z"), "t".into(), now, true);
         assert_eq!(again.unwrap(), None);
         assert_eq!(store.outbox_len().unwrap(), 1);
-        assert_eq!(store.load().unwrap().last_done, Some(ts("2026-11-30T00:00:00Z")));
+        assert_eq!(
+            store.load().unwrap().last_done,
+            Some(ts("2026-11-30T00:00:00Z"))
+        );
     }
 
     #[test]
@@ -562,11 +600,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("a.sqlite"), false).unwrap();
         let now = ts("2026-11-30T00:00:01Z");
-        store.record_period(report("2026-11-30T00:00:00Z"), "t".into(), now, true).unwrap();
-        store.record_period(report("2026-11-30T00:30:00Z"), "t".into(), now, true).unwrap();
+        store
+            .record_period(report("2026-11-30T00:00:00Z"), "t".into(), now, true)
+            .unwrap();
+        store
+            .record_period(report("2026-11-30T00:30:00Z"), "t".into(), now, true)
+            .unwrap();
         let other = StoreId::parse("someone-else").unwrap();
         assert_eq!(store.receipt(&other, &[1, 2]).unwrap(), 0);
-        assert_eq!(store.receipt(&store.store_id().clone(), &[1, 2, 99]).unwrap(), 2);
+        assert_eq!(
+            store
+                .receipt(&store.store_id().clone(), &[1, 2, 99])
+                .unwrap(),
+            2
+        );
         assert_eq!(store.outbox_len().unwrap(), 0);
         let next = store.record_period(report("2026-11-30T01:00:00Z"), "t".into(), now, true);
         assert_eq!(next.unwrap().unwrap().seq, 3);
@@ -577,12 +624,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("a.sqlite"), false).unwrap();
         let now = ts("2026-11-30T00:00:01Z");
-        store.record_period(report("2026-11-30T00:00:00Z"), "t".into(), now, false).unwrap();
-        store.record_period(report("2026-11-30T00:30:00Z"), "t".into(), now, true).unwrap();
+        store
+            .record_period(report("2026-11-30T00:00:00Z"), "t".into(), now, false)
+            .unwrap();
+        store
+            .record_period(report("2026-11-30T00:30:00Z"), "t".into(), now, true)
+            .unwrap();
         let due = store.due_for_resend(Duration::from_secs(10), 100).unwrap();
         assert_eq!(due.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![1]);
         store.mark_sent(&[1]).unwrap();
-        assert!(store.due_for_resend(Duration::from_secs(10), 100).unwrap().is_empty());
+        assert!(
+            store
+                .due_for_resend(Duration::from_secs(10), 100)
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(store.due_for_resend(Duration::ZERO, 1).unwrap().len(), 1);
     }
 
@@ -593,7 +649,9 @@ mod tests {
         let store = Store::open(&path, true).unwrap();
         let msg = plan_msg(1);
         let now = ts("2026-11-29T16:00:01Z");
-        store.accept_plan(&msg, 1, ack(&msg), "t".into(), now, true).unwrap();
+        store
+            .accept_plan(&msg, 1, ack(&msg), "t".into(), now, true)
+            .unwrap();
         let control = MessageId::parse("ctl").unwrap();
         store
             .cancel_plan(&control, &msg.message_id, ack(&msg), "t".into(), now, true)
@@ -606,6 +664,9 @@ mod tests {
     #[test]
     fn a_store_in_a_missing_directory_fails_with_its_path() {
         let err = Store::open(Path::new("/nonexistent/dir/agent.sqlite"), true).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/dir/agent.sqlite"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/dir/agent.sqlite"),
+            "{err}"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use max300_mqtt::{BrokerUrl, SessionConfig};
+use max300_mqtt::{BrokerUrl, Session, SessionConfig};
 use max300_protocol::day::time_zone;
 use max300_protocol::{Clock, RateKw, Topics};
 use tokio::task::JoinSet;
@@ -32,6 +32,8 @@ pub struct Cloud {
     pub ingestor: Arc<Ingestor>,
     /// Feedback counters.
     pub stats: Arc<FeedbackStats>,
+    /// The MQTT session.
+    pub session: Session,
     tasks: JoinSet<()>,
 }
 
@@ -76,7 +78,11 @@ impl Cloud {
             .provider
             .as_deref()
             .map(|url| {
-                ProviderClient::new(url, max_bytes, Duration::from_secs(config.provider_timeout_s))
+                ProviderClient::new(
+                    url,
+                    max_bytes,
+                    Duration::from_secs(config.provider_timeout_s),
+                )
             })
             .transpose()?;
         let ingestor = Arc::new(Ingestor::new(
@@ -141,6 +147,7 @@ impl Cloud {
             store,
             ingestor,
             stats,
+            session,
             tasks,
         })
     }

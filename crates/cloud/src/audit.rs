@@ -103,9 +103,9 @@ impl Audit {
 
 fn short_hash(body: &[u8]) -> String {
     // FNV-1a: enough to tell two documents received in the same millisecond apart.
-    let hash = body
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    let hash = body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
     format!("{:08x}", hash >> 32)
 }
 
@@ -118,7 +118,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let audit = Audit::open(&format!("file://{}", dir.path().display())).unwrap();
         let t: Timestamp = "2026-11-29T15:45:00Z".parse().unwrap();
-        let key = audit.put_raw(Bytes::from_static(b"{}"), "fetch", t).await.unwrap();
+        let key = audit
+            .put_raw(Bytes::from_static(b"{}"), "fetch", t)
+            .await
+            .unwrap();
         assert!(key.starts_with("raw/2026-11-29/20261129T154500"), "{key}");
         assert_eq!(audit.get(&key).await.unwrap(), Bytes::from_static(b"{}"));
         assert!(dir.path().join(&key).exists());

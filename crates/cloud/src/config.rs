@@ -103,9 +103,22 @@ impl CloudConfig {
 
     fn is_key(name: &str) -> bool {
         const KEYS: &[&str] = &[
-            "data_dir", "mqtt", "http", "provider", "api_token", "protect_reads", "store",
-            "audit", "topic_root", "timezone", "default_max_rate_kw", "max_document_mib",
-            "fetch_at", "provider_timeout_s", "auto_register", "heartbeat_interval_s",
+            "data_dir",
+            "mqtt",
+            "http",
+            "provider",
+            "api_token",
+            "protect_reads",
+            "store",
+            "audit",
+            "topic_root",
+            "timezone",
+            "default_max_rate_kw",
+            "max_document_mib",
+            "fetch_at",
+            "provider_timeout_s",
+            "auto_register",
+            "heartbeat_interval_s",
             "client_id",
         ];
         KEYS.contains(&name)
@@ -122,7 +135,10 @@ impl CloudConfig {
         self.fetch_time()?;
         self.default_max_rate()?;
         if self.max_document_mib == 0 || self.max_document_mib > 4096 {
-            return bad("max_document_mib", format!("{} is not within 1..=4096", self.max_document_mib));
+            return bad(
+                "max_document_mib",
+                format!("{} is not within 1..=4096", self.max_document_mib),
+            );
         }
         if self.heartbeat_interval_s == 0 {
             return bad("heartbeat_interval_s", "must be at least 1".into());
@@ -160,9 +176,9 @@ impl CloudConfig {
 
     /// The daily fetch time.
     pub fn fetch_time(&self) -> Result<Time, CloudError> {
-        format!("{}:00", self.fetch_at).parse().map_err(|_| {
-            CloudError::Config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at))
-        })
+        format!("{}:00", self.fetch_at)
+            .parse()
+            .map_err(|_| CloudError::Config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at)))
     }
 
     /// The default rate limit.
@@ -173,9 +189,9 @@ impl CloudConfig {
 
     /// The store URL, defaulting into the data dir.
     pub fn store_url(&self) -> String {
-        self.store.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("cloud.sqlite").display())
-        })
+        self.store
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("cloud.sqlite").display()))
     }
 
     /// The audit URL, defaulting into the data dir.
@@ -204,7 +220,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -219,7 +238,11 @@ mod tests {
     fn a_file_then_env_override_the_default() {
         let c = CloudConfig::load(
             Some("http = \"127.0.0.1:9000\"\nauto_register = true\n"),
-            &env(&[("MAX300_HTTP", "127.0.0.1:9100"), ("MAX300_DEFAULT_MAX_RATE_KW", "100"), ("PATH", "/bin")]),
+            &env(&[
+                ("MAX300_HTTP", "127.0.0.1:9100"),
+                ("MAX300_DEFAULT_MAX_RATE_KW", "100"),
+                ("PATH", "/bin"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.http, "127.0.0.1:9100");

@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use jiff::tz::TimeZone;
 use max300_mqtt::{Event, Inbound};
 use max300_protocol::message::{AckMsg, ReportMsg, SyncMsg};
 use max300_protocol::{Clock, DeviceId, Message, day::Day};
-use jiff::tz::TimeZone;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};

@@ -79,7 +79,10 @@ impl ProviderClient {
             && len > self.max_bytes as u64
         {
             return Err(err(
-                format!("body of {len} bytes exceeds the limit of {} bytes", self.max_bytes),
+                format!(
+                    "body of {len} bytes exceeds the limit of {} bytes",
+                    self.max_bytes
+                ),
                 false,
             ));
         }

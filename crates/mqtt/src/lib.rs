@@ -8,7 +8,10 @@
 //! # Layout
 //! - [`url`]: the `mqtt://` / `mqtts://` broker address.
 //! - [`session`]: the session task, its handle and its events.
+//! - `broker` (feature `broker`): the embedded rumqttd broker, loopback only.
 
+#[cfg(feature = "broker")]
+pub mod broker;
 pub mod session;
 pub mod url;
 
@@ -29,6 +32,9 @@ pub enum MqttError {
     /// The session task has stopped (shutdown).
     #[error("the MQTT session is closed")]
     Closed,
+    /// The embedded broker could not start.
+    #[error("embedded broker: {0}")]
+    Broker(String),
     /// The client refused a request.
     #[error("mqtt client: {0}")]
     Client(String),

@@ -119,7 +119,12 @@ pub struct Session {
 
 impl Session {
     /// Publishes a payload.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>, qos: Qos) -> Result<(), MqttError> {
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        qos: Qos,
+    ) -> Result<(), MqttError> {
         let qos = match qos {
             Qos::AtMostOnce => QoS::AtMostOnce,
             Qos::AtLeastOnce => QoS::AtLeastOnce,
@@ -216,11 +221,10 @@ impl Driver {
                     if self.config.subscriptions.is_empty() {
                         self.up().await;
                     } else {
-                        let filters = self
-                            .config
-                            .subscriptions
-                            .iter()
-                            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        let filters =
+                            self.config.subscriptions.iter().map(|f| {
+                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
+                            });
                         if let Err(e) = self.client.try_subscribe_many(filters) {
                             warn!(client_id = %client_id, error = %e, "subscribe not queued");
                         }
@@ -265,8 +269,9 @@ impl Driver {
             publish,
             client: self.client.clone(),
         };
-        if let Err(mpsc::error::TrySendError::Full(inbound) | mpsc::error::TrySendError::Closed(inbound)) =
-            self.events.try_send(Event::Message(Box::new(inbound)))
+        if let Err(
+            mpsc::error::TrySendError::Full(inbound) | mpsc::error::TrySendError::Closed(inbound),
+        ) = self.events.try_send(Event::Message(Box::new(inbound)))
         {
             // Never stall the event loop (keep-alive, acks) on slow application work.
             self.dropped.fetch_add(1, Ordering::Relaxed);

@@ -188,8 +188,9 @@ pub fn normalize(input: &[u8], fleet: &Fleet) -> Result<Normalized, ProtocolErro
         ))
     })?;
     let tz_text = required_string(doc.timezone, "timezone")?;
-    let tz = time_zone(&tz_text)
-        .map_err(|_| ProtocolError::Document(format!("timezone: {tz_text:?} is not a known zone")))?;
+    let tz = time_zone(&tz_text).map_err(|_| {
+        ProtocolError::Document(format!("timezone: {tz_text:?} is not a known zone"))
+    })?;
     if tz.iana_name() != fleet.timezone.iana_name() {
         return Err(ProtocolError::Document(format!(
             "timezone: {tz_text:?} is not the fleet's zone {}",
@@ -428,10 +429,7 @@ fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan
             if let Some(other) = *slot {
                 errors.push(FieldError {
                     path: format!("{path}.intervals[{}]", span.index),
-                    message: format!(
-                        "period {} overlaps {path}.intervals[{other}]",
-                        p + 1
-                    ),
+                    message: format!("period {} overlaps {path}.intervals[{other}]", p + 1),
                 });
                 break;
             }
@@ -450,7 +448,11 @@ fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan
     })
 }
 
-fn read_interval<'a>(day: &Day, raw: &'a RawValue, here: &str) -> Result<Span<'a>, Vec<FieldError>> {
+fn read_interval<'a>(
+    day: &Day,
+    raw: &'a RawValue,
+    here: &str,
+) -> Result<Span<'a>, Vec<FieldError>> {
     let interval: RawInterval = serde_json::from_str(raw.get()).map_err(|e| {
         vec![FieldError {
             path: here.to_owned(),
@@ -475,7 +477,9 @@ fn read_interval<'a>(day: &Day, raw: &'a RawValue, here: &str) -> Result<Span<'a
         (None, None) => Err(err("", "missing: give period or start".into())),
         (Some(p), None) => match interval.end {
             Some(_) => Err(err("end", "end goes with start, not with period".into())),
-            None => read_period(day, p).map(|p| (p - 1, p)).map_err(|m| err("period", m)),
+            None => read_period(day, p)
+                .map(|p| (p - 1, p))
+                .map_err(|m| err("period", m)),
         },
         (None, Some(s)) => read_range(day, s, interval.end).map_err(|(f, m)| err(f, m)),
     };
@@ -540,11 +544,17 @@ fn read_range(
     start: &RawValue,
     end: Option<&RawValue>,
 ) -> Result<(u32, u32), (&'static str, String)> {
-    let instant = |raw: &RawValue, field: &'static str| -> Result<Timestamp, (&'static str, String)> {
-        string_value(raw)
-            .and_then(|s| s.parse::<Timestamp>().ok())
-            .ok_or_else(|| (field, format!("{} is not an RFC 3339 instant", quote(raw.get()))))
-    };
+    let instant =
+        |raw: &RawValue, field: &'static str| -> Result<Timestamp, (&'static str, String)> {
+            string_value(raw)
+                .and_then(|s| s.parse::<Timestamp>().ok())
+                .ok_or_else(|| {
+                    (
+                        field,
+                        format!("{} is not an RFC 3339 instant", quote(raw.get())),
+                    )
+                })
+        };
     let s = instant(start, "start")?;
     let e = match end {
         Some(raw) => instant(raw, "end")?,
@@ -574,7 +584,10 @@ fn read_range(
     let end_text = end.map_or_else(|| format!("\"{e}\""), |r| r.get().to_owned());
     let last = boundary(e, &end_text, if end.is_some() { "end" } else { "start" })?;
     if first == day.period_count() {
-        return Err(("start", format!("{} is outside {}", quote(start.get()), day.date())));
+        return Err((
+            "start",
+            format!("{} is outside {}", quote(start.get()), day.date()),
+        ));
     }
     if last <= first {
         return Err(("end", format!("{} is not after start", quote(&end_text))));
@@ -605,7 +618,10 @@ fn looks_numeric(text: &str) -> bool {
 fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
     let raw = raw.ok_or_else(|| ProtocolError::Document(format!("{field}: missing")))?;
     string_value(raw).ok_or_else(|| {
-        ProtocolError::Document(format!("{field}: expected a string, got {}", quote(raw.get())))
+        ProtocolError::Document(format!(
+            "{field}: expected a string, got {}",
+            quote(raw.get())
+        ))
     })
 }
 

@@ -14,7 +14,10 @@ fn doc(date: &str, schedules: serde_json::Value) -> Vec<u8> {
 }
 
 fn one(intervals: serde_json::Value) -> Vec<u8> {
-    doc("2026-11-30", json!([{"device_id": "d1", "intervals": intervals}]))
+    doc(
+        "2026-11-30",
+        json!([{"device_id": "d1", "intervals": intervals}]),
+    )
 }
 
 fn errors_of(input: &[u8]) -> Vec<String> {
@@ -65,32 +68,43 @@ fn splits_a_span_given_by_instants_with_any_offset() {
 
 #[test]
 fn a_start_without_end_covers_one_period() {
-    let s = accepted(&one(json!([{"start": "2026-11-30T10:30:00Z", "mode": "CHARGE", "rate_kw": 5}])));
+    let s = accepted(&one(
+        json!([{"start": "2026-11-30T10:30:00Z", "mode": "CHARGE", "rate_kw": 5}]),
+    ));
     assert_eq!(s.schedule.setpoint(22), Some(sp(Mode::Charge, 5)));
     assert_eq!(s.filled, 47);
 }
 
 #[test]
 fn clock_change_days_have_50_and_46_periods() {
-    let autumn = doc("2026-10-25", json!([{"device_id": "d1", "intervals": [
-        {"period": 50, "mode": "charge", "rate_kw": 1},
-        // 01:30 happens twice: once in BST (+01:00), once in GMT.
-        {"start": "2026-10-25T01:30:00+01:00", "mode": "charge", "rate_kw": 2},
-        {"start": "2026-10-25T01:30:00+00:00", "mode": "charge", "rate_kw": 3}
-    ]}]));
+    let autumn = doc(
+        "2026-10-25",
+        json!([{"device_id": "d1", "intervals": [
+            {"period": 50, "mode": "charge", "rate_kw": 1},
+            // 01:30 happens twice: once in BST (+01:00), once in GMT.
+            {"start": "2026-10-25T01:30:00+01:00", "mode": "charge", "rate_kw": 2},
+            {"start": "2026-10-25T01:30:00+00:00", "mode": "charge", "rate_kw": 3}
+        ]}]),
+    );
     let s = accepted(&autumn);
     assert_eq!(s.schedule.setpoints().len(), 50);
     assert_eq!(s.schedule.day().start().to_string(), "2026-10-24T23:00:00Z");
     assert_eq!(s.schedule.setpoint(4).unwrap().rate().watts(), 2_000);
     assert_eq!(s.schedule.setpoint(6).unwrap().rate().watts(), 3_000);
 
-    let spring = doc("2027-03-28", json!([{"device_id": "d1", "intervals": [
-        {"period": 46, "mode": "idle"}
-    ]}]));
+    let spring = doc(
+        "2027-03-28",
+        json!([{"device_id": "d1", "intervals": [
+            {"period": 46, "mode": "idle"}
+        ]}]),
+    );
     assert_eq!(accepted(&spring).schedule.setpoints().len(), 46);
-    let too_far = doc("2027-03-28", json!([{"device_id": "d1", "intervals": [
-        {"period": 47, "mode": "idle"}
-    ]}]));
+    let too_far = doc(
+        "2027-03-28",
+        json!([{"device_id": "d1", "intervals": [
+            {"period": 47, "mode": "idle"}
+        ]}]),
+    );
     assert_eq!(
         errors_of(&too_far),
         vec!["schedules[0].intervals[0].period: 47 is outside 1..=46 for 2027-03-28"]
@@ -99,12 +113,15 @@ fn clock_change_days_have_50_and_46_periods() {
 
 #[test]
 fn rejects_a_rate_above_the_limit_naming_device_place_and_value() {
-    let input = doc("2026-11-30", json!([
-        {"device_id": "max300-0001", "intervals": [{"period": 1, "mode": "charge", "rate_kw": 50}]},
-        {"device_id": "max300-0002", "intervals": []},
-        {"device_id": "max300-0003", "intervals": []},
-        {"device_id": "max300-0004", "intervals": [{"period": 2, "mode": "charge", "rate_kw": 412}]}
-    ]));
+    let input = doc(
+        "2026-11-30",
+        json!([
+            {"device_id": "max300-0001", "intervals": [{"period": 1, "mode": "charge", "rate_kw": 50}]},
+            {"device_id": "max300-0002", "intervals": []},
+            {"device_id": "max300-0003", "intervals": []},
+            {"device_id": "max300-0004", "intervals": [{"period": 2, "mode": "charge", "rate_kw": 412}]}
+        ]),
+    );
     let out = normalize(&input, &fleet()).unwrap();
     assert_eq!(out.schedules.len(), 3, "the others go ahead");
     assert_eq!(out.rejected.len(), 1);
@@ -117,11 +134,26 @@ fn rejects_a_rate_above_the_limit_naming_device_place_and_value() {
 #[test]
 fn honours_per_device_limits() {
     let mut f = fleet();
-    f.devices.insert(DeviceId::parse("d1").unwrap(), RateKw::from_watts(40_000));
-    let out = normalize(&one(json!([{"period": 1, "mode": "charge", "rate_kw": 40.0004}])), &f).unwrap();
-    assert!(out.rejected.is_empty(), "rounded to whole watts it is 40 kW");
-    let out = normalize(&one(json!([{"period": 1, "mode": "charge", "rate_kw": 40.001}])), &f).unwrap();
-    assert_eq!(out.rejected[0].errors[0].message, "40.001 exceeds max_rate_kw 40");
+    f.devices
+        .insert(DeviceId::parse("d1").unwrap(), RateKw::from_watts(40_000));
+    let out = normalize(
+        &one(json!([{"period": 1, "mode": "charge", "rate_kw": 40.0004}])),
+        &f,
+    )
+    .unwrap();
+    assert!(
+        out.rejected.is_empty(),
+        "rounded to whole watts it is 40 kW"
+    );
+    let out = normalize(
+        &one(json!([{"period": 1, "mode": "charge", "rate_kw": 40.001}])),
+        &f,
+    )
+    .unwrap();
+    assert_eq!(
+        out.rejected[0].errors[0].message,
+        "40.001 exceeds max_rate_kw 40"
+    );
 }
 
 #[test]
@@ -150,7 +182,10 @@ fn rejects_negative_non_finite_and_non_numeric_rates() {
 #[test]
 fn idle_means_zero() {
     let errs = errors_of(&one(json!([{"period": 1, "mode": "idle", "rate_kw": 3}])));
-    assert_eq!(errs, vec!["schedules[0].intervals[0].rate_kw: idle takes rate_kw 0, got 3"]);
+    assert_eq!(
+        errs,
+        vec!["schedules[0].intervals[0].rate_kw: idle takes rate_kw 0, got 3"]
+    );
     accepted(&one(json!([{"period": 1, "mode": "Idle", "rate_kw": 0}])));
 }
 
@@ -190,11 +225,25 @@ fn rejects_boundaries_off_the_grid_and_instants_outside_the_date() {
         {"start": "yesterday", "mode": "charge", "rate_kw": 1}
     ])));
     assert_eq!(errs.len(), 5, "{errs:#?}");
-    assert!(errs[0].starts_with("schedules[0].intervals[0].start: \"2026-11-30T00:15:00Z\" is not a period boundary"));
-    assert!(errs[1].starts_with("schedules[0].intervals[1].start: \"2026-11-29T23:30:00Z\" is outside 2026-11-30"));
-    assert!(errs[2].starts_with("schedules[0].intervals[2].end: \"2026-12-01T00:30:00Z\" is outside 2026-11-30"));
-    assert!(errs[3].starts_with("schedules[0].intervals[3].end: \"2026-11-30T04:00:00Z\" is not after start"));
-    assert!(errs[4].starts_with("schedules[0].intervals[4].start: \"yesterday\" is not an RFC 3339 instant"));
+    assert!(errs[0].starts_with(
+        "schedules[0].intervals[0].start: \"2026-11-30T00:15:00Z\" is not a period boundary"
+    ));
+    assert!(errs[1].starts_with(
+        "schedules[0].intervals[1].start: \"2026-11-29T23:30:00Z\" is outside 2026-11-30"
+    ));
+    assert!(errs[2].starts_with(
+        "schedules[0].intervals[2].end: \"2026-12-01T00:30:00Z\" is outside 2026-11-30"
+    ));
+    assert!(
+        errs[3].starts_with(
+            "schedules[0].intervals[3].end: \"2026-11-30T04:00:00Z\" is not after start"
+        )
+    );
+    assert!(
+        errs[4].starts_with(
+            "schedules[0].intervals[4].start: \"yesterday\" is not an RFC 3339 instant"
+        )
+    );
 }
 
 #[test]
@@ -235,14 +284,21 @@ fn rejects_numbers_that_do_not_fit_or_are_not_whole() {
 
 #[test]
 fn rejects_a_device_listed_twice_and_keeps_the_others() {
-    let input = doc("2026-11-30", json!([
-        {"device_id": "d1", "intervals": []},
-        {"device_id": "d2", "intervals": []},
-        {"device_id": "d1", "intervals": []}
-    ]));
+    let input = doc(
+        "2026-11-30",
+        json!([
+            {"device_id": "d1", "intervals": []},
+            {"device_id": "d2", "intervals": []},
+            {"device_id": "d1", "intervals": []}
+        ]),
+    );
     let out = normalize(&input, &fleet()).unwrap();
     assert_eq!(out.schedules.len(), 1);
-    assert_eq!(out.rejected.len(), 2, "both entries of d1 go: nothing is half-applied");
+    assert_eq!(
+        out.rejected.len(),
+        2,
+        "both entries of d1 go: nothing is half-applied"
+    );
     assert_eq!(
         out.rejected[0].to_string(),
         "d1: schedules[0].device_id: d1 is listed more than once"
@@ -251,36 +307,56 @@ fn rejects_a_device_listed_twice_and_keeps_the_others() {
 
 #[test]
 fn rejects_device_ids_outside_the_allowed_shape() {
-    let input = doc("2026-11-30", json!([
-        {"device_id": "a/b", "intervals": []},
-        {"device_id": 7, "intervals": []},
-        {"intervals": []},
-        "not an object"
-    ]));
+    let input = doc(
+        "2026-11-30",
+        json!([
+            {"device_id": "a/b", "intervals": []},
+            {"device_id": 7, "intervals": []},
+            {"intervals": []},
+            "not an object"
+        ]),
+    );
     let errs = errors_of(&input);
     assert_eq!(errs.len(), 4);
     assert!(errs[0].starts_with("schedules[0].device_id: device_id \"a/b\" is not valid"));
     assert_eq!(errs[1], "schedules[1].device_id: expected a string, got 7");
     assert_eq!(errs[2], "schedules[2].device_id: missing");
-    assert_eq!(errs[3], "schedules[3]: expected an object, got \"not an object\"");
+    assert_eq!(
+        errs[3],
+        "schedules[3]: expected an object, got \"not an object\""
+    );
 }
 
 #[test]
 fn the_wildcard_covers_registered_devices_without_their_own_schedule() {
     let mut f = fleet();
     for id in ["d1", "d2", "d3"] {
-        f.devices.insert(DeviceId::parse(id).unwrap(), RateKw::from_watts(150_000));
+        f.devices
+            .insert(DeviceId::parse(id).unwrap(), RateKw::from_watts(150_000));
     }
-    f.devices.insert(DeviceId::parse("small").unwrap(), RateKw::from_watts(10_000));
-    let input = doc("2026-11-30", json!([
-        {"device_id": "d1", "intervals": [{"period": 1, "mode": "charge", "rate_kw": 1}]},
-        {"device_id": "*", "intervals": [{"period": 2, "mode": "charge", "rate_kw": 20}]}
-    ]));
+    f.devices.insert(
+        DeviceId::parse("small").unwrap(),
+        RateKw::from_watts(10_000),
+    );
+    let input = doc(
+        "2026-11-30",
+        json!([
+            {"device_id": "d1", "intervals": [{"period": 1, "mode": "charge", "rate_kw": 1}]},
+            {"device_id": "*", "intervals": [{"period": 2, "mode": "charge", "rate_kw": 20}]}
+        ]),
+    );
     let out = normalize(&input, &f).unwrap();
-    let ids: Vec<&str> = out.schedules.iter().map(|s| s.schedule.device_id().as_str()).collect();
+    let ids: Vec<&str> = out
+        .schedules
+        .iter()
+        .map(|s| s.schedule.device_id().as_str())
+        .collect();
     assert_eq!(ids, vec!["d1", "d2", "d3"]);
     assert!(out.schedules[1].from_wildcard);
-    assert_eq!(out.schedules[1].schedule.setpoint(2), Some(sp(Mode::Charge, 20)));
+    assert_eq!(
+        out.schedules[1].schedule.setpoint(2),
+        Some(sp(Mode::Charge, 20))
+    );
     assert_eq!(
         out.rejected[0].to_string(),
         "small: schedules[1].intervals[0].rate_kw: 20 exceeds max_rate_kw 10"
@@ -293,24 +369,43 @@ fn rejects_the_whole_document_when_it_is_not_json_too_large_or_undated() {
     let whole = |input: &[u8]| normalize(input, &f).unwrap_err().to_string();
     assert!(whole(b"{not json").contains("not a JSON object"));
     assert!(whole(b"[1,2]").contains("not a JSON object"));
-    assert!(whole(br#"{"timezone":"Europe/London","schedules":[]}"#).contains("schedule_date: missing"));
-    assert!(whole(br#"{"schedule_date":"2026-02-30","timezone":"Europe/London","schedules":[]}"#)
-        .contains("schedule_date: \"2026-02-30\" is not a date"));
-    assert!(whole(br#"{"schedule_date":"2026-11-30","schedules":[]}"#).contains("timezone: missing"));
-    assert!(whole(br#"{"schedule_date":"2026-11-30","timezone":"Nowhere/Land","schedules":[]}"#)
-        .contains("not a known zone"));
-    assert!(whole(br#"{"schedule_date":"2026-11-30","timezone":"Europe/Paris","schedules":[]}"#)
-        .contains("not the fleet's zone Europe/London"));
-    assert!(whole(br#"{"schedule_date":"2026-11-30","timezone":"Europe/London","schedules":{}}"#)
-        .contains("schedules: expected an array"));
+    assert!(
+        whole(br#"{"timezone":"Europe/London","schedules":[]}"#).contains("schedule_date: missing")
+    );
+    assert!(
+        whole(br#"{"schedule_date":"2026-02-30","timezone":"Europe/London","schedules":[]}"#)
+            .contains("schedule_date: \"2026-02-30\" is not a date")
+    );
+    assert!(
+        whole(br#"{"schedule_date":"2026-11-30","schedules":[]}"#).contains("timezone: missing")
+    );
+    assert!(
+        whole(br#"{"schedule_date":"2026-11-30","timezone":"Nowhere/Land","schedules":[]}"#)
+            .contains("not a known zone")
+    );
+    assert!(
+        whole(br#"{"schedule_date":"2026-11-30","timezone":"Europe/Paris","schedules":[]}"#)
+            .contains("not the fleet's zone Europe/London")
+    );
+    assert!(
+        whole(br#"{"schedule_date":"2026-11-30","timezone":"Europe/London","schedules":{}}"#)
+            .contains("schedules: expected an array")
+    );
     let mut small = fleet();
     small.max_document_bytes = 10;
-    assert!(normalize(&one(json!([])), &small).unwrap_err().to_string().contains("exceeds the limit"));
+    assert!(
+        normalize(&one(json!([])), &small)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds the limit")
+    );
 }
 
 #[test]
 fn the_same_content_gives_the_same_sha256() {
-    let a = accepted(&one(json!([{"period": 1, "mode": "charge", "rate_kw": 50}])));
+    let a = accepted(&one(
+        json!([{"period": 1, "mode": "charge", "rate_kw": 50}]),
+    ));
     let b = accepted(&one(json!([
         {"start": "2026-11-30T00:00:00Z", "end": "2026-11-30T00:30:00Z", "mode": "Charge", "rate_kw": 50.0},
         {"period": 2, "mode": "idle"}
@@ -328,12 +423,19 @@ mod properties {
             Just("2026-10-25".to_owned()),
             Just("2027-03-28".to_owned()),
             Just("2027-10-31".to_owned()),
-            (2020i16..2040, 1i8..=12, 1i8..=28).prop_map(|(y, m, d)| format!("{y:04}-{m:02}-{d:02}")),
+            (2020i16..2040, 1i8..=12, 1i8..=28)
+                .prop_map(|(y, m, d)| format!("{y:04}-{m:02}-{d:02}")),
         ]
     }
 
     fn interval() -> impl Strategy<Value = serde_json::Value> {
-        let mode = prop_oneof![Just("charge"), Just("discharge"), Just("idle"), Just("IDLE"), Just("x")];
+        let mode = prop_oneof![
+            Just("charge"),
+            Just("discharge"),
+            Just("idle"),
+            Just("IDLE"),
+            Just("x")
+        ];
         let rate = prop_oneof![
             (0u32..200_000).prop_map(|w| json!(f64::from(w) / 1000.0)),
             Just(json!(-1)),
@@ -344,7 +446,8 @@ mod properties {
             (0i64..60, mode.clone(), rate.clone())
                 .prop_map(|(p, m, r)| json!({"period": p, "mode": m, "rate_kw": r})),
             (-2i64..60, 1i64..6, 0i64..3, mode, rate).prop_map(|(p, len, off, m, r)| {
-                let start = jiff::Timestamp::from_second(1_795_996_800 + p * 1800 + off * 600).unwrap();
+                let start =
+                    jiff::Timestamp::from_second(1_795_996_800 + p * 1800 + off * 600).unwrap();
                 let end = jiff::Timestamp::from_second(start.as_second() + len * 1800).unwrap();
                 json!({"start": start.to_string(), "end": end.to_string(), "mode": m, "rate_kw": r})
             }),

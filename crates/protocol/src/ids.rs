@@ -129,7 +129,15 @@ mod tests {
 
     #[test]
     fn rejects_device_ids_outside_the_rule() {
-        for bad in ["", "has space", "slash/topic", "plus+", "hash#", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "has space",
+            "slash/topic",
+            "plus+",
+            "hash#",
+            "é",
+            &"x".repeat(65),
+        ] {
             let err = DeviceId::parse(bad).unwrap_err();
             assert!(err.to_string().contains("device_id"), "{err}");
         }

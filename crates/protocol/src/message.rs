@@ -463,7 +463,8 @@ impl ScheduleMsg {
     /// period in order on the date's grid, idle at 0 kW, and the sha256.
     pub fn to_schedule(&self) -> Result<Schedule, ProtocolError> {
         let tz = time_zone(&self.timezone).map_err(|e| ProtocolError::Plan(e.to_string()))?;
-        let day = Day::new(self.schedule_date, tz).map_err(|e| ProtocolError::Plan(e.to_string()))?;
+        let day =
+            Day::new(self.schedule_date, tz).map_err(|e| ProtocolError::Plan(e.to_string()))?;
         if self.intervals.len() != day.period_count() as usize {
             return Err(ProtocolError::Plan(format!(
                 "{} has {} periods, the message has {}",
@@ -533,15 +534,27 @@ mod tests {
     fn decodes_the_design_examples() {
         let ack = r#"{"type":"ack","v":1,"store_id":"9f2c","seq":17,"message_id":"01JDX","device_id":"max300-0001",
             "status":"accepted","reason":null,"sha256":"ab","effective_period":1,"at":"2026-11-29T15:46:03Z"}"#;
-        assert!(matches!(Message::decode(ack.as_bytes()), Ok(Message::Ack(_))));
+        assert!(matches!(
+            Message::decode(ack.as_bytes()),
+            Ok(Message::Ack(_))
+        ));
         let hb = r#"{"type":"heartbeat","v":1,"device_id":"max300-0001","at":"2026-11-29T15:46:03Z","uptime_s":3600,
             "agent_version":"0.1","active_message_id":"01JDX","mode":"charge","rate_kw":50.0,"soc_pct":41.5,"fallback":null,"outbox":0}"#;
-        assert!(matches!(Message::decode(hb.as_bytes()), Ok(Message::Heartbeat(_))));
+        assert!(matches!(
+            Message::decode(hb.as_bytes()),
+            Ok(Message::Heartbeat(_))
+        ));
         let sync = r#"{"type":"sync","v":1,"device_id":"max300-0001",
             "have":[{"schedule_date":"2026-11-30","version":1,"message_id":"01JDX","sha256":"ab"}]}"#;
-        assert!(matches!(Message::decode(sync.as_bytes()), Ok(Message::Sync(_))));
+        assert!(matches!(
+            Message::decode(sync.as_bytes()),
+            Ok(Message::Sync(_))
+        ));
         let receipt = r#"{"type":"receipt","v":1,"device_id":"max300-0001","store_id":"9f2c","seqs":[17,18]}"#;
-        assert!(matches!(Message::decode(receipt.as_bytes()), Ok(Message::Receipt(_))));
+        assert!(matches!(
+            Message::decode(receipt.as_bytes()),
+            Ok(Message::Receipt(_))
+        ));
     }
 
     #[test]
@@ -575,7 +588,12 @@ mod tests {
         let err = Message::decode(br#"{"type":"reboot","v":1}"#).unwrap_err();
         assert!(err.to_string().contains("reboot"), "{err}");
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
-        assert!(Message::decode(&big).unwrap_err().to_string().contains("exceeds"));
+        assert!(
+            Message::decode(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds")
+        );
     }
 
     #[test]
@@ -586,12 +604,24 @@ mod tests {
         let ts: Timestamp = "2026-10-24T15:00:00Z".parse().unwrap();
         let mut msg = ScheduleMsg::new(&schedule, MessageId::generate(ts), 1, ts);
         let decoded = Message::decode(&Message::Schedule(msg.clone()).encode()).unwrap();
-        let Message::Schedule(decoded) = decoded else { panic!("not a schedule") };
+        let Message::Schedule(decoded) = decoded else {
+            panic!("not a schedule")
+        };
         assert_eq!(decoded.to_schedule().unwrap(), schedule);
 
         msg.intervals[3].rate_kw = RateKw::from_watts(1);
-        assert!(msg.to_schedule().unwrap_err().to_string().contains("sha256"));
+        assert!(
+            msg.to_schedule()
+                .unwrap_err()
+                .to_string()
+                .contains("sha256")
+        );
         msg.intervals.pop();
-        assert!(msg.to_schedule().unwrap_err().to_string().contains("50 periods"));
+        assert!(
+            msg.to_schedule()
+                .unwrap_err()
+                .to_string()
+                .contains("50 periods")
+        );
     }
 }

@@ -54,7 +54,11 @@ pub(crate) async fn contract(battery: &dyn Battery) {
     battery.apply(charge).await.unwrap();
     let status = battery.read().await.unwrap();
     assert_eq!(status.setpoint, charge, "reads back what was applied");
-    assert!((0.0..=100.0).contains(&status.soc_pct), "{}", status.soc_pct);
+    assert!(
+        (0.0..=100.0).contains(&status.soc_pct),
+        "{}",
+        status.soc_pct
+    );
 
     let discharge = Setpoint::new(Mode::Discharge, RateKw::from_watts(5_000)).unwrap();
     battery.apply(discharge).await.unwrap();

@@ -61,7 +61,10 @@ impl SimConfig {
             }
         };
         if !(self.capacity_kwh.is_finite() && self.capacity_kwh > 0.0) {
-            return Err(format!("capacity_kwh: {} must be above 0", self.capacity_kwh));
+            return Err(format!(
+                "capacity_kwh: {} must be above 0",
+                self.capacity_kwh
+            ));
         }
         pct("initial_soc_pct", self.initial_soc_pct)?;
         pct("soc_min_pct", self.soc_min_pct)?;
@@ -174,7 +177,11 @@ impl SimBattery {
 
     fn integrate(&self, state: &mut SimState, to: Timestamp) {
         // A clock that steps back moves no energy.
-        let hours = to.duration_since(state.integrated_to).as_secs_f64().max(0.0) / 3600.0;
+        let hours = to
+            .duration_since(state.integrated_to)
+            .as_secs_f64()
+            .max(0.0)
+            / 3600.0;
         let energy = state.energy_kwh + state.setpoint.signed_kw() * hours;
         // The unit stops by itself when full or empty.
         state.energy_kwh = energy.clamp(0.0, self.config.capacity_kwh);
@@ -186,8 +193,16 @@ impl SimBattery {
         BatteryStatus {
             setpoint: state.setpoint,
             soc_pct,
-            max_charge: if soc_pct >= 100.0 { RateKw::ZERO } else { self.max_charge },
-            max_discharge: if soc_pct <= 0.0 { RateKw::ZERO } else { self.max_discharge },
+            max_charge: if soc_pct >= 100.0 {
+                RateKw::ZERO
+            } else {
+                self.max_charge
+            },
+            max_discharge: if soc_pct <= 0.0 {
+                RateKw::ZERO
+            } else {
+                self.max_discharge
+            },
         }
     }
 }

@@ -36,14 +36,19 @@ fn distinct_reports(seen: &[Message]) -> Vec<ReportMsg> {
 fn assert_no_period_reported_twice(seen: &[Message]) {
     let reports = distinct_reports(seen);
     let starts: BTreeSet<_> = reports.iter().map(|r| r.interval_start).collect();
-    assert_eq!(starts.len(), reports.len(), "a period was reported twice: {reports:#?}");
+    assert_eq!(
+        starts.len(),
+        reports.len(),
+        "a period was reported twice: {reports:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_a_plan_and_reports_each_period_executed() {
     // 600×: one period is 3 s of real time; the first boundary is 2.5 s away.
     let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
-    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(())).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
     let first = app.next("the first report", report).await;
     assert_eq!((first.period, first.status), (21, ReportStatus::Skipped));
     assert_eq!(first.reason, Some(PeriodReason::NoSchedule));
@@ -83,11 +88,16 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
             _ => None,
         })
         .await;
-    assert_eq!((ack.status, ack.effective_period), (AckStatus::Accepted, Some(1)));
+    assert_eq!(
+        (ack.status, ack.effective_period),
+        (AckStatus::Accepted, Some(1))
+    );
 
     for expected in effective..effective + 2 {
         let r = app
-            .next("an executed report", |m| report(m).filter(|r| r.period >= expected))
+            .next("an executed report", |m| {
+                report(m).filter(|r| r.period >= expected)
+            })
             .await;
         assert_eq!(r.period, expected);
         assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
@@ -119,28 +129,39 @@ async fn unreceipted_entries_are_resent_and_a_receipt_clears_the_outbox() {
     assert_eq!(hb.fallback, Some(Fallback::NoSchedule));
     // No receipt: resent after resend_after_s (2 s), same store and seq.
     let again = app
-        .next("the report again", |m| report(m).filter(|r| r.seq == first.seq))
+        .next("the report again", |m| {
+            report(m).filter(|r| r.seq == first.seq)
+        })
         .await;
     assert_eq!(again.interval_start, first.interval_start);
-    app.next("a heartbeat with a full outbox", |m| heartbeat(m).filter(|h| h.outbox >= 1))
-        .await;
+    app.next("a heartbeat with a full outbox", |m| {
+        heartbeat(m).filter(|h| h.outbox >= 1)
+    })
+    .await;
 
     app.receipt(&first.store_id, vec![first.seq]).await;
-    app.next("a heartbeat with an empty outbox", |m| heartbeat(m).filter(|h| h.outbox == 0))
-        .await;
+    app.next("a heartbeat with an empty outbox", |m| {
+        heartbeat(m).filter(|h| h.outbox == 0)
+    })
+    .await;
     app.stop_agent().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
     let mut app = TestApp::start("2026-11-30T10:05:00Z", 60.0).await;
-    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(())).await;
-    app.publish(Channel::Schedule, b"not json at all".to_vec()).await;
-    app.publish(Channel::Schedule, br#"{"type":"schedule","v":1}"#.to_vec()).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    app.publish(Channel::Schedule, b"not json at all".to_vec())
+        .await;
+    app.publish(Channel::Schedule, br#"{"type":"schedule","v":1}"#.to_vec())
+        .await;
     let other = DeviceId::parse("max300-0002").unwrap();
     let foreign = plan(&other, "2026-12-01", 1, |_| setpoint(Mode::Charge, 10.0));
     app.send(Message::Schedule(foreign.clone())).await;
-    let too_fast = plan(&device(), "2026-12-01", 1, |_| setpoint(Mode::Charge, 151.0));
+    let too_fast = plan(&device(), "2026-12-01", 1, |_| {
+        setpoint(Mode::Charge, 151.0)
+    });
     app.send(Message::Schedule(too_fast.clone())).await;
     let good = plan(&device(), "2026-12-01", 1, |_| setpoint(Mode::Charge, 10.0));
     app.send(Message::Schedule(good.clone())).await;
@@ -151,17 +172,40 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
             _ => None,
         }
     };
-    let a = app.next("the foreign plan's ack", ack_of(foreign.message_id.clone())).await;
-    assert_eq!((a.status, a.reason), (AckStatus::Rejected, Some(RejectReason::WrongDevice)));
-    let a = app.next("the too-fast plan's ack", ack_of(too_fast.message_id.clone())).await;
-    assert_eq!((a.status, a.reason), (AckStatus::Rejected, Some(RejectReason::RateAboveMax)));
-    let a = app.next("the good plan's ack", ack_of(good.message_id.clone())).await;
-    assert_eq!((a.status, a.effective_period), (AckStatus::Accepted, Some(1)));
+    let a = app
+        .next("the foreign plan's ack", ack_of(foreign.message_id.clone()))
+        .await;
+    assert_eq!(
+        (a.status, a.reason),
+        (AckStatus::Rejected, Some(RejectReason::WrongDevice))
+    );
+    let a = app
+        .next(
+            "the too-fast plan's ack",
+            ack_of(too_fast.message_id.clone()),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.reason),
+        (AckStatus::Rejected, Some(RejectReason::RateAboveMax))
+    );
+    let a = app
+        .next("the good plan's ack", ack_of(good.message_id.clone()))
+        .await;
+    assert_eq!(
+        (a.status, a.effective_period),
+        (AckStatus::Accepted, Some(1))
+    );
 
     // A repeated delivery is accepted again with the same effective period.
     app.send(Message::Schedule(good.clone())).await;
-    let again = app.next("the repeat's ack", ack_of(good.message_id.clone())).await;
-    assert_eq!((again.status, again.effective_period), (AckStatus::Accepted, Some(1)));
+    let again = app
+        .next("the repeat's ack", ack_of(good.message_id.clone()))
+        .await;
+    assert_eq!(
+        (again.status, again.effective_period),
+        (AckStatus::Accepted, Some(1))
+    );
     assert_ne!(again.seq, a.seq);
 
     // A cancel for a plan it does not hold is rejected as invalid; one it holds, accepted.
@@ -174,11 +218,26 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
         issued_at: ts("2026-11-30T10:06:00Z"),
         traceparent: None,
     };
-    app.send(Message::Control(control("ctl-1", &foreign.message_id))).await;
-    let a = app.next("the bad cancel's ack", ack_of(MessageId::parse("ctl-1").unwrap())).await;
-    assert_eq!((a.status, a.reason), (AckStatus::Rejected, Some(RejectReason::Invalid)));
-    app.send(Message::Control(control("ctl-2", &good.message_id))).await;
-    let a = app.next("the cancel's ack", ack_of(MessageId::parse("ctl-2").unwrap())).await;
+    app.send(Message::Control(control("ctl-1", &foreign.message_id)))
+        .await;
+    let a = app
+        .next(
+            "the bad cancel's ack",
+            ack_of(MessageId::parse("ctl-1").unwrap()),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.reason),
+        (AckStatus::Rejected, Some(RejectReason::Invalid))
+    );
+    app.send(Message::Control(control("ctl-2", &good.message_id)))
+        .await;
+    let a = app
+        .next(
+            "the cancel's ack",
+            ack_of(MessageId::parse("ctl-2").unwrap()),
+        )
+        .await;
     assert_eq!(a.status, AckStatus::Accepted);
     app.next("a heartbeat", heartbeat).await;
     app.stop_agent().await;
@@ -199,19 +258,32 @@ async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
     assert_eq!(ack.effective_period, Some(22));
 
     // Down from 10:05 to 12:05: 10:30, 11:00 and 11:30 were missed; 12:00 runs at once.
+    // Reports made before the session is up go out with the flush after it connects, so
+    // they may arrive after later ones.
     app.restart_agent("2026-11-30T12:05:00Z", 60.0).await;
-    let current = app
-        .next("the current period's report", |m| report(m).filter(|r| r.period == 25))
-        .await;
+    let mut after = Vec::new();
+    for period in 22..=25 {
+        let seen = distinct_reports(&app.seen)
+            .into_iter()
+            .find(|r| r.period == period);
+        let r = match seen {
+            Some(r) => r,
+            None => {
+                app.next("a report after the restart", |m| {
+                    report(m).filter(|r| r.period == period)
+                })
+                .await
+            }
+        };
+        after.push(r);
+    }
+    let current = after.pop().unwrap();
     assert_eq!(current.status, ReportStatus::Executed);
-    let missed: Vec<_> = distinct_reports(&app.seen)
-        .into_iter()
-        .filter(|r| (22..25).contains(&r.period))
-        .collect();
-    let order: Vec<String> = app.seen.iter().map(|m| match m { Message::Report(r) => format!("r{}:{}", r.seq, r.period), Message::Ack(a) => format!("a{}", a.seq), Message::Heartbeat(_) => "h".into(), Message::Sync(_) => "s".into(), _ => "?".into() }).collect();
-    assert_eq!(missed.len(), 3, "{order:?}");
-    for r in &missed {
-        assert_eq!((r.status, r.reason), (ReportStatus::Skipped, Some(PeriodReason::AgentDown)));
+    for r in &after {
+        assert_eq!(
+            (r.status, r.reason),
+            (ReportStatus::Skipped, Some(PeriodReason::AgentDown))
+        );
         assert_eq!(r.message_id.as_ref(), Some(&today.message_id));
     }
     assert_eq!(current.store_id, ack.store_id);
@@ -228,4 +300,38 @@ async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
     assert_eq!(hb.mode, Mode::Idle);
     assert_no_period_reported_twice(&app.seen);
     app.stop_agent().await;
+}
+
+#[tokio::test]
+async fn start_up_failures_are_returned_with_clear_messages() {
+    use std::sync::Arc;
+
+    use max300_protocol::SystemClock;
+    use tokio_util::sync::CancellationToken;
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let base = format!(
+        "device_id = \"{DEVICE}\"\ndata_dir = {:?}\n",
+        file.path().join("sub").display().to_string()
+    );
+    let config = max300_agent::AgentConfig::from_toml(
+        max300_agent::AgentConfig::DEFAULT_TOML,
+        Some(&base),
+        &[],
+    )
+    .unwrap();
+    let clock = Arc::new(SystemClock);
+    let err = max300_agent::run(config.clone(), clock.clone(), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data directory"), "{err}");
+
+    let mut bad_url = config;
+    bad_url.mqtt = "http://127.0.0.1:1883".into();
+    let err = max300_agent::run(bad_url, clock, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mqtt:"), "{err}");
 }

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use max300_agent::{AgentConfig, AgentError};
 use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{
-    Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, Schedule, ScaledClock,
+    Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock, Schedule,
     Setpoint, StoreId, Topics,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -92,7 +92,12 @@ pub fn setpoint(mode: Mode, kw: f64) -> Setpoint {
 }
 
 /// A plan for `date`, with `f(period)` as each period's setpoint.
-pub fn plan(device: &DeviceId, date: &str, version: u32, f: impl Fn(u32) -> Setpoint) -> ScheduleMsg {
+pub fn plan(
+    device: &DeviceId,
+    date: &str,
+    version: u32,
+    f: impl Fn(u32) -> Setpoint,
+) -> ScheduleMsg {
     let day = Day::named(date.parse().unwrap(), "Europe/London").unwrap();
     let setpoints = (1..=day.period_count()).map(f).collect();
     let schedule = Schedule::new(device.clone(), day, setpoints).unwrap();
@@ -204,7 +209,7 @@ impl TestApp {
 }
 
 /// The cloud's MQTT client, subscribed to every device channel before it returns.
-async fn cloud_client(port: u16) -> (AsyncClient, mpsc::Receiver<Message>) {
+pub async fn cloud_client(port: u16) -> (AsyncClient, mpsc::Receiver<Message>) {
     let mut options = MqttOptions::new("cloud-test", "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(5));
     options.set_max_packet_size(256 * 1024, 256 * 1024);
@@ -221,10 +226,10 @@ async fn cloud_client(port: u16) -> (AsyncClient, mpsc::Receiver<Message>) {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     subacks += 1;
-                    if subacks == 4 {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
+                    if subacks == 4
+                        && let Some(r) = ready.take()
+                    {
+                        let _ = r.send(());
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -1,5 +1,9 @@
 //! Integration tests: a real embedded MQTT broker, a real agent (SQLite in a temp dir, the
 //! simulated battery) and a raw MQTT client playing the cloud, under a scaled clock.
 
+// A test that cannot set itself up should panic, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+mod fleet;
 mod flows;
 mod helpers;

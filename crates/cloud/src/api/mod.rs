@@ -23,9 +23,9 @@ use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::CommandStore;
 use crate::ingest::{IngestReport, Ingestor};
 use crate::store::DeviceRecord;
-use crate::CommandStore;
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -61,7 +61,10 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .route("/api/commands", get(commands))
         .route("/api/commands/{id}", get(command))
         .route("/", get(index))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token_for_reads));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_token_for_reads,
+        ));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -206,7 +209,10 @@ async fn register(
         .map(RateKw::try_from)
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("max_rate_kw: {e}")))?;
-    state.store.register_device(&id, max, state.clock.now()).await?;
+    state
+        .store
+        .register_device(&id, max, state.clock.now())
+        .await?;
     let record = state
         .store
         .device(&id)
@@ -227,16 +233,20 @@ impl DeviceView {
     fn new(record: DeviceRecord, state: &ApiState) -> DeviceView {
         // Three missed heartbeats (real time) make a device offline; last_seen is clock time.
         let window_s = 3.0 * state.heartbeat_interval_s as f64 * state.clock.speed();
-        let online = record.last_seen.is_some_and(|seen| {
-            state.clock.now().duration_since(seen).as_secs_f64() <= window_s
-        });
+        let online = record
+            .last_seen
+            .is_some_and(|seen| state.clock.now().duration_since(seen).as_secs_f64() <= window_s);
         DeviceView { record, online }
     }
 }
 
 async fn devices(State(state): State<Arc<ApiState>>) -> Result<Json<Vec<DeviceView>>, ApiError> {
     let list = state.store.devices().await?;
-    Ok(Json(list.into_iter().map(|d| DeviceView::new(d, &state)).collect()))
+    Ok(Json(
+        list.into_iter()
+            .map(|d| DeviceView::new(d, &state))
+            .collect(),
+    ))
 }
 
 async fn device(

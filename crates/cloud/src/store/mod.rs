@@ -224,8 +224,11 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError>;
 
     /// Applies a report once, by (device_id, interval_start).
-    async fn record_report(&self, report: &ReportMsg, at: Timestamp)
-    -> Result<Recorded, CloudError>;
+    async fn record_report(
+        &self,
+        report: &ReportMsg,
+        at: Timestamp,
+    ) -> Result<Recorded, CloudError>;
 
     /// One command in full.
     async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError>;

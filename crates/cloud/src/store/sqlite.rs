@@ -106,9 +106,8 @@ impl SqliteStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore, CloudError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                CloudError::Store(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CloudError::Store(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path)
             .map_err(|e| CloudError::Store(format!("cannot open {}: {e}", path.display())))?;
@@ -158,7 +157,9 @@ where
 }
 
 fn rate(watts: Option<i64>) -> Option<RateKw> {
-    watts.and_then(|w| u32::try_from(w).ok()).map(RateKw::from_watts)
+    watts
+        .and_then(|w| u32::try_from(w).ok())
+        .map(RateKw::from_watts)
 }
 
 fn set_state(
@@ -320,7 +321,9 @@ impl CommandStore for SqliteStore {
                 // It governs from the first period that starts after it was created.
                 let next_boundary = period_start_at(at, s.day().tz())
                     .map_err(conversion)?
-                    .checked_add(jiff::SignedDuration::from_secs(max300_protocol::PERIOD_SECS))
+                    .checked_add(jiff::SignedDuration::from_secs(
+                        max300_protocol::PERIOD_SECS,
+                    ))
                     .map_err(conversion)?;
                 let governs_from = s.day().start().max(next_boundary);
                 let id = cmd.message_id.as_str();
@@ -479,7 +482,9 @@ impl CommandStore for SqliteStore {
                         "SELECT message_id, state FROM commands
                          WHERE device_id = ?1 AND schedule_date = ?2 AND version < ?3",
                     )?
-                    .query_map(params![device, date, version], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .query_map(params![device, date, version], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
                     .collect::<rusqlite::Result<_>>()?;
                 for (old, old_state) in older {
                     tx.execute(
@@ -669,7 +674,8 @@ impl CommandStore for SqliteStore {
                  WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR schedule_date = ?2)
                  ORDER BY schedule_date DESC, device_id, version DESC"
             ))?;
-            stmt.query_map(params![device, date], summary_row)?.collect()
+            stmt.query_map(params![device, date], summary_row)?
+                .collect()
         })
         .await
     }

@@ -1,0 +1,405 @@
+//! The command line (DESIGN §8). Flags are layered over config files and `MAX300_*`
+//! variables by passing them on as the last, strongest layer of variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jiff::civil::Date;
+use max300_agent::AgentConfig;
+use max300_cloud::{Cloud, CloudConfig};
+use max300_protocol::day::time_zone;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::ClockArgs;
+use crate::{sample, up, validate};
+use max300_mqtt::broker;
+
+/// MAX300 fleet control: day-ahead battery plans from the provider to every unit.
+#[derive(Parser, Debug)]
+#[command(name = "max300", version, about)]
+pub struct Cli {
+    /// Log format: text or json. Default: text on a terminal, json otherwise.
+    #[arg(long, global = true, env = "MAX300_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Everything on one machine: broker, cloud, sample provider and simulated units.
+    Up(up::UpArgs),
+    /// The cloud service.
+    Cloud(CloudArgs),
+    /// The edge agent of one unit.
+    Agent(AgentArgs),
+    /// The sample schedule provider (GET /tomorrow[?date=D]).
+    Provider(ProviderArgs),
+    /// The embedded MQTT broker on its own (loopback only).
+    Broker(BrokerArgs),
+    /// One ingestion run, in-process, with the cloud's settings.
+    Ingest(IngestArgs),
+    /// Check a provider document offline and print every error with its place.
+    Validate(validate::ValidateArgs),
+    /// Configuration helpers.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `max300 config …`
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Print the embedded default config of a service.
+    PrintDefault {
+        /// Which service.
+        which: Service,
+    },
+}
+
+/// A service with a config.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Service {
+    /// The cloud service.
+    Cloud,
+    /// The edge agent.
+    Agent,
+}
+
+/// Flags every long-running service takes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServiceArgs {
+    /// A TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where data lives.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The broker: mqtt://host:port.
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// Plan time.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+/// `max300 cloud`
+#[derive(Args, Debug, Clone, Default)]
+pub struct CloudArgs {
+    /// Config, data dir, broker, clock.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The HTTP API's address.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// The provider's full endpoint, e.g. https://provider/tomorrow.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Bearer token for writes (prefer MAX300_API_TOKEN).
+    #[arg(long)]
+    pub api_token: Option<String>,
+    /// The command store: sqlite://PATH.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// The audit store: file://DIR.
+    #[arg(long)]
+    pub audit: Option<String>,
+    /// Register devices on their first message.
+    #[arg(long)]
+    pub auto_register: bool,
+}
+
+/// `max300 agent`
+#[derive(Args, Debug, Clone, Default)]
+pub struct AgentArgs {
+    /// Config, data dir, broker, clock.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// This unit's id.
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// The battery controller: sim.
+    #[arg(long)]
+    pub battery: Option<String>,
+    /// A Prometheus endpoint (not built yet: refused if given).
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+/// `max300 provider`
+#[derive(Args, Debug, Clone)]
+pub struct ProviderArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8400")]
+    pub http: SocketAddr,
+    /// Serve plans for max300-0001 … max300-N.
+    #[arg(long, default_value_t = 20)]
+    pub devices: usize,
+    /// Serve plans for these ids instead (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub device_ids: Vec<String>,
+    /// Seed of the variety between devices and days.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The fleet's zone.
+    #[arg(long, default_value = "Europe/London")]
+    pub timezone: String,
+    /// Plan time.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+/// `max300 broker`
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// Where to listen: mqtt://127.0.0.1:PORT (loopback only).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt: String,
+    /// How many clients at most.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+}
+
+/// `max300 ingest`
+#[derive(Args, Debug, Clone)]
+pub struct IngestArgs {
+    /// The cloud's flags.
+    #[command(flatten)]
+    pub cloud: CloudArgs,
+    /// The date to ingest.
+    #[arg(long)]
+    pub date: Date,
+}
+
+impl Command {
+    /// The log filter when RUST_LOG is not set.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self {
+            Command::Up(_) => "warn",
+            Command::Validate(_) | Command::Config { .. } => "warn",
+            _ => "info",
+        }
+    }
+
+    /// Runs the command.
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Command::Up(args) => up::run(args).await,
+            Command::Cloud(args) => run_cloud(args).await,
+            Command::Agent(args) => run_agent(args).await,
+            Command::Provider(args) => run_provider(args).await,
+            Command::Broker(args) => run_broker(args).await,
+            Command::Ingest(args) => run_ingest(args).await,
+            Command::Validate(args) => validate::run(args),
+            Command::Config {
+                action: ConfigAction::PrintDefault { which },
+            } => {
+                print!(
+                    "{}",
+                    match which {
+                        Service::Cloud => CloudConfig::DEFAULT_TOML,
+                        Service::Agent => AgentConfig::DEFAULT_TOML,
+                    }
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM cancels the token.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    token
+}
+
+fn read_config_file(path: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    path.as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("--config {}", p.display())))
+        .transpose()
+}
+
+/// The process environment, then the flags given as `MAX300_*` pairs (the last layer wins).
+fn layered_env(flags: Vec<(&str, Option<String>)>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("MAX300_"))
+        .collect();
+    env.extend(
+        flags
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v))),
+    );
+    env
+}
+
+fn path_flag(p: &Option<PathBuf>) -> Option<String> {
+    p.as_ref().map(|p| p.display().to_string())
+}
+
+/// The cloud's config from its defaults, file, env and flags.
+pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
+    let file = read_config_file(&args.service.config)?;
+    let env = layered_env(vec![
+        ("MAX300_DATA_DIR", path_flag(&args.service.data_dir)),
+        ("MAX300_MQTT", args.service.mqtt.clone()),
+        ("MAX300_HTTP", args.http.clone()),
+        ("MAX300_PROVIDER", args.provider.clone()),
+        ("MAX300_API_TOKEN", args.api_token.clone()),
+        ("MAX300_STORE", args.store.clone()),
+        ("MAX300_AUDIT", args.audit.clone()),
+        (
+            "MAX300_AUTO_REGISTER",
+            args.auto_register.then(|| "true".to_owned()),
+        ),
+    ]);
+    let config = CloudConfig::load(file.as_deref(), &env)?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// The agent's config from its defaults, file, env and flags.
+pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let file = read_config_file(&args.service.config)?;
+    let env = layered_env(vec![
+        ("MAX300_DATA_DIR", path_flag(&args.service.data_dir)),
+        ("MAX300_MQTT", args.service.mqtt.clone()),
+        ("MAX300_DEVICE_ID", args.device_id.clone()),
+        ("MAX300_BATTERY", args.battery.clone()),
+    ]);
+    Ok(AgentConfig::from_toml(
+        AgentConfig::DEFAULT_TOML,
+        file.as_deref(),
+        &env,
+    )?)
+}
+
+async fn run_cloud(args: CloudArgs) -> anyhow::Result<ExitCode> {
+    let config = cloud_config(&args)?;
+    let clock = args.service.clock.build()?;
+    let shutdown = shutdown_on_signal();
+    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
+    println!("listening on http://{}", cloud.addr);
+    shutdown.cancelled().await;
+    cloud.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if args.metrics.is_some() {
+        anyhow::bail!("--metrics: the agent's Prometheus endpoint is not built yet");
+    }
+    let config = agent_config(&args)?;
+    let clock = args.service.clock.build()?;
+    let shutdown = shutdown_on_signal();
+    max300_agent::run(config, clock, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_provider(args: ProviderArgs) -> anyhow::Result<ExitCode> {
+    let clock = args.clock.build()?;
+    let devices = if args.device_ids.is_empty() {
+        sample::SampleProvider::numbered(args.devices)
+    } else {
+        args.device_ids.clone()
+    };
+    let provider = sample::SampleProvider {
+        devices,
+        seed: args.seed,
+        timezone: time_zone(&args.timezone).context("--timezone")?,
+    };
+    let shutdown = shutdown_on_signal();
+    let (addr, served) = sample::serve(provider, clock, args.http, shutdown).await?;
+    println!("listening on http://{addr}/tomorrow");
+    let _ = served.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
+    let url: max300_mqtt::BrokerUrl = args.mqtt.parse()?;
+    if url.tls {
+        anyhow::bail!("--mqtt: the embedded broker serves plain mqtt:// on loopback only");
+    }
+    let ip: std::net::IpAddr = match url.host.as_str() {
+        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+        host => host
+            .parse()
+            .with_context(|| format!("--mqtt: {host:?} is not an IP address"))?,
+    };
+    let addr = broker::start(SocketAddr::new(ip, url.port), args.max_connections)?;
+    println!("listening on mqtt://{addr}");
+    shutdown_on_signal().cancelled().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
+    let mut cloud_args = args.cloud.clone();
+    // An in-process run: the API is not needed, so take any free loopback port.
+    cloud_args.http = Some("127.0.0.1:0".into());
+    let config = cloud_config(&cloud_args)?;
+    if config.provider.is_none() {
+        anyhow::bail!("--provider (or provider in the config) is needed to ingest");
+    }
+    let clock = args.cloud.service.clock.build()?;
+    let shutdown = CancellationToken::new();
+    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
+    eprintln!("connecting to the broker…");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        cloud.session.wait_connected(),
+    )
+    .await
+    .context("the broker did not answer within 30 s")?;
+    eprintln!("fetching {}…", args.date);
+    let report = cloud.ingestor.fetch(args.date).await;
+    shutdown.cancel();
+    cloud.wait().await;
+    let report = report?;
+    println!(
+        "{}: {} accepted, {} unchanged, {} rejected",
+        report.schedule_date,
+        report.accepted.len(),
+        report.unchanged.len(),
+        report.rejected.len()
+    );
+    for r in &report.rejected {
+        for e in &r.errors {
+            println!("  {}: {e}", r.device_id);
+        }
+    }
+    Ok(if report.rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,93 @@
+//! `max300 validate` and `max300 config`.
+
+use crate::run;
+
+fn write(dir: &tempfile::TempDir, name: &str, body: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn validate_prints_every_error_with_its_place_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "bad.json",
+        r#"{"schedule_date":"2026-11-30","timezone":"Europe/London","schedules":[
+            {"device_id":"max300-0001","intervals":[{"period":1,"mode":"charge","rate_kw":50}]},
+            {"device_id":"max300-0002","intervals":[{"period":3,"mode":"hover","rate_kw":5},
+                                                   {"start":"2026-11-30T00:10:00Z","mode":"idle"}]},
+            {"device_id":"max300-0004","intervals":[{"period":2,"mode":"charge","rate_kw":412}]}]}"#,
+    );
+    let out = run(&["validate", &file]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("max300-0001: ok, 48 periods, 47 filled with idle"),
+        "{text}"
+    );
+    assert!(
+        text.contains("max300-0002: schedules[1].intervals[0].mode: \"hover\" is not charge, discharge or idle"),
+        "{text}"
+    );
+    assert!(text.contains("max300-0002: schedules[1].intervals[1].start: \"2026-11-30T00:10:00Z\" is not a period boundary"), "{text}");
+    assert!(
+        text.contains(
+            "max300-0004: schedules[2].intervals[0].rate_kw: 412 exceeds max_rate_kw 150"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1 accepted, 2 rejected"), "{text}");
+}
+
+#[test]
+fn validate_accepts_a_good_clock_change_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "good.json",
+        r#"{"schedule_date":"2026-10-25","timezone":"Europe/London","schedules":[
+            {"device_id":"max300-0001","intervals":[{"period":50,"mode":"discharge","rate_kw":10}]}]}"#,
+    );
+    let out = run(&["validate", &file]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("2026-10-25 (Europe/London): 50 periods"),
+        "{text}"
+    );
+    assert!(
+        text.contains("max300-0001: ok, 50 periods, 49 filled with idle"),
+        "{text}"
+    );
+}
+
+#[test]
+fn validate_rejects_a_document_that_is_not_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "junk.json", "<html>oops</html>");
+    let out = run(&["validate", &file]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not a JSON object"));
+}
+
+#[test]
+fn prints_the_embedded_default_configs() {
+    for which in ["cloud", "agent"] {
+        let out = run(&["config", "print-default", which]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("mqtt = \"mqtt://127.0.0.1:1883\""),
+            "{which}: {text}"
+        );
+    }
+}
+
+#[test]
+fn the_embedded_broker_refuses_a_public_address() {
+    let out = run(&["broker", "--mqtt", "mqtt://0.0.0.0:1883"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"));
+}

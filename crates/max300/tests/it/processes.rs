@@ -1,0 +1,185 @@
+//! The same day with separate processes: `max300 broker`, `provider`, `cloud` and two
+//! `agent`s, sharing one scaled clock.
+
+use std::time::Duration;
+
+use max300_protocol::{Clock, SystemClock};
+use serde_json::Value;
+
+use crate::{Proc, free_port};
+
+const SPEED: &str = "2000";
+
+fn clock_flags(start: &str, anchor: &str) -> Vec<String> {
+    vec![
+        "--clock-start".into(),
+        start.into(),
+        "--clock-anchor".into(),
+        anchor.into(),
+        "--clock-speed".into(),
+        SPEED.into(),
+    ]
+}
+
+fn args(list: &[&str], clock: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|s| s.to_string())
+        .chain(clock.iter().cloned())
+        .collect()
+}
+
+async fn get(url: &str) -> Value {
+    let response = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path();
+    // One hour of plan time before the day starts, for fetching and delivery.
+    let start = "2026-11-29T23:00:00Z";
+    let anchor = SystemClock.now().to_string();
+    let clock = clock_flags(start, &anchor);
+
+    let port = free_port();
+    let mqtt = format!("mqtt://127.0.0.1:{port}");
+    let mut broker = Proc::start("broker", &args(&["broker", "--mqtt", &mqtt], &[]), logs);
+    broker.expect_line("listening on");
+
+    let mut provider = Proc::start(
+        "provider",
+        &args(
+            &[
+                "provider",
+                "--http",
+                "127.0.0.1:0",
+                "--device-ids",
+                "unit-a,unit-b",
+                "--seed",
+                "3",
+            ],
+            &clock,
+        ),
+        logs,
+    );
+    let provider_url = provider.expect_line("listening on");
+
+    let cloud_dir = dir.path().join("cloud").display().to_string();
+    let mut cloud = Proc::start(
+        "cloud",
+        &args(
+            &[
+                "cloud",
+                "--mqtt",
+                &mqtt,
+                "--http",
+                "127.0.0.1:0",
+                "--provider",
+                &provider_url,
+                "--data-dir",
+                &cloud_dir,
+            ],
+            &clock,
+        ),
+        logs,
+    );
+    let api = cloud.expect_line("listening on");
+
+    let mut agents = Vec::new();
+    for id in ["unit-a", "unit-b"] {
+        let data = dir.path().join(id).display().to_string();
+        agents.push(Proc::start(
+            id,
+            &args(
+                &[
+                    "agent",
+                    "--device-id",
+                    id,
+                    "--mqtt",
+                    &mqtt,
+                    "--data-dir",
+                    &data,
+                ],
+                &clock,
+            ),
+            logs,
+        ));
+    }
+
+    // Follow the day through the API. A 48-period day takes 43 s at 2000×.
+    let mut seen_mid_day = false;
+    let mut done = false;
+    for _ in 0..240 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let list = get(&format!("{api}/api/commands?date=2026-11-30")).await;
+        let list = list.as_array().unwrap();
+        if list.len() < 2 {
+            continue;
+        }
+        let mut completed = 0;
+        for summary in list {
+            let id = summary["message_id"].as_str().unwrap();
+            let detail = get(&format!("{api}/api/commands/{id}")).await;
+            let periods = detail["periods"].as_array().unwrap();
+            assert_eq!(periods.len(), 48);
+            let executed = periods.iter().filter(|p| p["status"] == "executed").count();
+            let pending = periods.iter().filter(|p| p["status"] == "pending").count();
+            assert_eq!(
+                executed + pending,
+                48,
+                "no period failed or was skipped: {detail}"
+            );
+            if executed > 0 && pending > 0 {
+                assert_eq!(detail["state"], "acknowledged", "{detail}");
+                assert!(detail["history"].as_array().unwrap().len() >= 3, "{detail}");
+                seen_mid_day = true;
+            }
+            if detail["state"] == "completed" {
+                assert_eq!(executed, 48);
+                let states: Vec<&str> = detail["history"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|h| h["state"].as_str().unwrap())
+                    .collect();
+                assert_eq!(states, ["created", "sent", "acknowledged", "completed"]);
+                assert_eq!(detail["acked_sha256"], detail["sha256"]);
+                completed += 1;
+            }
+        }
+        if completed == 2 {
+            done = true;
+            break;
+        }
+    }
+    let logs_hint = format!("logs in {}", logs.display());
+    assert!(
+        seen_mid_day,
+        "never saw a command part-way through its day; {logs_hint}"
+    );
+    assert!(done, "the commands did not complete; {logs_hint}");
+
+    let devices = get(&format!("{api}/api/devices")).await;
+    let ids: Vec<&str> = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["unit-a", "unit-b"]);
+
+    // Every service stops cleanly on SIGTERM.
+    for p in agents.iter_mut().chain([&mut cloud, &mut provider]) {
+        let status = p.stop();
+        assert!(status.success(), "{} exited with {status}", p.name);
+    }
+    broker.stop();
+}
