@@ -55,7 +55,7 @@ impl Audit {
             "raw/{}/{}-{source}-{}.json",
             received.strftime("%Y-%m-%d"),
             received.strftime("%Y%m%dT%H%M%S%.3fZ"),
-            short_hash(&body)
+            unique(&body)
         );
         self.put(&key, body).await?;
         Ok(key)
@@ -72,7 +72,7 @@ impl Audit {
         let key = format!(
             "rejections/{schedule_date}/{}-{}.json",
             received.strftime("%Y%m%dT%H%M%S%.3fZ"),
-            short_hash(&body)
+            unique(&body)
         );
         self.put(&key, body).await?;
         Ok(key)
@@ -101,12 +101,13 @@ impl Audit {
     }
 }
 
-fn short_hash(body: &[u8]) -> String {
-    // FNV-1a: enough to tell two documents received in the same millisecond apart.
+/// A content hash plus a random part: two documents received in the same millisecond, even
+/// identical ones, each keep their own object, so the audit trail counts every receipt.
+fn unique(body: &[u8]) -> String {
     let hash = body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     });
-    format!("{:08x}", hash >> 32)
+    format!("{:08x}-{:04x}", hash >> 32, fastrand::u16(..))
 }
 
 #[cfg(test)]

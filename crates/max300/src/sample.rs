@@ -82,7 +82,7 @@ impl SampleProvider {
             (Time::constant(12, 0, 0, 0), 2, "charge", solar_kw),
             (Time::constant(16, 0, 0, 0), 6, "discharge", discharge_kw),
         ];
-        let by_period = index % 2 == 0;
+        let by_period = index.is_multiple_of(2);
         let mut intervals = Vec::new();
         for (at, periods, mode, kw) in blocks {
             if kw == 0.0 {

@@ -1,5 +1,8 @@
 //! End-to-end tests of the `max300` binary: real processes, real sockets, real SQLite.
 
+// Test helpers unwrap too: a panic there is the failure message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod processes;
 mod up;

@@ -1,0 +1,301 @@
+//! The `CommandStore` contract. Each rule is a function over any store; the tests run them
+//! against SQLite (and, later, DynamoDB).
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use max300_cloud::store::{CommandStore, Insert, NewCommand, Recorded};
+use max300_cloud::{CommandState, PeriodStatus, SqliteStore};
+use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
+use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId};
+
+use crate::{day, eve, schedule};
+
+fn sqlite() -> (tempfile::TempDir, Arc<dyn CommandStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap();
+    (dir, Arc::new(store))
+}
+
+async fn create(store: &dyn CommandStore, device: &str, kw: u32) -> (MessageId, Insert) {
+    let id = MessageId::generate(eve());
+    let insert = store
+        .insert_commands(
+            &[NewCommand {
+                message_id: id.clone(),
+                schedule: schedule(device, kw),
+            }],
+            eve(),
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    (id, insert)
+}
+
+fn ack(id: &MessageId, device: &str, seq: u64, effective: u32) -> AckMsg {
+    AckMsg {
+        v: V1,
+        store_id: StoreId::parse("s1").unwrap(),
+        seq,
+        message_id: id.clone(),
+        device_id: DeviceId::parse(device).unwrap(),
+        status: AckStatus::Accepted,
+        reason: None,
+        details: None,
+        sha256: Some("abc".into()),
+        effective_period: Some(effective),
+        at: eve(),
+        traceparent: None,
+    }
+}
+
+fn report(id: Option<&MessageId>, device: &str, period: u32) -> ReportMsg {
+    ReportMsg {
+        v: V1,
+        store_id: StoreId::parse("s1").unwrap(),
+        seq: 100 + u64::from(period),
+        message_id: id.cloned(),
+        device_id: DeviceId::parse(device).unwrap(),
+        period,
+        interval_start: day().period_start(period),
+        mode: Mode::Idle,
+        rate_kw: RateKw::ZERO,
+        status: ReportStatus::Executed,
+        applied_kw: Some(RateKw::ZERO),
+        limited_by: None,
+        reason: None,
+        would_kw: None,
+        soc_pct: Some(50.0),
+        energy_kwh: Some(0.0),
+        error: None,
+        at: day().period_start(period),
+        traceparent: None,
+    }
+}
+
+async fn state(store: &dyn CommandStore, id: &MessageId) -> CommandState {
+    store.command(id).await.unwrap().unwrap().summary.state
+}
+
+async fn versions_by_content(store: &dyn CommandStore) {
+    let (_, first) = create(store, "d1", 10).await;
+    assert!(matches!(first, Insert::Created { version: 1, .. }));
+    let (_, same) = create(store, "d1", 10).await;
+    assert!(
+        matches!(same, Insert::Unchanged { version: 1, .. }),
+        "{same:?}"
+    );
+    let (_, changed) = create(store, "d1", 20).await;
+    assert!(
+        matches!(changed, Insert::Created { version: 2, .. }),
+        "{changed:?}"
+    );
+    let (_, other) = create(store, "d2", 20).await;
+    assert!(matches!(other, Insert::Created { version: 1, .. }));
+}
+
+async fn rebuilds_the_published_message(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    let msg = store.schedule_message(&id).await.unwrap().unwrap();
+    assert_eq!(msg.to_schedule().unwrap(), schedule("d1", 10));
+    assert_eq!(msg.version, 1);
+}
+
+async fn walks_the_lifecycle_and_applies_each_message_once(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    assert_eq!(state(store, &id).await, CommandState::Created);
+    assert_eq!(store.unsent().await.unwrap(), vec![id.clone()]);
+    store
+        .mark_sent(std::slice::from_ref(&id), eve())
+        .await
+        .unwrap();
+    assert_eq!(state(store, &id).await, CommandState::Sent);
+    assert!(store.unsent().await.unwrap().is_empty());
+
+    let a = ack(&id, "d1", 1, 1);
+    assert_eq!(
+        store.record_ack(&a, eve()).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(
+        store.record_ack(&a, eve()).await.unwrap(),
+        Recorded::Duplicate
+    );
+    assert_eq!(state(store, &id).await, CommandState::Acknowledged);
+
+    for p in 1..=48 {
+        let r = report(Some(&id), "d1", p);
+        assert_eq!(
+            store.record_report(&r, eve()).await.unwrap(),
+            Recorded::Applied
+        );
+        assert_eq!(
+            store.record_report(&r, eve()).await.unwrap(),
+            Recorded::Duplicate
+        );
+    }
+    let detail = store.command(&id).await.unwrap().unwrap();
+    assert_eq!(detail.summary.state, CommandState::Completed);
+    assert!(
+        detail
+            .periods
+            .iter()
+            .all(|p| p.status == PeriodStatus::Executed)
+    );
+    let states: Vec<_> = detail.history.iter().map(|h| h.state).collect();
+    assert_eq!(
+        states,
+        [
+            CommandState::Created,
+            CommandState::Sent,
+            CommandState::Acknowledged,
+            CommandState::Completed
+        ]
+    );
+}
+
+async fn a_report_implies_the_ack(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    store
+        .mark_sent(std::slice::from_ref(&id), eve())
+        .await
+        .unwrap();
+    store
+        .record_report(&report(Some(&id), "d1", 1), eve())
+        .await
+        .unwrap();
+    assert_eq!(state(store, &id).await, CommandState::Acknowledged);
+}
+
+async fn stores_messages_about_unknown_commands(store: &dyn CommandStore) {
+    let stranger = MessageId::generate(eve());
+    let a = ack(&stranger, "d9", 1, 1);
+    assert_eq!(
+        store.record_ack(&a, eve()).await.unwrap(),
+        Recorded::UnknownCommand
+    );
+    assert_eq!(
+        store.record_ack(&a, eve()).await.unwrap(),
+        Recorded::Duplicate
+    );
+    let r = report(None, "d9", 1);
+    assert_eq!(
+        store.record_report(&r, eve()).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(
+        store.record_report(&r, eve()).await.unwrap(),
+        Recorded::Duplicate
+    );
+}
+
+async fn a_newer_version_supersedes_from_its_effective_period(store: &dyn CommandStore) {
+    let (v1, _) = create(store, "d1", 10).await;
+    store
+        .record_ack(&ack(&v1, "d1", 1, 1), eve())
+        .await
+        .unwrap();
+    for p in 1..=9 {
+        store
+            .record_report(&report(Some(&v1), "d1", p), eve())
+            .await
+            .unwrap();
+    }
+    let (v2, _) = create(store, "d1", 20).await;
+    store
+        .record_ack(&ack(&v2, "d1", 2, 10), eve())
+        .await
+        .unwrap();
+    let old = store.command(&v1).await.unwrap().unwrap();
+    let new = store.command(&v2).await.unwrap().unwrap();
+    assert_eq!(old.summary.state, CommandState::Superseded);
+    assert_eq!(new.summary.state, CommandState::Acknowledged);
+    assert_eq!(new.effective_period, Some(10));
+    for p in &old.periods {
+        let want = if p.period < 10 {
+            PeriodStatus::Executed
+        } else {
+            PeriodStatus::Skipped
+        };
+        assert_eq!(p.status, want, "v1 period {}", p.period);
+    }
+    for p in &new.periods {
+        let want = if p.period < 10 {
+            PeriodStatus::Skipped
+        } else {
+            PeriodStatus::Pending
+        };
+        assert_eq!(p.status, want, "v2 period {}", p.period);
+    }
+    let current = store
+        .current_commands(&DeviceId::parse("d1").unwrap(), day().date())
+        .await
+        .unwrap();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].message_id, v2);
+}
+
+async fn registers_devices_and_records_heartbeats(store: &dyn CommandStore) {
+    let d = DeviceId::parse("d1").unwrap();
+    store.register_device(&d, None, eve()).await.unwrap();
+    store
+        .register_device(&d, Some(RateKw::from_watts(90_000)), eve())
+        .await
+        .unwrap();
+    store.register_device(&d, None, eve()).await.unwrap();
+    let rec = store.device(&d).await.unwrap().unwrap();
+    assert_eq!(
+        rec.max_rate_kw,
+        Some(RateKw::from_watts(90_000)),
+        "a later plain registration keeps the limit"
+    );
+    let hb: max300_protocol::message::HeartbeatMsg = serde_json::from_str(
+        r#"{"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":5,
+            "agent_version":"t","mode":"charge","rate_kw":12.5,"soc_pct":40.0,"fallback":"no_schedule","outbox":3}"#,
+    )
+    .unwrap();
+    let seen: Timestamp = "2026-11-29T16:00:01Z".parse().unwrap();
+    store.record_heartbeat(&hb, seen).await.unwrap();
+    let rec = store.device(&d).await.unwrap().unwrap();
+    assert_eq!(rec.last_seen, Some(seen));
+    assert_eq!(rec.rate_kw, Some(RateKw::from_watts(12_500)));
+    assert_eq!(rec.fallback.as_deref(), Some("no_schedule"));
+    assert_eq!(store.devices().await.unwrap().len(), 1);
+}
+
+macro_rules! sqlite_contract {
+    ($($rule:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $rule() {
+                    let (_dir, store) = super::sqlite();
+                    super::$rule(&*store).await;
+                }
+            )*
+        }
+    };
+}
+
+sqlite_contract!(
+    versions_by_content,
+    rebuilds_the_published_message,
+    walks_the_lifecycle_and_applies_each_message_once,
+    a_report_implies_the_ack,
+    stores_messages_about_unknown_commands,
+    a_newer_version_supersedes_from_its_effective_period,
+    registers_devices_and_records_heartbeats,
+);
+
+#[tokio::test]
+async fn commands_survive_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.sqlite");
+    let id = {
+        let store = SqliteStore::open(&path).unwrap();
+        create(&store, "d1", 10).await.0
+    };
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.unsent().await.unwrap(), vec![id]);
+}
