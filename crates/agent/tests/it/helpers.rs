@@ -1,82 +1,28 @@
 //! `TestApp`: starts the broker, the "cloud" client and the agent, with one method per action.
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use max300_agent::{AgentConfig, AgentError};
+use max300_mqtt::{Event, Qos, Session, SessionConfig};
 use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{
     Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock, Schedule,
     Setpoint, StoreId, Topics,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub const DEVICE: &str = "max300-0001";
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Starts an embedded broker on a free loopback port. rumqttd cannot report a port it bound
-/// from 0, so a free one is reserved, released and used, with a retry if someone took it.
+/// Starts the embedded broker on a free loopback port.
 pub fn start_broker() -> u16 {
-    for _ in 0..20 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let config = Config {
-            id: 0,
-            router: RouterConfig {
-                max_connections: 1010,
-                max_outgoing_packet_count: 200,
-                max_segment_size: 4 * 1024 * 1024,
-                max_segment_count: 10,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-            v4: Some(HashMap::from([(
-                "1".to_string(),
-                ServerSettings {
-                    name: "v4-1".into(),
-                    listen: addr,
-                    tls: None,
-                    next_connection_delay_ms: 1,
-                    connections: ConnectionSettings {
-                        connection_timeout_ms: 5_000,
-                        max_payload_size: 256 * 1024 + 1024,
-                        max_inflight_count: 100,
-                        auth: None,
-                        external_auth: None,
-                        dynamic_filters: true,
-                    },
-                },
-            )])),
-            ..Default::default()
-        };
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut broker = Broker::new(config);
-            let result = broker.start();
-            let _ = started_tx.send(result.is_ok());
-        });
-        for _ in 0..200 {
-            if let Ok(false) = started_rx.try_recv() {
-                break;
-            }
-            if TcpStream::connect(addr).is_ok() {
-                return port;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    panic!("no broker could be started");
+    max300_mqtt::broker::start("127.0.0.1:0".parse().unwrap(), 1100)
+        .expect("the embedded broker starts")
+        .port()
 }
 
 pub fn ts(s: &str) -> Timestamp {
@@ -108,7 +54,7 @@ pub fn plan(
 /// The broker, the cloud client, and one agent.
 pub struct TestApp {
     pub port: u16,
-    pub cloud: AsyncClient,
+    pub cloud: Session,
     inbox: mpsc::Receiver<Message>,
     /// Every message the cloud has seen, in arrival order.
     pub seen: Vec<Message>,
@@ -172,7 +118,7 @@ impl TestApp {
     pub async fn publish(&self, channel: Channel, payload: Vec<u8>) {
         let topic = self.topics.topic(&device(), channel);
         self.cloud
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, payload, Qos::AtLeastOnce)
             .await
             .unwrap();
     }
@@ -208,40 +154,24 @@ impl TestApp {
     }
 }
 
-/// The cloud's MQTT client, subscribed to every device channel before it returns.
-pub async fn cloud_client(port: u16) -> (AsyncClient, mpsc::Receiver<Message>) {
-    let mut options = MqttOptions::new("cloud-test", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    options.set_max_packet_size(256 * 1024, 256 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
-    for filter in Topics::default().cloud_filters() {
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    }
+/// The cloud's MQTT session, subscribed to every device channel before it returns.
+pub async fn cloud_client(port: u16) -> (Session, mpsc::Receiver<Message>) {
+    let url = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
+    let config = SessionConfig::new(url, "cloud-test", Topics::default().cloud_filters());
+    let (session, mut events) = max300_mqtt::connect(config, CancellationToken::new()).unwrap();
     let (tx, rx) = mpsc::channel(4096);
-    let (ready_tx, ready_rx) = oneshot::channel();
     tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        let mut subacks = 0;
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    subacks += 1;
-                    if subacks == 4
-                        && let Some(r) = ready.take()
-                    {
-                        let _ = r.send(());
-                    }
+        while let Some(event) = events.recv().await {
+            if let Event::Message(inbound) = event {
+                if let Ok(msg) = &inbound.message {
+                    let _ = tx.try_send(msg.clone());
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Ok(msg) = Message::decode(&p.payload) {
-                        let _ = tx.try_send(msg);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                inbound.ack().await;
             }
         }
     });
-    tokio::time::timeout(WAIT, ready_rx).await.unwrap().unwrap();
-    (client, rx)
+    tokio::time::timeout(WAIT, session.wait_connected())
+        .await
+        .unwrap();
+    (session, rx)
 }

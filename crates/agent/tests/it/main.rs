@@ -2,8 +2,7 @@
 //! simulated battery) and a raw MQTT client playing the cloud, under a scaled clock.
 
 // A test that cannot set itself up should panic, with the value in the message.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fleet;
 mod flows;
 mod helpers;

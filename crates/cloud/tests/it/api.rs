@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use max300_cloud::{Cloud, CloudConfig};
+use max300_mqtt::{Event, Qos, Session, SessionConfig};
 use max300_protocol::message::{AckMsg, AckStatus, V1};
 use max300_protocol::{Clock, DeviceId, ManualClock, Message, StoreId};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -71,43 +71,30 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// A raw MQTT client subscribed to `device`'s inbound topics.
-    async fn device(&self, device: &str) -> (AsyncClient, mpsc::Receiver<Message>) {
-        let mut options = MqttOptions::new(device, "127.0.0.1", self.mqtt_port);
-        options.set_keep_alive(Duration::from_secs(5));
-        options.set_max_packet_size(256 * 1024, 256 * 1024);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
+    /// An MQTT session playing `device`, subscribed to its inbound topics.
+    async fn device(&self, device: &str) -> (Session, mpsc::Receiver<Message>) {
+        let url = format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+            .parse()
+            .unwrap();
         let id = DeviceId::parse(device).unwrap();
-        for topic in max300_protocol::Topics::default().device_filters(&id) {
-            client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
-        }
+        let filters = max300_protocol::Topics::default().device_filters(&id);
+        let config = SessionConfig::new(url, device, filters);
+        let (session, mut events) = max300_mqtt::connect(config, self.shutdown.clone()).unwrap();
         let (tx, rx) = mpsc::channel(64);
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        let mut acked = 0;
         tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        acked += 1;
-                        if acked == 3
-                            && let Some(s) = subscribed_tx.take()
-                        {
-                            let _ = s.send(());
-                        }
+            while let Some(event) = events.recv().await {
+                if let Event::Message(inbound) = event {
+                    if let Ok(m) = &inbound.message {
+                        let _ = tx.send(m.clone()).await;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if let Ok(m) = Message::decode(&p.payload) {
-                            let _ = tx.send(m).await;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    inbound.ack().await;
                 }
             }
         });
-        subscribed_rx.await.unwrap();
-        (client, rx)
+        tokio::time::timeout(Duration::from_secs(10), session.wait_connected())
+            .await
+            .unwrap();
+        (session, rx)
     }
 }
 
@@ -219,7 +206,7 @@ async fn acks_move_the_command_and_are_receipted() {
         traceparent: None,
     });
     client
-        .publish("max300/d1/ack", QoS::AtLeastOnce, false, ack.encode())
+        .publish("max300/d1/ack".into(), ack.encode(), Qos::AtLeastOnce)
         .await
         .unwrap();
     let Message::Receipt(receipt) = next(&mut inbox).await else {
@@ -235,7 +222,7 @@ async fn acks_move_the_command_and_are_receipted() {
 
     // A duplicate is receipted again and changes nothing.
     client
-        .publish("max300/d1/ack", QoS::AtLeastOnce, false, ack.encode())
+        .publish("max300/d1/ack".into(), ack.encode(), Qos::AtLeastOnce)
         .await
         .unwrap();
     let Message::Receipt(again) = next(&mut inbox).await else {
@@ -261,21 +248,29 @@ async fn spoofed_and_garbled_messages_are_dropped_without_harm() {
     let spoof = json!({"type":"ack","v":1,"store_id":"s2","seq":1,"message_id":id,"device_id":"d1",
                        "status":"accepted","at":"2026-11-29T16:00:00Z"});
     client
-        .publish("max300/d2/ack", QoS::AtLeastOnce, false, spoof.to_string())
+        .publish(
+            "max300/d2/ack".into(),
+            spoof.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
         .await
         .unwrap();
     client
-        .publish("max300/d1/ack", QoS::AtLeastOnce, false, "{not json")
+        .publish("max300/d1/ack".into(), "{not json".into(), Qos::AtLeastOnce)
         .await
         .unwrap();
     client
-        .publish("max300/d1/report", QoS::AtLeastOnce, false, vec![0xff; 10])
+        .publish("max300/d1/report".into(), vec![0xff; 10], Qos::AtLeastOnce)
         .await
         .unwrap();
     let real = json!({"type":"ack","v":1,"store_id":"s1","seq":2,"message_id":id,"device_id":"d1",
                       "status":"rejected","reason":"rate_above_max","at":"2026-11-29T16:00:00Z"});
     client
-        .publish("max300/d1/ack", QoS::AtLeastOnce, false, real.to_string())
+        .publish(
+            "max300/d1/ack".into(),
+            real.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
         .await
         .unwrap();
     let Message::Receipt(receipt) = next(&mut inbox).await else {
