@@ -1,21 +1,23 @@
 //! The command line (DESIGN §8). Flags are layered over config files and `MAX300_*`
 //! variables by passing them on as the last, strongest layer of variables.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use jiff::civil::Date;
+#[cfg(feature = "agent")]
 use max300_agent::AgentConfig;
+#[cfg(feature = "cloud")]
 use max300_cloud::{Cloud, CloudConfig};
-use max300_protocol::day::time_zone;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::ClockArgs;
-use crate::{sample, up, validate};
-use max300_mqtt::broker;
+#[cfg(feature = "cloud")]
+use crate::sample;
+#[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+use crate::up;
+use crate::validate;
 
 /// MAX300 fleet control: day-ahead battery plans from the provider to every unit.
 #[derive(Parser, Debug)]
@@ -33,16 +35,22 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Everything on one machine: broker, cloud, sample provider and simulated units.
+    #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
     Up(up::UpArgs),
     /// The cloud service.
+    #[cfg(feature = "cloud")]
     Cloud(CloudArgs),
     /// The edge agent of one unit.
+    #[cfg(feature = "agent")]
     Agent(AgentArgs),
     /// The sample schedule provider (GET /tomorrow[?date=D]).
+    #[cfg(feature = "cloud")]
     Provider(ProviderArgs),
     /// The embedded MQTT broker on its own (loopback only).
+    #[cfg(feature = "broker")]
     Broker(BrokerArgs),
     /// One ingestion run, in-process, with the cloud's settings.
+    #[cfg(feature = "cloud")]
     Ingest(IngestArgs),
     /// Check a provider document offline and print every error with its place.
     Validate(validate::ValidateArgs),
@@ -68,8 +76,10 @@ pub enum ConfigAction {
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum Service {
     /// The cloud service.
+    #[cfg(feature = "cloud")]
     Cloud,
     /// The edge agent.
+    #[cfg(feature = "agent")]
     Agent,
 }
 
@@ -91,6 +101,7 @@ pub struct ServiceArgs {
 }
 
 /// `max300 cloud`
+#[cfg(feature = "cloud")]
 #[derive(Args, Debug, Clone, Default)]
 pub struct CloudArgs {
     /// Config, data dir, broker, clock.
@@ -117,6 +128,7 @@ pub struct CloudArgs {
 }
 
 /// `max300 agent`
+#[cfg(feature = "agent")]
 #[derive(Args, Debug, Clone, Default)]
 pub struct AgentArgs {
     /// Config, data dir, broker, clock.
@@ -134,11 +146,12 @@ pub struct AgentArgs {
 }
 
 /// `max300 provider`
+#[cfg(feature = "cloud")]
 #[derive(Args, Debug, Clone)]
 pub struct ProviderArgs {
     /// Where to listen.
     #[arg(long, default_value = "127.0.0.1:8400")]
-    pub http: SocketAddr,
+    pub http: std::net::SocketAddr,
     /// Serve plans for max300-0001 … max300-N.
     #[arg(long, default_value_t = 20)]
     pub devices: usize,
@@ -157,6 +170,7 @@ pub struct ProviderArgs {
 }
 
 /// `max300 broker`
+#[cfg(feature = "broker")]
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
     /// Where to listen: mqtt://127.0.0.1:PORT (loopback only).
@@ -168,6 +182,7 @@ pub struct BrokerArgs {
 }
 
 /// `max300 ingest`
+#[cfg(feature = "cloud")]
 #[derive(Args, Debug, Clone)]
 pub struct IngestArgs {
     /// The cloud's flags.
@@ -175,13 +190,14 @@ pub struct IngestArgs {
     pub cloud: CloudArgs,
     /// The date to ingest.
     #[arg(long)]
-    pub date: Date,
+    pub date: jiff::civil::Date,
 }
 
 impl Command {
     /// The log filter when RUST_LOG is not set.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
+            #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
             Command::Up(_) => "warn",
             Command::Validate(_) | Command::Config { .. } => "warn",
             _ => "info",
@@ -191,11 +207,17 @@ impl Command {
     /// Runs the command.
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self {
+            #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
             Command::Up(args) => up::run(args).await,
+            #[cfg(feature = "cloud")]
             Command::Cloud(args) => run_cloud(args).await,
+            #[cfg(feature = "agent")]
             Command::Agent(args) => run_agent(args).await,
+            #[cfg(feature = "cloud")]
             Command::Provider(args) => run_provider(args).await,
+            #[cfg(feature = "broker")]
             Command::Broker(args) => run_broker(args).await,
+            #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
             Command::Config {
@@ -204,7 +226,9 @@ impl Command {
                 print!(
                     "{}",
                     match which {
+                        #[cfg(feature = "cloud")]
                         Service::Cloud => CloudConfig::DEFAULT_TOML,
+                        #[cfg(feature = "agent")]
                         Service::Agent => AgentConfig::DEFAULT_TOML,
                     }
                 );
@@ -268,6 +292,7 @@ fn path_flag(p: &Option<PathBuf>) -> Option<String> {
 }
 
 /// The cloud's config from its defaults, file, env and flags.
+#[cfg(feature = "cloud")]
 pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
     let file = read_config_file(&args.service.config)?;
     let env = layered_env(vec![
@@ -289,6 +314,7 @@ pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
 }
 
 /// The agent's config from its defaults, file, env and flags.
+#[cfg(feature = "agent")]
 pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let file = read_config_file(&args.service.config)?;
     let env = layered_env(vec![
@@ -304,6 +330,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     )?)
 }
 
+#[cfg(feature = "cloud")]
 async fn run_cloud(args: CloudArgs) -> anyhow::Result<ExitCode> {
     let config = cloud_config(&args)?;
     let clock = args.service.clock.build()?;
@@ -315,6 +342,7 @@ async fn run_cloud(args: CloudArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "agent")]
 async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if args.metrics.is_some() {
         anyhow::bail!("--metrics: the agent's Prometheus endpoint is not built yet");
@@ -326,6 +354,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "cloud")]
 async fn run_provider(args: ProviderArgs) -> anyhow::Result<ExitCode> {
     let clock = args.clock.build()?;
     let devices = if args.device_ids.is_empty() {
@@ -336,7 +365,7 @@ async fn run_provider(args: ProviderArgs) -> anyhow::Result<ExitCode> {
     let provider = sample::SampleProvider {
         devices,
         seed: args.seed,
-        timezone: time_zone(&args.timezone).context("--timezone")?,
+        timezone: max300_protocol::day::time_zone(&args.timezone).context("--timezone")?,
     };
     let shutdown = shutdown_on_signal();
     let (addr, served) = sample::serve(provider, clock, args.http, shutdown).await?;
@@ -345,6 +374,7 @@ async fn run_provider(args: ProviderArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "broker")]
 async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     let url: max300_mqtt::BrokerUrl = args.mqtt.parse()?;
     if url.tls {
@@ -356,12 +386,16 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
             .parse()
             .with_context(|| format!("--mqtt: {host:?} is not an IP address"))?,
     };
-    let addr = broker::start(SocketAddr::new(ip, url.port), args.max_connections)?;
+    let addr = max300_mqtt::broker::start(
+        std::net::SocketAddr::new(ip, url.port),
+        args.max_connections,
+    )?;
     println!("listening on mqtt://{addr}");
     shutdown_on_signal().cancelled().await;
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "cloud")]
 async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let mut cloud_args = args.cloud.clone();
     // An in-process run: the API is not needed, so take any free loopback port.

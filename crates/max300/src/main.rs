@@ -10,7 +10,9 @@
 
 mod cli;
 mod clock;
+#[cfg(feature = "cloud")]
 mod sample;
+#[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
 mod up;
 mod validate;
 
