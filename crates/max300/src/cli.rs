@@ -198,7 +198,7 @@ impl Command {
     pub fn default_log_filter(&self) -> &'static str {
         match self {
             #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
-            Command::Up(_) => "warn",
+            Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
             _ => "info",
         }
