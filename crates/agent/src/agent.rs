@@ -144,7 +144,7 @@ pub async fn run(
         topics,
         engine,
         guard: Guard::new(window, max_rate),
-        planned: Setpoint::IDLE,
+        store_fault: false,
         fault: None,
         started: monotonic(),
         resend_after: Duration::from_secs(config.resend_after_s),
@@ -185,8 +185,9 @@ struct Agent {
     topics: Topics,
     engine: Engine,
     guard: Guard,
-    /// What the current period's plan asks for; idle when skipped or in fallback.
-    planned: Setpoint,
+    /// Set while reports cannot be stored: the unit then idles rather than run a plan whose
+    /// outcome cannot be recorded.
+    store_fault: bool,
     /// The last controller error, until a write and read-back succeed again.
     fault: Option<String>,
     started: Instant,
@@ -395,7 +396,6 @@ impl Agent {
                     self.engine.acted(now);
                     info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "plan cancelled: going idle");
                     if self.engine.active(now).is_none() {
-                        self.planned = Setpoint::IDLE;
                         self.drive(false).await;
                     }
                 }
@@ -412,7 +412,9 @@ impl Agent {
             }
         };
         match result {
-            Ok(out) => self.publish(&out).await,
+            Ok(out) => {
+                self.publish(&out).await;
+            }
             Err(e) => {
                 error!(device_id = %self.device_id, message_id = %mid, error = %e, "control not stored: ack withheld")
             }
@@ -438,10 +440,7 @@ impl Agent {
     async fn on_boundary(&mut self) {
         let now = self.clock.now();
         if self.engine.clock_unsynced(now) {
-            if self.planned != Setpoint::IDLE {
-                warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
-            }
-            self.planned = Setpoint::IDLE;
+            warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
             self.drive(false).await;
             return;
         }
@@ -459,6 +458,7 @@ impl Agent {
             .await
             {
                 Ok(Some(out)) => {
+                    self.store_fault = false;
                     self.engine.mark_done(start);
                     self.engine.acted(now);
                     self.publish(&out).await;
@@ -469,7 +469,10 @@ impl Agent {
                 }
                 Err(e) => {
                     // Left for the next boundary; it will then be reported as missed, once.
-                    error!(device_id = %self.device_id, interval_start = %start, error = %e, "report not stored");
+                    // Until a report can be stored again, the unit idles (DESIGN §7 fallback).
+                    error!(device_id = %self.device_id, interval_start = %start, error = %e, "report not stored: idle");
+                    self.store_fault = true;
+                    self.drive(false).await;
                     break;
                 }
             }
@@ -515,7 +518,6 @@ impl Agent {
                 report.rate_kw = planned.rate();
                 report.reason = Some(*reason);
                 if is_current {
-                    self.planned = Setpoint::IDLE;
                     self.drive(false).await;
                 }
                 if *reason != PeriodReason::AgentDown {
@@ -529,7 +531,6 @@ impl Agent {
                 report.message_id = Some(message_id.clone());
                 report.mode = setpoint.mode();
                 report.rate_kw = setpoint.rate();
-                self.planned = *setpoint;
                 match self.execute(*setpoint).await {
                     Ok((applied, limited_by, status)) => {
                         report.applied_kw = Some(applied.rate());
@@ -599,9 +600,13 @@ impl Agent {
     /// Keeps the controller on the clamped plan: writes when the clamped setpoint differs
     /// from what it runs, and always when `reassert` (before its revert timer runs out).
     async fn drive(&mut self, reassert: bool) {
-        if self.engine.clock_unsynced(self.clock.now()) {
-            self.planned = Setpoint::IDLE;
-        }
+        // Derived from the engine each time, so a restart or a recovered clock mid-period
+        // drives the current period's plan, not a stale copy of it.
+        let planned = if self.store_fault {
+            Setpoint::IDLE
+        } else {
+            self.engine.current(self.clock.now())
+        };
         let status = match self.battery.read().await {
             Ok(s) => s,
             Err(e) => {
@@ -609,7 +614,7 @@ impl Agent {
                 return;
             }
         };
-        let clamped = self.guard.clamp(self.planned, &status);
+        let clamped = self.guard.clamp(planned, &status);
         if reassert || status.setpoint != clamped.setpoint {
             match self.battery.apply(clamped.setpoint).await {
                 Ok(()) => self.fault = None,
@@ -622,20 +627,23 @@ impl Agent {
 
     // ---- outbound ----
 
-    async fn publish(&self, out: &Outgoing) {
+    /// Publishes one outbox entry; `false` if it did not reach the session in time.
+    async fn publish(&self, out: &Outgoing) -> bool {
         if !self.session.is_connected() {
-            return;
+            return false;
         }
         let publish =
             self.session
                 .publish(out.topic.clone(), out.payload.clone(), Qos::AtLeastOnce);
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                debug!(device_id = %self.device_id, seq = out.seq, error = %e, "publish failed: left to resend")
+                debug!(device_id = %self.device_id, seq = out.seq, error = %e, "publish failed: left to resend");
+                false
             }
             Err(_) => {
-                debug!(device_id = %self.device_id, seq = out.seq, "publish timed out: left to resend")
+                debug!(device_id = %self.device_id, seq = out.seq, "publish timed out: left to resend");
+                false
             }
         }
     }
@@ -659,11 +667,16 @@ impl Agent {
         if batch.is_empty() {
             return;
         }
+        let mut seqs = Vec::with_capacity(batch.len());
         for out in &batch {
-            self.publish(out).await;
+            // A stalled session would hold up the loop past the revert timer: stop at the
+            // first entry that does not go out, and leave the rest for the next tick.
+            if !self.publish(out).await {
+                break;
+            }
+            seqs.push(out.seq);
         }
-        debug!(device_id = %self.device_id, entries = batch.len(), "outbox sent");
-        let seqs: Vec<u64> = batch.iter().map(|o| o.seq).collect();
+        debug!(device_id = %self.device_id, entries = seqs.len(), "outbox sent");
         if let Err(e) = blocking(&self.store, move |s| s.mark_sent(&seqs)).await {
             warn!(device_id = %self.device_id, error = %e, "outbox send times not stored");
         }

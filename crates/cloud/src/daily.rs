@@ -25,7 +25,7 @@ pub struct DailyFetch {
 }
 
 impl DailyFetch {
-    /// The next fetch instant strictly after the day containing `now` began.
+    /// Today's fetch instant, for the local date containing `now`.
     fn fetch_instant(&self, now: Timestamp) -> Result<Timestamp, CloudError> {
         let today = now.to_zoned_datetime(self.timezone.clone()).date();
         let at = today
@@ -104,15 +104,66 @@ impl DailyFetch {
         if today > now {
             return Ok(today);
         }
-        let tomorrow = now + SignedDuration::from_hours(24);
-        // Across a clock change the next day's fetch is 23 or 25 hours away; recompute it
-        // from the next day's local date rather than adding 24 h.
-        let next = self.fetch_instant(tomorrow)?;
-        Ok(if next > now { next } else { tomorrow })
+        // The next local date's fetch time, by the calendar: across a clock change it is 23
+        // or 25 hours away, so adding 24 h could skip a day or fetch twice.
+        let tomorrow = now
+            .to_zoned_datetime(self.timezone.clone())
+            .date()
+            .tomorrow()
+            .map_err(|e| CloudError::Config(e.to_string()))?;
+        let at = tomorrow
+            .to_datetime(self.at)
+            .to_zoned_datetime(self.timezone.clone())
+            .map_err(|e| CloudError::Config(format!("fetch_at: {e}")))?;
+        Ok(at.timestamp())
     }
 }
 
 enum Step {
     Done,
     NotYet,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daily() -> DailyFetch {
+        DailyFetch {
+            timezone: TimeZone::get("Europe/London").unwrap(),
+            at: Time::constant(16, 0, 0, 0),
+        }
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_next_fetch_is_today_before_the_time_and_tomorrow_after_it() {
+        let d = daily();
+        assert_eq!(
+            d.next_fetch(at("2026-11-29T10:00:00Z")).unwrap(),
+            at("2026-11-29T16:00:00Z")
+        );
+        assert_eq!(
+            d.next_fetch(at("2026-11-29T16:00:00Z")).unwrap(),
+            at("2026-11-30T16:00:00Z")
+        );
+    }
+
+    #[test]
+    fn the_next_fetch_follows_the_calendar_across_clock_changes() {
+        let d = daily();
+        // Late on the eve of the spring change: the change day's fetch, not the day after's.
+        assert_eq!(
+            d.next_fetch(at("2027-03-27T23:30:00Z")).unwrap(),
+            at("2027-03-28T15:00:00Z")
+        );
+        // Summer time: 16:00 BST is 15:00 UTC.
+        assert_eq!(
+            d.next_fetch(at("2026-10-24T15:30:00Z")).unwrap(),
+            at("2026-10-25T16:00:00Z")
+        );
+    }
 }

@@ -29,6 +29,9 @@ const MAX_PACKET_BYTES: usize = 192 * 1024;
 const MAX_INFLIGHT: u16 = 100;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a publish or PUBACK may wait for room in the client's queue. The queue drains
+/// only while the session task runs, so an unbounded wait could deadlock with it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to connect.
 #[derive(Clone, Debug)]
@@ -98,8 +101,10 @@ impl Inbound {
     /// Sends the PUBACK. Call it after the message is committed, or refused for good.
     /// Acks must go in arrival order (some brokers drop a client that acks out of order).
     pub async fn ack(self) {
-        if let Err(e) = self.client.ack(&self.publish).await {
-            debug!(error = %e, "puback not sent: session closing");
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.client.ack(&self.publish)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "puback not sent: session closing"),
+            Err(_) => warn!(topic = %self.topic, "puback not sent: the client queue stayed full"),
         }
     }
 
@@ -129,10 +134,18 @@ impl Session {
             Qos::AtMostOnce => QoS::AtMostOnce,
             Qos::AtLeastOnce => QoS::AtLeastOnce,
         };
-        self.client
-            .publish(topic, qos, false, payload)
-            .await
-            .map_err(|e| MqttError::Client(e.to_string()))
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.client.publish(topic, qos, false, payload),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(|e| MqttError::Client(e.to_string())),
+            Err(_) => Err(MqttError::Client(format!(
+                "the client queue stayed full for {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// Publishes a protocol message on `topic`.

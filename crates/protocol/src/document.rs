@@ -173,6 +173,8 @@ pub fn normalize(input: &[u8], fleet: &Fleet) -> Result<Normalized, ProtocolErro
             fleet.max_document_bytes
         )));
     }
+    // Some tools write a UTF-8 byte order mark; it is not part of the JSON.
+    let input = input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input);
     if input.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ProtocolError::Document(
             "not a JSON object: the document must start with '{'".into(),
@@ -533,6 +535,11 @@ fn read_period(day: &Day, raw: &RawValue) -> Result<u32, String> {
         Err(_) => match text.parse::<f64>() {
             Ok(f) if f.is_finite() && f.fract() != 0.0 => {
                 Err(format!("{text} is not a whole number"))
+            }
+            // `3.0` or `3e0`: a whole number written as a float.
+            Ok(f) if (1.0..=f64::from(n)).contains(&f) => Ok(f as u32),
+            Ok(f) if f.is_finite() && f.abs() < 1e15 => {
+                Err(format!("{text} is outside 1..={n} for {}", day.date()))
             }
             _ => Err(format!("{text} does not fit")),
         },

@@ -283,6 +283,34 @@ fn rejects_numbers_that_do_not_fit_or_are_not_whole() {
 }
 
 #[test]
+fn accepts_whole_numbers_written_as_floats_and_a_byte_order_mark() {
+    let mut input = b"\xEF\xBB\xBF".to_vec();
+    input.extend(one(
+        json!([{"period": 2.0, "mode": "charge", "rate_kw": 1}]),
+    ));
+    assert_eq!(
+        accepted(&input).schedule.setpoint(2),
+        Some(sp(Mode::Charge, 1))
+    );
+    let errs = errors_of(&one(json!([{"period": 4e3, "mode": "idle"}])));
+    assert_eq!(
+        errs,
+        vec!["schedules[0].intervals[0].period: 4000.0 is outside 1..=48 for 2026-11-30"]
+    );
+}
+
+#[test]
+fn a_tiny_negative_rate_is_still_negative() {
+    let errs = errors_of(&one(
+        json!([{"period": 1, "mode": "charge", "rate_kw": -0.0004}]),
+    ));
+    assert_eq!(
+        errs,
+        vec!["schedules[0].intervals[0].rate_kw: -0.0004 is negative"]
+    );
+}
+
+#[test]
 fn rejects_a_device_listed_twice_and_keeps_the_others() {
     let input = doc(
         "2026-11-30",

@@ -80,7 +80,7 @@ impl TryFrom<f64> for RateKw {
             return Err(ProtocolError::InvalidRate(format!("{kw} is not finite")));
         }
         let watts = (kw * 1000.0).round();
-        if watts < 0.0 {
+        if kw < 0.0 {
             return Err(ProtocolError::InvalidRate(format!("{kw} is negative")));
         }
         if watts > f64::from(u32::MAX) {

@@ -6,7 +6,7 @@ use max300_protocol::message::{
     AckStatus, ControlAction, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, RejectReason,
     ReportMsg, ReportStatus, V1,
 };
-use max300_protocol::{Channel, Clock, Day, DeviceId, Message, MessageId, Mode};
+use max300_protocol::{Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw};
 
 use crate::helpers::*;
 
@@ -288,6 +288,17 @@ async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
     }
     assert_eq!(current.store_id, ack.store_id);
     assert!(current.seq > ack.seq);
+
+    // A restart within a period that was already reported runs that period's plan at once
+    // (and reports nothing new).
+    app.restart_agent("2026-11-30T12:06:00Z", 60.0).await;
+    let hb = app
+        .next("a heartbeat running the plan", |m| {
+            heartbeat(m).filter(|h| h.mode == Mode::Charge)
+        })
+        .await;
+    assert_eq!(hb.rate_kw, RateKw::from_watts(20_000));
+    assert_eq!(hb.fallback, None);
 
     // A clock behind the last stored instant: idle, clock_unsynced, nothing reported.
     app.restart_agent("2026-11-30T11:00:00Z", 60.0).await;

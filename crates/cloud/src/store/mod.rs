@@ -253,7 +253,8 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Records a finished ingestion run.
     async fn record_ingestion(&self, run: &IngestionRecord) -> Result<(), CloudError>;
 
-    /// Whether an ingestion of `date` has finished.
+    /// Whether a fetch of `date` from the provider has finished (a POSTed document for one
+    /// device does not stand in for the fleet's daily fetch).
     async fn ingested(&self, date: Date) -> Result<bool, CloudError>;
 
     /// A cheap round trip, for readiness.

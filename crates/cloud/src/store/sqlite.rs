@@ -179,6 +179,24 @@ fn set_state(
     Ok(())
 }
 
+/// Moves a command to `completed` once no period is left pending.
+fn complete_if_done(tx: &Transaction, id: &str, at: Timestamp) -> rusqlite::Result<()> {
+    let (state, pending): (String, u32) = tx.query_row(
+        "SELECT state, (SELECT count(*) FROM periods
+                        WHERE message_id = ?1 AND status IN ('pending', 'unreported'))
+         FROM commands WHERE message_id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let state: CommandState = parsed(state)?;
+    if pending == 0
+        && let Some(CommandState::Completed) = state.after_report(true)
+    {
+        set_state(tx, id, CommandState::Completed, at)?;
+    }
+    Ok(())
+}
+
 fn touch_device(tx: &Transaction, device: &str, at: Timestamp) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE devices SET last_seen = ?2 WHERE device_id = ?1 AND (last_seen IS NULL OR last_seen < ?2)",
@@ -435,6 +453,17 @@ impl CommandStore for SqliteStore {
             let tx = c.transaction()?;
             let id = ack.message_id.as_str();
             let device = ack.device_id.as_str();
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT device_id FROM commands WHERE message_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if owner.as_deref().is_some_and(|o| o != device) {
+                // Another device's command: never let it take the owner's ack slot.
+                return Ok(Recorded::UnknownCommand);
+            }
             let body = serde_json::to_string(&ack).map_err(conversion)?;
             let fresh = tx.execute(
                 "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
@@ -463,7 +492,9 @@ impl CommandStore for SqliteStore {
                 set_state(&tx, id, next, at)?;
             }
             if ack.status == AckStatus::Accepted {
-                let late = at > ts(governs_from)?;
+                // Judged by when the device acked (never later than we heard), so a cloud
+                // outage does not flag an on-time ack.
+                let late = ack.at.min(at) > ts(governs_from)?;
                 tx.execute(
                     "UPDATE commands SET effective_period = ?2, acked_sha256 = ?3,
                             late = late OR ?4
@@ -471,11 +502,13 @@ impl CommandStore for SqliteStore {
                     params![id, ack.effective_period, ack.sha256, late],
                 )?;
                 let effective = ack.effective_period.unwrap_or(1);
-                // The newer version takes over from its effective period.
+                // Periods before the effective one never ran under this command: an older
+                // version (if any) governed them.
+                let reason = (version > 1).then_some("superseded");
                 tx.execute(
-                    "UPDATE periods SET status = 'skipped', reason = 'superseded'
+                    "UPDATE periods SET status = 'skipped', reason = ?3
                      WHERE message_id = ?1 AND period < ?2 AND status = 'pending'",
-                    params![id, effective],
+                    params![id, effective, reason],
                 )?;
                 let older: Vec<(String, String)> = tx
                     .prepare(
@@ -500,6 +533,9 @@ impl CommandStore for SqliteStore {
                         set_state(&tx, &old, CommandState::Superseded, at)?;
                     }
                 }
+                // Reports may have come before the ack: marking the early periods can leave
+                // nothing pending.
+                complete_if_done(&tx, id, at)?;
             }
             tx.commit()?;
             Ok(Recorded::Applied)
@@ -570,21 +606,12 @@ impl CommandStore for SqliteStore {
                     report.at.to_string()
                 ],
             )?;
-            let pending: u32 = tx.query_row(
-                "SELECT count(*) FROM periods WHERE message_id = ?1 AND status IN ('pending', 'unreported')",
-                [id],
-                |r| r.get(0),
-            )?;
             let state: CommandState = parsed(state)?;
-            if let Some(next) = state.after_report(pending == 0) {
-                if state == CommandState::Created || state == CommandState::Sent {
-                    // A report implies the ack: record that step too, so the history reads right.
-                    if next == CommandState::Completed {
-                        set_state(&tx, id, CommandState::Acknowledged, at)?;
-                    }
-                }
+            if let Some(next) = state.after_report(false) {
+                // A report implies the ack.
                 set_state(&tx, id, next, at)?;
             }
+            complete_if_done(&tx, id, at)?;
             tx.commit()?;
             Ok(Recorded::Applied)
         })
@@ -693,7 +720,8 @@ impl CommandStore for SqliteStore {
                  WHERE device_id = ?1 AND schedule_date >= ?2
                    AND state NOT IN ('rejected', 'cancelled', 'superseded')
                    AND version = (SELECT max(version) FROM commands
-                                  WHERE device_id = c.device_id AND schedule_date = c.schedule_date)
+                                  WHERE device_id = c.device_id AND schedule_date = c.schedule_date
+                                    AND state NOT IN ('rejected', 'cancelled', 'superseded'))
                  ORDER BY schedule_date",
             )?;
             stmt.query_map(params![device, from], |r| {
@@ -745,7 +773,7 @@ impl CommandStore for SqliteStore {
         let date = date.to_string();
         self.run(move |c| {
             c.query_row(
-                "SELECT count(*) > 0 FROM ingestions WHERE schedule_date = ?1",
+                "SELECT count(*) > 0 FROM ingestions WHERE schedule_date = ?1 AND source = 'fetch'",
                 [date],
                 |r| r.get(0),
             )

@@ -264,6 +264,65 @@ async fn registers_devices_and_records_heartbeats(store: &dyn CommandStore) {
     assert_eq!(store.devices().await.unwrap().len(), 1);
 }
 
+async fn reports_before_the_ack_still_complete_the_command(store: &dyn CommandStore) {
+    let (v1, _) = create(store, "d1", 10).await;
+    store
+        .record_ack(&ack(&v1, "d1", 1, 1), eve())
+        .await
+        .unwrap();
+    let (v2, _) = create(store, "d1", 20).await;
+    for p in 5..=48 {
+        store
+            .record_report(&report(Some(&v2), "d1", p), eve())
+            .await
+            .unwrap();
+    }
+    assert_eq!(state(store, &v2).await, CommandState::Acknowledged);
+    store
+        .record_ack(&ack(&v2, "d1", 2, 5), eve())
+        .await
+        .unwrap();
+    assert_eq!(state(store, &v2).await, CommandState::Completed);
+}
+
+async fn another_devices_ack_cannot_take_the_owners_place(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    store
+        .mark_sent(std::slice::from_ref(&id), eve())
+        .await
+        .unwrap();
+    let spoof = ack(&id, "d2", 1, 1);
+    assert_eq!(
+        store.record_ack(&spoof, eve()).await.unwrap(),
+        Recorded::UnknownCommand
+    );
+    assert_eq!(state(store, &id).await, CommandState::Sent);
+    assert_eq!(
+        store
+            .record_ack(&ack(&id, "d1", 1, 1), eve())
+            .await
+            .unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(state(store, &id).await, CommandState::Acknowledged);
+}
+
+async fn sync_offers_the_last_live_version(store: &dyn CommandStore) {
+    let (v1, _) = create(store, "d1", 10).await;
+    let (v2, _) = create(store, "d1", 20).await;
+    let mut rejected = ack(&v2, "d1", 1, 1);
+    rejected.status = AckStatus::Rejected;
+    store.record_ack(&rejected, eve()).await.unwrap();
+    let current = store
+        .current_commands(&DeviceId::parse("d1").unwrap(), day().date())
+        .await
+        .unwrap();
+    assert_eq!(
+        current.iter().map(|c| &c.message_id).collect::<Vec<_>>(),
+        [&v1]
+    );
+}
+
 macro_rules! sqlite_contract {
     ($($rule:ident),* $(,)?) => {
         mod sqlite {
@@ -286,6 +345,9 @@ sqlite_contract!(
     stores_messages_about_unknown_commands,
     a_newer_version_supersedes_from_its_effective_period,
     registers_devices_and_records_heartbeats,
+    reports_before_the_ack_still_complete_the_command,
+    another_devices_ack_cannot_take_the_owners_place,
+    sync_offers_the_last_live_version,
 );
 
 #[tokio::test]
