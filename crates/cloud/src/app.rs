@@ -134,7 +134,7 @@ impl Cloud {
             stats.clone(),
         );
         tasks.spawn(feedback.run(events, shutdown.clone()));
-        if ingestor.can_fetch() {
+        if ingestor.can_fetch() && config.daily_fetch {
             let daily = DailyFetch {
                 timezone,
                 at: config.fetch_time()?,

@@ -54,6 +54,8 @@ pub struct CloudConfig {
     pub default_max_rate_kw: f64,
     /// Largest document, in MiB.
     pub max_document_mib: u64,
+    /// Whether to fetch tomorrow's plan every day.
+    pub daily_fetch: bool,
     /// Local time of the daily fetch, `HH:MM`.
     pub fetch_at: String,
     /// Provider timeout in seconds.
@@ -115,6 +117,7 @@ impl CloudConfig {
             "timezone",
             "default_max_rate_kw",
             "max_document_mib",
+            "daily_fetch",
             "fetch_at",
             "provider_timeout_s",
             "auto_register",

@@ -400,7 +400,8 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let mut cloud_args = args.cloud.clone();
     // An in-process run: the API is not needed, so take any free loopback port.
     cloud_args.http = Some("127.0.0.1:0".into());
-    let config = cloud_config(&cloud_args)?;
+    let mut config = cloud_config(&cloud_args)?;
+    config.daily_fetch = false;
     if config.provider.is_none() {
         anyhow::bail!("--provider (or provider in the config) is needed to ingest");
     }
