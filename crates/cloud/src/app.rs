@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::SignedDuration;
 use max300_mqtt::{BrokerUrl, Session, SessionConfig};
 use max300_protocol::day::time_zone;
 use max300_protocol::{Clock, RateKw, Topics};
@@ -19,6 +20,7 @@ use crate::feedback::{Feedback, FeedbackStats};
 use crate::ingest::Ingestor;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
+use crate::sweeper::Sweeper;
 use crate::{CloudConfig, CloudError, CommandStore, SqliteStore};
 
 /// A running cloud service.
@@ -107,6 +109,7 @@ impl Cloud {
             store: store.clone(),
             ingestor: ingestor.clone(),
             session: session.clone(),
+            publisher: publisher.clone(),
             clock: clock.clone(),
             timezone: timezone.clone(),
             token: config.api_token.clone(),
@@ -127,13 +130,35 @@ impl Cloud {
         });
         let feedback = Feedback::new(
             store.clone(),
-            publisher,
+            publisher.clone(),
             clock.clone(),
             timezone.clone(),
             config.auto_register,
             stats.clone(),
         );
         tasks.spawn(feedback.run(events, shutdown.clone()));
+        let sweeper = Sweeper {
+            store: store.clone(),
+            publisher: publisher.clone(),
+            clock: clock.clone(),
+            ack_timeout: SignedDuration::from_secs(
+                i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
+            ),
+        };
+        tasks.spawn(sweeper.run(shutdown.clone()));
+        // Runs interrupted by a crash are run again, from their raw documents.
+        let interrupted = store.interrupted_ingestions().await?;
+        if !interrupted.is_empty() {
+            let replay = ingestor.clone();
+            tasks.spawn(async move {
+                for run in interrupted {
+                    info!(schedule_date = %run.schedule_date, audit_key = %run.audit_key, "replaying an interrupted ingestion");
+                    if let Err(e) = replay.replay(&run).await {
+                        warn!(schedule_date = %run.schedule_date, error = %e, "replay failed");
+                    }
+                }
+            });
+        }
         if ingestor.can_fetch() && config.daily_fetch {
             let daily = DailyFetch {
                 timezone,

@@ -64,6 +64,8 @@ pub struct CloudConfig {
     pub auto_register: bool,
     /// Devices' heartbeat interval, real seconds.
     pub heartbeat_interval_s: u64,
+    /// First resend delay for an unacknowledged command, clock seconds.
+    pub ack_timeout_s: u64,
     /// MQTT client id.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -122,6 +124,7 @@ impl CloudConfig {
             "provider_timeout_s",
             "auto_register",
             "heartbeat_interval_s",
+            "ack_timeout_s",
             "client_id",
         ];
         KEYS.contains(&name)
@@ -142,6 +145,9 @@ impl CloudConfig {
                 "max_document_mib",
                 format!("{} is not within 1..=4096", self.max_document_mib),
             );
+        }
+        if self.ack_timeout_s == 0 {
+            return bad("ack_timeout_s", "must be at least 1".into());
         }
         if self.heartbeat_interval_s == 0 {
             return bad("heartbeat_interval_s", "must be at least 1".into());

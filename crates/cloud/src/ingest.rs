@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::audit::Audit;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
-use crate::store::{IngestionRecord, Insert, NewCommand};
+use crate::store::{IngestionCounts, Insert, Interrupted, NewCommand};
 use crate::{CloudError, CommandStore};
 
 /// One device's command in an ingestion result.
@@ -105,23 +105,48 @@ impl Ingestor {
         })?;
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         let body = provider.fetch(date).await?;
-        self.run(body, "fetch", Some(date)).await
+        let received = self.clock.now();
+        let audit_key = self.audit.put_raw(body.clone(), "fetch", received).await?;
+        self.run(body, "fetch", audit_key, Some(date)).await
+    }
+
+    /// Runs an interrupted ingestion again from its raw document. Safe to repeat: content
+    /// already committed is `unchanged`, and commands left `created` are published.
+    pub async fn replay(&self, run: &Interrupted) -> Result<IngestReport, CloudError> {
+        let _guard = self.running.lock().await;
+        let body = self.audit.get(&run.audit_key).await?;
+        let report = self
+            .run(
+                body,
+                &run.source,
+                run.audit_key.clone(),
+                Some(run.schedule_date),
+            )
+            .await;
+        // The replay recorded its own run; close the interrupted one either way.
+        let counts = report.as_ref().map(counts).unwrap_or_default();
+        self.store
+            .finish_ingestion(run.id, counts, self.clock.now())
+            .await?;
+        report
     }
 
     /// Ingests a POSTed document.
     pub async fn post(&self, body: Bytes) -> Result<IngestReport, CloudError> {
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
-        self.run(body, "post", None).await
+        let received = self.clock.now();
+        let audit_key = self.audit.put_raw(body.clone(), "post", received).await?;
+        self.run(body, "post", audit_key, None).await
     }
 
     async fn run(
         &self,
         body: Bytes,
         source: &str,
+        audit_key: String,
         want: Option<Date>,
     ) -> Result<IngestReport, CloudError> {
         let received = self.clock.now();
-        let audit_key = self.audit.put_raw(body.clone(), source, received).await?;
         let fleet = self.fleet().await?;
         let normalized = match normalize(&body, &fleet) {
             Ok(n) => n,
@@ -143,6 +168,11 @@ impl Ingestor {
             )));
         }
         drop(body);
+        // From here a crash leaves the run open; it is replayed at start-up.
+        let run_id = self
+            .store
+            .begin_ingestion(date, source, &audit_key, received)
+            .await?;
 
         for s in &normalized.schedules {
             if !s.from_wildcard {
@@ -217,15 +247,7 @@ impl Ingestor {
         }
         self.publisher.commands(to_publish).await?;
         self.store
-            .record_ingestion(&IngestionRecord {
-                schedule_date: date,
-                source: source.to_owned(),
-                audit_key: audit_key.clone(),
-                accepted: report.accepted.len() as u32,
-                unchanged: report.unchanged.len() as u32,
-                rejected: report.rejected.len() as u32,
-                finished_at: self.clock.now(),
-            })
+            .finish_ingestion(run_id, counts(&report), self.clock.now())
             .await?;
         info!(
             schedule_date = %date,
@@ -253,5 +275,13 @@ impl Ingestor {
             devices,
             max_document_bytes: self.max_document_bytes,
         })
+    }
+}
+
+fn counts(report: &IngestReport) -> IngestionCounts {
+    IngestionCounts {
+        accepted: report.accepted.len() as u32,
+        unchanged: report.unchanged.len() as u32,
+        rejected: report.rejected.len() as u32,
     }
 }

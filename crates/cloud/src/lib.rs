@@ -13,6 +13,7 @@
 //! - [`publish`]: commands and receipts out to devices.
 //! - [`feedback`]: acks, reports, heartbeats and sync from devices; receipts back.
 //! - [`daily`]: the daily fetch at a configured local time.
+//! - [`sweeper`]: resends with backoff, and the clock-driven `late`/`expired`/`incomplete`.
 //! - [`api`]: the HTTP API.
 
 pub mod api;
@@ -26,6 +27,7 @@ pub mod lifecycle;
 pub mod provider;
 pub mod publish;
 pub mod store;
+pub mod sweeper;
 
 mod error;
 

@@ -98,11 +98,36 @@ impl CommandState {
         use CommandState::*;
         match self {
             Created | Sent | Expired | Acknowledged | Incomplete if all_reported => Some(Completed),
-            Created | Sent | Expired | Incomplete => Some(Acknowledged),
+            // An incomplete command stays so until every period is in: going back to
+            // `acknowledged` would only have the sweeper mark it incomplete again.
+            Created | Sent | Expired => Some(Acknowledged),
             _ => None,
         }
     }
 }
+
+/// Whether an unacknowledged message is due to be published again.
+///
+/// The delay starts at `ack_timeout` and doubles with each publish, up to 15 minutes of clock
+/// time, but is never shorter than `floor` (2 s of real time, in clock time), so a fast clock
+/// cannot cause a resend storm.
+pub fn resend_due(
+    publishes: u32,
+    last_sent: jiff::Timestamp,
+    now: jiff::Timestamp,
+    ack_timeout: jiff::SignedDuration,
+    floor: jiff::SignedDuration,
+) -> bool {
+    let doublings = publishes.saturating_sub(1).min(16);
+    let backoff = ack_timeout
+        .checked_mul(1 << doublings)
+        .unwrap_or(RESEND_MAX)
+        .min(RESEND_MAX);
+    now >= last_sent + backoff.max(floor)
+}
+
+/// The longest wait between two publishes of the same message.
+pub const RESEND_MAX: jiff::SignedDuration = jiff::SignedDuration::from_mins(15);
 
 impl fmt::Display for CommandState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -201,10 +226,53 @@ mod tests {
     fn a_report_implies_the_ack_and_the_last_one_completes() {
         assert_eq!(Sent.after_report(false), Some(Acknowledged));
         assert_eq!(Incomplete.after_report(true), Some(Completed));
+        assert_eq!(Incomplete.after_report(false), None);
+        assert_eq!(Expired.after_report(false), Some(Acknowledged));
         assert_eq!(Acknowledged.after_report(false), None);
         assert_eq!(Acknowledged.after_report(true), Some(Completed));
         assert_eq!(Superseded.after_report(true), None);
         assert_eq!(Cancelled.after_report(true), None);
+    }
+
+    #[test]
+    fn resends_back_off_from_the_ack_timeout_to_fifteen_minutes() {
+        use jiff::SignedDuration as D;
+        let t0: jiff::Timestamp = "2026-11-30T00:00:00Z".parse().unwrap();
+        let (timeout, floor) = (D::from_secs(60), D::from_secs(2));
+        assert!(!resend_due(1, t0, t0 + D::from_secs(59), timeout, floor));
+        assert!(resend_due(1, t0, t0 + D::from_secs(60), timeout, floor));
+        assert!(!resend_due(3, t0, t0 + D::from_secs(239), timeout, floor));
+        assert!(resend_due(3, t0, t0 + D::from_secs(240), timeout, floor));
+        assert!(!resend_due(
+            30,
+            t0,
+            t0 + D::from_mins(15) - D::from_secs(1),
+            timeout,
+            floor
+        ));
+        assert!(resend_due(30, t0, t0 + D::from_mins(15), timeout, floor));
+    }
+
+    #[test]
+    fn a_fast_clock_never_resends_faster_than_the_real_time_floor() {
+        use jiff::SignedDuration as D;
+        let t0: jiff::Timestamp = "2026-11-30T00:00:00Z".parse().unwrap();
+        // At 1200×, 2 s of real time is 40 minutes of clock time.
+        let floor = D::from_mins(40);
+        assert!(!resend_due(
+            1,
+            t0,
+            t0 + D::from_mins(39),
+            D::from_secs(60),
+            floor
+        ));
+        assert!(resend_due(
+            1,
+            t0,
+            t0 + D::from_mins(40),
+            D::from_secs(60),
+            floor
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use max300_mqtt::{Qos, Session};
-use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
+use max300_protocol::message::{ControlMsg, ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, StoreId, Topics};
 use tracing::{info, warn};
 
@@ -64,15 +64,43 @@ impl Publisher {
         self.store.mark_sent(&sent, self.clock.now()).await
     }
 
-    /// Publishes stored commands by id (start-up outbox, sync answers).
+    /// Publishes stored commands and control messages by id (start-up outbox, resends,
+    /// sync answers).
     pub async fn stored(&self, ids: &[MessageId]) -> Result<(), CloudError> {
         let mut messages = Vec::with_capacity(ids.len());
+        let mut controls = Vec::new();
         for id in ids {
             if let Some(msg) = self.store.schedule_message(id).await? {
                 messages.push(msg);
+            } else if let Some(msg) = self.store.control_message(id).await? {
+                controls.push(msg);
             }
         }
-        self.commands(messages).await
+        self.commands(messages).await?;
+        self.controls(controls).await
+    }
+
+    /// Publishes control messages, then marks them sent.
+    pub async fn controls(&self, messages: Vec<ControlMsg>) -> Result<(), CloudError> {
+        let mut sent = Vec::with_capacity(messages.len());
+        for msg in messages {
+            let topic = self.topics.topic(&msg.device_id, Channel::Control);
+            let (device_id, message_id) = (msg.device_id.clone(), msg.message_id.clone());
+            match self
+                .session
+                .send(topic, &Message::Control(msg), Qos::AtLeastOnce)
+                .await
+            {
+                Ok(()) => {
+                    info!(device_id = %device_id, message_id = %message_id, "control published");
+                    sent.push(message_id);
+                }
+                Err(e) => {
+                    warn!(device_id = %device_id, message_id = %message_id, error = %e, "control not published");
+                }
+            }
+        }
+        self.store.mark_sent(&sent, self.clock.now()).await
     }
 
     /// Tells a device which of its seqs were handled.

@@ -25,6 +25,8 @@ use serde_json::json;
 
 use crate::CommandStore;
 use crate::ingest::{IngestReport, Ingestor};
+use crate::publish::Publisher;
+use crate::store::Cancel;
 use crate::store::DeviceRecord;
 
 /// What the handlers share.
@@ -36,6 +38,8 @@ pub struct ApiState {
     pub ingestor: Arc<Ingestor>,
     /// The MQTT session, for readiness.
     pub session: Session,
+    /// Publishes control messages.
+    pub publisher: Publisher,
     /// Plan time.
     pub clock: Arc<dyn Clock>,
     /// The fleet's zone.
@@ -54,6 +58,7 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .route("/api/ingest", post(ingest))
         .route("/api/schedules", post(schedules))
         .route("/api/devices", post(register))
+        .route("/api/commands/{id}/cancel", post(cancel))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let reads = Router::new()
         .route("/api/devices", get(devices))
@@ -301,6 +306,36 @@ async fn command(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("command {id} does not exist")))?;
     Ok(Json(detail))
+}
+
+async fn cancel(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = MessageId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let now = state.clock.now();
+    match state
+        .store
+        .cancel(&id, MessageId::generate(now), now)
+        .await?
+    {
+        Cancel::Cancelled(control) => {
+            let control_id = control.message_id.clone();
+            tracing::info!(device_id = %control.device_id, message_id = %id, control_message_id = %control_id, "command cancelled by an operator");
+            // Committed first: if this publish fails, the sweeper sends it again.
+            state.publisher.controls(vec![control]).await?;
+            Ok(Json(json!({
+                "message_id": id,
+                "state": "cancelled",
+                "control_message_id": control_id,
+            })))
+        }
+        Cancel::AlreadyEnded(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("command {id} is already {s}: nothing to cancel"),
+        )),
+        Cancel::NotFound => Err(ApiError::not_found(format!("command {id} does not exist"))),
+    }
 }
 
 async fn index() -> Html<&'static str> {

@@ -11,7 +11,7 @@ pub use sqlite::SqliteStore;
 use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
-use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
+use max300_protocol::message::{AckMsg, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
 use max300_protocol::{DeviceId, MessageId, RateKw, Schedule};
 use serde::Serialize;
 
@@ -167,23 +167,63 @@ pub enum Recorded {
     UnknownCommand,
 }
 
-/// A finished ingestion run.
+/// The counts of a finished ingestion run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngestionCounts {
+    /// New commands.
+    pub accepted: u32,
+    /// Unchanged schedules.
+    pub unchanged: u32,
+    /// Rejected schedules.
+    pub rejected: u32,
+}
+
+/// An ingestion run that started but never finished (the service stopped in the middle).
 #[derive(Clone, Debug, PartialEq)]
-pub struct IngestionRecord {
-    /// The date ingested.
+pub struct Interrupted {
+    /// Its id.
+    pub id: i64,
+    /// The date it was for.
     pub schedule_date: Date,
     /// `fetch` or `post`.
     pub source: String,
-    /// Where the raw document is.
+    /// Where its raw document is.
     pub audit_key: String,
-    /// Counts.
-    pub accepted: u32,
-    /// Counts.
-    pub unchanged: u32,
-    /// Counts.
-    pub rejected: u32,
-    /// When it finished.
-    pub finished_at: Timestamp,
+}
+
+/// A command or control message published and not yet acknowledged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unacked {
+    /// Its id.
+    pub message_id: MessageId,
+    /// The device.
+    pub device_id: DeviceId,
+    /// Times published so far.
+    pub publishes: u32,
+    /// When it was last published.
+    pub last_sent_at: Timestamp,
+}
+
+/// A clock-driven state change made by [`CommandStore::sweep`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Swept {
+    /// The command.
+    pub message_id: MessageId,
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its new state, or `None` when only the `late` flag was set.
+    pub state: Option<CommandState>,
+}
+
+/// What an operator's cancel did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cancel {
+    /// The command is now `cancelled`; the control message is to be delivered.
+    Cancelled(ControlMsg),
+    /// The command had already ended in this state.
+    AlreadyEnded(CommandState),
+    /// No such command.
+    NotFound,
 }
 
 /// The store of devices, commands, periods, acks and reports.
@@ -250,12 +290,49 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Commands still `created`: committed but never published (e.g. after a crash).
     async fn unsent(&self) -> Result<Vec<MessageId>, CloudError>;
 
-    /// Records a finished ingestion run.
-    async fn record_ingestion(&self, run: &IngestionRecord) -> Result<(), CloudError>;
+    /// Records the start of an ingestion run (its raw document is already in the audit store).
+    async fn begin_ingestion(
+        &self,
+        date: Date,
+        source: &str,
+        audit_key: &str,
+        at: Timestamp,
+    ) -> Result<i64, CloudError>;
+
+    /// Records the end of an ingestion run.
+    async fn finish_ingestion(
+        &self,
+        id: i64,
+        counts: IngestionCounts,
+        at: Timestamp,
+    ) -> Result<(), CloudError>;
+
+    /// Runs that started and never finished.
+    async fn interrupted_ingestions(&self) -> Result<Vec<Interrupted>, CloudError>;
 
     /// Whether a fetch of `date` from the provider has finished (a POSTed document for one
     /// device does not stand in for the fleet's daily fetch).
     async fn ingested(&self, date: Date) -> Result<bool, CloudError>;
+
+    /// Commands and control messages published, not acknowledged, and still worth sending:
+    /// no newer version exists and their date is not over.
+    async fn awaiting_ack(&self, now: Timestamp) -> Result<Vec<Unacked>, CloudError>;
+
+    /// Applies the clock-driven transitions of DESIGN §6 at `now`: `late`, `expired`, and
+    /// `incomplete` (with its pending periods `unreported`).
+    async fn sweep(&self, now: Timestamp) -> Result<Vec<Swept>, CloudError>;
+
+    /// An operator's cancel: the command becomes `cancelled` and a control message with id
+    /// `control_id` is created for delivery.
+    async fn cancel(
+        &self,
+        id: &MessageId,
+        control_id: MessageId,
+        at: Timestamp,
+    ) -> Result<Cancel, CloudError>;
+
+    /// The message to publish for a control message.
+    async fn control_message(&self, id: &MessageId) -> Result<Option<ControlMsg>, CloudError>;
 
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), CloudError>;

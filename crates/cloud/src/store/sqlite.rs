@@ -8,13 +8,16 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::day::period_start_at;
-use max300_protocol::message::{AckMsg, AckStatus, HeartbeatMsg, ReportMsg, ScheduleMsg};
+use max300_protocol::message::{
+    AckMsg, AckStatus, ControlAction, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg, V1,
+};
 use max300_protocol::{Day, DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{
-    CommandDetail, CommandStore, CommandSummary, CurrentCommand, DeviceRecord, HistoryEntry,
-    IngestionRecord, Insert, NewCommand, PeriodView, Recorded,
+    Cancel, CommandDetail, CommandStore, CommandSummary, CurrentCommand, DeviceRecord,
+    HistoryEntry, IngestionCounts, Insert, Interrupted, NewCommand, PeriodView, Recorded, Swept,
+    Unacked,
 };
 use crate::{CloudError, CommandState, PeriodStatus};
 
@@ -41,6 +44,7 @@ CREATE TABLE IF NOT EXISTS commands (
     state TEXT NOT NULL,
     late INTEGER NOT NULL DEFAULT 0,
     governs_from TEXT NOT NULL,
+    ends_at TEXT NOT NULL,
     effective_period INTEGER,
     acked_sha256 TEXT,
     created_at TEXT NOT NULL,
@@ -89,10 +93,21 @@ CREATE TABLE IF NOT EXISTS ingestions (
     schedule_date TEXT NOT NULL,
     source TEXT NOT NULL,
     audit_key TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    unchanged INTEGER NOT NULL,
-    rejected INTEGER NOT NULL,
-    finished_at TEXT NOT NULL
+    started_at TEXT NOT NULL,
+    accepted INTEGER,
+    unchanged INTEGER,
+    rejected INTEGER,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS controls (
+    message_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    target_message_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    publishes INTEGER NOT NULL DEFAULT 0,
+    last_sent_at TEXT
 );
 "#;
 
@@ -141,6 +156,12 @@ fn conversion(e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
 }
 
+/// Instants are stored as fixed-width UTC text (millisecond precision), so that comparing
+/// the text compares the instants.
+fn text(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
 fn ts(text: String) -> rusqlite::Result<Timestamp> {
     text.parse().map_err(conversion)
 }
@@ -174,7 +195,7 @@ fn set_state(
     )?;
     tx.execute(
         "INSERT INTO history (message_id, state, at) VALUES (?1, ?2, ?3)",
-        params![id, state.as_str(), at.to_string()],
+        params![id, state.as_str(), text(at)],
     )?;
     Ok(())
 }
@@ -200,7 +221,7 @@ fn complete_if_done(tx: &Transaction, id: &str, at: Timestamp) -> rusqlite::Resu
 fn touch_device(tx: &Transaction, device: &str, at: Timestamp) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE devices SET last_seen = ?2 WHERE device_id = ?1 AND (last_seen IS NULL OR last_seen < ?2)",
-        params![device, at.to_string()],
+        params![device, text(at)],
     )?;
     Ok(())
 }
@@ -249,7 +270,7 @@ impl CommandStore for SqliteStore {
             c.execute(
                 "INSERT INTO devices (device_id, max_rate_w, registered_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (device_id) DO UPDATE SET max_rate_w = coalesce(?2, max_rate_w)",
-                params![device, max_rate.map(|r| r.watts()), at.to_string()],
+                params![device, max_rate.map(|r| r.watts()), text(at)],
             )?;
             Ok(())
         })
@@ -288,7 +309,7 @@ impl CommandStore for SqliteStore {
                  WHERE device_id = ?1",
                 params![
                     hb.device_id.as_str(),
-                    at.to_string(),
+                    text(at),
                     hb.mode.as_str(),
                     hb.rate_kw.watts(),
                     hb.soc_pct,
@@ -347,8 +368,8 @@ impl CommandStore for SqliteStore {
                 let id = cmd.message_id.as_str();
                 tx.execute(
                     "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
-                                           sha256, state, governs_from, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8)",
+                                           sha256, state, governs_from, ends_at, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8, ?9)",
                     params![
                         id,
                         device,
@@ -356,13 +377,14 @@ impl CommandStore for SqliteStore {
                         s.day().tz_name(),
                         version,
                         sha,
-                        governs_from.to_string(),
-                        at.to_string()
+                        text(governs_from),
+                        text(s.day().end()),
+                        text(at)
                     ],
                 )?;
                 tx.execute(
                     "INSERT INTO history (message_id, state, at) VALUES (?1, 'created', ?2)",
-                    params![id, at.to_string()],
+                    params![id, text(at)],
                 )?;
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO periods (message_id, period, start, mode, rate_w)
@@ -372,7 +394,7 @@ impl CommandStore for SqliteStore {
                     insert.execute(params![
                         id,
                         p.period,
-                        p.start.to_string(),
+                        text(p.start),
                         p.setpoint.mode().as_str(),
                         p.setpoint.rate().watts()
                     ])?;
@@ -429,7 +451,13 @@ impl CommandStore for SqliteStore {
                 tx.execute(
                     "UPDATE commands SET publishes = publishes + 1, last_sent_at = ?2
                      WHERE message_id = ?1",
-                    params![id.as_str(), at.to_string()],
+                    params![id.as_str(), text(at)],
+                )?;
+                tx.execute(
+                    "UPDATE controls SET publishes = publishes + 1, last_sent_at = ?2,
+                            state = CASE state WHEN 'created' THEN 'sent' ELSE state END
+                     WHERE message_id = ?1",
+                    params![id.as_str(), text(at)],
                 )?;
                 let moved = tx.execute(
                     "UPDATE commands SET state = 'sent' WHERE message_id = ?1 AND state = 'created'",
@@ -438,7 +466,7 @@ impl CommandStore for SqliteStore {
                 if moved > 0 {
                     tx.execute(
                         "INSERT INTO history (message_id, state, at) VALUES (?1, 'sent', ?2)",
-                        params![id.as_str(), at.to_string()],
+                        params![id.as_str(), text(at)],
                     )?;
                 }
             }
@@ -455,7 +483,8 @@ impl CommandStore for SqliteStore {
             let device = ack.device_id.as_str();
             let owner: Option<String> = tx
                 .query_row(
-                    "SELECT device_id FROM commands WHERE message_id = ?1",
+                    "SELECT device_id FROM commands WHERE message_id = ?1
+                     UNION ALL SELECT device_id FROM controls WHERE message_id = ?1",
                     [id],
                     |r| r.get(0),
                 )
@@ -468,7 +497,7 @@ impl CommandStore for SqliteStore {
             let fresh = tx.execute(
                 "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![id, device, body, at.to_string()],
+                params![id, device, body, text(at)],
             )?;
             touch_device(&tx, device, at)?;
             if fresh == 0 {
@@ -484,8 +513,23 @@ impl CommandStore for SqliteStore {
                 )
                 .optional()?;
             let Some((state, date, version, governs_from)) = row else {
+                let control = tx.execute(
+                    "UPDATE controls SET state = ?3 WHERE message_id = ?1 AND device_id = ?2",
+                    params![
+                        id,
+                        device,
+                        match ack.status {
+                            AckStatus::Accepted => "acknowledged",
+                            AckStatus::Rejected => "rejected",
+                        }
+                    ],
+                )?;
                 tx.commit()?;
-                return Ok(Recorded::UnknownCommand);
+                return Ok(if control > 0 {
+                    Recorded::Applied
+                } else {
+                    Recorded::UnknownCommand
+                });
             };
             let state: CommandState = parsed(state)?;
             if let Some(next) = state.after_ack(ack.status) {
@@ -552,7 +596,7 @@ impl CommandStore for SqliteStore {
         self.run(move |c| {
             let tx = c.transaction()?;
             let device = report.device_id.as_str();
-            let start = report.interval_start.to_string();
+            let start = text(report.interval_start);
             let body = serde_json::to_string(&report).map_err(conversion)?;
             let fresh = tx.execute(
                 "INSERT OR IGNORE INTO reports (device_id, interval_start, message_id, body, received_at)
@@ -562,7 +606,7 @@ impl CommandStore for SqliteStore {
                     start,
                     report.message_id.as_ref().map(|m| m.as_str()),
                     body,
-                    at.to_string()
+                    text(at)
                 ],
             )?;
             touch_device(&tx, device, at)?;
@@ -603,7 +647,7 @@ impl CommandStore for SqliteStore {
                         .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned))),
                     report.error,
                     report.soc_pct,
-                    report.at.to_string()
+                    text(report.at)
                 ],
             )?;
             let state: CommandState = parsed(state)?;
@@ -740,31 +784,66 @@ impl CommandStore for SqliteStore {
     async fn unsent(&self) -> Result<Vec<MessageId>, CloudError> {
         self.run(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT message_id FROM commands WHERE state = 'created' ORDER BY message_id",
+                "SELECT message_id FROM commands WHERE state = 'created'
+                 UNION ALL SELECT message_id FROM controls WHERE state = 'created'
+                 ORDER BY message_id",
             )?;
             stmt.query_map([], |r| parsed(r.get(0)?))?.collect()
         })
         .await
     }
 
-    async fn record_ingestion(&self, run: &IngestionRecord) -> Result<(), CloudError> {
-        let run = run.clone();
+    async fn begin_ingestion(
+        &self,
+        date: Date,
+        source: &str,
+        audit_key: &str,
+        at: Timestamp,
+    ) -> Result<i64, CloudError> {
+        let (source, audit_key) = (source.to_owned(), audit_key.to_owned());
         self.run(move |c| {
             c.execute(
-                "INSERT INTO ingestions (schedule_date, source, audit_key, accepted, unchanged,
-                                         rejected, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    run.schedule_date.to_string(),
-                    run.source,
-                    run.audit_key,
-                    run.accepted,
-                    run.unchanged,
-                    run.rejected,
-                    run.finished_at.to_string()
-                ],
+                "INSERT INTO ingestions (schedule_date, source, audit_key, started_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![date.to_string(), source, audit_key, text(at)],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn finish_ingestion(
+        &self,
+        id: i64,
+        counts: IngestionCounts,
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        self.run(move |c| {
+            c.execute(
+                "UPDATE ingestions SET accepted = ?2, unchanged = ?3, rejected = ?4, finished_at = ?5
+                 WHERE id = ?1",
+                params![id, counts.accepted, counts.unchanged, counts.rejected, text(at)],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn interrupted_ingestions(&self) -> Result<Vec<Interrupted>, CloudError> {
+        self.run(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, schedule_date, source, audit_key FROM ingestions
+                 WHERE finished_at IS NULL ORDER BY id",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(Interrupted {
+                    id: r.get(0)?,
+                    schedule_date: parsed(r.get(1)?)?,
+                    source: r.get(2)?,
+                    audit_key: r.get(3)?,
+                })
+            })?
+            .collect()
         })
         .await
     }
@@ -773,10 +852,163 @@ impl CommandStore for SqliteStore {
         let date = date.to_string();
         self.run(move |c| {
             c.query_row(
-                "SELECT count(*) > 0 FROM ingestions WHERE schedule_date = ?1 AND source = 'fetch'",
+                "SELECT count(*) > 0 FROM ingestions
+                 WHERE schedule_date = ?1 AND source = 'fetch' AND finished_at IS NOT NULL",
                 [date],
                 |r| r.get(0),
             )
+        })
+        .await
+    }
+
+    async fn awaiting_ack(&self, now: Timestamp) -> Result<Vec<Unacked>, CloudError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT message_id, device_id, publishes, last_sent_at FROM commands AS c
+                 WHERE state = 'sent' AND ends_at > ?1 AND last_sent_at IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM commands AS n
+                                   WHERE n.device_id = c.device_id
+                                     AND n.schedule_date = c.schedule_date
+                                     AND n.version > c.version)
+                 UNION ALL
+                 SELECT k.message_id, k.device_id, k.publishes, k.last_sent_at
+                 FROM controls AS k JOIN commands AS t ON t.message_id = k.target_message_id
+                 WHERE k.state = 'sent' AND t.ends_at > ?1 AND k.last_sent_at IS NOT NULL",
+            )?;
+            stmt.query_map([text(now)], |r| {
+                Ok(Unacked {
+                    message_id: parsed(r.get(0)?)?,
+                    device_id: parsed(r.get(1)?)?,
+                    publishes: r.get(2)?,
+                    last_sent_at: ts(r.get(3)?)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn sweep(&self, now: Timestamp) -> Result<Vec<Swept>, CloudError> {
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let now_text = text(now);
+            let mut out = Vec::new();
+            let select = |tx: &Transaction, sql: &str, at: &str| -> rusqlite::Result<Vec<(String, String)>> {
+                tx.prepare(sql)?
+                    .query_map([at], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            };
+            // Not acknowledged when the first period it governs starts.
+            for (id, device) in select(
+                &tx,
+                "SELECT message_id, device_id FROM commands
+                 WHERE late = 0 AND state IN ('created', 'sent', 'expired') AND governs_from <= ?1",
+                &now_text,
+            )? {
+                tx.execute("UPDATE commands SET late = 1 WHERE message_id = ?1", [&id])?;
+                out.push((id, device, None));
+            }
+            // No ack by the end of its last period.
+            for (id, device) in select(
+                &tx,
+                "SELECT message_id, device_id FROM commands
+                 WHERE state IN ('created', 'sent') AND ends_at <= ?1",
+                &now_text,
+            )? {
+                set_state(&tx, &id, CommandState::Expired, now)?;
+                out.push((id, device, Some(CommandState::Expired)));
+            }
+            // Periods still unreported an hour after the end.
+            let hour_ago = text(now - jiff::SignedDuration::from_hours(1));
+            for (id, device) in select(
+                &tx,
+                "SELECT message_id, device_id FROM commands
+                 WHERE state = 'acknowledged' AND ends_at <= ?1",
+                &hour_ago,
+            )? {
+                tx.execute(
+                    "UPDATE periods SET status = 'unreported' WHERE message_id = ?1 AND status = 'pending'",
+                    [&id],
+                )?;
+                set_state(&tx, &id, CommandState::Incomplete, now)?;
+                out.push((id, device, Some(CommandState::Incomplete)));
+            }
+            tx.commit()?;
+            out.into_iter()
+                .map(|(id, device, state)| {
+                    Ok(Swept {
+                        message_id: parsed(id)?,
+                        device_id: parsed(device)?,
+                        state,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn cancel(
+        &self,
+        id: &MessageId,
+        control_id: MessageId,
+        at: Timestamp,
+    ) -> Result<Cancel, CloudError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let row: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT device_id, state FROM commands WHERE message_id = ?1",
+                    [id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((device, state)) = row else {
+                return Ok(Cancel::NotFound);
+            };
+            let state: CommandState = parsed(state)?;
+            if state.is_terminal() {
+                return Ok(Cancel::AlreadyEnded(state));
+            }
+            set_state(&tx, id.as_str(), CommandState::Cancelled, at)?;
+            tx.execute(
+                "INSERT INTO controls (message_id, device_id, target_message_id, action, state, created_at)
+                 VALUES (?1, ?2, ?3, 'cancel', 'created', ?4)",
+                params![control_id.as_str(), device, id.as_str(), text(at)],
+            )?;
+            tx.commit()?;
+            Ok(Cancel::Cancelled(ControlMsg {
+                v: V1,
+                message_id: control_id,
+                device_id: parsed(device)?,
+                action: ControlAction::Cancel,
+                target_message_id: id,
+                issued_at: at,
+                traceparent: None,
+            }))
+        })
+        .await
+    }
+
+    async fn control_message(&self, id: &MessageId) -> Result<Option<ControlMsg>, CloudError> {
+        let id = id.clone();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT device_id, target_message_id, created_at FROM controls WHERE message_id = ?1",
+                [id.as_str()],
+                |r| {
+                    Ok(ControlMsg {
+                        v: V1,
+                        message_id: id.clone(),
+                        device_id: parsed(r.get(0)?)?,
+                        action: ControlAction::Cancel,
+                        target_message_id: parsed(r.get(1)?)?,
+                        issued_at: ts(r.get(2)?)?,
+                        traceparent: None,
+                    })
+                },
+            )
+            .optional()
         })
         .await
     }

@@ -20,21 +20,28 @@ struct TestApp {
     dir: tempfile::TempDir,
     shutdown: CancellationToken,
     http: reqwest::Client,
+    clock: Arc<ManualClock>,
     _cloud: Cloud,
 }
 
 impl TestApp {
     async fn start(token: Option<&str>) -> TestApp {
+        TestApp::start_in(tempfile::tempdir().unwrap(), token).await
+    }
+
+    /// Starts on an existing data dir, as after a restart.
+    async fn start_in(dir: tempfile::TempDir, token: Option<&str>) -> TestApp {
         let broker = max300_mqtt::broker::start("127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let mut config = CloudConfig::load(None, &[]).unwrap();
         config.data_dir = dir.path().to_path_buf();
         config.mqtt = format!("mqtt://{broker}");
         config.http = "127.0.0.1:0".into();
         config.api_token = token.map(str::to_owned);
-        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(eve()));
+        let clock = Arc::new(ManualClock::new(eve()));
         let shutdown = CancellationToken::new();
-        let cloud = Cloud::start(config, clock, shutdown.clone()).await.unwrap();
+        let cloud = Cloud::start(config, clock.clone() as Arc<dyn Clock>, shutdown.clone())
+            .await
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(10), cloud.session.wait_connected())
             .await
             .expect("the cloud connects to the broker");
@@ -44,6 +51,7 @@ impl TestApp {
             dir,
             shutdown,
             http: reqwest::Client::new(),
+            clock,
             _cloud: cloud,
         }
     }
@@ -356,4 +364,87 @@ async fn writes_need_the_token_when_one_is_set() {
     assert_eq!(r.status().as_u16(), 200);
     let (status, _) = app.get("/api/commands").await;
     assert_eq!(status, 200, "reads are open unless protect_reads is set");
+}
+
+#[tokio::test]
+async fn an_unacknowledged_command_is_published_again_after_the_ack_timeout() {
+    let app = TestApp::start(None).await;
+    let (_client, mut inbox) = app.device("d1").await;
+    let (_, body) = app.post("/api/schedules", document(50.0)).await;
+    let Message::Schedule(first) = next(&mut inbox).await else {
+        panic!("expected a schedule")
+    };
+    app.clock.advance(jiff::SignedDuration::from_secs(61));
+    let Message::Schedule(again) = next(&mut inbox).await else {
+        panic!("expected a resend")
+    };
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(again.sha256, first.sha256);
+    let id = body["accepted"][0]["message_id"].as_str().unwrap();
+    let (_, detail) = app.get(&format!("/api/commands/{id}")).await;
+    assert_eq!(detail["publishes"], 2);
+    assert_eq!(detail["state"], "sent");
+}
+
+#[tokio::test]
+async fn an_operator_cancel_sends_a_control_message_and_ends_the_command() {
+    let app = TestApp::start(None).await;
+    let (_client, mut inbox) = app.device("d1").await;
+    let (_, body) = app.post("/api/schedules", document(50.0)).await;
+    let id = body["accepted"][0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _ = next(&mut inbox).await;
+
+    let (status, answer) = app.post(&format!("/api/commands/{id}/cancel"), "").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"], "cancelled");
+    let Message::Control(control) = next(&mut inbox).await else {
+        panic!("expected a control")
+    };
+    assert_eq!(control.target_message_id.as_str(), id);
+    assert_eq!(control.message_id.as_str(), answer["control_message_id"]);
+    let (_, detail) = app.get(&format!("/api/commands/{id}")).await;
+    assert_eq!(detail["state"], "cancelled");
+
+    let (status, again) = app.post(&format!("/api/commands/{id}/cancel"), "").await;
+    assert_eq!(status, 409, "{again}");
+    let (status, _) = app.post("/api/commands/01NOPE/cancel", "").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn an_interrupted_ingestion_is_run_again_at_start_up() {
+    use max300_cloud::store::CommandStore as _;
+    let dir = tempfile::tempdir().unwrap();
+    // A run that kept its raw document and started, then the service died.
+    let raw = dir.path().join("audit/raw/2026-11-29/interrupted.json");
+    std::fs::create_dir_all(raw.parent().unwrap()).unwrap();
+    std::fs::write(&raw, document(50.0)).unwrap();
+    {
+        let store = max300_cloud::SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap();
+        store
+            .begin_ingestion(
+                "2026-11-30".parse().unwrap(),
+                "fetch",
+                "raw/2026-11-29/interrupted.json",
+                eve(),
+            )
+            .await
+            .unwrap();
+    }
+    let app = TestApp::start_in(dir, None).await;
+    let mut found = false;
+    for _ in 0..50 {
+        let (_, list) = app.get("/api/commands?date=2026-11-30").await;
+        if list.as_array().is_some_and(|l| !l.is_empty()) {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found, "the replay created the command");
+    let (status, _) = app.get("/readyz").await;
+    assert_eq!(status, 200);
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use max300_cloud::store::{CommandStore, Insert, NewCommand, Recorded};
+use max300_cloud::store::{Cancel, CommandStore, IngestionCounts, Insert, NewCommand, Recorded};
 use max300_cloud::{CommandState, PeriodStatus, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
 use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId};
@@ -323,6 +323,177 @@ async fn sync_offers_the_last_live_version(store: &dyn CommandStore) {
     );
 }
 
+async fn the_clock_flags_late_and_ends_what_was_never_acked(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    store
+        .mark_sent(std::slice::from_ref(&id), eve())
+        .await
+        .unwrap();
+    assert!(store.sweep(eve()).await.unwrap().is_empty());
+    let swept = store.sweep(day().start()).await.unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!(swept[0].state, None, "late is a flag, not a state");
+    let detail = store.command(&id).await.unwrap().unwrap();
+    assert!(detail.summary.late);
+    assert_eq!(detail.summary.state, CommandState::Sent);
+    let swept = store.sweep(day().end()).await.unwrap();
+    assert_eq!(swept[0].state, Some(CommandState::Expired));
+    // Late news still counts: a report moves it on.
+    store
+        .record_report(&report(Some(&id), "d1", 1), day().end())
+        .await
+        .unwrap();
+    assert_eq!(state(store, &id).await, CommandState::Acknowledged);
+}
+
+async fn periods_left_unreported_end_incomplete(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    store
+        .record_ack(&ack(&id, "d1", 1, 1), eve())
+        .await
+        .unwrap();
+    for p in 1..=40 {
+        store
+            .record_report(&report(Some(&id), "d1", p), eve())
+            .await
+            .unwrap();
+    }
+    let after_end = day().end() + jiff::SignedDuration::from_mins(59);
+    assert!(store.sweep(after_end).await.unwrap().is_empty());
+    let hour_after = day().end() + jiff::SignedDuration::from_hours(1);
+    let swept = store.sweep(hour_after).await.unwrap();
+    assert_eq!(swept[0].state, Some(CommandState::Incomplete));
+    let detail = store.command(&id).await.unwrap().unwrap();
+    assert_eq!(
+        detail
+            .periods
+            .iter()
+            .filter(|p| p.status == PeriodStatus::Unreported)
+            .count(),
+        8
+    );
+    // One late report does not flip it back; the last one completes it.
+    store
+        .record_report(&report(Some(&id), "d1", 41), hour_after)
+        .await
+        .unwrap();
+    assert!(store.sweep(hour_after).await.unwrap().is_empty());
+    assert_eq!(state(store, &id).await, CommandState::Incomplete);
+    for p in 42..=48 {
+        store
+            .record_report(&report(Some(&id), "d1", p), hour_after)
+            .await
+            .unwrap();
+    }
+    assert_eq!(state(store, &id).await, CommandState::Completed);
+}
+
+async fn waiting(store: &dyn CommandStore) -> Vec<MessageId> {
+    let unacked = store.awaiting_ack(eve()).await.unwrap();
+    unacked.into_iter().map(|u| u.message_id).collect()
+}
+
+async fn resends_stop_at_an_ack_or_a_newer_version(store: &dyn CommandStore) {
+    let (v1, _) = create(store, "d1", 10).await;
+    assert!(
+        waiting(store).await.is_empty(),
+        "never published: the start-up outbox sends it"
+    );
+    store
+        .mark_sent(std::slice::from_ref(&v1), eve())
+        .await
+        .unwrap();
+    assert_eq!(waiting(store).await, std::slice::from_ref(&v1));
+    let unacked = store.awaiting_ack(eve()).await.unwrap();
+    assert_eq!(unacked[0].publishes, 1);
+    let (v2, _) = create(store, "d1", 20).await;
+    store
+        .mark_sent(std::slice::from_ref(&v2), eve())
+        .await
+        .unwrap();
+    assert_eq!(waiting(store).await, std::slice::from_ref(&v2));
+    store
+        .record_ack(&ack(&v2, "d1", 1, 1), eve())
+        .await
+        .unwrap();
+    assert!(waiting(store).await.is_empty());
+}
+
+async fn a_cancel_ends_the_command_and_is_delivered_like_one(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    store
+        .record_ack(&ack(&id, "d1", 1, 1), eve())
+        .await
+        .unwrap();
+    let control_id = MessageId::generate(eve());
+    let Cancel::Cancelled(msg) = store.cancel(&id, control_id.clone(), eve()).await.unwrap() else {
+        panic!("expected a cancel");
+    };
+    assert_eq!(msg.target_message_id, id);
+    assert_eq!(state(store, &id).await, CommandState::Cancelled);
+    assert_eq!(store.unsent().await.unwrap(), vec![control_id.clone()]);
+    assert_eq!(store.control_message(&control_id).await.unwrap(), Some(msg));
+    store
+        .mark_sent(std::slice::from_ref(&control_id), eve())
+        .await
+        .unwrap();
+    assert_eq!(store.awaiting_ack(eve()).await.unwrap().len(), 1);
+    let control_ack = ack(&control_id, "d1", 2, 1);
+    assert_eq!(
+        store.record_ack(&control_ack, eve()).await.unwrap(),
+        Recorded::Applied
+    );
+    assert!(store.awaiting_ack(eve()).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .cancel(&id, MessageId::generate(eve()), eve())
+            .await
+            .unwrap(),
+        Cancel::AlreadyEnded(CommandState::Cancelled)
+    );
+    assert_eq!(
+        store
+            .cancel(
+                &MessageId::generate(eve()),
+                MessageId::generate(eve()),
+                eve()
+            )
+            .await
+            .unwrap(),
+        Cancel::NotFound
+    );
+}
+
+async fn an_unfinished_ingestion_is_listed_for_replay(store: &dyn CommandStore) {
+    let date = day().date();
+    let id = store
+        .begin_ingestion(date, "fetch", "raw/k.json", eve())
+        .await
+        .unwrap();
+    assert!(!store.ingested(date).await.unwrap());
+    let open = store.interrupted_ingestions().await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!((open[0].id, open[0].audit_key.as_str()), (id, "raw/k.json"));
+    store
+        .finish_ingestion(id, IngestionCounts::default(), eve())
+        .await
+        .unwrap();
+    assert!(store.interrupted_ingestions().await.unwrap().is_empty());
+    assert!(store.ingested(date).await.unwrap());
+    let posted = store
+        .begin_ingestion(date.tomorrow().unwrap(), "post", "raw/p.json", eve())
+        .await
+        .unwrap();
+    store
+        .finish_ingestion(posted, IngestionCounts::default(), eve())
+        .await
+        .unwrap();
+    assert!(
+        !store.ingested(date.tomorrow().unwrap()).await.unwrap(),
+        "a POST is not the daily fetch"
+    );
+}
+
 macro_rules! sqlite_contract {
     ($($rule:ident),* $(,)?) => {
         mod sqlite {
@@ -348,6 +519,11 @@ sqlite_contract!(
     reports_before_the_ack_still_complete_the_command,
     another_devices_ack_cannot_take_the_owners_place,
     sync_offers_the_last_live_version,
+    the_clock_flags_late_and_ends_what_was_never_acked,
+    periods_left_unreported_end_incomplete,
+    resends_stop_at_an_ack_or_a_newer_version,
+    a_cancel_ends_the_command_and_is_delivered_like_one,
+    an_unfinished_ingestion_is_listed_for_replay,
 );
 
 #[tokio::test]
