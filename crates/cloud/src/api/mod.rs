@@ -63,6 +63,7 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
     let reads = Router::new()
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
+        .route("/api/devices/{id}/reports", get(reports))
         .route("/api/commands", get(commands))
         .route("/api/commands/{id}", get(command))
         .route("/", get(index))
@@ -269,6 +270,22 @@ async fn device(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     view["commands"] = json!(commands);
     Ok(Json(view))
+}
+
+async fn reports(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<DateQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = DeviceId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let text = q
+        .date
+        .ok_or_else(|| ApiError::bad_request("date: missing (?date=YYYY-MM-DD)"))?;
+    let day = max300_protocol::Day::new(parse_date(&text)?, state.timezone.clone())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(
+        state.store.reports(&id, day.start(), day.end()).await?,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -270,6 +270,15 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         at: Timestamp,
     ) -> Result<Recorded, CloudError>;
 
+    /// The reports a device sent for periods starting in `from..to`, oldest first; one per
+    /// period, as first received.
+    async fn reports(
+        &self,
+        device: &DeviceId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<ReportMsg>, CloudError>;
+
     /// One command in full.
     async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError>;
 

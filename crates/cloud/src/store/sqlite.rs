@@ -662,6 +662,28 @@ impl CommandStore for SqliteStore {
         .await
     }
 
+    async fn reports(
+        &self,
+        device: &DeviceId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<ReportMsg>, CloudError> {
+        let device = device.to_string();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM reports
+                 WHERE device_id = ?1 AND interval_start >= ?2 AND interval_start < ?3
+                 ORDER BY interval_start",
+            )?;
+            stmt.query_map(params![device, text(from), text(to)], |r| {
+                let body: String = r.get(0)?;
+                serde_json::from_str(&body).map_err(conversion)
+            })?
+            .collect()
+        })
+        .await
+    }
+
     async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError> {
         let id = id.clone();
         self.run(move |c| {

@@ -494,6 +494,34 @@ async fn an_unfinished_ingestion_is_listed_for_replay(store: &dyn CommandStore) 
     );
 }
 
+async fn lists_a_devices_reports_for_a_day_once_each(store: &dyn CommandStore) {
+    let stranger = MessageId::generate(eve());
+    for p in [3, 1, 2, 2] {
+        store
+            .record_report(&report(Some(&stranger), "d1", p), eve())
+            .await
+            .unwrap();
+    }
+    store
+        .record_report(&report(None, "d2", 1), eve())
+        .await
+        .unwrap();
+    let d1 = DeviceId::parse("d1").unwrap();
+    let listed = store
+        .reports(&d1, day().start(), day().end())
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.period).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let none = store
+        .reports(&d1, day().end(), day().next().unwrap().end())
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
 macro_rules! sqlite_contract {
     ($($rule:ident),* $(,)?) => {
         mod sqlite {
@@ -524,6 +552,7 @@ sqlite_contract!(
     resends_stop_at_an_ack_or_a_newer_version,
     a_cancel_ends_the_command_and_is_delivered_like_one,
     an_unfinished_ingestion_is_listed_for_replay,
+    lists_a_devices_reports_for_a_day_once_each,
 );
 
 #[tokio::test]
