@@ -191,7 +191,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "durable",
         "battery",
     ];
-    const SIM: [&str; 7] = [
+    const SIM: [&str; 8] = [
         "capacity_kwh",
         "initial_soc_pct",
         "soc_min_pct",
@@ -199,14 +199,16 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "hysteresis_pct",
         "max_charge_kw",
         "max_discharge_kw",
+        "write_log",
     ];
-    const STRINGS: [&str; 6] = [
+    const STRINGS: [&str; 7] = [
         "device_id",
         "data_dir",
         "mqtt",
         "topic_root",
         "timezone",
         "battery",
+        "write_log",
     ];
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
@@ -341,6 +343,23 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{file}: {err}");
         }
+    }
+
+    #[test]
+    fn the_sim_write_log_is_unset_by_default_and_set_from_env() {
+        let c = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some("device_id = \"d1\""), &[])
+            .unwrap();
+        assert_eq!(c.sim.write_log, None);
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\""),
+            &env(&[("MAX300_SIM_WRITE_LOG", "/tmp/x")]),
+        )
+        .unwrap();
+        assert_eq!(c.sim.write_log, Some(PathBuf::from("/tmp/x")));
+        // And it survives printing the config and reading it back.
+        let back = AgentConfig::from_toml(&toml::to_string(&c).unwrap(), None, &[]).unwrap();
+        assert_eq!(back.sim.write_log, Some(PathBuf::from("/tmp/x")));
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!   state-of-charge window with hysteresis.
 //! - [`store`]: the SQLite store: plans, reports (one per period), the outbox of acks and
 //!   reports awaiting a receipt, and the store's id and sequence.
-//! - [`battery`]: the controller seam ([`Battery`]) and the simulated unit ([`SimBattery`]).
+//! - [`battery`]: the controller seam ([`Battery`]) and the simulated unit ([`SimBattery`]),
+//!   with its optional write log on disk for tests and audits.
 //! - [`error`]: the crate's error type.
 
 pub mod agent;

@@ -1,5 +1,6 @@
 //! The battery controller seam: what the agent asks of any controller, in domain words.
-//! [`sim`] is the simulated unit; a SunSpec Modbus controller comes later.
+//! [`sim`] is the simulated unit, which can keep a [`write_log`] on disk for tests and
+//! audits; a SunSpec Modbus controller comes later.
 
 use std::fmt::Debug;
 
@@ -8,8 +9,10 @@ use max300_protocol::{RateKw, Setpoint};
 use thiserror::Error;
 
 pub mod sim;
+pub mod write_log;
 
 pub use sim::{SimBattery, SimConfig};
+pub use write_log::{WriteLogEntry, read_write_log};
 
 /// A battery controller: takes a setpoint, and says what it runs and what it can do.
 #[async_trait]

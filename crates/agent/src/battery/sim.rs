@@ -2,6 +2,7 @@
 //! of its range, and a revert timer on real time, as a real controller has.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,10 +12,11 @@ use max300_protocol::clock::monotonic;
 use max300_protocol::{Clock, Mode, RateKw, Setpoint};
 use serde::{Deserialize, Serialize};
 
+use super::write_log::{WriteLog, WriteLogEntry};
 use super::{Battery, BatteryError, BatteryStatus};
 
 /// How many writes [`SimBattery::writes`] keeps.
-const WRITE_LOG: usize = 1024;
+const WRITES_KEPT: usize = 1024;
 
 /// The simulated unit, and the state-of-charge window the agent keeps it in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,6 +36,10 @@ pub struct SimConfig {
     pub max_charge_kw: f64,
     /// The controller's own discharge limit, kW.
     pub max_discharge_kw: f64,
+    /// Appends every controller write as one JSON line; for tests and audits. Unset: no log.
+    /// See [`super::write_log`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_log: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -46,6 +52,7 @@ impl Default for SimConfig {
             hysteresis_pct: 2.0,
             max_charge_kw: 150.0,
             max_discharge_kw: 150.0,
+            write_log: None,
         }
     }
 }
@@ -90,6 +97,13 @@ impl SimConfig {
         ] {
             RateKw::try_from(v).map_err(|e| format!("{name}: {e}"))?;
         }
+        if self
+            .write_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("write_log: must be a file path when set".into());
+        }
         Ok(())
     }
 }
@@ -102,6 +116,8 @@ pub struct SimBattery {
     revert: Duration,
     max_charge: RateKw,
     max_discharge: RateKw,
+    /// When this instance started (real time), the zero of the write log's `real_ms`.
+    started: Instant,
     state: Mutex<SimState>,
 }
 
@@ -112,6 +128,8 @@ struct SimState {
     integrated_to: Timestamp,
     asserted_at: Instant,
     writes: VecDeque<(Timestamp, Setpoint)>,
+    /// Held under the state lock, so the lines are in the order the writes took effect.
+    write_log: Option<WriteLog>,
 }
 
 impl SimBattery {
@@ -119,18 +137,22 @@ impl SimBattery {
     pub fn new(config: SimConfig, clock: Arc<dyn Clock>, revert_timeout: Duration) -> SimBattery {
         let now = clock.now();
         let energy_kwh = config.capacity_kwh * config.initial_soc_pct.clamp(0.0, 100.0) / 100.0;
+        let write_log = config.write_log.clone().map(WriteLog::open);
+        let started = monotonic();
         SimBattery {
             max_charge: RateKw::try_from(config.max_charge_kw).unwrap_or(RateKw::ZERO),
             max_discharge: RateKw::try_from(config.max_discharge_kw).unwrap_or(RateKw::ZERO),
             config,
             clock,
             revert: revert_timeout,
+            started,
             state: Mutex::new(SimState {
                 setpoint: Setpoint::IDLE,
                 energy_kwh,
                 integrated_to: now,
-                asserted_at: monotonic(),
+                asserted_at: started,
                 writes: VecDeque::new(),
+                write_log,
             }),
         }
     }
@@ -170,9 +192,27 @@ impl SimBattery {
                     .max(state.integrated_to);
                 self.integrate(state, reverted_at);
                 state.setpoint = Setpoint::IDLE;
+                let real =
+                    (state.asserted_at + self.revert).saturating_duration_since(self.started);
+                self.log_write(state, reverted_at, Setpoint::IDLE, real, true);
             }
         }
         self.integrate(state, now);
+    }
+
+    /// Appends a line to the write log, if there is one.
+    fn log_write(
+        &self,
+        state: &mut SimState,
+        at: Timestamp,
+        setpoint: Setpoint,
+        real: Duration,
+        revert: bool,
+    ) {
+        if let Some(log) = state.write_log.as_mut() {
+            let real_ms = u64::try_from(real.as_millis()).unwrap_or(u64::MAX);
+            log.append(&WriteLogEntry::new(at, setpoint, real_ms, revert));
+        }
     }
 
     fn integrate(&self, state: &mut SimState, to: Timestamp) {
@@ -225,11 +265,14 @@ impl Battery for SimBattery {
         }
         state.setpoint = setpoint;
         state.asserted_at = monotonic();
-        if state.writes.len() == WRITE_LOG {
+        if state.writes.len() == WRITES_KEPT {
             state.writes.pop_front();
         }
         let now = state.integrated_to;
         state.writes.push_back((now, setpoint));
+        // Only writes the controller took are logged: a refused one never ran.
+        let real = state.asserted_at.saturating_duration_since(self.started);
+        self.log_write(&mut state, now, setpoint, real, false);
         Ok(())
     }
 
@@ -303,5 +346,106 @@ mod tests {
         assert_eq!(sim.read().await.unwrap().setpoint.mode(), Mode::Charge);
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(sim.read().await.unwrap().setpoint, Setpoint::IDLE);
+    }
+
+    #[tokio::test]
+    async fn the_write_log_keeps_every_write_in_order_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writes.jsonl");
+        let config = SimConfig {
+            max_charge_kw: 30.0,
+            write_log: Some(path.clone()),
+            ..SimConfig::default()
+        };
+        let clock = Arc::new(ManualClock::new(t0()));
+
+        let first = SimBattery::new(config.clone(), clock.clone(), Duration::ZERO);
+        first.apply(kw(Mode::Charge, 20.0)).await.unwrap();
+        clock.advance(SignedDuration::from_secs(1800));
+        // Above the controller's own limit: refused, so it never ran and is not logged.
+        assert!(first.apply(kw(Mode::Charge, 40.0)).await.is_err());
+        first.apply(kw(Mode::Discharge, 10.0)).await.unwrap();
+        drop(first);
+
+        // The agent process starts again: a new controller appends to the same file.
+        clock.advance(SignedDuration::from_secs(1800));
+        let second = SimBattery::new(config, clock.clone(), Duration::ZERO);
+        second.apply(Setpoint::IDLE).await.unwrap();
+        clock.advance(SignedDuration::from_secs(1800));
+        second.apply(kw(Mode::Charge, 5.5)).await.unwrap();
+
+        let log = crate::battery::read_write_log(&path).unwrap();
+        let seen: Vec<_> = log
+            .iter()
+            .map(|e| (e.at, e.setpoint().unwrap(), e.revert))
+            .collect();
+        let at = |secs| t0().checked_add(SignedDuration::from_secs(secs)).unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (at(0), kw(Mode::Charge, 20.0), false),
+                (at(1800), kw(Mode::Discharge, 10.0), false),
+                (at(3600), Setpoint::IDLE, false),
+                (at(5400), kw(Mode::Charge, 5.5), false),
+            ]
+        );
+        assert!(log.iter().all(|e| e.real_ms.is_some()));
+        // The in-memory record is per instance and unchanged.
+        assert_eq!(second.writes().len(), 2);
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().next().unwrap(),
+            r#"{"at":"2026-11-30T00:00:00Z","mode":"charge","rate_kw":20.0,"real_ms":"#.to_owned()
+                + &log[0].real_ms.unwrap().to_string()
+                + "}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_write_log_records_the_revert_timer_sending_the_unit_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writes.jsonl");
+        let config = SimConfig {
+            write_log: Some(path.clone()),
+            ..SimConfig::default()
+        };
+        let clock = Arc::new(ManualClock::new(t0()));
+        let sim = SimBattery::new(config, clock, Duration::from_millis(20));
+        sim.apply(kw(Mode::Charge, 10.0)).await.unwrap();
+        // The timer runs on real time; wait for the unit to notice it, with a deadline.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while sim.read().await.unwrap().setpoint != Setpoint::IDLE {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the revert timer fires");
+
+        let log = crate::battery::read_write_log(&path).unwrap();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert!(!log[0].revert);
+        assert!(log[1].revert);
+        assert_eq!(log[1].setpoint(), Some(Setpoint::IDLE));
+        // The revert is logged at the real time it happened, one timer after the write.
+        assert!(
+            log[1].real_ms.unwrap() >= log[0].real_ms.unwrap() + 20,
+            "{log:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_write_log_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("writes.jsonl");
+        std::fs::write(
+            &path,
+            "{\"at\":\"2026-11-30T00:00:00Z\",\"mode\":\"idle\",\"rate_kw\":0.0}\nnot json\n",
+        )
+        .unwrap();
+        let err = crate::battery::read_write_log(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
     }
 }

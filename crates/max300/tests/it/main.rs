@@ -5,6 +5,7 @@
 
 mod cli;
 mod processes;
+mod proxy;
 mod up;
 
 use std::io::{BufRead, BufReader};
