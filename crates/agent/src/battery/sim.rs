@@ -137,7 +137,13 @@ impl SimBattery {
     pub fn new(config: SimConfig, clock: Arc<dyn Clock>, revert_timeout: Duration) -> SimBattery {
         let now = clock.now();
         let energy_kwh = config.capacity_kwh * config.initial_soc_pct.clamp(0.0, 100.0) / 100.0;
-        let write_log = config.write_log.clone().map(WriteLog::open);
+        // A new controller instance starts idle: say so, so an audit knows that whatever ran
+        // before (in a process that was killed) stopped by now at the latest.
+        let write_log = config.write_log.clone().map(|path| {
+            let mut log = WriteLog::open(path);
+            log.append(&WriteLogEntry::started(now));
+            log
+        });
         let started = monotonic();
         SimBattery {
             max_charge: RateKw::try_from(config.max_charge_kw).unwrap_or(RateKw::ZERO),
@@ -377,14 +383,16 @@ mod tests {
         let log = crate::battery::read_write_log(&path).unwrap();
         let seen: Vec<_> = log
             .iter()
-            .map(|e| (e.at, e.setpoint().unwrap(), e.revert))
+            .map(|e| (e.at, e.setpoint().unwrap(), e.start))
             .collect();
         let at = |secs| t0().checked_add(SignedDuration::from_secs(secs)).unwrap();
         assert_eq!(
             seen,
             vec![
+                (at(0), Setpoint::IDLE, true),
                 (at(0), kw(Mode::Charge, 20.0), false),
                 (at(1800), kw(Mode::Discharge, 10.0), false),
+                (at(3600), Setpoint::IDLE, true),
                 (at(3600), Setpoint::IDLE, false),
                 (at(5400), kw(Mode::Charge, 5.5), false),
             ]
@@ -395,9 +403,9 @@ mod tests {
 
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
-            text.lines().next().unwrap(),
+            text.lines().nth(1).unwrap(),
             r#"{"at":"2026-11-30T00:00:00Z","mode":"charge","rate_kw":20.0,"real_ms":"#.to_owned()
-                + &log[0].real_ms.unwrap().to_string()
+                + &log[1].real_ms.unwrap().to_string()
                 + "}"
         );
     }
@@ -423,13 +431,14 @@ mod tests {
         .expect("the revert timer fires");
 
         let log = crate::battery::read_write_log(&path).unwrap();
-        assert_eq!(log.len(), 2, "{log:?}");
-        assert!(!log[0].revert);
-        assert!(log[1].revert);
-        assert_eq!(log[1].setpoint(), Some(Setpoint::IDLE));
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert!(log[0].start);
+        assert!(!log[1].revert);
+        assert!(log[2].revert);
+        assert_eq!(log[2].setpoint(), Some(Setpoint::IDLE));
         // The revert is logged at the real time it happened, one timer after the write.
         assert!(
-            log[1].real_ms.unwrap() >= log[0].real_ms.unwrap() + 20,
+            log[2].real_ms.unwrap() >= log[1].real_ms.unwrap() + 20,
             "{log:?}"
         );
     }

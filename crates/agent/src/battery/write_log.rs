@@ -38,6 +38,9 @@ pub struct WriteLogEntry {
     /// True when the revert timer sent the unit idle, rather than a write from the agent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub revert: bool,
+    /// True on the first line of a controller instance (an agent start): it runs idle.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start: bool,
 }
 
 impl WriteLogEntry {
@@ -48,6 +51,18 @@ impl WriteLogEntry {
             rate_kw: setpoint.rate().kw(),
             real_ms: Some(real_ms),
             revert,
+            start: false,
+        }
+    }
+
+    pub(crate) fn started(at: Timestamp) -> Self {
+        WriteLogEntry {
+            at,
+            mode: Mode::Idle,
+            rate_kw: 0.0,
+            real_ms: Some(0),
+            revert: false,
+            start: true,
         }
     }
 
