@@ -188,6 +188,22 @@ impl Engine {
             );
         }
         if let Some(held) = self.find(&msg.message_id) {
+            // A repeat of the plan in force is accepted again; a repeat of one that a newer
+            // version has replaced is an out-of-date command.
+            let newest = self
+                .plans
+                .get(&held.schedule.day().date())
+                .and_then(|v| v.last())
+                .map_or(held.version, |p| p.version);
+            if newest > held.version {
+                return reject(
+                    RejectReason::Superseded,
+                    Some(format!(
+                        "version {} is replaced by the held version {newest}",
+                        held.version
+                    )),
+                );
+            }
             return Decision::Repeat {
                 effective_period: held.effective_period,
                 sha256: held.sha256.clone(),
@@ -671,6 +687,30 @@ mod tests {
                 sha256: m.sha256.clone()
             }
         );
+    }
+
+    #[test]
+    fn a_late_copy_of_a_replaced_plan_is_rejected_as_superseded() {
+        let mut e = engine();
+        let v1 = msg("2026-11-30", 1, 10);
+        let v2 = msg("2026-11-30", 2, 20);
+        accept(&mut e, &v1, ts("2026-11-29T16:00:00Z"));
+        accept(&mut e, &v2, ts("2026-11-29T17:00:00Z"));
+        let d = e.on_schedule(&v1, ts("2026-11-30T12:00:00Z"));
+        assert!(
+            matches!(
+                d,
+                Decision::Reject {
+                    reason: RejectReason::Superseded,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        assert!(matches!(
+            e.on_schedule(&v2, ts("2026-11-30T12:00:00Z")),
+            Decision::Repeat { .. }
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod faults;
 mod processes;
 mod proxy;
 mod up;
@@ -37,12 +38,28 @@ pub struct Proc {
 impl Proc {
     /// Starts `max300 args…` with logs going to `log_dir/name.log`.
     pub fn start(name: &str, args: &[String], log_dir: &Path) -> Proc {
-        let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
+        Proc::start_with_env(name, args, &[], log_dir)
+    }
+
+    /// Starts `max300 args…` with extra environment variables. The log is appended to, so a
+    /// restarted process keeps one log.
+    pub fn start_with_env(
+        name: &str,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("{name}.log")))
+            .unwrap();
         let mut child = max300()
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let stdout = child.stdout.take().unwrap();
