@@ -78,11 +78,16 @@ pub async fn run(
     let store = Arc::new(store);
 
     let battery: Arc<dyn Battery> = match config.battery.as_str() {
-        "sim" => Arc::new(SimBattery::new(
-            config.sim.clone(),
-            clock.clone(),
-            config.revert_timeout(),
-        )),
+        "sim" => {
+            // The simulated unit keeps its log and its state of charge beside the store, so
+            // both survive a restart of the agent (and the fault suite can read the log).
+            let mut sim = config.sim.clone();
+            sim.write_log
+                .get_or_insert_with(|| config.data_dir.join("battery-writes.jsonl"));
+            sim.state_file
+                .get_or_insert_with(|| config.data_dir.join("battery-state.json"));
+            Arc::new(SimBattery::new(sim, clock.clone(), config.revert_timeout()))
+        }
         other => {
             return Err(AgentError::Config(format!(
                 "battery: {other:?} is not supported; the only battery so far is \"sim\""

@@ -191,7 +191,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "durable",
         "battery",
     ];
-    const SIM: [&str; 8] = [
+    const SIM: [&str; 9] = [
         "capacity_kwh",
         "initial_soc_pct",
         "soc_min_pct",
@@ -200,8 +200,9 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "max_charge_kw",
         "max_discharge_kw",
         "write_log",
+        "state_file",
     ];
-    const STRINGS: [&str; 7] = [
+    const STRINGS: [&str; 8] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -209,6 +210,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "timezone",
         "battery",
         "write_log",
+        "state_file",
     ];
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {

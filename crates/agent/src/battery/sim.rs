@@ -40,6 +40,10 @@ pub struct SimConfig {
     /// See [`super::write_log`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub write_log: Option<PathBuf>,
+    /// Keeps the state of charge here, so a restarted unit resumes where it was rather than
+    /// at `initial_soc_pct`. Unset: the state lives in memory only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -53,6 +57,7 @@ impl Default for SimConfig {
             max_charge_kw: 150.0,
             max_discharge_kw: 150.0,
             write_log: None,
+            state_file: None,
         }
     }
 }
@@ -136,7 +141,12 @@ impl SimBattery {
     /// A unit at `initial_soc_pct`. `revert_timeout` is real time; zero disables it.
     pub fn new(config: SimConfig, clock: Arc<dyn Clock>, revert_timeout: Duration) -> SimBattery {
         let now = clock.now();
-        let energy_kwh = config.capacity_kwh * config.initial_soc_pct.clamp(0.0, 100.0) / 100.0;
+        let energy_kwh = config
+            .state_file
+            .as_deref()
+            .and_then(load_energy)
+            .unwrap_or(config.capacity_kwh * config.initial_soc_pct.clamp(0.0, 100.0) / 100.0)
+            .clamp(0.0, config.capacity_kwh);
         // A new controller instance starts idle: say so, so an audit knows that whatever ran
         // before (in a process that was killed) stopped by now at the latest.
         let write_log = config.write_log.clone().map(|path| {
@@ -232,6 +242,9 @@ impl SimBattery {
         // The unit stops by itself when full or empty.
         state.energy_kwh = energy.clamp(0.0, self.config.capacity_kwh);
         state.integrated_to = to;
+        if let Some(path) = &self.config.state_file {
+            save_energy(path, state.energy_kwh, to);
+        }
     }
 
     fn status(&self, state: &SimState) -> BatteryStatus {
@@ -250,6 +263,29 @@ impl SimBattery {
                 self.max_discharge
             },
         }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedState {
+    energy_kwh: f64,
+    at: Timestamp,
+}
+
+fn load_energy(path: &std::path::Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let saved: SavedState = serde_json::from_str(&text).ok()?;
+    saved.energy_kwh.is_finite().then_some(saved.energy_kwh)
+}
+
+/// Written to a temporary file and renamed, so a kill mid-write leaves the old state whole.
+fn save_energy(path: &std::path::Path, energy_kwh: f64, at: Timestamp) {
+    let Ok(text) = serde_json::to_string(&SavedState { energy_kwh, at }) else {
+        return;
+    };
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        tracing::warn!(path = %path.display(), error = %e, "battery state not saved");
     }
 }
 
@@ -408,6 +444,28 @@ mod tests {
                 + &log[1].real_ms.unwrap().to_string()
                 + "}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_unit_resumes_its_state_of_charge() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SimConfig {
+            state_file: Some(dir.path().join("battery-state.json")),
+            ..SimConfig::default()
+        };
+        let clock = Arc::new(ManualClock::new(t0()));
+        let first = SimBattery::new(config.clone(), clock.clone(), Duration::ZERO);
+        first.apply(kw(Mode::Charge, 30.0)).await.unwrap();
+        clock.advance(SignedDuration::from_hours(1));
+        assert!((first.soc_pct() - 60.0).abs() < 1e-9);
+        drop(first);
+        let second = SimBattery::new(config, clock, Duration::ZERO);
+        assert!(
+            (second.soc_pct() - 60.0).abs() < 1e-9,
+            "{}",
+            second.soc_pct()
+        );
+        assert_eq!(second.read().await.unwrap().setpoint, Setpoint::IDLE);
     }
 
     #[tokio::test]

@@ -107,10 +107,6 @@ impl Rig {
         .collect();
         args.extend(self.clock_args.iter().cloned());
         let env = vec![
-            (
-                "MAX300_SIM_WRITE_LOG".to_owned(),
-                self.write_log(unit).display().to_string(),
-            ),
             ("MAX300_HEARTBEAT_INTERVAL_S".to_owned(), "2".to_owned()),
             ("MAX300_RESEND_AFTER_S".to_owned(), "3".to_owned()),
         ];
@@ -120,8 +116,9 @@ impl Rig {
         }
     }
 
+    /// The simulated battery's own log, which it keeps in the agent's data dir.
     fn write_log(&self, unit: &str) -> PathBuf {
-        self.dir.join(format!("{unit}.writes.jsonl"))
+        self.dir.join(unit).join("battery-writes.jsonl")
     }
 
     fn kill_agent(&mut self, unit: &'static str) {
