@@ -35,6 +35,8 @@ const RESEND_BATCH: usize = 100;
 const RESEND_TICK: Duration = Duration::from_secs(1);
 /// How often `sync` is sent again while a plan for today or tomorrow is missing (real time).
 const SYNC_EVERY: Duration = Duration::from_secs(600);
+/// How often the system's time sync is asked, where it is checked (real time).
+const TIME_SOURCE_EVERY: Duration = Duration::from_secs(60);
 /// The longest sleep between checks of the clock, so a clock that jumps is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// A publish that cannot be queued this fast is left to the outbox resend, so a stalled
@@ -140,6 +142,12 @@ pub async fn run(
         plans = engine.held_plans(clock.now()).len(),
         "agent started"
     );
+    let check_time = match config.clock_sync.as_str() {
+        "ntp" => true,
+        "assume" => false,
+        // A scaled clock is not the system clock: NTP says nothing about it.
+        _ => (clock.speed() - 1.0).abs() < f64::EPSILON,
+    };
     let agent = Agent {
         device_id,
         clock,
@@ -150,6 +158,7 @@ pub async fn run(
         engine,
         guard: Guard::new(window, max_rate),
         store_fault: false,
+        check_time,
         fault: None,
         started: monotonic(),
         resend_after: Duration::from_secs(config.resend_after_s),
@@ -199,6 +208,8 @@ struct Agent {
     resend_after: Duration,
     /// Inbound messages dropped as undecodable or not for this device.
     dropped: u64,
+    /// Whether to ask the system's time sync before acting on plans.
+    check_time: bool,
 }
 
 impl Agent {
@@ -209,8 +220,11 @@ impl Agent {
         heartbeat_every: Duration,
         reassert_every: Duration,
     ) -> Result<(), AgentError> {
+        self.check_time_source().await;
         // After a restart: report what was missed, and apply the current period at once.
         self.on_boundary().await;
+        let mut time_source = tokio::time::interval(TIME_SOURCE_EVERY);
+        time_source.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heartbeat = tokio::time::interval(heartbeat_every);
         let mut reassert = tokio::time::interval(reassert_every);
         let mut resend = tokio::time::interval(RESEND_TICK);
@@ -243,6 +257,11 @@ impl Agent {
                 },
                 _ = tokio::time::sleep(sleep) => self.on_boundary().await,
                 _ = heartbeat.tick() => self.heartbeat().await,
+                _ = time_source.tick(), if self.check_time => {
+                    if self.check_time_source().await {
+                        self.on_boundary().await;
+                    }
+                }
                 _ = reassert.tick() => self.drive(true).await,
                 _ = resend.tick() => self.resend(self.resend_after).await,
                 _ = sync.tick() => {
@@ -254,6 +273,22 @@ impl Agent {
         }
         info!(device_id = %self.device_id, dropped = self.dropped, "agent stopped");
         Ok(())
+    }
+
+    /// Asks the system's time sync (where configured); returns true when the clock has just
+    /// become synchronized, so the current period can be applied at once.
+    async fn check_time_source(&mut self) -> bool {
+        if !self.check_time {
+            return false;
+        }
+        let synced = crate::timesync::system_clock_synchronized().await;
+        let was = !self.engine.clock_unsynced(self.clock.now());
+        self.engine.set_time_source(synced);
+        if !synced {
+            warn!(device_id = %self.device_id, "the system clock is not synchronized: idle");
+            self.drive(false).await;
+        }
+        synced && !was
     }
 
     async fn on_connected(&mut self) {

@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub revert_timeout_s: u64,
     /// `synchronous=FULL` when true, `OFF` when false.
     pub durable: bool,
+    /// How the agent knows its clock is right: `ntp` (the system's time sync status),
+    /// `assume` (always, e.g. on a scaled clock), or `auto` (`ntp` on the system clock,
+    /// `assume` on a scaled one).
+    pub clock_sync: String,
     /// Which controller drives the battery: only `"sim"` so far.
     pub battery: String,
     /// The simulated battery.
@@ -87,6 +91,12 @@ impl AgentConfig {
             ));
         }
         self.max_rate()?;
+        if !matches!(self.clock_sync.as_str(), "auto" | "ntp" | "assume") {
+            return bad(format!(
+                "clock_sync: {:?} is not auto, ntp or assume",
+                self.clock_sync
+            ));
+        }
         if self.max_rate_kw <= 0.0 {
             return bad(format!("max_rate_kw: {} must be above 0", self.max_rate_kw));
         }
@@ -178,7 +188,7 @@ fn merge(base: &mut Table, over: Table) {
 /// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
 /// to other roles and are ignored.
 fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
-    const TOP: [&str; 11] = [
+    const TOP: [&str; 12] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -190,6 +200,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "revert_timeout_s",
         "durable",
         "battery",
+        "clock_sync",
     ];
     const SIM: [&str; 9] = [
         "capacity_kwh",
@@ -202,13 +213,14 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "write_log",
         "state_file",
     ];
-    const STRINGS: [&str; 8] = [
+    const STRINGS: [&str; 9] = [
         "device_id",
         "data_dir",
         "mqtt",
         "topic_root",
         "timezone",
         "battery",
+        "clock_sync",
         "write_log",
         "state_file",
     ];

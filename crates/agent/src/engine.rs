@@ -136,6 +136,8 @@ pub struct Engine {
     controls: HashSet<MessageId>,
     last_done: Option<Timestamp>,
     last_instant: Option<Timestamp>,
+    /// What the time source says (NTP status, where checked): false means unsynchronized.
+    time_source_synced: bool,
 }
 
 impl Engine {
@@ -150,7 +152,13 @@ impl Engine {
             controls: HashSet::new(),
             last_done: None,
             last_instant: None,
+            time_source_synced: true,
         }
+    }
+
+    /// Records whether the system's time sync says the clock is right.
+    pub fn set_time_source(&mut self, synced: bool) {
+        self.time_source_synced = synced;
     }
 
     /// Restores what the store remembers: the last period handled and the latest instant
@@ -167,7 +175,7 @@ impl Engine {
 
     /// Whether the clock reads earlier than an instant the agent already acted at.
     pub fn clock_unsynced(&self, now: Timestamp) -> bool {
-        self.last_instant.is_some_and(|last| now < last)
+        !self.time_source_synced || self.last_instant.is_some_and(|last| now < last)
     }
 
     /// Records that the agent acted at `now` (the shell persists the same instant).
@@ -687,6 +695,23 @@ mod tests {
                 sha256: m.sha256.clone()
             }
         );
+    }
+
+    #[test]
+    fn an_unsynchronized_time_source_idles_and_withholds_acks() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        accept(&mut e, &m, ts("2026-11-29T16:00:00Z"));
+        e.set_time_source(false);
+        let now = ts("2026-11-30T00:10:00Z");
+        assert_eq!(e.fallback(now), Some(Fallback::ClockUnsynced));
+        assert_eq!(e.current(now), Setpoint::IDLE);
+        assert!(matches!(
+            e.on_schedule(&msg("2026-11-30", 2, 20), now),
+            Decision::Withhold { .. }
+        ));
+        e.set_time_source(true);
+        assert_eq!(e.fallback(now), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   reports awaiting a receipt, and the store's id and sequence.
 //! - [`battery`]: the controller seam ([`Battery`]) and the simulated unit ([`SimBattery`]),
 //!   with its optional write log on disk for tests and audits.
+//! - [`timesync`]: whether the system clock is synchronized (NTP), for `clock_sync`.
 //! - [`error`]: the crate's error type.
 
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod safety;
 pub mod store;
+pub mod timesync;
 
 pub use agent::run;
 pub use battery::{Battery, BatteryStatus, SimBattery, SimConfig};
