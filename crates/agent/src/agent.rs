@@ -159,6 +159,7 @@ pub async fn run(
         guard: Guard::new(window, max_rate),
         store_fault: false,
         check_time,
+        last_batch: None,
         fault: None,
         started: monotonic(),
         resend_after: Duration::from_secs(config.resend_after_s),
@@ -210,6 +211,8 @@ struct Agent {
     dropped: u64,
     /// Whether to ask the system's time sync before acting on plans.
     check_time: bool,
+    /// When the last outbox batch went out (real time).
+    last_batch: Option<Instant>,
 }
 
 impl Agent {
@@ -693,6 +696,15 @@ impl Agent {
         if !self.session.is_connected() {
             return;
         }
+        // One batch of at most 100 per second, whatever asks for it (the tick or a burst of
+        // reconnects): AWS IoT Core allows 100 publishes a second per connection.
+        if self
+            .last_batch
+            .is_some_and(|at| monotonic().saturating_duration_since(at) < RESEND_TICK)
+        {
+            return;
+        }
+        self.last_batch = Some(monotonic());
         let batch = match blocking(&self.store, move |s| {
             s.due_for_resend(older_than, RESEND_BATCH)
         })
