@@ -509,6 +509,18 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
         }
     }
 
+    // Nothing waits in a unit's outbox: every ack and report reached the cloud.
+    let devices = rig.get("/api/devices").await;
+    for d in devices.as_array().unwrap() {
+        if d["outbox"] != 0 {
+            lost += d["outbox"].as_u64().unwrap_or(1) as usize;
+            problems.push(format!(
+                "{}: {} messages never receipted",
+                d["device_id"], d["outbox"]
+            ));
+        }
+    }
+
     // Acks: every command acknowledged; the duplicate accepted again, the old one refused.
     let v2_acks: BTreeSet<u64> = seen
         .acks
@@ -649,5 +661,12 @@ async fn settled(rig: &Rig) -> bool {
             return false;
         }
     }
-    true
+    // Every unit's outbox is empty: the cloud receipted every ack and report it sent.
+    let devices = rig.get("/api/devices").await;
+    devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| UNITS.contains(&d["device_id"].as_str().unwrap_or("")))
+        .all(|d| d["outbox"] == 0)
 }
