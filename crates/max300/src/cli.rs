@@ -54,11 +54,47 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Check a provider document offline and print every error with its place.
     Validate(validate::ValidateArgs),
+    /// Development certificates: a CA, the broker's, the cloud's and each device's.
+    #[cfg(feature = "cloud")]
+    Certs {
+        /// What to make.
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Configuration helpers.
     Config {
         /// What to do.
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+/// `max300 certs …`
+#[cfg(feature = "cloud")]
+#[derive(Subcommand, Debug)]
+pub enum CertsAction {
+    /// A CA (ca.pem, ca.key), the broker's certificate (broker.pem/.key, for localhost) and
+    /// the cloud's (cloud.pem/.key, CN max300-cloud).
+    Init {
+        /// Where to write them.
+        dir: std::path::PathBuf,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// A device's key and certificate (ID.pem, ID.key; CN = O = ID), signed by the CA in --dir.
+    Device {
+        /// The device id.
+        id: String,
+        /// The folder of `certs init`.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Its last valid day instead (a past date makes an expired certificate, for tests).
+        #[arg(long)]
+        not_after: Option<jiff::civil::Date>,
     },
 }
 
@@ -200,6 +236,8 @@ impl Command {
             #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
             Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
+            #[cfg(feature = "cloud")]
+            Command::Certs { .. } => "warn",
             _ => "info",
         }
     }
@@ -220,6 +258,30 @@ impl Command {
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
+            #[cfg(feature = "cloud")]
+            Command::Certs { action } => {
+                let written = match action {
+                    CertsAction::Init { dir, days } => crate::certs::init(
+                        &dir,
+                        crate::certs::Validity {
+                            days,
+                            not_after: None,
+                        },
+                    )?,
+                    CertsAction::Device {
+                        id,
+                        dir,
+                        days,
+                        not_after,
+                    } => {
+                        crate::certs::device(&id, &dir, crate::certs::Validity { days, not_after })?
+                    }
+                };
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Config {
                 action: ConfigAction::PrintDefault { which },
             } => {

@@ -7,7 +7,10 @@
 //! - `sample`: the sample schedule provider.
 //! - `up`: everything on one machine, with a summary.
 //! - `validate`: offline checking of a provider document.
+//! - `certs`: a development CA and the broker, cloud and device certificates.
 
+#[cfg(feature = "cloud")]
+mod certs;
 mod cli;
 mod clock;
 #[cfg(feature = "cloud")]
