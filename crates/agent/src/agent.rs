@@ -128,6 +128,7 @@ pub async fn run(
         SessionConfig::new(url, device_id.as_str(), topics.device_filters(&device_id));
     session_config.topics = topics.clone();
     session_config.channel_capacity = EVENT_CAPACITY;
+    session_config.tls = config.tls();
     let (session, events) = max300_mqtt::connect(session_config, session_stop)?;
 
     let reassert = (config.revert_timeout() / 2).max(Duration::from_millis(500));

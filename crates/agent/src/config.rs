@@ -38,6 +38,18 @@ pub struct AgentConfig {
     pub revert_timeout_s: u64,
     /// `synchronous=FULL` when true, `OFF` when false.
     pub durable: bool,
+    /// The CA that signed the broker's certificate (PEM), for `mqtts://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// This unit's certificate (PEM; CN = O = device_id), for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// This unit's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// ALPN protocol, e.g. `x-amzn-mqtt-ca` for AWS IoT Core on port 443.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<String>,
     /// How the agent knows its clock is right: `ntp` (the system's time sync status),
     /// `assume` (always, e.g. on a scaled clock), or `auto` (`ntp` on the system clock,
     /// `assume` on a scaled one).
@@ -145,6 +157,16 @@ impl AgentConfig {
             .map_err(|e| AgentError::Config(format!("max_rate_kw: {e}")))
     }
 
+    /// The certificate files, when `ca` is set.
+    pub fn tls(&self) -> Option<max300_mqtt::TlsFiles> {
+        self.ca.as_ref().map(|ca| max300_mqtt::TlsFiles {
+            ca: ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            alpn: self.alpn.iter().cloned().collect(),
+        })
+    }
+
     /// The topic layout.
     pub fn topics(&self) -> Topics {
         Topics::new(self.topic_root.clone())
@@ -188,7 +210,7 @@ fn merge(base: &mut Table, over: Table) {
 /// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
 /// to other roles and are ignored.
 fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
-    const TOP: [&str; 12] = [
+    const TOP: [&str; 16] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -201,6 +223,10 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "durable",
         "battery",
         "clock_sync",
+        "ca",
+        "cert",
+        "key",
+        "alpn",
     ];
     const SIM: [&str; 9] = [
         "capacity_kwh",
@@ -213,7 +239,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "write_log",
         "state_file",
     ];
-    const STRINGS: [&str; 9] = [
+    const STRINGS: [&str; 13] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -221,6 +247,10 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "timezone",
         "battery",
         "clock_sync",
+        "ca",
+        "cert",
+        "key",
+        "alpn",
         "write_log",
         "state_file",
     ];

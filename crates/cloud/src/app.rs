@@ -71,6 +71,7 @@ impl Cloud {
             SessionConfig::new(url.clone(), client_id.clone(), topics.cloud_filters());
         session_config.topics = topics.clone();
         session_config.channel_capacity = 4096;
+        session_config.tls = config.tls();
         let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
         let publisher = Publisher::new(session.clone(), topics, store.clone(), clock.clone());
 

@@ -69,6 +69,18 @@ pub struct CloudConfig {
     /// MQTT client id.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// The CA that signed the broker's certificate (PEM), for `mqtts://`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The cloud's certificate (PEM; CN max300-cloud), for mutual TLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The cloud's private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// ALPN protocol, e.g. `x-amzn-mqtt-ca` for AWS IoT Core on port 443.
+    #[serde(default)]
+    pub alpn: Option<String>,
     /// Devices known up front.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -126,6 +138,10 @@ impl CloudConfig {
             "heartbeat_interval_s",
             "ack_timeout_s",
             "client_id",
+            "ca",
+            "cert",
+            "key",
+            "alpn",
         ];
         KEYS.contains(&name)
     }
@@ -194,6 +210,16 @@ impl CloudConfig {
     pub fn default_max_rate(&self) -> Result<RateKw, CloudError> {
         RateKw::try_from(self.default_max_rate_kw)
             .map_err(|e| CloudError::Config(format!("default_max_rate_kw: {e}")))
+    }
+
+    /// The certificate files, when `ca` is set.
+    pub fn tls(&self) -> Option<max300_mqtt::TlsFiles> {
+        self.ca.as_ref().map(|ca| max300_mqtt::TlsFiles {
+            ca: ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            alpn: self.alpn.iter().cloned().collect(),
+        })
     }
 
     /// The store URL, defaulting into the data dir.

@@ -164,3 +164,69 @@ fn write(dir: &Path, file: &str, text: &str, secret: bool) -> anyhow::Result<Pat
         .with_context(|| format!("{}", path.display()))?;
     Ok(path)
 }
+
+/// Writes `mosquitto.conf` and `mosquitto.acl` into `dir` (next to the certificates of
+/// `certs init`): TLS on `port` with client certificates required, the certificate's CN as
+/// the user name, and per-device topics.
+pub fn mosquitto(dir: &Path, port: u16) -> anyhow::Result<Vec<PathBuf>> {
+    for needed in ["ca.pem", "broker.pem", "broker.key"] {
+        if !dir.join(needed).exists() {
+            bail!(
+                "{}: run `max300 certs init {}` first",
+                dir.join(needed).display(),
+                dir.display()
+            );
+        }
+    }
+    let abs = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let file = |f: &str| abs.join(f).display().to_string();
+    let conf = format!(
+        "# mosquitto for a MAX300 fleet: mutual TLS and per-device topics.\n\
+         # Made by `max300 certs mosquitto`; run with `mosquitto -c {conf}`.\n\
+         per_listener_settings false\n\
+         listener {port} 127.0.0.1\n\
+         cafile {ca}\n\
+         certfile {cert}\n\
+         keyfile {key}\n\
+         require_certificate true\n\
+         use_identity_as_username true\n\
+         allow_anonymous false\n\
+         acl_file {acl}\n\
+         # The cloud subscribes for the whole fleet: let its queue hold a boundary's reports.\n\
+         max_queued_messages 100000\n\
+         max_inflight_messages 100\n\
+         persistence false\n\
+         log_dest stderr\n\
+         # Started as root, mosquitto drops to its own user and could not read 0600 keys.\n\
+         user root\n",
+        conf = file("mosquitto.conf"),
+        ca = file("ca.pem"),
+        cert = file("broker.pem"),
+        key = file("broker.key"),
+        acl = file("mosquitto.acl"),
+    );
+    let acl = format!(
+        "# The cloud ({CLOUD_NAME}) does the cloud side for every device.\n\
+         user {CLOUD_NAME}\n\
+         topic read max300/+/ack\n\
+         topic read max300/+/report\n\
+         topic read max300/+/heartbeat\n\
+         topic read max300/+/sync\n\
+         topic write max300/+/schedule\n\
+         topic write max300/+/control\n\
+         topic write max300/+/receipt\n\
+         \n\
+         # A device (CN = its id) only its own topics.\n\
+         pattern read max300/%u/schedule\n\
+         pattern read max300/%u/control\n\
+         pattern read max300/%u/receipt\n\
+         pattern write max300/%u/ack\n\
+         pattern write max300/%u/report\n\
+         pattern write max300/%u/heartbeat\n\
+         pattern write max300/%u/sync\n"
+    );
+    Ok(vec![
+        write(dir, "mosquitto.conf", &conf, false)?,
+        write(dir, "mosquitto.acl", &acl, false)?,
+    ])
+}

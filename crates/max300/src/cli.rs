@@ -96,6 +96,15 @@ pub enum CertsAction {
         #[arg(long)]
         not_after: Option<jiff::civil::Date>,
     },
+    /// A mosquitto config (mosquitto.conf, mosquitto.acl) for the certificates in DIR: mutual
+    /// TLS on 127.0.0.1:PORT and per-device topics.
+    Mosquitto {
+        /// The folder of `certs init`.
+        dir: std::path::PathBuf,
+        /// The TLS port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+    },
 }
 
 /// `max300 config …`
@@ -128,9 +137,18 @@ pub struct ServiceArgs {
     /// Where data lives.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// The broker: mqtt://host:port.
+    /// The broker: mqtt://host:port, or mqtts://host:port with --ca (and --cert/--key).
     #[arg(long)]
     pub mqtt: Option<String>,
+    /// The CA that signed the broker's certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for mutual TLS.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     /// Plan time.
     #[command(flatten)]
     pub clock: ClockArgs,
@@ -276,6 +294,7 @@ impl Command {
                     } => {
                         crate::certs::device(&id, &dir, crate::certs::Validity { days, not_after })?
                     }
+                    CertsAction::Mosquitto { dir, port } => crate::certs::mosquitto(&dir, port)?,
                 };
                 for path in written {
                     println!("wrote {}", path.display());
@@ -360,6 +379,9 @@ pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
     let env = layered_env(vec![
         ("MAX300_DATA_DIR", path_flag(&args.service.data_dir)),
         ("MAX300_MQTT", args.service.mqtt.clone()),
+        ("MAX300_CA", path_flag(&args.service.ca)),
+        ("MAX300_CERT", path_flag(&args.service.cert)),
+        ("MAX300_KEY", path_flag(&args.service.key)),
         ("MAX300_HTTP", args.http.clone()),
         ("MAX300_PROVIDER", args.provider.clone()),
         ("MAX300_API_TOKEN", args.api_token.clone()),
@@ -382,6 +404,9 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let env = layered_env(vec![
         ("MAX300_DATA_DIR", path_flag(&args.service.data_dir)),
         ("MAX300_MQTT", args.service.mqtt.clone()),
+        ("MAX300_CA", path_flag(&args.service.ca)),
+        ("MAX300_CERT", path_flag(&args.service.cert)),
+        ("MAX300_KEY", path_flag(&args.service.key)),
         ("MAX300_DEVICE_ID", args.device_id.clone()),
         ("MAX300_BATTERY", args.battery.clone()),
     ]);

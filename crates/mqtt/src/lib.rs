@@ -8,14 +8,17 @@
 //! # Layout
 //! - [`url`]: the `mqtt://` / `mqtts://` broker address.
 //! - [`session`]: the session task, its handle and its events.
+//! - [`tls`]: server verification against a CA, client certificates, plain-words errors.
 //! - `broker` (feature `broker`): the embedded rumqttd broker, loopback only.
 
 #[cfg(feature = "broker")]
 pub mod broker;
 pub mod session;
+pub mod tls;
 pub mod url;
 
 pub use session::{Event, Inbound, Qos, Session, SessionConfig, connect};
+pub use tls::TlsFiles;
 pub use url::BrokerUrl;
 
 /// What can go wrong with the MQTT session.
@@ -32,6 +35,9 @@ pub enum MqttError {
     /// The session task has stopped (shutdown).
     #[error("the MQTT session is closed")]
     Closed,
+    /// The TLS settings are unusable.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The embedded broker could not start.
     #[error("embedded broker: {0}")]
     Broker(String),

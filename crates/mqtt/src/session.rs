@@ -16,12 +16,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use max300_protocol::{Channel, DeviceId, Message, ProtocolError, Topics};
-use rumqttc::{AsyncClient, ConnectionError, EventLoop, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{BrokerUrl, MqttError};
+use crate::{BrokerUrl, MqttError, TlsFiles};
 
 /// Largest packet either way: a 128 KiB payload plus topic and header, with room to spare.
 const MAX_PACKET_BYTES: usize = 192 * 1024;
@@ -48,6 +51,8 @@ pub struct SessionConfig {
     pub keep_alive: Duration,
     /// Capacity of the event channel to the application.
     pub channel_capacity: usize,
+    /// Certificates, for `mqtts://`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl SessionConfig {
@@ -60,6 +65,7 @@ impl SessionConfig {
             topics: Topics::default(),
             keep_alive: Duration::from_secs(30),
             channel_capacity: 512,
+            tls: None,
         }
     }
 }
@@ -175,14 +181,28 @@ pub fn connect(
     config: SessionConfig,
     shutdown: CancellationToken,
 ) -> Result<(Session, mpsc::Receiver<Event>), MqttError> {
-    if config.url.tls {
-        return Err(MqttError::Url {
-            url: config.url.to_string(),
-            reason: "TLS (mqtts://) is not supported by this build yet; use mqtt:// on loopback"
-                .into(),
-        });
-    }
     let mut options = MqttOptions::new(&config.client_id, &config.url.host, config.url.port);
+    match (&config.tls, config.url.tls) {
+        (Some(files), true) => {
+            let tls = files.client_config()?;
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
+        (None, true) => {
+            return Err(MqttError::Url {
+                url: config.url.to_string(),
+                reason: "mqtts:// needs a CA file (--ca), and for mutual TLS --cert and --key"
+                    .into(),
+            });
+        }
+        (Some(_), false) => {
+            return Err(MqttError::Url {
+                url: config.url.to_string(),
+                reason: "certificates are configured but the address is mqtt://; use mqtts://"
+                    .into(),
+            });
+        }
+        (None, false) => {}
+    }
     options
         .set_keep_alive(config.keep_alive)
         .set_clean_session(true)
@@ -222,6 +242,7 @@ impl Driver {
     async fn run(mut self, shutdown: CancellationToken) {
         let client_id = self.config.client_id.clone();
         let mut backoff = BACKOFF_MIN;
+        let mut last_failure: Option<String> = None;
         loop {
             let polled = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -230,6 +251,7 @@ impl Driver {
             match polled {
                 Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = BACKOFF_MIN;
+                    last_failure = None;
                     info!(client_id = %client_id, broker = %self.config.url, "mqtt connected");
                     if self.config.subscriptions.is_empty() {
                         self.up().await;
@@ -251,10 +273,15 @@ impl Driver {
                     let reason = describe(&error);
                     if was_up {
                         warn!(client_id = %client_id, error = %reason, "mqtt disconnected");
-                        let _ = self.events.send(Event::Disconnected(reason)).await;
+                        let _ = self.events.send(Event::Disconnected(reason.clone())).await;
+                    } else if last_failure.as_deref() != Some(reason.as_str()) {
+                        // Once per kind of failure, so a broker that stays away doesn't flood
+                        // the log, but a new reason (e.g. a TLS refusal) is always seen.
+                        warn!(client_id = %client_id, broker = %self.config.url, error = %reason, "mqtt connect failed");
                     } else {
                         debug!(client_id = %client_id, error = %reason, "mqtt connect failed");
                     }
+                    last_failure = Some(reason);
                     let pause = jitter(backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     tokio::select! {
@@ -297,10 +324,14 @@ impl Driver {
 }
 
 fn describe(error: &ConnectionError) -> String {
-    match error {
+    let text = match error {
         ConnectionError::Io(e) => format!("io: {e}"),
         ConnectionError::ConnectionRefused(code) => format!("refused by broker: {code:?}"),
         other => other.to_string(),
+    };
+    match crate::tls::explain(&text) {
+        Some(plain) => format!("{plain} ({text})"),
+        None => text,
     }
 }
 
