@@ -5,7 +5,7 @@
 //! Keys are written with mode 0600 and never printed or logged.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -67,8 +67,13 @@ fn name(cn: &str, org: Option<&str>) -> DistinguishedName {
     dn
 }
 
-/// Creates the CA, the broker's server certificate and the cloud's client certificate.
-pub fn init(dir: &Path, validity: Validity) -> anyhow::Result<Vec<PathBuf>> {
+/// Creates the CA, the broker's server certificate (for `broker_hosts`: DNS names or IP
+/// addresses) and the cloud's client certificate.
+pub fn init(
+    dir: &Path,
+    validity: Validity,
+    broker_hosts: &[String],
+) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     if dir.join("ca.pem").exists() {
         bail!(
@@ -95,11 +100,17 @@ pub fn init(dir: &Path, validity: Validity) -> anyhow::Result<Vec<PathBuf>> {
 
     let mut broker = CertificateParams::default();
     broker.distinguished_name = name("max300-broker", Some("MAX300"));
-    broker.subject_alt_names = vec![
-        SanType::DnsName("localhost".try_into()?),
-        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-    ];
+    broker.subject_alt_names = broker_hosts
+        .iter()
+        .map(|h| match h.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(
+                h.as_str()
+                    .try_into()
+                    .with_context(|| format!("--broker-host {h:?}"))?,
+            )),
+        })
+        .collect::<anyhow::Result<_>>()?;
     broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     written.extend(leaf(dir, "broker", broker, &issuer, validity)?);
 

@@ -81,6 +81,9 @@ pub enum CertsAction {
         /// Days the certificates are valid.
         #[arg(long, default_value_t = 825)]
         days: u32,
+        /// Names and addresses the broker's certificate is valid for (repeat the flag).
+        #[arg(long = "broker-host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])]
+        broker_hosts: Vec<String>,
     },
     /// A device's key and certificate (ID.pem, ID.key; CN = O = ID), signed by the CA in --dir.
     Device {
@@ -279,12 +282,17 @@ impl Command {
             #[cfg(feature = "cloud")]
             Command::Certs { action } => {
                 let written = match action {
-                    CertsAction::Init { dir, days } => crate::certs::init(
+                    CertsAction::Init {
+                        dir,
+                        days,
+                        broker_hosts,
+                    } => crate::certs::init(
                         &dir,
                         crate::certs::Validity {
                             days,
                             not_after: None,
                         },
+                        &broker_hosts,
                     )?,
                     CertsAction::Device {
                         id,

@@ -75,7 +75,8 @@ impl TlsFiles {
 /// A plain-words reading of a TLS failure, for the log.
 pub fn explain(error: &str) -> Option<&'static str> {
     let e = error.to_ascii_lowercase();
-    if e.contains("unknownissuer") || e.contains("unknown issuer") {
+    // BadSignature: a CA with the same name but another key signed it.
+    if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("badsignature") {
         Some("the broker's certificate is not signed by the configured CA")
     } else if e.contains("notvalidforname") || e.contains("not valid for name") {
         Some("the broker's certificate does not name the host in the broker address")

@@ -5,6 +5,7 @@
 
 mod cli;
 mod faults;
+mod mosquitto;
 mod processes;
 mod proxy;
 mod up;

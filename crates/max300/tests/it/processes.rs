@@ -43,16 +43,47 @@ async fn get(url: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
     let dir = tempfile::tempdir().unwrap();
-    let logs = dir.path();
+    let port = free_port();
+    let mqtt = format!("mqtt://127.0.0.1:{port}");
+    let mut broker = Proc::start(
+        "broker",
+        &args(&["broker", "--mqtt", &mqtt], &[]),
+        dir.path(),
+    );
+    broker.expect_line("listening on");
+    play_a_day(dir.path(), &mqtt, None).await;
+    broker.stop();
+}
+
+/// Certificates for mutual TLS: the CA, and a folder with `cloud.pem/.key` and `ID.pem/.key`.
+pub struct Tls<'a> {
+    /// The folder of `max300 certs init`.
+    pub dir: &'a std::path::Path,
+}
+
+impl Tls<'_> {
+    fn flags(&self, stem: &str) -> Vec<String> {
+        let f = |name: String| self.dir.join(name).display().to_string();
+        vec![
+            "--ca".into(),
+            f("ca.pem".into()),
+            "--cert".into(),
+            f(format!("{stem}.pem")),
+            "--key".into(),
+            f(format!("{stem}.key")),
+        ]
+    }
+}
+
+/// Runs the provider, the cloud and two agents (`unit-a`, `unit-b`) as processes against the
+/// broker at `mqtt`, and follows one day through the API to the end.
+pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>) {
+    let dir = logs;
     // One hour of plan time before the day starts, for fetching and delivery.
     let start = "2026-11-29T23:00:00Z";
     let anchor = SystemClock.now().to_string();
     let clock = clock_flags(start, &anchor);
-
-    let port = free_port();
-    let mqtt = format!("mqtt://127.0.0.1:{port}");
-    let mut broker = Proc::start("broker", &args(&["broker", "--mqtt", &mqtt], &[]), logs);
-    broker.expect_line("listening on");
+    let tls_flags = |stem: &str| tls.as_ref().map(|t| t.flags(stem)).unwrap_or_default();
 
     let mut provider = Proc::start(
         "provider",
@@ -72,14 +103,14 @@ async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
     );
     let provider_url = provider.expect_line("listening on");
 
-    let cloud_dir = dir.path().join("cloud").display().to_string();
+    let cloud_dir = dir.join("cloud").display().to_string();
     let mut cloud = Proc::start(
         "cloud",
         &args(
             &[
                 "cloud",
                 "--mqtt",
-                &mqtt,
+                mqtt,
                 "--http",
                 "127.0.0.1:0",
                 "--provider",
@@ -87,7 +118,7 @@ async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
                 "--data-dir",
                 &cloud_dir,
             ],
-            &clock,
+            &[clock.clone(), tls_flags("cloud")].concat(),
         ),
         logs,
     );
@@ -95,7 +126,7 @@ async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
 
     let mut agents = Vec::new();
     for id in ["unit-a", "unit-b"] {
-        let data = dir.path().join(id).display().to_string();
+        let data = dir.join(id).display().to_string();
         agents.push(Proc::start(
             id,
             &args(
@@ -104,11 +135,11 @@ async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
                     "--device-id",
                     id,
                     "--mqtt",
-                    &mqtt,
+                    mqtt,
                     "--data-dir",
                     &data,
                 ],
-                &clock,
+                &[clock.clone(), tls_flags(id)].concat(),
             ),
             logs,
         ));
@@ -181,5 +212,4 @@ async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
         let status = p.stop();
         assert!(status.success(), "{} exited with {status}", p.name);
     }
-    broker.stop();
 }
