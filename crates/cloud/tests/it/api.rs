@@ -21,7 +21,7 @@ struct TestApp {
     shutdown: CancellationToken,
     http: reqwest::Client,
     clock: Arc<ManualClock>,
-    _cloud: Cloud,
+    cloud: Cloud,
 }
 
 impl TestApp {
@@ -52,7 +52,7 @@ impl TestApp {
             shutdown,
             http: reqwest::Client::new(),
             clock,
-            _cloud: cloud,
+            cloud,
         }
     }
 
@@ -447,4 +447,316 @@ async fn an_interrupted_ingestion_is_run_again_at_start_up() {
     assert!(found, "the replay created the command");
     let (status, _) = app.get("/readyz").await;
     assert_eq!(status, 200);
+}
+
+/// (what, topic, payload, the decode error must contain)
+fn malformed() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
+    let ack = json!({"type":"ack","v":1,"store_id":"s1","seq":1,"message_id":"m1","device_id":"d1",
+                     "status":"accepted","at":"2026-11-29T16:00:00Z"});
+    let report = json!({"type":"report","v":1,"store_id":"s1","seq":2,"message_id":null,"device_id":"d1",
+                        "period":1,"interval_start":"2026-11-30T00:00:00Z","mode":"idle","rate_kw":0,
+                        "status":"skipped","at":"2026-11-30T00:00:00Z"});
+    let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
+                    "agent_version":"x","mode":"idle","rate_kw":0});
+    let with = |base: &Value, key: &str, value: Value| {
+        let mut v = base.clone();
+        v[key] = value;
+        v.to_string().into_bytes()
+    };
+    let without = |base: &Value, key: &str| {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove(key);
+        v.to_string().into_bytes()
+    };
+    let (a, r, h, s) = (
+        "max300/d1/ack",
+        "max300/d1/report",
+        "max300/d1/heartbeat",
+        "max300/d1/sync",
+    );
+    vec![
+        (
+            "broken JSON",
+            a,
+            b"{not json".to_vec(),
+            "key must be a string",
+        ),
+        ("an empty payload", a, Vec::new(), "EOF while parsing"),
+        ("a JSON array", a, b"[]".to_vec(), "missing field `type`"),
+        ("no type", a, br#"{"v":1}"#.to_vec(), "missing field `type`"),
+        (
+            "an unknown type",
+            a,
+            br#"{"type":"reboot","v":1}"#.to_vec(),
+            "unknown variant `reboot`",
+        ),
+        (
+            "a missing seq",
+            a,
+            without(&ack, "seq"),
+            "missing field `seq`",
+        ),
+        (
+            "seq as a string",
+            a,
+            with(&ack, "seq", json!("7")),
+            "invalid type: string \"7\", expected u64",
+        ),
+        (
+            "a negative seq",
+            a,
+            with(&ack, "seq", json!(-1)),
+            "invalid value: integer `-1`",
+        ),
+        (
+            "protocol version 2",
+            a,
+            with(&ack, "v", json!(2)),
+            "unsupported protocol version v=2",
+        ),
+        ("no version", a, without(&ack, "v"), "missing field `v`"),
+        (
+            "an unknown ack status",
+            a,
+            with(&ack, "status", json!("maybe")),
+            "unknown variant `maybe`",
+        ),
+        (
+            "a device id with a slash",
+            a,
+            with(&ack, "device_id", json!("a/b")),
+            "device_id \"a/b\" is not valid",
+        ),
+        (
+            "an empty message id",
+            a,
+            with(&ack, "message_id", json!("")),
+            "message_id \"\" is not valid",
+        ),
+        (
+            "an instant that is not one",
+            a,
+            with(&ack, "at", json!("yesterday")),
+            "failed to parse",
+        ),
+        (
+            "a negative rate",
+            r,
+            with(&report, "rate_kw", json!(-5)),
+            "rate_kw -5 is negative",
+        ),
+        (
+            "a rate as a string",
+            r,
+            with(&report, "rate_kw", json!("fast")),
+            "expected f64",
+        ),
+        (
+            "a period that does not fit",
+            r,
+            with(&report, "period", json!(1u64 << 40)),
+            "expected u32",
+        ),
+        (
+            "an unknown report status",
+            r,
+            with(&report, "status", json!("done")),
+            "unknown variant `done`",
+        ),
+        (
+            "an instant without an offset",
+            r,
+            with(&report, "interval_start", json!("2026-11-30T00:00:00")),
+            "offset",
+        ),
+        (
+            "a state of charge as a string",
+            h,
+            with(&hb, "soc_pct", json!("full")),
+            "expected f64",
+        ),
+        (
+            "an unknown mode",
+            h,
+            with(&hb, "mode", json!("boost")),
+            "unknown variant `boost`",
+        ),
+        (
+            "a sync whose have is not a list",
+            s,
+            br#"{"type":"sync","v":1,"device_id":"d1","have":{}}"#.to_vec(),
+            "expected a sequence",
+        ),
+        (
+            "an oversized payload",
+            r,
+            // Over the 128 KiB message limit, under the MQTT packet limit.
+            vec![b' '; 140_000],
+            "exceeds 131072",
+        ),
+        (
+            "bytes that are not UTF-8",
+            r,
+            vec![0xff, 0xfe, 0x7b],
+            "expected value",
+        ),
+        (
+            "deep nesting",
+            r,
+            "[".repeat(1000).into_bytes(),
+            "invalid type: sequence",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
+    let app = TestApp::start(None).await;
+    let (device, mut inbox) = app.device("d1").await;
+    let (_, body) = app.post("/api/schedules", document(50.0)).await;
+    let id = body["accepted"][0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let Message::Schedule(plan) = next(&mut inbox).await else {
+        panic!("expected a schedule")
+    };
+    let (_, before) = app.get(&format!("/api/commands/{id}")).await;
+
+    let cases = malformed();
+    for (what, _, payload, expected) in &cases {
+        let err = Message::decode(payload).expect_err(what).to_string();
+        assert!(err.contains(expected), "{what}: {err:?} lacks {expected:?}");
+    }
+    // Well-formed, but not acceptable where they arrive.
+    let spoofed = json!({"type":"ack","v":1,"store_id":"s1","seq":1,"message_id":id,"device_id":"d1",
+                         "status":"accepted","at":"2026-11-29T16:00:00Z"});
+    let mut routed: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "a spoofed device id",
+            "max300/d2/ack",
+            spoofed.to_string().into_bytes(),
+        ),
+        (
+            "an ack on the report topic",
+            "max300/d1/report",
+            spoofed.to_string().into_bytes(),
+        ),
+        (
+            "a schedule from a device",
+            "max300/d1/ack",
+            Message::Schedule(plan.clone()).encode(),
+        ),
+    ];
+    let stranger = json!({"type":"heartbeat","v":1,"device_id":"nobody","at":"2026-11-29T16:00:00Z",
+                          "uptime_s":1,"agent_version":"x","mode":"idle","rate_kw":0});
+    routed.push((
+        "an unregistered device",
+        "max300/nobody/heartbeat",
+        stranger.to_string().into_bytes(),
+    ));
+    assert!(cases.len() + routed.len() >= 29);
+
+    for (_, topic, payload, _) in &cases {
+        device
+            .publish(topic.to_string(), payload.clone(), Qos::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    for (_, topic, payload) in &routed {
+        device
+            .publish(topic.to_string(), payload.clone(), Qos::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    // The cloud still works: a real ack behind them is applied and receipted.
+    let real = json!({"type":"ack","v":1,"store_id":"s1","seq":99,"message_id":id,"device_id":"d1",
+                      "status":"accepted","sha256":plan.sha256,"effective_period":1,"at":"2026-11-29T16:00:00Z"});
+    device
+        .publish(
+            "max300/d1/ack".into(),
+            real.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let Message::Receipt(receipt) = next(&mut inbox).await else {
+        panic!("expected a receipt")
+    };
+    assert_eq!(receipt.seqs, vec![99], "nothing malformed was receipted");
+
+    let stats = &app.cloud.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.invalid.load(Relaxed) as usize, cases.len() + 3);
+    assert_eq!(stats.unknown_device.load(Relaxed), 1);
+    let (_, after) = app.get(&format!("/api/commands/{id}")).await;
+    assert_eq!(before["state"], "sent");
+    assert_eq!(after["state"], "acknowledged", "only the real ack moved it");
+    assert_eq!(after["periods"], before["periods"]);
+    let (_, devices) = app.get("/api/devices").await;
+    let ids: Vec<&str> = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d1"], "the unregistered device was not added");
+}
+
+#[tokio::test]
+async fn malformed_documents_and_requests_get_json_errors_and_change_nothing() {
+    let app = TestApp::start(None).await;
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "HTML instead of JSON",
+            "<html>".into(),
+            422,
+            "not a JSON object",
+        ),
+        (
+            "truncated JSON",
+            "{\"schedule_date\":".into(),
+            422,
+            "not a JSON object",
+        ),
+        (
+            "no date",
+            json!({"timezone":"Europe/London","schedules":[]}).to_string(),
+            422,
+            "schedule_date: missing",
+        ),
+        (
+            "a date that is not one",
+            json!({"schedule_date":"30/11/2026","timezone":"Europe/London","schedules":[]})
+                .to_string(),
+            422,
+            "is not a date",
+        ),
+        (
+            "another zone",
+            json!({"schedule_date":"2026-11-30","timezone":"America/New_York","schedules":[]})
+                .to_string(),
+            422,
+            "not the fleet's zone",
+        ),
+        (
+            "schedules as an object",
+            json!({"schedule_date":"2026-11-30","timezone":"Europe/London","schedules":{}})
+                .to_string(),
+            422,
+            "expected an array",
+        ),
+    ];
+    for (what, body, status, expected) in cases {
+        let (got, answer) = app.post("/api/schedules", body).await;
+        assert_eq!(got, status, "{what}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{what}: {error:?}");
+    }
+    let (got, _) = app
+        .post("/api/schedules", vec![b' '; 65 * 1024 * 1024])
+        .await;
+    assert_eq!(got, 413, "a body over the 64 MiB limit");
+    let (_, list) = app.get("/api/commands").await;
+    assert_eq!(list, json!([]), "nothing was created");
 }
