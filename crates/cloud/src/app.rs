@@ -116,6 +116,7 @@ impl Cloud {
             token: config.api_token.clone(),
             protect_reads: config.protect_reads,
             heartbeat_interval_s: config.heartbeat_interval_s,
+            stats: stats.clone(),
         });
 
         let mut tasks = JoinSet::new();

@@ -50,6 +50,8 @@ pub struct ApiState {
     pub protect_reads: bool,
     /// Devices' heartbeat interval, real seconds.
     pub heartbeat_interval_s: u64,
+    /// Feedback counters, for `/metrics`.
+    pub stats: Arc<crate::feedback::FeedbackStats>,
 }
 
 /// The router.
@@ -74,6 +76,7 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(writes)
         .merge(reads)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -151,6 +154,59 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// Prometheus text exposition of the counters the service keeps so far. (The full set of
+/// the observability issue comes with a metrics registry.)
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &state.stats;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP max300_inbound_messages_total Device messages by outcome.\n\
+         # TYPE max300_inbound_messages_total counter"
+    );
+    for (outcome, n) in [
+        ("ack", &s.acks),
+        ("report", &s.reports),
+        ("heartbeat", &s.heartbeats),
+        ("sync", &s.syncs),
+        ("duplicate", &s.duplicates),
+        ("invalid", &s.invalid),
+        ("unknown_device", &s.unknown_device),
+    ] {
+        let _ = writeln!(
+            out,
+            "max300_inbound_messages_total{{outcome=\"{outcome}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP max300_mqtt_dropped_total Messages dropped because the service was busy.\n\
+         # TYPE max300_mqtt_dropped_total counter\n\
+         max300_mqtt_dropped_total {}",
+        state.session.dropped()
+    );
+    let mut by_state = std::collections::BTreeMap::new();
+    for c in state.store.commands(None, None).await? {
+        *by_state.entry(c.state.as_str()).or_insert(0u64) += 1;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP max300_commands Commands by state.\n# TYPE max300_commands gauge"
+    );
+    for st in crate::CommandState::ALL {
+        let _ = writeln!(
+            out,
+            "max300_commands{{state=\"{}\"}} {}",
+            st.as_str(),
+            by_state.get(st.as_str()).unwrap_or(&0)
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
 #[derive(Deserialize)]

@@ -693,6 +693,24 @@ async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
     assert_eq!(before["state"], "sent");
     assert_eq!(after["state"], "acknowledged", "only the real ack moved it");
     assert_eq!(after["periods"], before["periods"]);
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let invalid = format!(
+        "max300_inbound_messages_total{{outcome=\"invalid\"}} {}",
+        cases.len() + 3
+    );
+    assert!(metrics.contains(&invalid), "{metrics}");
+    assert!(
+        metrics.contains("max300_commands{state=\"acknowledged\"} 1"),
+        "{metrics}"
+    );
     let (_, devices) = app.get("/api/devices").await;
     let ids: Vec<&str> = devices
         .as_array()

@@ -300,5 +300,5 @@ async fn the_day_runs_over_mosquitto_with_mutual_tls() {
     let m = Mosquitto::start();
     let logs = tempfile::tempdir().unwrap();
     let mqtt = format!("mqtts://127.0.0.1:{}", m.port);
-    play_a_day(logs.path(), &mqtt, Some(Tls { dir: &m.pki })).await;
+    play_a_day(logs.path(), &mqtt, Some(Tls { dir: &m.pki }), 0).await;
 }

@@ -51,7 +51,22 @@ async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
         dir.path(),
     );
     broker.expect_line("listening on");
-    play_a_day(dir.path(), &mqtt, None).await;
+    play_a_day(dir.path(), &mqtt, None, 0).await;
+    broker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_malformed_messages_does_not_hold_up_the_other_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mqtt = format!("mqtt://127.0.0.1:{port}");
+    let mut broker = Proc::start(
+        "broker",
+        &args(&["broker", "--mqtt", &mqtt], &[]),
+        dir.path(),
+    );
+    broker.expect_line("listening on");
+    play_a_day(dir.path(), &mqtt, None, 10_000).await;
     broker.stop();
 }
 
@@ -77,7 +92,11 @@ impl Tls<'_> {
 
 /// Runs the provider, the cloud and two agents (`unit-a`, `unit-b`) as processes against the
 /// broker at `mqtt`, and follows one day through the API to the end.
-pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>) {
+///
+/// With `flood > 0`, a client on unit-a's report topic publishes that many malformed messages
+/// while the day plays; every unit's periods must still run on time, and the cloud's metrics
+/// must count the flood.
+pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>, flood: u32) {
     let dir = logs;
     // One hour of plan time before the day starts, for fetching and delivery.
     let start = "2026-11-29T23:00:00Z";
@@ -123,6 +142,27 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
         logs,
     );
     let api = cloud.expect_line("listening on");
+    let flooder = (flood > 0).then(|| {
+        let url = mqtt.parse().unwrap();
+        tokio::spawn(async move {
+            let config = max300_mqtt::SessionConfig::new(url, "flooder", vec![]);
+            let (session, _events) =
+                max300_mqtt::connect(config, tokio_util::sync::CancellationToken::new()).unwrap();
+            session.wait_connected().await;
+            for i in 0..flood {
+                let garbage = format!("{{not json {i}").into_bytes();
+                session
+                    .publish(
+                        "max300/unit-a/report".into(),
+                        garbage,
+                        max300_mqtt::Qos::AtLeastOnce,
+                    )
+                    .await
+                    .unwrap();
+            }
+            session
+        })
+    });
 
     let mut agents = Vec::new();
     for id in ["unit-a", "unit-b"] {
@@ -197,6 +237,44 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
         "never saw a command part-way through its day; {logs_hint}"
     );
     assert!(done, "the commands did not complete; {logs_hint}");
+
+    // Every period ran on time: reported within 15 minutes of plan time (under half a
+    // second of real time) of its start.
+    for id in ["unit-a", "unit-b"] {
+        let reports = get(&format!("{api}/api/devices/{id}/reports?date=2026-11-30")).await;
+        for r in reports.as_array().unwrap() {
+            let start: jiff::Timestamp = r["interval_start"].as_str().unwrap().parse().unwrap();
+            let at: jiff::Timestamp = r["at"].as_str().unwrap().parse().unwrap();
+            let late = at.duration_since(start);
+            assert!(
+                late < jiff::SignedDuration::from_mins(15),
+                "{id} period {}: {late} late",
+                r["period"]
+            );
+        }
+    }
+    if let Some(flooder) = flooder {
+        let _session = flooder.await.unwrap();
+        let mut counted = 0;
+        for _ in 0..100 {
+            let text = reqwest::get(format!("{api}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            counted = text
+                .lines()
+                .find_map(|l| l.strip_prefix("max300_inbound_messages_total{outcome=\"invalid\"} "))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            if counted >= flood {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(counted, flood, "the flood shows in the metrics");
+    }
 
     let devices = get(&format!("{api}/api/devices")).await;
     let ids: Vec<&str> = devices
