@@ -4,9 +4,10 @@
 //! store once by its natural key, receipted, and only then PUBACKed. A message that can't be
 //! used is logged, counted and PUBACKed, so it never holds up the ones behind it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use jiff::tz::TimeZone;
 use max300_mqtt::{Event, Inbound};
@@ -37,6 +38,49 @@ pub struct FeedbackStats {
     pub invalid: AtomicU64,
     /// Messages from devices that are not registered.
     pub unknown_device: AtomicU64,
+    /// Messages dropped because their device sent more than its rate allows.
+    pub throttled: AtomicU64,
+}
+
+/// A per-device token bucket on inbound messages (real time), so one flooding device is
+/// throttled and counted while the others go on. Pure: the caller passes the instant.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    buckets: HashMap<DeviceId, (f64, Instant)>,
+}
+
+impl RateLimit {
+    /// `per_second` sustained, up to `burst` at once (an outbox replay is up to 100 a second).
+    pub fn new(per_second: f64, burst: f64) -> RateLimit {
+        RateLimit {
+            per_second,
+            burst,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Whether `device` may send one more message at `now`.
+    pub fn allow(&mut self, device: &DeviceId, now: Instant) -> bool {
+        // Topic ids come from anyone who can publish: keep the map from growing without end.
+        if self.buckets.len() > 100_000 {
+            self.buckets.clear();
+        }
+        let (tokens, at) = self
+            .buckets
+            .entry(device.clone())
+            .or_insert((self.burst, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() * self.per_second;
+        *tokens = (*tokens + refill).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Handles device messages.
@@ -49,6 +93,7 @@ pub struct Feedback {
     auto_register: bool,
     known: HashSet<DeviceId>,
     stats: Arc<FeedbackStats>,
+    limit: RateLimit,
 }
 
 impl Feedback {
@@ -69,6 +114,7 @@ impl Feedback {
             auto_register,
             known: HashSet::new(),
             stats,
+            limit: RateLimit::new(200.0, 1000.0),
         }
     }
 
@@ -111,6 +157,17 @@ impl Feedback {
     }
 
     async fn handle(&mut self, inbound: &Inbound) -> Result<(), CloudError> {
+        if let Some((device, _)) = &inbound.route
+            && !self
+                .limit
+                .allow(device, max300_protocol::clock::monotonic())
+        {
+            // Counted, not logged one by one: a flood must not flood the log too.
+            if self.stats.throttled.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                warn!(device_id = %device, "device over its message rate: throttled");
+            }
+            return Ok(());
+        }
         let message = match &inbound.message {
             Ok(m) => m,
             Err(e) => {
@@ -238,5 +295,26 @@ impl Feedback {
             self.publisher.stored(&lacking).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_device_over_its_rate_is_throttled_and_the_others_are_not() {
+        let mut limit = RateLimit::new(10.0, 5.0);
+        let (a, b) = (DeviceId::parse("a").unwrap(), DeviceId::parse("b").unwrap());
+        let t0 = max300_protocol::clock::monotonic();
+        let allowed = (0..20).filter(|_| limit.allow(&a, t0)).count();
+        assert_eq!(allowed, 5, "the burst");
+        assert!(limit.allow(&b, t0), "another device has its own bucket");
+        assert!(!limit.allow(&a, t0 + Duration::from_millis(50)));
+        assert!(
+            limit.allow(&a, t0 + Duration::from_millis(150)),
+            "refilled at 10 a second"
+        );
     }
 }

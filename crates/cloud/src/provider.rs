@@ -32,6 +32,7 @@ impl ProviderClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::limited(5))
             .build()
             .map_err(|e| CloudError::Provider(e.to_string()))?;
         Ok(ProviderClient {

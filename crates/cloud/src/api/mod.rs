@@ -80,8 +80,26 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .merge(writes)
         .merge(reads)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn(request_timeout))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// How long a request may take, ingestion of a large document included.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn request_timeout(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took longer than {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 async fn require_token(
@@ -176,6 +194,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
         ("duplicate", &s.duplicates),
         ("invalid", &s.invalid),
         ("unknown_device", &s.unknown_device),
+        ("throttled", &s.throttled),
     ] {
         let _ = writeln!(
             out,

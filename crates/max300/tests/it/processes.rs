@@ -255,7 +255,14 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     }
     if let Some(flooder) = flooder {
         let _session = flooder.await.unwrap();
-        let mut counted = 0;
+        let count = |text: &str, outcome: &str| {
+            let prefix = format!("max300_inbound_messages_total{{outcome=\"{outcome}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        let (mut invalid, mut throttled) = (0, 0);
         for _ in 0..100 {
             let text = reqwest::get(format!("{api}/metrics"))
                 .await
@@ -263,17 +270,15 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
                 .text()
                 .await
                 .unwrap();
-            counted = text
-                .lines()
-                .find_map(|l| l.strip_prefix("max300_inbound_messages_total{outcome=\"invalid\"} "))
-                .and_then(|n| n.trim().parse::<u32>().ok())
-                .unwrap_or(0);
-            if counted >= flood {
+            (invalid, throttled) = (count(&text, "invalid"), count(&text, "throttled"));
+            if invalid + throttled >= flood {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(counted, flood, "the flood shows in the metrics");
+        // Each flooded message was either refused as malformed or throttled, and counted.
+        assert_eq!(invalid + throttled, flood, "the flood shows in the metrics");
+        assert!(throttled > 0, "the flooding device was throttled");
     }
 
     let devices = get(&format!("{api}/api/devices")).await;
