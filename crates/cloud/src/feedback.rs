@@ -163,7 +163,12 @@ impl Feedback {
                 .allow(device, max300_protocol::clock::monotonic())
         {
             // Counted, not logged one by one: a flood must not flood the log too.
-            if self.stats.throttled.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+            if self
+                .stats
+                .throttled
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(1000)
+            {
                 warn!(device_id = %device, "device over its message rate: throttled");
             }
             return Ok(());
