@@ -276,8 +276,14 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Each flooded message was either refused as malformed or throttled, and counted.
-        assert_eq!(invalid + throttled, flood, "the flood shows in the metrics");
+        // Each flooded message was either refused as malformed or throttled, and counted
+        // (a few of the flooding device's own messages may be throttled with them; its outbox
+        // sends them again).
+        assert!(
+            invalid + throttled >= flood,
+            "the flood shows in the metrics: {invalid} + {throttled}"
+        );
+        assert!(invalid <= flood);
         assert!(throttled > 0, "the flooding device was throttled");
     }
 
