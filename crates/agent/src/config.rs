@@ -159,12 +159,12 @@ impl AgentConfig {
 
     /// The certificate files, when `ca` is set.
     pub fn tls(&self) -> Option<max300_mqtt::TlsFiles> {
-        self.ca.as_ref().map(|ca| max300_mqtt::TlsFiles {
-            ca: ca.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            alpn: self.alpn.iter().cloned().collect(),
-        })
+        max300_mqtt::TlsFiles::from_settings(
+            self.ca.as_ref(),
+            self.cert.as_ref(),
+            self.key.as_ref(),
+            self.alpn.as_ref(),
+        )
     }
 
     /// The topic layout.

@@ -28,6 +28,21 @@ fn tls_error(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> M
 }
 
 impl TlsFiles {
+    /// The files of a service's `ca`/`cert`/`key`/`alpn` settings; `None` without a CA.
+    pub fn from_settings(
+        ca: Option<&PathBuf>,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+        alpn: Option<&String>,
+    ) -> Option<TlsFiles> {
+        ca.map(|ca| TlsFiles {
+            ca: ca.clone(),
+            cert: cert.cloned(),
+            key: key.cloned(),
+            alpn: alpn.into_iter().cloned().collect(),
+        })
+    }
+
     /// Builds the rustls configuration, reading and checking every file.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, MqttError> {
         let mut roots = rustls::RootCertStore::empty();
