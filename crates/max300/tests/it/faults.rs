@@ -152,6 +152,23 @@ impl Rig {
         panic!("GET {url} failed; logs in {}", self.dir.display());
     }
 
+    /// Kills a unit with SIGKILL at `down` and starts it again at `up`.
+    async fn bounce_agent(&mut self, unit: &'static str, down: Timestamp, up: Timestamp) {
+        self.until(down).await;
+        self.kill_agent(unit);
+        self.until(up).await;
+        self.start_agent(unit);
+    }
+
+    /// Kills the broker with SIGKILL at `down` and starts it again at `up`.
+    async fn bounce_broker(&mut self, down: Timestamp, up: Timestamp) {
+        self.until(down).await;
+        Rig::kill(&mut self.broker);
+        self.fault("broker restarts");
+        self.until(up).await;
+        self.start_broker();
+    }
+
     /// Waits until the plan clock reads `at`.
     async fn until(&self, at: Timestamp) {
         tokio::time::sleep(self.clock.real_until(at)).await;
@@ -289,24 +306,13 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
     rig.provider_proxy.restore();
     rig.start_cloud();
 
-    rig.until(at(1, 0)).await;
-    rig.kill_agent("unit-1");
-    rig.until(at(1, 40)).await;
-    rig.start_agent("unit-1");
-
-    rig.until(at(3, 10)).await;
-    Rig::kill(&mut rig.broker);
-    rig.fault("broker restarts");
-    rig.until(at(3, 20)).await;
-    rig.start_broker();
+    rig.bounce_agent("unit-1", at(1, 0), at(1, 40)).await;
+    rig.bounce_broker(at(3, 10), at(3, 20)).await;
 
     rig.until(at(5, 0)).await;
     rig.agents["unit-2"].0.cut();
     rig.fault("cut-offs over 2 h");
-    rig.until(at(6, 15)).await;
-    rig.kill_agent("unit-3");
-    rig.until(at(6, 45)).await;
-    rig.start_agent("unit-3");
+    rig.bounce_agent("unit-3", at(6, 15), at(6, 45)).await;
     rig.until(at(7, 30)).await;
     rig.agents["unit-2"].0.restore();
 
@@ -397,21 +403,9 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
     rig.fault("duplicate commands");
     rig.fault("out-of-date commands");
 
-    rig.until(at(14, 10)).await;
-    rig.kill_agent("unit-5");
-    rig.until(at(14, 20)).await;
-    rig.start_agent("unit-5");
-
-    rig.until(at(15, 30)).await;
-    Rig::kill(&mut rig.broker);
-    rig.fault("broker restarts");
-    rig.until(at(15, 35)).await;
-    rig.start_broker();
-
-    rig.until(at(18, 0)).await;
-    rig.kill_agent("unit-1");
-    rig.until(at(18, 5)).await;
-    rig.start_agent("unit-1");
+    rig.bounce_agent("unit-5", at(14, 10), at(14, 20)).await;
+    rig.bounce_broker(at(15, 30), at(15, 35)).await;
+    rig.bounce_agent("unit-1", at(18, 0), at(18, 5)).await;
 
     // The day ends; wait for every report and every command to settle.
     rig.until(day.end()).await;
