@@ -83,11 +83,26 @@ impl RateLimit {
     }
 }
 
+/// What the consumer asks to be published. It is handed to a task of its own, so the
+/// consumer never waits on a publish: while it waited, it could not PUBACK what it received,
+/// and the broker would stop sending (and acknowledging) until it did.
+#[derive(Debug)]
+enum Outbound {
+    Receipt(DeviceId, max300_protocol::StoreId, u64),
+    Stored(Vec<max300_protocol::MessageId>),
+}
+
+/// Room for a burst of receipts (a boundary of a large fleet) before they are dropped; a
+/// dropped receipt only means the device sends again.
+const OUTBOUND_CAPACITY: usize = 20_000;
+
 /// Handles device messages.
 #[derive(Debug)]
 pub struct Feedback {
     store: Arc<dyn CommandStore>,
     publisher: Publisher,
+    outbound: mpsc::Sender<Outbound>,
+    outbound_rx: Option<mpsc::Receiver<Outbound>>,
     clock: Arc<dyn Clock>,
     timezone: TimeZone,
     auto_register: bool,
@@ -106,9 +121,12 @@ impl Feedback {
         auto_register: bool,
         stats: Arc<FeedbackStats>,
     ) -> Feedback {
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         Feedback {
             store,
             publisher,
+            outbound,
+            outbound_rx: Some(outbound_rx),
             clock,
             timezone,
             auto_register,
@@ -120,6 +138,32 @@ impl Feedback {
 
     /// Consumes session events until shutdown.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+        let sender = self.outbound_rx.take().map(|mut rx| {
+            let publisher = self.publisher.clone();
+            tokio::spawn(async move {
+                while let Some(out) = rx.recv().await {
+                    match out {
+                        Outbound::Receipt(device, store_id, seq) => {
+                            publisher.receipt(&device, store_id, vec![seq]).await;
+                        }
+                        Outbound::Stored(ids) => {
+                            if let Err(e) = publisher.stored(&ids).await {
+                                warn!(error = %e, "commands not published");
+                            }
+                        }
+                    }
+                }
+            })
+        });
+        self.consume(&mut events, &shutdown).await;
+        // Dropping the sender ends the publishing task once it has sent what is queued.
+        drop(self);
+        if let Some(task) = sender {
+            let _ = task.await;
+        }
+    }
+
+    async fn consume(&mut self, events: &mut mpsc::Receiver<Event>, shutdown: &CancellationToken) {
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -135,9 +179,7 @@ impl Feedback {
                     match self.store.unsent().await {
                         Ok(ids) if !ids.is_empty() => {
                             info!(count = ids.len(), "publishing commands left unsent");
-                            if let Err(e) = self.publisher.stored(&ids).await {
-                                warn!(error = %e, "unsent commands not published");
-                            }
+                            self.send(Outbound::Stored(ids));
                         }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "cannot list unsent commands"),
@@ -250,9 +292,11 @@ impl Feedback {
             outcome = ?outcome,
             "ack"
         );
-        self.publisher
-            .receipt(&ack.device_id, ack.store_id.clone(), vec![ack.seq])
-            .await;
+        self.send(Outbound::Receipt(
+            ack.device_id.clone(),
+            ack.store_id.clone(),
+            ack.seq,
+        ));
         Ok(())
     }
 
@@ -267,9 +311,11 @@ impl Feedback {
             outcome = ?outcome,
             "report"
         );
-        self.publisher
-            .receipt(&report.device_id, report.store_id.clone(), vec![report.seq])
-            .await;
+        self.send(Outbound::Receipt(
+            report.device_id.clone(),
+            report.store_id.clone(),
+            report.seq,
+        ));
         Ok(())
     }
 
@@ -297,9 +343,16 @@ impl Feedback {
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         if !lacking.is_empty() {
             info!(device_id = %sync.device_id, count = lacking.len(), "sync: sending what the device lacks");
-            self.publisher.stored(&lacking).await?;
+            self.send(Outbound::Stored(lacking));
         }
         Ok(())
+    }
+
+    fn send(&self, out: Outbound) {
+        if let Err(e) = self.outbound.try_send(out) {
+            // The device sends again (no receipt) or syncs again; nothing is lost.
+            warn!(error = %e, "outbound queue full: dropped");
+        }
     }
 }
 

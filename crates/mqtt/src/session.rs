@@ -126,6 +126,45 @@ pub struct Session {
     client: AsyncClient,
     connected: watch::Receiver<bool>,
     dropped: Arc<AtomicU64>,
+    flow: Arc<Flow>,
+}
+
+/// Flow control for QoS 1 publishes. rumqttc stops reading its request queue while its
+/// in-flight window is full, and PUBACKs for *received* messages wait in that same queue; if
+/// the broker's window towards us is full too, both sides wait for each other. Keeping our
+/// own publishes below the window leaves the queue always moving.
+#[derive(Debug)]
+struct Flow {
+    permits: tokio::sync::Semaphore,
+    outstanding: std::sync::atomic::AtomicUsize,
+}
+
+/// QoS 1 publishes that may await the broker's PUBACK at once: below [`MAX_INFLIGHT`].
+const PUBLISH_WINDOW: usize = 80;
+
+impl Flow {
+    fn new() -> Flow {
+        Flow {
+            permits: tokio::sync::Semaphore::new(PUBLISH_WINDOW),
+            outstanding: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The broker acknowledged one of our publishes.
+    fn acked(&self) {
+        let took = self
+            .outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if took.is_ok() {
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// A new connection with a clean session: nothing of ours is in flight any more.
+    fn reset(&self) {
+        let n = self.outstanding.swap(0, Ordering::AcqRel);
+        self.permits.add_permits(n);
+    }
 }
 
 impl Session {
@@ -140,12 +179,18 @@ impl Session {
             Qos::AtMostOnce => QoS::AtMostOnce,
             Qos::AtLeastOnce => QoS::AtLeastOnce,
         };
-        match tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.client.publish(topic, qos, false, payload),
-        )
-        .await
-        {
+        let flow = &self.flow;
+        let send = async {
+            if qos == QoS::AtLeastOnce {
+                // Released when the broker's PUBACK arrives (or the session starts afresh).
+                if let Ok(permit) = flow.permits.acquire().await {
+                    permit.forget();
+                    flow.outstanding.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            self.client.publish(topic, qos, false, payload).await
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, send).await {
             Ok(result) => result.map_err(|e| MqttError::Client(e.to_string())),
             Err(_) => Err(MqttError::Client(format!(
                 "the client queue stayed full for {} s",
@@ -216,6 +261,7 @@ pub fn connect(
         client: client.clone(),
         connected: connected_rx,
         dropped: Arc::new(AtomicU64::new(0)),
+        flow: Arc::new(Flow::new()),
     };
     let task = Driver {
         config,
@@ -224,6 +270,7 @@ pub fn connect(
         events: events_tx,
         connected: connected_tx,
         dropped: session.dropped.clone(),
+        flow: session.flow.clone(),
     };
     tokio::spawn(task.run(shutdown));
     Ok((session, events_rx))
@@ -236,6 +283,7 @@ struct Driver {
     events: mpsc::Sender<Event>,
     connected: watch::Sender<bool>,
     dropped: Arc<AtomicU64>,
+    flow: Arc<Flow>,
 }
 
 impl Driver {
@@ -250,6 +298,8 @@ impl Driver {
             };
             match polled {
                 Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                    // A clean session: whatever was in flight is gone, and so are its PUBACKs.
+                    self.flow.reset();
                     backoff = BACKOFF_MIN;
                     last_failure = None;
                     info!(client_id = %client_id, broker = %self.config.url, "mqtt connected");
@@ -266,6 +316,7 @@ impl Driver {
                     }
                 }
                 Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => self.up().await,
+                Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => self.flow.acked(),
                 Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => self.deliver(publish),
                 Ok(_) => {}
                 Err(error) => {
