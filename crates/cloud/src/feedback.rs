@@ -140,17 +140,32 @@ impl Feedback {
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
         let sender = self.outbound_rx.take().map(|mut rx| {
             let publisher = self.publisher.clone();
+            // At shutdown what is still queued is dropped: devices resend what has no receipt.
+            let stop = shutdown.clone();
             tokio::spawn(async move {
-                while let Some(out) = rx.recv().await {
-                    match out {
-                        Outbound::Receipt(device, store_id, seq) => {
-                            publisher.receipt(&device, store_id, vec![seq]).await;
-                        }
-                        Outbound::Stored(ids) => {
-                            if let Err(e) = publisher.stored(&ids).await {
-                                warn!(error = %e, "commands not published");
+                loop {
+                    let out = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        out = rx.recv() => match out {
+                            Some(out) => out,
+                            None => break,
+                        },
+                    };
+                    let publish = async {
+                        match out {
+                            Outbound::Receipt(device, store_id, seq) => {
+                                publisher.receipt(&device, store_id, vec![seq]).await;
+                            }
+                            Outbound::Stored(ids) => {
+                                if let Err(e) = publisher.stored(&ids).await {
+                                    warn!(error = %e, "commands not published");
+                                }
                             }
                         }
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = publish => {}
                     }
                 }
             })
