@@ -42,31 +42,25 @@ async fn get(url: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn separate_processes_play_a_day_and_the_api_follows_every_period() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mqtt = format!("mqtt://127.0.0.1:{port}");
-    let mut broker = Proc::start(
-        "broker",
-        &args(&["broker", "--mqtt", &mqtt], &[]),
-        dir.path(),
-    );
-    broker.expect_line("listening on");
-    play_a_day(dir.path(), &mqtt, None, 0).await;
-    broker.stop();
+    play_a_day_on_the_embedded_broker(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_malformed_messages_does_not_hold_up_the_other_units() {
+    play_a_day_on_the_embedded_broker(10_000).await;
+}
+
+/// `max300 broker` as a process, then [`play_a_day`] against it.
+async fn play_a_day_on_the_embedded_broker(flood: u32) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mqtt = format!("mqtt://127.0.0.1:{port}");
+    let mqtt = format!("mqtt://127.0.0.1:{}", free_port());
     let mut broker = Proc::start(
         "broker",
         &args(&["broker", "--mqtt", &mqtt], &[]),
         dir.path(),
     );
     broker.expect_line("listening on");
-    play_a_day(dir.path(), &mqtt, None, 10_000).await;
+    play_a_day(dir.path(), &mqtt, None, flood).await;
     broker.stop();
 }
 
@@ -144,7 +138,20 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     let api = cloud.expect_line("listening on");
     let flooder = (flood > 0).then(|| {
         let url = mqtt.parse().unwrap();
+        let api = api.clone();
         tokio::spawn(async move {
+            // Once both units hold their plan, so the flood hits a day in progress rather
+            // than racing the first delivery through a one-hour start.
+            for _ in 0..600 {
+                let list = get(&format!("{api}/api/commands?date=2026-11-30")).await;
+                let acked = list.as_array().is_some_and(|l| {
+                    l.len() == 2 && l.iter().all(|c| c["state"] == "acknowledged")
+                });
+                if acked {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let config = max300_mqtt::SessionConfig::new(url, "flooder", vec![]);
             let (session, _events) =
                 max300_mqtt::connect(config, tokio_util::sync::CancellationToken::new()).unwrap();
