@@ -66,6 +66,11 @@ pub struct CloudConfig {
     pub heartbeat_interval_s: u64,
     /// First resend delay for an unacknowledged command, clock seconds.
     pub ack_timeout_s: u64,
+    /// Real seconds without a word from a device before it is an `offline` alert.
+    pub offline_alert_s: u64,
+    /// Local time, `HH:MM`, by which tomorrow's plan must be acknowledged, or it is a
+    /// `plan_missing` alert.
+    pub plan_due_at: String,
     /// MQTT client id.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -137,6 +142,8 @@ impl CloudConfig {
             "auto_register",
             "heartbeat_interval_s",
             "ack_timeout_s",
+            "offline_alert_s",
+            "plan_due_at",
             "client_id",
             "ca",
             "cert",
@@ -155,6 +162,7 @@ impl CloudConfig {
         let http = self.http_addr()?;
         time_zone(&self.timezone).map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
         self.fetch_time()?;
+        self.plan_due_time()?;
         self.default_max_rate()?;
         if self.max_document_mib == 0 || self.max_document_mib > 4096 {
             return bad(
@@ -204,6 +212,13 @@ impl CloudConfig {
         format!("{}:00", self.fetch_at)
             .parse()
             .map_err(|_| CloudError::Config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at)))
+    }
+
+    /// The local time tomorrow's plan is due by.
+    pub fn plan_due_time(&self) -> Result<Time, CloudError> {
+        format!("{}:00", self.plan_due_at).parse().map_err(|_| {
+            CloudError::Config(format!("plan_due_at: {:?} is not HH:MM", self.plan_due_at))
+        })
     }
 
     /// The default rate limit.

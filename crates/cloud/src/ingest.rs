@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::audit::Audit;
+use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
 use crate::store::{IngestionCounts, Insert, Interrupted, NewCommand};
@@ -65,6 +66,7 @@ pub struct Ingestor {
     max_document_bytes: usize,
     provider: Option<ProviderClient>,
     running: Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingestor {
@@ -79,6 +81,7 @@ impl Ingestor {
         default_max_rate: RateKw,
         max_document_bytes: usize,
         provider: Option<ProviderClient>,
+        metrics: Arc<Metrics>,
     ) -> Ingestor {
         Ingestor {
             store,
@@ -90,6 +93,7 @@ impl Ingestor {
             max_document_bytes,
             provider,
             running: Mutex::new(()),
+            metrics,
         }
     }
 
@@ -146,11 +150,27 @@ impl Ingestor {
         audit_key: String,
         want: Option<Date>,
     ) -> Result<IngestReport, CloudError> {
+        let report = self.run_once(body, source, audit_key, want).await;
+        match &report {
+            Ok(_) => self.metrics.ingestion(source, "ok"),
+            Err(_) => self.metrics.ingestion(source, "failed"),
+        }
+        report
+    }
+
+    async fn run_once(
+        &self,
+        body: Bytes,
+        source: &str,
+        audit_key: String,
+        want: Option<Date>,
+    ) -> Result<IngestReport, CloudError> {
         let received = self.clock.now();
         let fleet = self.fleet().await?;
         let normalized = match normalize(&body, &fleet) {
             Ok(n) => n,
             Err(e) => {
+                self.metrics.rejection("document");
                 warn!(audit_key = %audit_key, error = %e, "document rejected");
                 let json = serde_json::json!({"audit_key": audit_key, "error": e.to_string()});
                 self.audit
@@ -236,6 +256,9 @@ impl Ingestor {
             }
         }
         for r in &normalized.rejected {
+            if let Some(first) = r.errors.first() {
+                self.metrics.rejection(field_at_fault(&first.path));
+            }
             warn!(device_id = %r.label, errors = ?r.errors.iter().map(ToString::to_string).collect::<Vec<_>>(), "schedule rejected");
         }
         if !report.rejected.is_empty() {
@@ -278,10 +301,30 @@ impl Ingestor {
     }
 }
 
+/// The field an error path ends in, without indices: `schedules[3].intervals[12].rate_kw`
+/// is `rate_kw`. A small, fixed vocabulary, fit for a metric label.
+fn field_at_fault(path: &str) -> &str {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    last.split('[').next().unwrap_or(last)
+}
+
 fn counts(report: &IngestReport) -> IngestionCounts {
     IngestionCounts {
         accepted: report.accepted.len() as u32,
         unchanged: report.unchanged.len() as u32,
         rejected: report.rejected.len() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_the_field_at_fault() {
+        assert_eq!(
+            super::field_at_fault("schedules[3].intervals[12].rate_kw"),
+            "rate_kw"
+        );
+        assert_eq!(super::field_at_fault("schedules[3]"), "schedules");
+        assert_eq!(super::field_at_fault("date"), "date");
     }
 }

@@ -14,7 +14,8 @@
 //! - [`feedback`]: acks, reports, heartbeats and sync from devices; receipts back.
 //! - [`daily`]: the daily fetch at a configured local time.
 //! - [`sweeper`]: resends with backoff, and the clock-driven `late`/`expired`/`incomplete`.
-//! - [`api`]: the HTTP API.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`api`]: the HTTP API, and the dashboard's JSON.
 
 pub mod api;
 pub mod app;
@@ -24,6 +25,7 @@ pub mod daily;
 pub mod feedback;
 pub mod ingest;
 pub mod lifecycle;
+pub mod metrics;
 pub mod provider;
 pub mod publish;
 pub mod store;
