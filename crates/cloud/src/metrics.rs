@@ -178,6 +178,35 @@ impl Metrics {
             "Real seconds since devices were last heard from (stat = max, median)",
             m.heartbeat_age.clone(),
         );
+        // Every series an operator would alert on exists from the start, at zero: a rate()
+        // over a series that appears late misses its first increase.
+        for kind in ["ack", "report", "heartbeat", "sync"] {
+            for outcome in [
+                Outcome::Applied,
+                Outcome::Duplicate,
+                Outcome::Invalid,
+                Outcome::UnknownDevice,
+                Outcome::Throttled,
+            ] {
+                m.inbound
+                    .get_or_create(&labels(&[("type", kind), ("outcome", outcome.as_str())]));
+            }
+        }
+        for source in ["fetch", "post"] {
+            for outcome in ["ok", "failed"] {
+                m.ingestions
+                    .get_or_create(&labels(&[("source", source), ("outcome", outcome)]));
+            }
+        }
+        m.rejections
+            .get_or_create(&labels(&[("reason", "document")]));
+        for kind in ["command", "control", "receipt"] {
+            m.publishes.get_or_create(&labels(&[("kind", kind)]));
+        }
+        for status in ["executed", "failed", "skipped"] {
+            m.period_results
+                .get_or_create(&labels(&[("status", status)]));
+        }
         Metrics { registry, ..m }
     }
 

@@ -197,8 +197,8 @@ pub struct AgentArgs {
     /// The battery controller: sim.
     #[arg(long)]
     pub battery: Option<String>,
-    /// A Prometheus endpoint (not built yet: refused if given).
-    #[arg(long)]
+    /// Serve the agent's Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 }
 
@@ -417,6 +417,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         ("MAX300_KEY", path_flag(&args.service.key)),
         ("MAX300_DEVICE_ID", args.device_id.clone()),
         ("MAX300_BATTERY", args.battery.clone()),
+        ("MAX300_METRICS", args.metrics.clone()),
     ]);
     Ok(AgentConfig::from_toml(
         AgentConfig::DEFAULT_TOML,
@@ -439,9 +440,6 @@ async fn run_cloud(args: CloudArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "agent")]
 async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    if args.metrics.is_some() {
-        anyhow::bail!("--metrics: the agent's Prometheus endpoint is not built yet");
-    }
     let config = agent_config(&args)?;
     let clock = args.service.clock.build()?;
     let shutdown = shutdown_on_signal();
