@@ -188,23 +188,27 @@ impl Metrics {
                 Outcome::UnknownDevice,
                 Outcome::Throttled,
             ] {
-                m.inbound
+                let _ = m
+                    .inbound
                     .get_or_create(&labels(&[("type", kind), ("outcome", outcome.as_str())]));
             }
         }
         for source in ["fetch", "post"] {
             for outcome in ["ok", "failed"] {
-                m.ingestions
+                let _ = m
+                    .ingestions
                     .get_or_create(&labels(&[("source", source), ("outcome", outcome)]));
             }
         }
-        m.rejections
+        let _ = m
+            .rejections
             .get_or_create(&labels(&[("reason", "document")]));
         for kind in ["command", "control", "receipt"] {
-            m.publishes.get_or_create(&labels(&[("kind", kind)]));
+            let _ = m.publishes.get_or_create(&labels(&[("kind", kind)]));
         }
         for status in ["executed", "failed", "skipped"] {
-            m.period_results
+            let _ = m
+                .period_results
                 .get_or_create(&labels(&[("status", status)]));
         }
         Metrics { registry, ..m }
