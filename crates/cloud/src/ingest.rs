@@ -54,6 +54,32 @@ pub struct IngestReport {
     pub rejected: Vec<RejectedRef>,
 }
 
+/// What an ingestion run is doing, for a progress display (`max300 ingest`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stage {
+    /// Nothing running.
+    #[default]
+    Idle,
+    /// Downloading the document.
+    Fetching,
+    /// Checking and normalizing it.
+    Normalizing,
+    /// Committing the commands.
+    Committing,
+    /// Publishing them: `done` of `total`.
+    Publishing {
+        /// Published so far.
+        done: usize,
+        /// To publish.
+        total: usize,
+    },
+    /// Finished.
+    Done,
+}
+
+/// Commands are published in batches of this many, so progress moves as they go out.
+const PUBLISH_BATCH: usize = 500;
+
 /// Runs ingestions.
 #[derive(Debug)]
 pub struct Ingestor {
@@ -67,6 +93,7 @@ pub struct Ingestor {
     provider: Option<ProviderClient>,
     running: Mutex<()>,
     metrics: Arc<Metrics>,
+    stage: tokio::sync::watch::Sender<Stage>,
 }
 
 impl Ingestor {
@@ -94,7 +121,13 @@ impl Ingestor {
             provider,
             running: Mutex::new(()),
             metrics,
+            stage: tokio::sync::watch::Sender::new(Stage::Idle),
         }
+    }
+
+    /// Follows what the current run is doing.
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<Stage> {
+        self.stage.subscribe()
     }
 
     /// Whether a provider is configured.
@@ -108,6 +141,7 @@ impl Ingestor {
             CloudError::Config("provider: not configured, so there is nothing to fetch".into())
         })?;
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
+        self.stage.send_replace(Stage::Fetching);
         let body = provider.fetch(date).await?;
         let received = self.clock.now();
         let audit_key = self.audit.put_raw(body.clone(), "fetch", received).await?;
@@ -150,7 +184,9 @@ impl Ingestor {
         audit_key: String,
         want: Option<Date>,
     ) -> Result<IngestReport, CloudError> {
+        self.stage.send_replace(Stage::Normalizing);
         let report = self.run_once(body, source, audit_key, want).await;
+        self.stage.send_replace(Stage::Done);
         match &report {
             Ok(_) => self.metrics.ingestion(source, "ok"),
             Err(_) => self.metrics.ingestion(source, "failed"),
@@ -210,6 +246,7 @@ impl Ingestor {
                 schedule: s.schedule.clone(),
             })
             .collect();
+        self.stage.send_replace(Stage::Committing);
         let inserts = self.store.insert_commands(&commands, received).await?;
 
         let mut report = IngestReport {
@@ -268,7 +305,17 @@ impl Ingestor {
                 .put_rejections(&date.to_string(), received, json)
                 .await?;
         }
-        self.publisher.commands(to_publish).await?;
+        let total = to_publish.len();
+        let mut rest = to_publish;
+        while !rest.is_empty() {
+            let later = rest.split_off(rest.len().min(PUBLISH_BATCH));
+            self.stage.send_replace(Stage::Publishing {
+                done: total - rest.len() - later.len(),
+                total,
+            });
+            self.publisher.commands(rest).await?;
+            rest = later;
+        }
         self.store
             .finish_ingestion(run_id, counts(&report), self.clock.now())
             .await?;

@@ -488,6 +488,62 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A progress bar on a terminal (stages, then commands published); plain lines otherwise.
+#[cfg(feature = "cloud")]
+fn show_progress(
+    mut stage: tokio::sync::watch::Receiver<max300_cloud::ingest::Stage>,
+    date: jiff::civil::Date,
+) -> tokio::task::JoinHandle<()> {
+    use max300_cloud::ingest::Stage;
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    tokio::spawn(async move {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if !terminal {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} commands ({elapsed})",
+        )
+        .map(|s| s.progress_chars("=> "));
+        let mut last = None;
+        loop {
+            let now = *stage.borrow_and_update();
+            let line = match now {
+                Stage::Idle => None,
+                Stage::Fetching => Some(format!("fetching {date}")),
+                Stage::Normalizing => Some("normalizing".to_owned()),
+                Stage::Committing => Some("committing".to_owned()),
+                Stage::Publishing { done, total } => {
+                    if let Ok(style) = &style {
+                        bar.set_style(style.clone());
+                    }
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    Some("publishing".to_owned())
+                }
+                Stage::Done => {
+                    bar.finish_and_clear();
+                    return;
+                }
+            };
+            if let Some(line) = line
+                && last.as_ref() != Some(&line)
+            {
+                if !terminal {
+                    eprintln!("{line}…");
+                }
+                bar.set_message(line.clone());
+                last = Some(line);
+            }
+            if stage.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 #[cfg(feature = "cloud")]
 async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let mut cloud_args = args.cloud.clone();
@@ -508,8 +564,9 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     )
     .await
     .context("the broker did not answer within 30 s")?;
-    eprintln!("fetching {}…", args.date);
+    let progress = show_progress(cloud.ingestor.progress(), args.date);
     let report = cloud.ingestor.fetch(args.date).await;
+    progress.abort();
     shutdown.cancel();
     cloud.wait().await;
     let report = report?;
