@@ -54,6 +54,13 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Check a provider document offline and print every error with its place.
     Validate(validate::ValidateArgs),
+    /// Benchmarks through the real components.
+    #[cfg(all(feature = "cloud", feature = "broker"))]
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        what: crate::bench::Bench,
+    },
     /// Development certificates: a CA, the broker's, the cloud's and each device's.
     #[cfg(feature = "cloud")]
     Certs {
@@ -257,6 +264,8 @@ impl Command {
             #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
             Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
+            #[cfg(all(feature = "cloud", feature = "broker"))]
+            Command::Bench { .. } => "warn,rumqttd=off",
             #[cfg(feature = "cloud")]
             Command::Certs { .. } => "warn",
             _ => "info",
@@ -279,6 +288,8 @@ impl Command {
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
+            #[cfg(all(feature = "cloud", feature = "broker"))]
+            Command::Bench { what } => what.run().await,
             #[cfg(feature = "cloud")]
             Command::Certs { action } => {
                 let written = match action {

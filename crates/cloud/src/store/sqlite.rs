@@ -143,6 +143,20 @@ impl SqliteStore {
         })
     }
 
+    /// Opens the store without waiting for the disk on each commit (`synchronous=OFF`), for
+    /// benchmarks and simulations that fill a store fast. A crash of the machine may lose
+    /// the last transactions: never for a store that devices rely on.
+    pub fn open_unsynced(path: &Path) -> Result<SqliteStore, CloudError> {
+        let store = SqliteStore::open(path)?;
+        store
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pragma_update(None, "synchronous", "OFF")
+            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+        Ok(store)
+    }
+
     async fn run<T, F>(&self, f: F) -> Result<T, CloudError>
     where
         T: Send + 'static,

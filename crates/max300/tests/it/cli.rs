@@ -161,3 +161,25 @@ fn ingest_fetches_publishes_and_says_how_far_it_got() {
         "stages out of order: {stderr}"
     );
 }
+
+#[test]
+fn bench_dashboard_measures_every_page_and_closes_with_one_line() {
+    let out = run(&["bench", "dashboard", "--devices", "20", "--requests", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("bench dashboard: devices 20, "),
+        "{stdout}"
+    );
+    for page in ["/ p50", "/api/fleet p50", "/day p50", "/metrics p50"] {
+        assert!(last.contains(page), "{page} is missing: {last}");
+    }
+    let bad = run(&["bench", "dashboard", "--devices", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--devices"));
+}
