@@ -79,6 +79,12 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A `/metrics` scrape.
+    async fn metrics(&self) -> String {
+        let r = self.http.get(format!("{}/metrics", self.api)).send();
+        r.await.unwrap().text().await.unwrap()
+    }
+
     /// An MQTT session playing `device`, subscribed to its inbound topics.
     async fn device(&self, device: &str) -> (Session, mpsc::Receiver<Message>) {
         let url = format!("mqtt://127.0.0.1:{}", self.mqtt_port)
@@ -696,15 +702,7 @@ async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
     assert_eq!(before["state"], "sent");
     assert_eq!(after["state"], "acknowledged", "only the real ack moved it");
     assert_eq!(after["periods"], before["periods"]);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert_eq!(
         sum_of(&metrics, r#"outcome="invalid""#) as usize,
         cases.len() + 3,
@@ -880,15 +878,7 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
         json!(["offline"]),
         "acknowledged, but silent for 6.5 h: {fleet}"
     );
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"max300_alerts{kind="plan_missing"} 1"#),
         "{metrics}"
