@@ -106,6 +106,7 @@ impl Cloud {
             config.default_max_rate()?,
             max_bytes,
             provider,
+            config.pack()?,
             metrics.clone(),
         ));
 

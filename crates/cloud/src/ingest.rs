@@ -1,20 +1,23 @@
 //! Ingestion: keep the raw document, normalize it, commit one command per changed device
 //! schedule, then publish. One run at a time; a second one answers [`CloudError::Busy`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
+use max300_protocol::day::period_start_at;
 use max300_protocol::document::{Fleet, normalize};
 use max300_protocol::message::ScheduleMsg;
-use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
+use max300_protocol::{Clock, Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::audit::Audit;
+use crate::feasibility::Pack;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
@@ -41,6 +44,17 @@ pub struct RejectedRef {
     pub errors: Vec<String>,
 }
 
+/// An accepted plan that may not run as written.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WarningRef {
+    /// The device.
+    pub device_id: DeviceId,
+    /// The command.
+    pub message_id: MessageId,
+    /// What would happen.
+    pub warning: String,
+}
+
 /// The answer to an ingestion (DESIGN §8).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct IngestReport {
@@ -52,6 +66,9 @@ pub struct IngestReport {
     pub unchanged: Vec<CommandRef>,
     /// Refused schedules.
     pub rejected: Vec<RejectedRef>,
+    /// Accepted plans that would run into a unit's SoC limits (estimated; see
+    /// [`crate::feasibility`]).
+    pub warnings: Vec<WarningRef>,
 }
 
 /// What an ingestion run is doing, for a progress display (`max300 ingest`).
@@ -92,6 +109,7 @@ pub struct Ingestor {
     max_document_bytes: usize,
     provider: Option<ProviderClient>,
     running: Mutex<()>,
+    pack: Pack,
     metrics: Arc<Metrics>,
     stage: tokio::sync::watch::Sender<Stage>,
 }
@@ -108,6 +126,7 @@ impl Ingestor {
         default_max_rate: RateKw,
         max_document_bytes: usize,
         provider: Option<ProviderClient>,
+        pack: Pack,
         metrics: Arc<Metrics>,
     ) -> Ingestor {
         Ingestor {
@@ -120,6 +139,7 @@ impl Ingestor {
             max_document_bytes,
             provider,
             running: Mutex::new(()),
+            pack,
             metrics,
             stage: tokio::sync::watch::Sender::new(Stage::Idle),
         }
@@ -261,8 +281,10 @@ impl Ingestor {
                     errors: r.errors.iter().map(ToString::to_string).collect(),
                 })
                 .collect(),
+            warnings: Vec::new(),
         };
         let mut to_publish = Vec::new();
+        let mut created = Vec::new();
         for (cmd, insert) in commands.into_iter().zip(inserts) {
             let device_id = cmd.schedule.device_id().clone();
             match insert {
@@ -276,6 +298,7 @@ impl Ingestor {
                         version,
                         received,
                     ));
+                    created.push((message_id.clone(), cmd.schedule));
                     report.accepted.push(CommandRef {
                         device_id,
                         message_id,
@@ -292,6 +315,7 @@ impl Ingestor {
                 }),
             }
         }
+        report.warnings = self.feasibility(&created, received).await?;
         for r in &normalized.rejected {
             if let Some(first) = r.errors.first() {
                 self.metrics.rejection(field_at_fault(&first.path));
@@ -329,6 +353,62 @@ impl Ingestor {
             "ingestion finished"
         );
         Ok(report)
+    }
+
+    /// Estimates whether each new plan runs into its unit's SoC limits, from the unit's last
+    /// reported SoC and what is left of today's plan; keeps and returns the warnings.
+    async fn feasibility(
+        &self,
+        created: &[(MessageId, Schedule)],
+        now: Timestamp,
+    ) -> Result<Vec<WarningRef>, CloudError> {
+        if created.is_empty() {
+            return Ok(Vec::new());
+        }
+        let soc: HashMap<DeviceId, f64> = self
+            .store
+            .devices()
+            .await?
+            .into_iter()
+            .filter_map(|d| Some((d.device_id, d.soc_pct?)))
+            .collect();
+        let today = Day::containing(now, &self.timezone)?;
+        let from = period_start_at(now, &self.timezone)?;
+        let mut rest_of_today: HashMap<DeviceId, Vec<Setpoint>> = HashMap::new();
+        for (device, setpoint) in self.store.planned_from(today.date(), from).await? {
+            rest_of_today.entry(device).or_default().push(setpoint);
+        }
+        let mut warnings = Vec::new();
+        for (message_id, schedule) in created {
+            let device = schedule.device_id();
+            let Some(&soc) = soc.get(device) else {
+                continue;
+            };
+            let later_day = schedule.day().date() > today.date();
+            let before = if later_day {
+                rest_of_today.get(device).map(Vec::as_slice).unwrap_or(&[])
+            } else {
+                &[]
+            };
+            let plan = schedule
+                .periods()
+                .filter(|p| later_day || p.start >= from)
+                .map(|p| (p.period, p.setpoint));
+            if let Some(bad) = self.pack.check(soc, before, plan) {
+                warn!(device_id = %device, message_id = %message_id, warning = %bad.message(), "plan may not run as written");
+                warnings.push(WarningRef {
+                    device_id: device.clone(),
+                    message_id: message_id.clone(),
+                    warning: bad.message(),
+                });
+            }
+        }
+        let kept: Vec<_> = warnings
+            .iter()
+            .map(|w| (w.message_id.clone(), w.warning.clone()))
+            .collect();
+        self.store.record_warnings(&kept).await?;
+        Ok(warnings)
     }
 
     async fn fleet(&self) -> Result<Fleet, CloudError> {

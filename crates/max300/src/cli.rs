@@ -593,6 +593,9 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             println!("  {}: {e}", r.device_id);
         }
     }
+    for w in &report.warnings {
+        println!("  warning: {}: {}", w.device_id, w.warning);
+    }
     Ok(if report.rejected.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -336,6 +336,7 @@ pub struct DayCommand {
     publishes: u32,
     history: Vec<HistoryEntry>,
     sends: Vec<Timestamp>,
+    warning: Option<String>,
 }
 
 /// `GET /api/devices/{id}/day`.
@@ -419,6 +420,7 @@ pub fn day_view(
             publishes: c.publishes,
             history: c.history,
             sends: c.sends,
+            warning: c.warning,
         }),
         periods,
         reports,

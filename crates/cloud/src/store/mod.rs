@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::message::{AckMsg, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
-use max300_protocol::{DeviceId, MessageId, RateKw, Schedule};
+use max300_protocol::{DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 
 use crate::{CloudError, CommandState, PeriodStatus};
@@ -141,6 +141,8 @@ pub struct CommandDetail {
     pub history: Vec<HistoryEntry>,
     /// Every publish, first and resends, oldest first.
     pub sends: Vec<Timestamp>,
+    /// Why the plan may not run as written (feasibility), if anything.
+    pub warning: Option<String>,
     /// Every period.
     pub periods: Vec<PeriodView>,
 }
@@ -305,6 +307,17 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         device: Option<&DeviceId>,
         date: Option<Date>,
     ) -> Result<Vec<CommandSummary>, CloudError>;
+
+    /// What the latest live command of each device plans for `date`, from the period that
+    /// starts at or after `from` on, in device and period order.
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError>;
+
+    /// Keeps a feasibility warning with each command.
+    async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError>;
 
     /// How many commands are in each state (states with none are left out).
     async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError>;

@@ -65,6 +65,10 @@ CREATE TABLE IF NOT EXISTS sends (
     at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sends_by_command ON sends (message_id);
+CREATE TABLE IF NOT EXISTS warnings (
+    message_id TEXT PRIMARY KEY,
+    warning TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS commands_by_date ON commands (schedule_date, device_id);
 CREATE TABLE IF NOT EXISTS periods (
     message_id TEXT NOT NULL,
@@ -748,6 +752,10 @@ impl CommandStore for SqliteStore {
                 .prepare_cached("SELECT at FROM sends WHERE message_id = ?1 ORDER BY rowid")?
                 .query_map([id.as_str()], |r| ts(r.get(0)?))?
                 .collect::<rusqlite::Result<_>>()?;
+            let warning = c
+                .prepare_cached("SELECT warning FROM warnings WHERE message_id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()?;
             let periods = c
                 .prepare_cached(
                     "SELECT period, start, mode, rate_w, status, applied_w, limited_by, reason,
@@ -778,6 +786,7 @@ impl CommandStore for SqliteStore {
                 publishes,
                 history,
                 sends,
+                warning,
                 periods,
             }))
         })
@@ -799,6 +808,49 @@ impl CommandStore for SqliteStore {
             ))?;
             stmt.query_map(params![device, date], summary_row)?
                 .collect()
+        })
+        .await
+    }
+
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError> {
+        let (date, from) = (date.to_string(), text(from));
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT c.device_id, p.mode, p.rate_w
+                 FROM commands AS c JOIN periods AS p ON p.message_id = c.message_id
+                 WHERE c.schedule_date = ?1 AND p.start >= ?2
+                   AND c.state NOT IN ('rejected', 'cancelled', 'superseded')
+                   AND c.version = (SELECT max(version) FROM commands
+                                    WHERE device_id = c.device_id AND schedule_date = c.schedule_date
+                                      AND state NOT IN ('rejected', 'cancelled', 'superseded'))
+                 ORDER BY c.device_id, p.period",
+            )?
+            .query_map(params![date, from], |r| {
+                let mode: String = r.get(1)?;
+                let mode = Mode::parse_loose(&mode).ok_or_else(|| conversion(&mode))?;
+                let rate = rate(r.get(2)?).unwrap_or(RateKw::ZERO);
+                Ok((parsed(r.get(0)?)?, Setpoint::normalized(mode, rate)))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError> {
+        let warnings = warnings.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            for (id, warning) in &warnings {
+                tx.execute(
+                    "INSERT OR REPLACE INTO warnings (message_id, warning) VALUES (?1, ?2)",
+                    params![id.as_str(), warning],
+                )?;
+            }
+            tx.commit()
         })
         .await
     }

@@ -960,3 +960,47 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
     assert_eq!(status, 400);
     assert!(err["error"].as_str().unwrap().contains("date"), "{err}");
 }
+
+#[tokio::test]
+async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
+    let app = TestApp::start(None).await;
+    let (client, mut inbox) = app.device("d1").await;
+    let registered = app
+        .http
+        .post(format!("{}/api/devices", app.api))
+        .json(&json!({"device_id": "d1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 200);
+    let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
+                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":85.0,"outbox":0});
+    client
+        .publish(
+            "max300/d1/heartbeat".into(),
+            hb.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    fleet_until(&app, |f| line(f, "d1")["soc_pct"] == 85.0).await;
+
+    // 50 kW for half an hour is 25 kWh, about 8 % of 300 kWh: 85 % would pass soc_max (90 %).
+    let (status, body) = app.post("/api/schedules", document(50.0)).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["accepted"][0]["message_id"].as_str().unwrap();
+    assert_eq!(body["warnings"][0]["device_id"], "d1", "{body}");
+    assert_eq!(body["warnings"][0]["message_id"], id);
+    let warning = body["warnings"][0]["warning"].as_str().unwrap();
+    assert!(
+        warning.contains("soc_max in period 1"),
+        "names the limit and the period: {warning}"
+    );
+    let Message::Schedule(_) = next(&mut inbox).await else {
+        panic!("the plan is delivered all the same")
+    };
+    let (_, detail) = app.get(&format!("/api/commands/{id}")).await;
+    assert_eq!(detail["warning"], warning, "kept with the command");
+    let (_, day) = app.get("/api/devices/d1/day?date=2026-11-30").await;
+    assert_eq!(day["command"]["warning"], warning);
+}
