@@ -7,12 +7,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
+use max300_mqtt::trace;
 use max300_protocol::document::{Fleet, normalize};
 use max300_protocol::message::ScheduleMsg;
 use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
 use serde::Serialize;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Span, info, info_span, instrument, warn};
 
 use crate::audit::Audit;
 use crate::provider::ProviderClient;
@@ -99,6 +101,7 @@ impl Ingestor {
     }
 
     /// Fetches the document for `date` from the provider and ingests it.
+    #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %date, source = "fetch"))]
     pub async fn fetch(&self, date: Date) -> Result<IngestReport, CloudError> {
         let provider = self.provider.as_ref().ok_or_else(|| {
             CloudError::Config("provider: not configured, so there is nothing to fetch".into())
@@ -112,6 +115,7 @@ impl Ingestor {
 
     /// Runs an interrupted ingestion again from its raw document. Safe to repeat: content
     /// already committed is `unchanged`, and commands left `created` are published.
+    #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %run.schedule_date, source = %run.source, replay = true))]
     pub async fn replay(&self, run: &Interrupted) -> Result<IngestReport, CloudError> {
         let _guard = self.running.lock().await;
         let body = self.audit.get(&run.audit_key).await?;
@@ -132,6 +136,7 @@ impl Ingestor {
     }
 
     /// Ingests a POSTed document.
+    #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = Empty, source = "post"))]
     pub async fn post(&self, body: Bytes) -> Result<IngestReport, CloudError> {
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         let received = self.clock.now();
@@ -160,6 +165,7 @@ impl Ingestor {
             }
         };
         let date = normalized.day.date();
+        Span::current().record("schedule_date", tracing::field::display(date));
         if let Some(want) = want
             && want != date
         {
@@ -182,12 +188,28 @@ impl Ingestor {
                 }
             }
         }
+        // One span per device schedule, a child of the ingestion; its context is stored with
+        // the command, so the publish, the ack and the reports join this trace.
+        let mut spans = Vec::with_capacity(normalized.schedules.len());
         let commands: Vec<NewCommand> = normalized
             .schedules
             .iter()
-            .map(|s| NewCommand {
-                message_id: MessageId::generate(received),
-                schedule: s.schedule.clone(),
+            .map(|s| {
+                let message_id = MessageId::generate(received);
+                let span = info_span!(
+                    "command",
+                    device_id = %s.schedule.device_id(),
+                    message_id = Empty,
+                    version = Empty,
+                    outcome = Empty,
+                );
+                let traceparent = trace::of(&span);
+                spans.push(span);
+                NewCommand {
+                    message_id,
+                    schedule: s.schedule.clone(),
+                    traceparent,
+                }
             })
             .collect();
         let inserts = self.store.insert_commands(&commands, received).await?;
@@ -206,19 +228,23 @@ impl Ingestor {
                 .collect(),
         };
         let mut to_publish = Vec::new();
-        for (cmd, insert) in commands.into_iter().zip(inserts) {
+        for ((cmd, insert), span) in commands.into_iter().zip(inserts).zip(spans) {
             let device_id = cmd.schedule.device_id().clone();
             match insert {
                 Insert::Created {
                     message_id,
                     version,
                 } => {
-                    to_publish.push(ScheduleMsg::new(
-                        &cmd.schedule,
-                        message_id.clone(),
-                        version,
-                        received,
-                    ));
+                    span.record("message_id", tracing::field::display(&message_id));
+                    span.record("version", version);
+                    span.record("outcome", "created");
+                    span.in_scope(|| {
+                        info!(device_id = %device_id, message_id = %message_id, version, "command created");
+                    });
+                    let mut msg =
+                        ScheduleMsg::new(&cmd.schedule, message_id.clone(), version, received);
+                    msg.traceparent = cmd.traceparent;
+                    to_publish.push(msg);
                     report.accepted.push(CommandRef {
                         device_id,
                         message_id,
@@ -228,11 +254,18 @@ impl Ingestor {
                 Insert::Unchanged {
                     message_id,
                     version,
-                } => report.unchanged.push(CommandRef {
-                    device_id,
-                    message_id,
-                    version,
-                }),
+                } => {
+                    // This span is not the command's: it only says, in the ingestion's trace,
+                    // that nothing new was made for the device.
+                    span.record("message_id", tracing::field::display(&message_id));
+                    span.record("version", version);
+                    span.record("outcome", "unchanged");
+                    report.unchanged.push(CommandRef {
+                        device_id,
+                        message_id,
+                        version,
+                    })
+                }
             }
         }
         for r in &normalized.rejected {
