@@ -241,3 +241,23 @@ async fn one_trace_covers_a_commands_ingestion_ack_and_reports() {
     let commands = trace.iter().filter(|s| s.name == "command").count();
     assert_eq!(commands, 2, "one command span per unit");
 }
+
+#[test]
+fn an_otlp_endpoint_that_is_not_an_http_url_is_refused_at_start_up() {
+    let out = max300()
+        .args([
+            "--otlp-endpoint",
+            "localhost:4318",
+            "config",
+            "print-default",
+            "agent",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--otlp-endpoint \"localhost:4318\": expected an http:// or https:// URL"),
+        "{stderr}"
+    );
+}
