@@ -11,17 +11,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use max300_mqtt::trace;
 use max300_mqtt::{Event, Inbound, Qos, Session, SessionConfig};
 use max300_protocol::clock::monotonic;
 use max300_protocol::message::{
     AckMsg, AckStatus, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg, RejectReason,
     ReportMsg, ReportStatus, ScheduleMsg, SyncMsg, V1,
 };
-use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, RateKw, Setpoint, Topics};
+use max300_protocol::{
+    Channel, Clock, DeviceId, Message, MessageId, RateKw, Setpoint, Topics, TraceParent,
+};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, instrument, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, error, info, info_span, instrument, warn};
 
 use crate::battery::{Battery, BatteryStatus, SimBattery};
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
@@ -110,6 +114,7 @@ pub async fn run(
                 effective_period: stored.effective_period,
                 schedule,
                 cancelled: stored.cancelled,
+                traceparent: msg.traceparent.clone(),
             }),
             Err(e) => {
                 warn!(device_id = %device_id, message_id = %msg.message_id, error = %e, "stored plan unreadable: ignored")
@@ -328,8 +333,17 @@ impl Agent {
                 self.dropped += 1;
                 warn!(device_id = %self.device_id, topic = %inbound.topic, error = %e, dropped = self.dropped, "undecodable message dropped");
             }
-            Ok(Message::Schedule(msg)) => self.on_schedule(msg).await,
-            Ok(Message::Control(msg)) => self.on_control(msg).await,
+            Ok(Message::Schedule(msg)) => {
+                // The cloud's trace continues here: the ack carries this span's context.
+                let span = info_span!(parent: None, "schedule", device_id = %self.device_id, message_id = %msg.message_id, version = msg.version);
+                trace::set_parent(&span, msg.traceparent.as_ref());
+                self.on_schedule(msg).instrument(span).await
+            }
+            Ok(Message::Control(msg)) => {
+                let span = info_span!(parent: None, "control", device_id = %self.device_id, message_id = %msg.message_id, target_message_id = %msg.target_message_id);
+                trace::set_parent(&span, msg.traceparent.as_ref());
+                self.on_control(msg).instrument(span).await
+            }
             Ok(Message::Receipt(msg)) => self.on_receipt(msg).await,
             Ok(other) => {
                 self.dropped += 1;
@@ -368,6 +382,19 @@ impl Agent {
         })
     }
 
+    /// Stamps an ack or report with the trace context of the span it is made in, or else
+    /// `fallback` (the context it answers), so the trace goes on even when this agent exports
+    /// no spans itself.
+    fn traced(mut message: Message, fallback: Option<&TraceParent>) -> Message {
+        let tp = trace::of(&Span::current()).or_else(|| fallback.cloned());
+        match &mut message {
+            Message::Ack(m) => m.traceparent = tp,
+            Message::Report(m) => m.traceparent = tp,
+            _ => {}
+        }
+        message
+    }
+
     async fn on_schedule(&mut self, msg: &ScheduleMsg) {
         let now = self.clock.now();
         let id = &self.device_id;
@@ -376,13 +403,16 @@ impl Agent {
         let sent = self.session.is_connected();
         let (result, plan) = match self.engine.on_schedule(msg, now) {
             Decision::Accept(plan) => {
-                let ack = self.ack(
-                    mid,
-                    now,
-                    None,
-                    None,
-                    Some(plan.sha256.clone()),
-                    Some(plan.effective_period),
+                let ack = Self::traced(
+                    self.ack(
+                        mid,
+                        now,
+                        None,
+                        None,
+                        Some(plan.sha256.clone()),
+                        Some(plan.effective_period),
+                    ),
+                    msg.traceparent.as_ref(),
                 );
                 let (m, eff) = (msg.clone(), plan.effective_period);
                 let r = blocking(&self.store, move |s| {
@@ -396,7 +426,10 @@ impl Agent {
                 sha256,
             } => {
                 debug!(device_id = %id, message_id = %mid, "repeated schedule: accepted again");
-                let ack = self.ack(mid, now, None, None, Some(sha256), Some(effective_period));
+                let ack = Self::traced(
+                    self.ack(mid, now, None, None, Some(sha256), Some(effective_period)),
+                    msg.traceparent.as_ref(),
+                );
                 (
                     blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
                     None,
@@ -404,7 +437,10 @@ impl Agent {
             }
             Decision::Reject { reason, details } => {
                 warn!(device_id = %id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "schedule rejected");
-                let ack = self.ack(mid, now, Some(reason), details, None, None);
+                let ack = Self::traced(
+                    self.ack(mid, now, Some(reason), details, None, None),
+                    msg.traceparent.as_ref(),
+                );
                 (
                     blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
                     None,
@@ -438,7 +474,10 @@ impl Agent {
         let sent = self.session.is_connected();
         let result = match self.engine.on_control(msg) {
             ControlDecision::Cancel { target } => {
-                let ack = self.ack(&mid, now, None, None, None, None);
+                let ack = Self::traced(
+                    self.ack(&mid, now, None, None, None, None),
+                    msg.traceparent.as_ref(),
+                );
                 let (control, t) = (mid.clone(), target.clone());
                 let r = blocking(&self.store, move |s| {
                     s.cancel_plan(&control, &t, ack, topic, now, sent)
@@ -455,12 +494,18 @@ impl Agent {
                 r
             }
             ControlDecision::Repeat => {
-                let ack = self.ack(&mid, now, None, None, None, None);
+                let ack = Self::traced(
+                    self.ack(&mid, now, None, None, None, None),
+                    msg.traceparent.as_ref(),
+                );
                 blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
             }
             ControlDecision::Reject { reason, details } => {
                 warn!(device_id = %self.device_id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "control rejected");
-                let ack = self.ack(&mid, now, Some(reason), details, None, None);
+                let ack = Self::traced(
+                    self.ack(&mid, now, Some(reason), details, None, None),
+                    msg.traceparent.as_ref(),
+                );
                 blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
             }
         };
@@ -501,7 +546,32 @@ impl Agent {
         let count = due.len();
         for (i, period) in due.into_iter().enumerate() {
             let is_current = i + 1 == count;
-            let report = self.handle_period(&period, is_current, now).await;
+            // One span per period, in the trace of the plan that governed it (if any).
+            let governing = match &period.action {
+                Action::Run { message_id, .. } => Some(message_id),
+                Action::Skip { message_id, .. } => message_id.as_ref(),
+            };
+            let span = info_span!(
+                parent: None,
+                "period",
+                device_id = %self.device_id,
+                message_id = governing.map(MessageId::as_str),
+                period = period.period,
+                interval_start = %period.start,
+                status = Empty,
+            );
+            let plan_trace = governing
+                .and_then(|id| self.engine.traceparent(id))
+                .cloned();
+            trace::set_parent(&span, plan_trace.as_ref());
+            let report = self
+                .handle_period(&period, is_current, now)
+                .instrument(span.clone())
+                .await;
+            let report = span.in_scope(|| Self::traced(report, plan_trace.as_ref()));
+            if let Message::Report(r) = &report {
+                span.record("status", r.status.as_str());
+            }
             let topic = self.topic(Channel::Report);
             let sent = self.session.is_connected();
             let start = period.start;

@@ -17,7 +17,9 @@ use max300_protocol::day::period_start_at;
 use max300_protocol::message::{
     ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg,
 };
-use max300_protocol::{Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint};
+use max300_protocol::{
+    Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint, TraceParent,
+};
 
 /// How far back periods missed while the agent was down are still reported: 48 hours. The
 /// cloud marks a command `incomplete` an hour after its end anyway, and a unit that was off
@@ -44,6 +46,8 @@ pub struct Plan {
     pub schedule: Schedule,
     /// Cancelled by a control message: its remaining periods are skipped.
     pub cancelled: bool,
+    /// The trace context it came with; its acks and reports continue that trace.
+    pub traceparent: Option<TraceParent>,
 }
 
 /// What to do with a schedule message.
@@ -286,6 +290,7 @@ impl Engine {
             effective_period,
             schedule,
             cancelled: false,
+            traceparent: msg.traceparent.clone(),
         })
     }
 
@@ -431,6 +436,11 @@ impl Engine {
             .iter()
             .rev()
             .find(|p| p.effective_period <= period)
+    }
+
+    /// The trace context of a held plan.
+    pub fn traceparent(&self, id: &MessageId) -> Option<&TraceParent> {
+        self.find(id).and_then(|p| p.traceparent.as_ref())
     }
 
     fn find(&self, id: &MessageId) -> Option<&Plan> {

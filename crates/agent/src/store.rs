@@ -1,6 +1,8 @@
 //! The agent's SQLite store: held plans, one report per period, the outbox of acks and reports
 //! awaiting a receipt, and the store's id and sequence. Every operation is one transaction, so
-//! an ack or report is in the outbox exactly when the state it describes is on disk.
+//! an ack or report is in the outbox exactly when the state it describes is on disk. A plan is
+//! kept as the message it came in, so its `traceparent` (if any) is kept with it; plans stored
+//! before trace contexts existed simply have none.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -577,6 +579,41 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_plans_trace_context_is_kept_with_it_and_old_plans_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sqlite");
+        let mut traced = plan_msg(1);
+        traced.traceparent = max300_protocol::TraceParent::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .ok();
+        let old = plan_msg(2);
+        let now = ts("2026-11-29T16:00:01Z");
+        {
+            let store = Store::open(&path, true).unwrap();
+            for msg in [&traced, &old] {
+                store
+                    .accept_plan(msg, 1, ack(msg), "t".into(), now, true)
+                    .unwrap();
+            }
+            // A plan stored by a version that knew no trace context: no field in its body.
+            let conn = store.conn.lock().unwrap();
+            let body: String = conn
+                .query_row(
+                    "SELECT body FROM plans WHERE message_id = ?1",
+                    [old.message_id.as_str()],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert!(!body.contains("traceparent"), "{body}");
+        }
+        let loaded = Store::open(&path, true).unwrap().load().unwrap();
+        assert_eq!(loaded.plans[0].msg.traceparent, traced.traceparent);
+        assert!(loaded.plans[0].msg.traceparent.is_some());
+        assert_eq!(loaded.plans[1].msg.traceparent, None);
     }
 
     #[test]

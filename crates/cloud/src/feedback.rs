@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use jiff::tz::TimeZone;
+use max300_mqtt::trace;
 use max300_mqtt::{Event, Inbound};
 use max300_protocol::message::{AckMsg, ReportMsg, SyncMsg};
-use max300_protocol::{Clock, DeviceId, Message, day::Day};
+use max300_protocol::{Clock, DeviceId, Message, MessageId, TraceParent, day::Day};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::metrics::{Metrics, Outcome};
 use crate::publish::Publisher;
@@ -243,8 +244,29 @@ impl Feedback {
         }
         let now = self.clock.now();
         match message {
-            Message::Ack(ack) => self.ack(ack, now).await,
-            Message::Report(report) => self.report(report, now).await,
+            Message::Ack(ack) => {
+                let span = info_span!(parent: None, "ack", device_id = %ack.device_id, message_id = %ack.message_id, status = ?ack.status);
+                self.continue_trace(&span, ack.traceparent.as_ref(), Some(&ack.message_id))
+                    .await;
+                self.ack(ack, now).instrument(span).await
+            }
+            Message::Report(report) => {
+                let span = info_span!(
+                    parent: None,
+                    "report",
+                    device_id = %report.device_id,
+                    message_id = report.message_id.as_ref().map(MessageId::as_str),
+                    period = report.period,
+                    status = report.status.as_str(),
+                );
+                self.continue_trace(
+                    &span,
+                    report.traceparent.as_ref(),
+                    report.message_id.as_ref(),
+                )
+                .await;
+                self.report(report, now).instrument(span).await
+            }
             Message::Heartbeat(hb) => {
                 self.store.record_heartbeat(hb, now).await?;
                 self.metrics.inbound(kind, Outcome::Applied);
@@ -252,6 +274,25 @@ impl Feedback {
             }
             Message::Sync(sync) => self.sync(sync).await,
             _ => Ok(()),
+        }
+    }
+
+    /// Makes `span` a child of the message's trace context, or else of the one stored with
+    /// its command (one lookup by key, and only when spans are exported at all).
+    async fn continue_trace(
+        &self,
+        span: &Span,
+        carried: Option<&TraceParent>,
+        command: Option<&MessageId>,
+    ) {
+        let traced = trace::set_parent(span, carried);
+        if let (true, None, Some(id)) = (traced, carried, command) {
+            match self.store.command_traceparent(id).await {
+                Ok(stored) => {
+                    trace::set_parent(span, stored.as_ref());
+                }
+                Err(e) => debug!(message_id = %id, error = %e, "no stored trace context"),
+            }
         }
     }
 
@@ -305,7 +346,7 @@ impl Feedback {
         }
         debug!(
             device_id = %report.device_id,
-            message_id = ?report.message_id.as_ref().map(|m| m.as_str()),
+            message_id = report.message_id.as_ref().map(MessageId::as_str),
             period = report.period,
             status = report.status.as_str(),
             outcome = ?outcome,

@@ -9,12 +9,14 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use max300_protocol::day::period_start_at;
+use max300_mqtt::trace;
 use max300_protocol::document::{Fleet, normalize};
 use max300_protocol::message::ScheduleMsg;
 use max300_protocol::{Clock, Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Span, info, info_span, instrument, warn};
 
 use crate::audit::Audit;
 use crate::feasibility::Pack;
@@ -156,6 +158,7 @@ impl Ingestor {
     }
 
     /// Fetches the document for `date` from the provider and ingests it.
+    #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %date, source = "fetch"))]
     pub async fn fetch(&self, date: Date) -> Result<IngestReport, CloudError> {
         let provider = self.provider.as_ref().ok_or_else(|| {
             CloudError::Config("provider: not configured, so there is nothing to fetch".into())
@@ -170,6 +173,7 @@ impl Ingestor {
 
     /// Runs an interrupted ingestion again from its raw document. Safe to repeat: content
     /// already committed is `unchanged`, and commands left `created` are published.
+    #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %run.schedule_date, source = %run.source, replay = true))]
     pub async fn replay(&self, run: &Interrupted) -> Result<IngestReport, CloudError> {
         let _guard = self.running.lock().await;
         let body = self.audit.get(&run.audit_key).await?;
@@ -190,6 +194,7 @@ impl Ingestor {
     }
 
     /// Ingests a POSTed document.
+    #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = Empty, source = "post"))]
     pub async fn post(&self, body: Bytes) -> Result<IngestReport, CloudError> {
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         let received = self.clock.now();
@@ -236,6 +241,7 @@ impl Ingestor {
             }
         };
         let date = normalized.day.date();
+        Span::current().record("schedule_date", tracing::field::display(date));
         if let Some(want) = want
             && want != date
         {
@@ -259,12 +265,28 @@ impl Ingestor {
         if !newcomers.is_empty() {
             self.store.register_devices(&newcomers, received).await?;
         }
+        // One span per device schedule, a child of the ingestion; its context is stored with
+        // the command, so the publish, the ack and the reports join this trace.
+        let mut spans = Vec::with_capacity(normalized.schedules.len());
         let commands: Vec<NewCommand> = normalized
             .schedules
             .iter()
-            .map(|s| NewCommand {
-                message_id: MessageId::generate(received),
-                schedule: s.schedule.clone(),
+            .map(|s| {
+                let message_id = MessageId::generate(received);
+                let span = info_span!(
+                    "command",
+                    device_id = %s.schedule.device_id(),
+                    message_id = Empty,
+                    version = Empty,
+                    outcome = Empty,
+                );
+                let traceparent = trace::of(&span);
+                spans.push(span);
+                NewCommand {
+                    message_id,
+                    schedule: s.schedule.clone(),
+                    traceparent,
+                }
             })
             .collect();
         self.stage.send_replace(Stage::Committing);
@@ -286,19 +308,23 @@ impl Ingestor {
         };
         let mut to_publish = Vec::new();
         let mut created = Vec::new();
-        for (cmd, insert) in commands.into_iter().zip(inserts) {
+        for ((cmd, insert), span) in commands.into_iter().zip(inserts).zip(spans) {
             let device_id = cmd.schedule.device_id().clone();
             match insert {
                 Insert::Created {
                     message_id,
                     version,
                 } => {
-                    to_publish.push(ScheduleMsg::new(
-                        &cmd.schedule,
-                        message_id.clone(),
-                        version,
-                        received,
-                    ));
+                    span.record("message_id", tracing::field::display(&message_id));
+                    span.record("version", version);
+                    span.record("outcome", "created");
+                    span.in_scope(|| {
+                        info!(device_id = %device_id, message_id = %message_id, version, "command created");
+                    });
+                    let mut msg =
+                        ScheduleMsg::new(&cmd.schedule, message_id.clone(), version, received);
+                    msg.traceparent = cmd.traceparent;
+                    to_publish.push(msg);
                     created.push((message_id.clone(), cmd.schedule));
                     report.accepted.push(CommandRef {
                         device_id,
@@ -309,11 +335,18 @@ impl Ingestor {
                 Insert::Unchanged {
                     message_id,
                     version,
-                } => report.unchanged.push(CommandRef {
-                    device_id,
-                    message_id,
-                    version,
-                }),
+                } => {
+                    // This span is not the command's: it only says, in the ingestion's trace,
+                    // that nothing new was made for the device.
+                    span.record("message_id", tracing::field::display(&message_id));
+                    span.record("version", version);
+                    span.record("outcome", "unchanged");
+                    report.unchanged.push(CommandRef {
+                        device_id,
+                        message_id,
+                        version,
+                    })
+                }
             }
         }
         report.warnings = self.feasibility(&created, received).await?;

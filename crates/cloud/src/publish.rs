@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
+use max300_mqtt::trace;
 use max300_mqtt::{Qos, Session};
 use max300_protocol::message::{ControlMsg, ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, StoreId, Topics};
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::{CloudError, CommandStore};
@@ -47,13 +48,19 @@ impl Publisher {
     /// in between leaves them `created`, and they are published again at start-up.
     pub async fn commands(&self, messages: Vec<ScheduleMsg>) -> Result<(), CloudError> {
         let mut sent = Vec::with_capacity(messages.len());
-        for msg in messages {
+        for mut msg in messages {
             let topic = self.topics.topic(&msg.device_id, Channel::Schedule);
             let (device_id, message_id, version) =
                 (msg.device_id.clone(), msg.message_id.clone(), msg.version);
+            // A child of the command's span (its stored context), on every publish and resend;
+            // the device continues the trace from this span.
+            let span = info_span!(parent: None, "publish", device_id = %device_id, message_id = %message_id, version);
+            trace::set_parent(&span, msg.traceparent.as_ref());
+            msg.traceparent = trace::of(&span).or(msg.traceparent);
             match self
                 .session
                 .send(topic, &Message::Schedule(msg), Qos::AtLeastOnce)
+                .instrument(span)
                 .await
             {
                 Ok(()) => {
@@ -88,12 +95,16 @@ impl Publisher {
     /// Publishes control messages, then marks them sent.
     pub async fn controls(&self, messages: Vec<ControlMsg>) -> Result<(), CloudError> {
         let mut sent = Vec::with_capacity(messages.len());
-        for msg in messages {
+        for mut msg in messages {
             let topic = self.topics.topic(&msg.device_id, Channel::Control);
             let (device_id, message_id) = (msg.device_id.clone(), msg.message_id.clone());
+            let span = info_span!(parent: None, "publish", device_id = %device_id, message_id = %message_id, target_message_id = %msg.target_message_id);
+            trace::set_parent(&span, msg.traceparent.as_ref());
+            msg.traceparent = trace::of(&span).or(msg.traceparent);
             match self
                 .session
                 .send(topic, &Message::Control(msg), Qos::AtLeastOnce)
+                .instrument(span)
                 .await
             {
                 Ok(()) => {

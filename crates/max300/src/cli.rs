@@ -26,6 +26,15 @@ pub struct Cli {
     /// Log format: text or json. Default: text on a terminal, json otherwise.
     #[arg(long, global = true, env = "MAX300_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Send OpenTelemetry traces over OTLP/HTTP to this collector, e.g.
+    /// http://localhost:4318 (spans go to {URL}/v1/traces). Default: no traces.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    pub otlp_endpoint: Option<String>,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -269,6 +278,17 @@ impl Command {
             #[cfg(feature = "cloud")]
             Command::Certs { .. } => "warn",
             _ => "info",
+        }
+    }
+
+    /// The OpenTelemetry `service.name` of the process.
+    pub fn service_name(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "cloud")]
+            Command::Cloud(_) | Command::Ingest(_) => "max300-cloud",
+            #[cfg(feature = "agent")]
+            Command::Agent(_) => "max300-agent",
+            _ => "max300",
         }
     }
 

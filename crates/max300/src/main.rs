@@ -25,12 +25,34 @@ mod validate;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_tracing(cli.log_format.as_deref(), cli.command.default_log_filter());
+    // Built before the async runtime: the exporter's blocking HTTP client must not be made
+    // (or dropped) inside it.
+    let traces = match init_tracing(
+        cli.log_format.as_deref(),
+        cli.command.default_log_filter(),
+        cli.otlp_endpoint.as_deref(),
+        cli.command.service_name(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,17 +63,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli.command.run()) {
+    let code = match runtime.block_on(cli.command.run()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    // Tasks still holding spans end them as the runtime goes; then the last batch is sent.
+    drop(runtime);
+    if let Some(provider) = traces
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("warning: traces not all exported: {e}");
     }
+    code
 }
 
 /// Text on a terminal, JSON lines otherwise (or when asked); `RUST_LOG` overrides the level.
-fn init_tracing(format: Option<&str>, default_filter: &str) {
+/// With an OTLP endpoint, spans of our own crates (at info and above) also go out as
+/// OpenTelemetry traces, whatever the log level; the provider returned must be shut down
+/// before the process exits, or the last batch is lost.
+fn init_tracing(
+    format: Option<&str>,
+    default_filter: &str,
+    otlp_endpoint: Option<&str>,
+    service_name: &'static str,
+) -> anyhow::Result<Option<SdkTracerProvider>> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = match format {
@@ -59,12 +97,42 @@ fn init_tracing(format: Option<&str>, default_filter: &str) {
         Some(_) => false,
         None => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder.init();
+        fmt.boxed()
+    };
+    let (otel, provider) = match otlp_endpoint.filter(|e| !e.is_empty()) {
+        Some(endpoint) => {
+            let provider = otlp_provider(endpoint, service_name)?;
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("max300"))
+                .with_filter(Targets::new().with_target("max300", Level::INFO));
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .init();
+    Ok(provider)
+}
+
+/// OTLP/HTTP (protobuf) to `{endpoint}/v1/traces`, in batches from a thread of its own.
+fn otlp_provider(endpoint: &str, service_name: &'static str) -> anyhow::Result<SdkTracerProvider> {
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        anyhow::bail!("--otlp-endpoint {endpoint:?}: expected an http:// or https:// URL");
     }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .build()
+        .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(service_name).build())
+        .build())
 }

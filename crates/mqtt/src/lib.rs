@@ -9,12 +9,14 @@
 //! - [`url`]: the `mqtt://` / `mqtts://` broker address.
 //! - [`session`]: the session task, its handle and its events.
 //! - [`tls`]: server verification against a CA, client certificates, plain-words errors.
+//! - [`trace`]: the `traceparent` of a message as the OpenTelemetry parent of a span, and back.
 //! - `broker` (feature `broker`): the embedded rumqttd broker, loopback only.
 
 #[cfg(feature = "broker")]
 pub mod broker;
 pub mod session;
 pub mod tls;
+pub mod trace;
 pub mod url;
 
 pub use session::{Event, Inbound, Qos, Session, SessionConfig, connect};

@@ -33,6 +33,14 @@ pub enum ProtocolError {
     /// An MQTT payload that cannot be decoded.
     #[error("undecodable message: {0}")]
     Decode(String),
+    /// A `traceparent` that is not a valid W3C version-00 value.
+    #[error("traceparent {value:?} is not valid: {why}")]
+    InvalidTraceParent {
+        /// The offending text (truncated).
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A schedule message whose plan breaks the rules (count, grid, sha256).
     #[error("invalid plan: {0}")]
     Plan(String),

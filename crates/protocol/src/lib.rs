@@ -11,6 +11,7 @@
 //! - [`document`]: the provider document and its normalization into schedules.
 //! - [`message`]: the MQTT payloads and their decoding.
 //! - [`topic`]: topic names, built and parsed in one place.
+//! - [`trace`]: the W3C `traceparent` that carries a trace across the broker.
 //! - [`clock`]: system, scaled and manual clocks; the only place wall time is read.
 //! - [`error`]: the crate's error type.
 
@@ -23,6 +24,7 @@ pub mod message;
 pub mod schedule;
 pub mod setpoint;
 pub mod topic;
+pub mod trace;
 
 pub use clock::{Clock, ManualClock, ScaledClock, SystemClock};
 pub use day::Day;
@@ -33,6 +35,7 @@ pub use message::Message;
 pub use schedule::Schedule;
 pub use setpoint::{Mode, RateKw, Setpoint};
 pub use topic::{Channel, Topics};
+pub use trace::TraceParent;
 
 /// Length of one period of a plan, in seconds.
 pub const PERIOD_SECS: i64 = 1800;

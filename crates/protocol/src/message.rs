@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::day::time_zone;
 use crate::{
     Day, DeviceId, MAX_PAYLOAD_BYTES, MessageId, Mode, ProtocolError, RateKw, Schedule, Setpoint,
-    StoreId,
+    StoreId, TraceParent,
 };
 
 /// The protocol version, `"v": 1`. Any other value is refused.
@@ -86,9 +86,13 @@ pub struct ScheduleMsg {
     pub sha256: String,
     /// One entry per period.
     pub intervals: Vec<WireInterval>,
-    /// W3C trace context, when tracing is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    /// W3C trace context, when tracing is on. Decoded leniently: an invalid value is `None`.
+    #[serde(
+        default,
+        deserialize_with = "crate::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<TraceParent>,
 }
 
 /// What a control message asks for.
@@ -114,9 +118,13 @@ pub struct ControlMsg {
     pub target_message_id: MessageId,
     /// When the cloud made it.
     pub issued_at: Timestamp,
-    /// W3C trace context, when tracing is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    /// W3C trace context, when tracing is on. Decoded leniently: an invalid value is `None`.
+    #[serde(
+        default,
+        deserialize_with = "crate::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<TraceParent>,
 }
 
 /// The cloud handled these acks and reports; the device may drop them from its outbox.
@@ -187,9 +195,13 @@ pub struct AckMsg {
     pub effective_period: Option<u32>,
     /// When the device acked.
     pub at: Timestamp,
-    /// W3C trace context, when tracing is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    /// W3C trace context, when tracing is on. Decoded leniently: an invalid value is `None`.
+    #[serde(
+        default,
+        deserialize_with = "crate::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<TraceParent>,
 }
 
 /// How a period went.
@@ -293,9 +305,13 @@ pub struct ReportMsg {
     pub error: Option<String>,
     /// When the device reported.
     pub at: Timestamp,
-    /// W3C trace context, when tracing is on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    /// W3C trace context, when tracing is on. Decoded leniently: an invalid value is `None`.
+    #[serde(
+        default,
+        deserialize_with = "crate::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<TraceParent>,
 }
 
 /// Why a device is not following a plan.
@@ -581,6 +597,52 @@ mod tests {
         let mut json = serde_json::to_value(Message::Report(report())).unwrap();
         json["rate_kw"] = serde_json::json!(-5.0);
         assert!(Message::decode(json.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_bad_traceparent_never_gets_a_message_refused() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for (value, kept) in [
+            (serde_json::json!(good), true),
+            (serde_json::json!("00-not-a-trace-context"), false),
+            (serde_json::json!(17), false),
+            (serde_json::json!(null), false),
+            (serde_json::json!({"nested": true}), false),
+        ] {
+            let mut json = serde_json::to_value(Message::Report(report())).unwrap();
+            json["traceparent"] = value.clone();
+            let Message::Report(back) = Message::decode(json.to_string().as_bytes()).unwrap()
+            else {
+                panic!("not a report")
+            };
+            assert_eq!(back.traceparent.is_some(), kept, "{value}");
+        }
+        for ack in [
+            r#"{"type":"ack","v":1,"store_id":"9f2c","seq":17,"message_id":"01JDX","device_id":"d1",
+                "status":"accepted","at":"2026-11-29T15:46:03Z","traceparent":"x"}"#,
+            r#"{"type":"control","v":1,"message_id":"01JDY","device_id":"d1","action":"cancel",
+                "target_message_id":"01JDX","issued_at":"2026-11-29T15:46:03Z","traceparent":[]}"#,
+        ] {
+            assert!(Message::decode(ack.as_bytes()).is_ok(), "{ack}");
+        }
+    }
+
+    #[test]
+    fn a_traceparent_is_sent_only_when_there_is_one() {
+        let mut r = report();
+        assert!(
+            !String::from_utf8(Message::Report(r.clone()).encode())
+                .unwrap()
+                .contains("traceparent")
+        );
+        r.traceparent =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").ok();
+        let msg = Message::Report(r);
+        let text = String::from_utf8(msg.encode()).unwrap();
+        assert!(text.contains(
+            r#""traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01""#
+        ));
+        assert_eq!(Message::decode(text.as_bytes()).unwrap(), msg);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::message::{AckMsg, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
-use max300_protocol::{DeviceId, MessageId, RateKw, Schedule, Setpoint};
+use max300_protocol::{DeviceId, MessageId, RateKw, Schedule, Setpoint, TraceParent};
 use serde::Serialize;
 
 use crate::{CloudError, CommandState, PeriodStatus};
@@ -49,6 +49,8 @@ pub struct NewCommand {
     pub message_id: MessageId,
     /// The plan.
     pub schedule: Schedule,
+    /// The trace context of its `command` span, sent with every publish of it.
+    pub traceparent: Option<TraceParent>,
 }
 
 /// What happened to a [`NewCommand`].
@@ -280,6 +282,9 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
 
     /// The message to publish for a command.
     async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError>;
+
+    /// The trace context stored with a command, for feedback that comes without one.
+    async fn command_traceparent(&self, id: &MessageId) -> Result<Option<TraceParent>, CloudError>;
 
     /// Marks commands published; `created` becomes `sent`.
     async fn mark_sent(&self, ids: &[MessageId], at: Timestamp) -> Result<(), CloudError>;

@@ -12,7 +12,7 @@ use max300_protocol::day::period_start_at;
 use max300_protocol::message::{
     AckMsg, AckStatus, ControlAction, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg, V1,
 };
-use max300_protocol::{Day, DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint};
+use max300_protocol::{Day, DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint, TraceParent};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{
@@ -141,6 +141,7 @@ impl SqliteStore {
             .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
             .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
             .and_then(|_| conn.execute_batch(SCHEMA))
+            .and_then(|_| add_missing_columns(&conn))
             .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -175,6 +176,26 @@ impl SqliteStore {
         .map_err(|e| CloudError::Store(format!("store task failed: {e}")))?
         .map_err(|e| CloudError::Store(e.to_string()))
     }
+}
+
+/// Columns added after the first release: a store file made by an older version gets them
+/// on open, empty.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has_traceparent: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'traceparent'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_traceparent {
+        match conn.execute("ALTER TABLE commands ADD COLUMN traceparent TEXT", []) {
+            // Another process opening the same file added it first.
+            Err(e) if e.to_string().contains("duplicate column") => {}
+            other => {
+                other?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn conversion(e: impl std::fmt::Display) -> rusqlite::Error {
@@ -415,8 +436,9 @@ impl CommandStore for SqliteStore {
                 let id = cmd.message_id.as_str();
                 tx.execute(
                     "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
-                                           sha256, state, governs_from, ends_at, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8, ?9)",
+                                           sha256, state, governs_from, ends_at, created_at,
+                                           traceparent)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8, ?9, ?10)",
                     params![
                         id,
                         device,
@@ -426,7 +448,8 @@ impl CommandStore for SqliteStore {
                         sha,
                         text(governs_from),
                         text(s.day().end()),
-                        text(at)
+                        text(at),
+                        cmd.traceparent.as_ref().map(|t| t.as_str())
                     ],
                 )?;
                 tx.execute(
@@ -460,15 +483,24 @@ impl CommandStore for SqliteStore {
     async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError> {
         let id = id.clone();
         self.run(move |c| {
-            let row: Option<(String, String, String, u32, String)> = c
+            let row: Option<(String, String, String, u32, String, Option<String>)> = c
                 .query_row(
-                    "SELECT device_id, schedule_date, timezone, version, created_at
+                    "SELECT device_id, schedule_date, timezone, version, created_at, traceparent
                      FROM commands WHERE message_id = ?1",
                     [id.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    },
                 )
                 .optional()?;
-            let Some((device, date, tz, version, created)) = row else {
+            let Some((device, date, tz, version, created, traceparent)) = row else {
                 return Ok(None);
             };
             let day = Day::named(parsed(date)?, &tz).map_err(conversion)?;
@@ -485,7 +517,24 @@ impl CommandStore for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let schedule = Schedule::new(parsed(device)?, day, setpoints)
                 .ok_or_else(|| conversion("stored periods do not match the date"))?;
-            Ok(Some(ScheduleMsg::new(&schedule, id, version, ts(created)?)))
+            let mut msg = ScheduleMsg::new(&schedule, id, version, ts(created)?);
+            msg.traceparent = traceparent.and_then(|t| TraceParent::parse(&t).ok());
+            Ok(Some(msg))
+        })
+        .await
+    }
+
+    async fn command_traceparent(&self, id: &MessageId) -> Result<Option<TraceParent>, CloudError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let text: Option<Option<String>> = c
+                .query_row(
+                    "SELECT traceparent FROM commands WHERE message_id = ?1",
+                    [id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(text.flatten().and_then(|t| TraceParent::parse(&t).ok()))
         })
         .await
     }

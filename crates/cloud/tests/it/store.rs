@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use max300_cloud::store::{Cancel, CommandStore, IngestionCounts, Insert, NewCommand, Recorded};
 use max300_cloud::{CommandState, PeriodStatus, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
-use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId};
+use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId, TraceParent};
 
 use crate::{day, eve, schedule};
 
@@ -24,6 +24,7 @@ async fn create(store: &dyn CommandStore, device: &str, kw: u32) -> (MessageId, 
             &[NewCommand {
                 message_id: id.clone(),
                 schedule: schedule(device, kw),
+                traceparent: None,
             }],
             eve(),
         )
@@ -72,6 +73,55 @@ fn report(id: Option<&MessageId>, device: &str, period: u32) -> ReportMsg {
         at: day().period_start(period),
         traceparent: None,
     }
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+async fn create_traced(store: &dyn CommandStore, device: &str) -> MessageId {
+    let id = MessageId::generate(eve());
+    store
+        .insert_commands(
+            &[NewCommand {
+                message_id: id.clone(),
+                schedule: schedule(device, 10),
+                traceparent: TraceParent::parse(TRACEPARENT).ok(),
+            }],
+            eve(),
+        )
+        .await
+        .unwrap();
+    id
+}
+
+async fn keeps_each_commands_trace_context(store: &dyn CommandStore) {
+    let traced = create_traced(store, "d1").await;
+    let (untraced, _) = create(store, "d2", 10).await;
+    let tp = TraceParent::parse(TRACEPARENT).unwrap();
+    assert_eq!(
+        store.command_traceparent(&traced).await.unwrap(),
+        Some(tp.clone())
+    );
+    assert_eq!(
+        store
+            .schedule_message(&traced)
+            .await
+            .unwrap()
+            .unwrap()
+            .traceparent,
+        Some(tp)
+    );
+    assert_eq!(store.command_traceparent(&untraced).await.unwrap(), None);
+    assert_eq!(
+        store
+            .schedule_message(&untraced)
+            .await
+            .unwrap()
+            .unwrap()
+            .traceparent,
+        None
+    );
+    let unknown = MessageId::parse("nope").unwrap();
+    assert_eq!(store.command_traceparent(&unknown).await.unwrap(), None);
 }
 
 async fn state(store: &dyn CommandStore, id: &MessageId) -> CommandState {
@@ -642,7 +692,35 @@ sqlite_contract!(
     lists_a_devices_reports_for_a_day_once_each,
     the_fleet_rows_count_conformance_and_states,
     keeps_every_send_and_a_warning_with_the_command,
+    keeps_each_commands_trace_context,
 );
+
+#[tokio::test]
+async fn a_store_file_from_before_trace_contexts_still_opens_and_gains_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.sqlite");
+    let old = {
+        let store = SqliteStore::open(&path).unwrap();
+        create(&store, "d1", 10).await.0
+    };
+    // The previous version's file: the commands table without the column.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("ALTER TABLE commands DROP COLUMN traceparent", [])
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    let msg = store.schedule_message(&old).await.unwrap().unwrap();
+    assert_eq!(msg.traceparent, None);
+    assert_eq!(store.unsent().await.unwrap(), vec![old]);
+    let traced = create_traced(&store, "d2").await;
+    assert_eq!(
+        store.command_traceparent(&traced).await.unwrap(),
+        TraceParent::parse(TRACEPARENT).ok()
+    );
+    // Opening it again finds the column there.
+    drop(store);
+    SqliteStore::open(&path).unwrap();
+}
 
 #[tokio::test]
 async fn commands_survive_reopening_the_file() {

@@ -8,6 +8,7 @@ mod faults;
 mod mosquitto;
 mod processes;
 mod proxy;
+mod telemetry;
 mod up;
 
 use std::io::{BufRead, BufReader};
