@@ -25,6 +25,7 @@ use tracing::{debug, error, info, instrument, warn};
 
 use crate::battery::{Battery, BatteryStatus, SimBattery};
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
+use crate::metrics::AgentMetrics;
 use crate::safety::{Guard, SocWindow};
 use crate::store::{Outgoing, Store};
 use crate::{AgentConfig, AgentError};
@@ -131,6 +132,11 @@ pub async fn run(
     session_config.tls = config.tls();
     let (session, events) = max300_mqtt::connect(session_config, session_stop)?;
 
+    let metrics = Arc::new(AgentMetrics::new());
+    if let Some(addr) = &config.metrics {
+        let bound = crate::metrics::serve(addr, metrics.clone(), shutdown.clone()).await?;
+        info!(device_id = %device_id, metrics = %bound, "metrics endpoint listening");
+    }
     let reassert = (config.revert_timeout() / 2).max(Duration::from_millis(500));
     let window = SocWindow {
         min_pct: config.sim.soc_min_pct,
@@ -165,6 +171,7 @@ pub async fn run(
         started: monotonic(),
         resend_after: Duration::from_secs(config.resend_after_s),
         dropped: 0,
+        metrics,
     };
     agent
         .run(
@@ -210,6 +217,8 @@ struct Agent {
     resend_after: Duration,
     /// Inbound messages dropped as undecodable or not for this device.
     dropped: u64,
+    /// Outbox depth, write latency, boundary lateness.
+    metrics: Arc<AgentMetrics>,
     /// Whether to ask the system's time sync before acting on plans.
     check_time: bool,
     /// When the last outbox batch went out (real time).
@@ -577,6 +586,12 @@ impl Agent {
                 report.rate_kw = setpoint.rate();
                 match self.execute(*setpoint).await {
                     Ok((applied, limited_by, status)) => {
+                        if is_current {
+                            // Plan time after the boundary, in real seconds.
+                            let late = self.clock.now().duration_since(due.start).as_secs_f64()
+                                / self.clock.speed();
+                            self.metrics.boundary_lateness(late);
+                        }
                         report.applied_kw = Some(applied.rate());
                         report.limited_by = limited_by;
                         report.soc_pct = Some(status.soc_pct);
@@ -619,8 +634,7 @@ impl Agent {
             .map_err(|e| self.faulted(e.to_string()))?;
         let clamped = self.guard.clamp(planned, &status);
         if status.setpoint != clamped.setpoint {
-            self.battery
-                .apply(clamped.setpoint)
+            self.apply(clamped.setpoint)
                 .await
                 .map_err(|e| self.faulted(e.to_string()))?;
         }
@@ -633,6 +647,15 @@ impl Agent {
             self.fault = None;
         }
         Ok((clamped.setpoint, clamped.limited_by, back))
+    }
+
+    /// One controller write, timed.
+    async fn apply(&self, setpoint: Setpoint) -> Result<(), crate::battery::BatteryError> {
+        let started = monotonic();
+        let written = self.battery.apply(setpoint).await;
+        self.metrics
+            .battery_write(monotonic().saturating_duration_since(started));
+        written
     }
 
     fn faulted(&mut self, error: String) -> String {
@@ -660,7 +683,7 @@ impl Agent {
         };
         let clamped = self.guard.clamp(planned, &status);
         if reassert || status.setpoint != clamped.setpoint {
-            match self.battery.apply(clamped.setpoint).await {
+            match self.apply(clamped.setpoint).await {
                 Ok(()) => self.fault = None,
                 Err(e) => {
                     self.faulted(e.to_string());
@@ -769,6 +792,7 @@ impl Agent {
             }
         };
         let outbox = blocking(&self.store, |s| s.outbox_len()).await.unwrap_or(0);
+        self.metrics.outbox(outbox);
         let running = status.map_or(Setpoint::IDLE, |s| s.setpoint);
         let fallback = self
             .engine

@@ -54,6 +54,9 @@ pub struct AgentConfig {
     /// `assume` (always, e.g. on a scaled clock), or `auto` (`ntp` on the system clock,
     /// `assume` on a scaled one).
     pub clock_sync: String,
+    /// Serve the agent's Prometheus metrics on this address (`host:port`); off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     /// Which controller drives the battery: only `"sim"` so far.
     pub battery: String,
     /// The simulated battery.
@@ -210,7 +213,7 @@ fn merge(base: &mut Table, over: Table) {
 /// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
 /// to other roles and are ignored.
 fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
-    const TOP: [&str; 16] = [
+    const TOP: [&str; 17] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -227,6 +230,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "cert",
         "key",
         "alpn",
+        "metrics",
     ];
     const SIM: [&str; 9] = [
         "capacity_kwh",
@@ -239,7 +243,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "write_log",
         "state_file",
     ];
-    const STRINGS: [&str; 13] = [
+    const STRINGS: [&str; 14] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -251,6 +255,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "cert",
         "key",
         "alpn",
+        "metrics",
         "write_log",
         "state_file",
     ];

@@ -13,6 +13,7 @@
 //!   reports awaiting a receipt, and the store's id and sequence.
 //! - [`battery`]: the controller seam ([`Battery`]) and the simulated unit ([`SimBattery`]),
 //!   with its optional write log on disk for tests and audits.
+//! - [`metrics`]: the agent's Prometheus metrics and its optional local endpoint.
 //! - [`timesync`]: whether the system clock is synchronized (NTP), for `clock_sync`.
 //! - [`error`]: the crate's error type.
 
@@ -21,6 +22,7 @@ pub mod battery;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod safety;
 pub mod store;
 pub mod timesync;

@@ -13,11 +13,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::api::fleet::AlertRules;
 use crate::api::{ApiState, router};
 use crate::audit::Audit;
 use crate::daily::DailyFetch;
-use crate::feedback::{Feedback, FeedbackStats};
+use crate::feedback::Feedback;
 use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
 use crate::sweeper::Sweeper;
@@ -32,8 +34,8 @@ pub struct Cloud {
     pub store: Arc<dyn CommandStore>,
     /// Ingestion, for in-process runs (`max300 ingest`).
     pub ingestor: Arc<Ingestor>,
-    /// Feedback counters.
-    pub stats: Arc<FeedbackStats>,
+    /// The service's metrics.
+    pub metrics: Arc<Metrics>,
     /// The MQTT session.
     pub session: Session,
     tasks: JoinSet<()>,
@@ -73,7 +75,14 @@ impl Cloud {
         session_config.channel_capacity = 4096;
         session_config.tls = config.tls();
         let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
-        let publisher = Publisher::new(session.clone(), topics, store.clone(), clock.clone());
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(
+            session.clone(),
+            topics,
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+        );
 
         let max_bytes = usize::try_from(config.max_document_mib * 1024 * 1024)
             .map_err(|_| CloudError::Config("max_document_mib: too large".into()))?;
@@ -97,8 +106,9 @@ impl Cloud {
             config.default_max_rate()?,
             max_bytes,
             provider,
+            config.pack()?,
+            metrics.clone(),
         ));
-        let stats = Arc::new(FeedbackStats::default());
 
         let listener = tokio::net::TcpListener::bind(config.http_addr()?)
             .await
@@ -115,8 +125,12 @@ impl Cloud {
             timezone: timezone.clone(),
             token: config.api_token.clone(),
             protect_reads: config.protect_reads,
-            heartbeat_interval_s: config.heartbeat_interval_s,
-            stats: stats.clone(),
+            alerts: AlertRules {
+                heartbeat_interval_s: config.heartbeat_interval_s,
+                offline_alert_s: config.offline_alert_s,
+                plan_due_at: config.plan_due_time()?,
+            },
+            metrics: metrics.clone(),
         });
 
         let mut tasks = JoinSet::new();
@@ -136,7 +150,7 @@ impl Cloud {
             clock.clone(),
             timezone.clone(),
             config.auto_register,
-            stats.clone(),
+            metrics.clone(),
         );
         tasks.spawn(feedback.run(events, shutdown.clone()));
         let sweeper = Sweeper {
@@ -146,6 +160,7 @@ impl Cloud {
             ack_timeout: SignedDuration::from_secs(
                 i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
             ),
+            metrics: metrics.clone(),
         };
         tasks.spawn(sweeper.run(shutdown.clone()));
         // Runs interrupted by a crash are run again, from their raw documents.
@@ -173,7 +188,7 @@ impl Cloud {
             addr,
             store,
             ingestor,
-            stats,
+            metrics,
             session,
             tasks,
         })

@@ -66,6 +66,19 @@ pub struct CloudConfig {
     pub heartbeat_interval_s: u64,
     /// First resend delay for an unacknowledged command, clock seconds.
     pub ack_timeout_s: u64,
+    /// Usable capacity of a unit, kWh, for the feasibility estimate at ingestion.
+    pub capacity_kwh: f64,
+    /// The units' lower SoC limit, percent (as the agents' `soc_min_pct`).
+    pub soc_min_pct: f64,
+    /// The units' upper SoC limit, percent (as the agents' `soc_max_pct`).
+    pub soc_max_pct: f64,
+    /// The units' round-trip efficiency, (0, 1].
+    pub round_trip_efficiency: f64,
+    /// Real seconds without a word from a device before it is an `offline` alert.
+    pub offline_alert_s: u64,
+    /// Local time, `HH:MM`, by which tomorrow's plan must be acknowledged, or it is a
+    /// `plan_missing` alert.
+    pub plan_due_at: String,
     /// MQTT client id.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -137,6 +150,12 @@ impl CloudConfig {
             "auto_register",
             "heartbeat_interval_s",
             "ack_timeout_s",
+            "capacity_kwh",
+            "soc_min_pct",
+            "soc_max_pct",
+            "round_trip_efficiency",
+            "offline_alert_s",
+            "plan_due_at",
             "client_id",
             "ca",
             "cert",
@@ -155,6 +174,8 @@ impl CloudConfig {
         let http = self.http_addr()?;
         time_zone(&self.timezone).map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
         self.fetch_time()?;
+        self.plan_due_time()?;
+        self.pack()?;
         self.default_max_rate()?;
         if self.max_document_mib == 0 || self.max_document_mib > 4096 {
             return bad(
@@ -204,6 +225,48 @@ impl CloudConfig {
         format!("{}:00", self.fetch_at)
             .parse()
             .map_err(|_| CloudError::Config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at)))
+    }
+
+    /// What the feasibility estimate assumes of a unit.
+    pub fn pack(&self) -> Result<crate::feasibility::Pack, CloudError> {
+        let bad = |key: &str, why: String| Err(CloudError::Config(format!("{key}: {why}")));
+        if !(self.capacity_kwh.is_finite() && self.capacity_kwh > 0.0) {
+            return bad(
+                "capacity_kwh",
+                format!("{} must be above 0", self.capacity_kwh),
+            );
+        }
+        if !(0.0..=100.0).contains(&self.soc_min_pct)
+            || !(0.0..=100.0).contains(&self.soc_max_pct)
+            || self.soc_min_pct >= self.soc_max_pct
+        {
+            return bad(
+                "soc_min_pct/soc_max_pct",
+                format!(
+                    "{} and {} must be percentages with min below max",
+                    self.soc_min_pct, self.soc_max_pct
+                ),
+            );
+        }
+        if !(self.round_trip_efficiency > 0.0 && self.round_trip_efficiency <= 1.0) {
+            return bad(
+                "round_trip_efficiency",
+                format!("{} is not within (0, 1]", self.round_trip_efficiency),
+            );
+        }
+        Ok(crate::feasibility::Pack {
+            capacity_kwh: self.capacity_kwh,
+            soc_min_pct: self.soc_min_pct,
+            soc_max_pct: self.soc_max_pct,
+            round_trip_efficiency: self.round_trip_efficiency,
+        })
+    }
+
+    /// The local time tomorrow's plan is due by.
+    pub fn plan_due_time(&self) -> Result<Time, CloudError> {
+        format!("{}:00", self.plan_due_at).parse().map_err(|_| {
+            CloudError::Config(format!("plan_due_at: {:?} is not HH:MM", self.plan_due_at))
+        })
     }
 
     /// The default rate limit.

@@ -6,7 +6,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use jiff::tz::TimeZone;
@@ -17,30 +16,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{Metrics, Outcome};
 use crate::publish::Publisher;
 use crate::store::Recorded;
 use crate::{CloudError, CommandStore};
-
-/// Counts of what arrived, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct FeedbackStats {
-    /// Acks applied.
-    pub acks: AtomicU64,
-    /// Reports applied.
-    pub reports: AtomicU64,
-    /// Heartbeats recorded.
-    pub heartbeats: AtomicU64,
-    /// Sync requests answered.
-    pub syncs: AtomicU64,
-    /// Acks and reports seen before.
-    pub duplicates: AtomicU64,
-    /// Messages that could not be decoded or did not fit their topic.
-    pub invalid: AtomicU64,
-    /// Messages from devices that are not registered.
-    pub unknown_device: AtomicU64,
-    /// Messages dropped because their device sent more than its rate allows.
-    pub throttled: AtomicU64,
-}
 
 /// A per-device token bucket on inbound messages (real time), so one flooding device is
 /// throttled and counted while the others go on. Pure: the caller passes the instant.
@@ -107,8 +86,9 @@ pub struct Feedback {
     timezone: TimeZone,
     auto_register: bool,
     known: HashSet<DeviceId>,
-    stats: Arc<FeedbackStats>,
+    metrics: Arc<Metrics>,
     limit: RateLimit,
+    throttled: u64,
 }
 
 impl Feedback {
@@ -119,7 +99,7 @@ impl Feedback {
         clock: Arc<dyn Clock>,
         timezone: TimeZone,
         auto_register: bool,
-        stats: Arc<FeedbackStats>,
+        metrics: Arc<Metrics>,
     ) -> Feedback {
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         Feedback {
@@ -131,8 +111,9 @@ impl Feedback {
             timezone,
             auto_register,
             known: HashSet::new(),
-            stats,
+            metrics,
             limit: RateLimit::new(200.0, 1000.0),
+            throttled: 0,
         }
     }
 
@@ -214,42 +195,40 @@ impl Feedback {
     }
 
     async fn handle(&mut self, inbound: &Inbound) -> Result<(), CloudError> {
+        let kind = inbound.message.as_ref().map_or("unknown", kind);
         if let Some((device, _)) = &inbound.route
             && !self
                 .limit
                 .allow(device, max300_protocol::clock::monotonic())
         {
+            self.metrics.inbound(kind, Outcome::Throttled);
             // Counted, not logged one by one: a flood must not flood the log too.
-            if self
-                .stats
-                .throttled
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(1000)
-            {
+            if self.throttled.is_multiple_of(1000) {
                 warn!(device_id = %device, "device over its message rate: throttled");
             }
+            self.throttled += 1;
             return Ok(());
         }
         let message = match &inbound.message {
             Ok(m) => m,
             Err(e) => {
-                self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                self.metrics.inbound(kind, Outcome::Invalid);
                 warn!(topic = %inbound.topic, error = %e, "undecodable message dropped");
                 return Ok(());
             }
         };
         let Some((topic_device, channel)) = &inbound.route else {
-            self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+            self.metrics.inbound(kind, Outcome::Invalid);
             warn!(topic = %inbound.topic, "message on a foreign topic dropped");
             return Ok(());
         };
         if message.channel() != *channel || !channel.from_device() {
-            self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+            self.metrics.inbound(kind, Outcome::Invalid);
             warn!(device_id = %topic_device, topic = %inbound.topic, "message of the wrong type for its topic dropped");
             return Ok(());
         }
         if message.device_id() != topic_device {
-            self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+            self.metrics.inbound(kind, Outcome::Invalid);
             warn!(
                 device_id = %topic_device,
                 payload_device_id = %message.device_id(),
@@ -258,7 +237,7 @@ impl Feedback {
             return Ok(());
         }
         if !self.admit(topic_device).await? {
-            self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
+            self.metrics.inbound(kind, Outcome::UnknownDevice);
             warn!(device_id = %topic_device, "message from an unregistered device dropped");
             return Ok(());
         }
@@ -268,7 +247,7 @@ impl Feedback {
             Message::Report(report) => self.report(report, now).await,
             Message::Heartbeat(hb) => {
                 self.store.record_heartbeat(hb, now).await?;
-                self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                self.metrics.inbound(kind, Outcome::Applied);
                 Ok(())
             }
             Message::Sync(sync) => self.sync(sync).await,
@@ -297,7 +276,10 @@ impl Feedback {
 
     async fn ack(&self, ack: &AckMsg, now: jiff::Timestamp) -> Result<(), CloudError> {
         let outcome = self.store.record_ack(ack, now).await?;
-        self.count(outcome, &self.stats.acks);
+        self.metrics.inbound("ack", recorded(outcome));
+        if outcome == Recorded::Applied {
+            self.metrics.acked(&ack.message_id);
+        }
         info!(
             device_id = %ack.device_id,
             message_id = %ack.message_id,
@@ -317,7 +299,10 @@ impl Feedback {
 
     async fn report(&self, report: &ReportMsg, now: jiff::Timestamp) -> Result<(), CloudError> {
         let outcome = self.store.record_report(report, now).await?;
-        self.count(outcome, &self.stats.reports);
+        self.metrics.inbound("report", recorded(outcome));
+        if outcome != Recorded::Duplicate {
+            self.metrics.period_result(report.status.as_str());
+        }
         debug!(
             device_id = %report.device_id,
             message_id = ?report.message_id.as_ref().map(|m| m.as_str()),
@@ -334,13 +319,6 @@ impl Feedback {
         Ok(())
     }
 
-    fn count(&self, outcome: Recorded, applied: &AtomicU64) {
-        match outcome {
-            Recorded::Duplicate => self.stats.duplicates.fetch_add(1, Ordering::Relaxed),
-            Recorded::Applied | Recorded::UnknownCommand => applied.fetch_add(1, Ordering::Relaxed),
-        };
-    }
-
     async fn sync(&self, sync: &SyncMsg) -> Result<(), CloudError> {
         let today = Day::containing(self.clock.now(), &self.timezone)?.date();
         let current = self.store.current_commands(&sync.device_id, today).await?;
@@ -355,7 +333,7 @@ impl Feedback {
             })
             .map(|c| c.message_id)
             .collect();
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.inbound("sync", Outcome::Applied);
         if !lacking.is_empty() {
             info!(device_id = %sync.device_id, count = lacking.len(), "sync: sending what the device lacks");
             self.send(Outbound::Stored(lacking));
@@ -368,6 +346,25 @@ impl Feedback {
             // The device sends again (no receipt) or syncs again; nothing is lost.
             warn!(error = %e, "outbound queue full: dropped");
         }
+    }
+}
+
+fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Ack(_) => "ack",
+        Message::Report(_) => "report",
+        Message::Heartbeat(_) => "heartbeat",
+        Message::Sync(_) => "sync",
+        // Cloud-to-device types arriving here are invalid; name them as a group.
+        _ => "other",
+    }
+}
+
+fn recorded(outcome: Recorded) -> Outcome {
+    match outcome {
+        Recorded::Applied => Outcome::Applied,
+        Recorded::Duplicate => Outcome::Duplicate,
+        Recorded::UnknownCommand => Outcome::UnknownCommand,
     }
 }
 

@@ -1,20 +1,24 @@
 //! Ingestion: keep the raw document, normalize it, commit one command per changed device
 //! schedule, then publish. One run at a time; a second one answers [`CloudError::Busy`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
+use max300_protocol::day::period_start_at;
 use max300_protocol::document::{Fleet, normalize};
 use max300_protocol::message::ScheduleMsg;
-use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
+use max300_protocol::{Clock, Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::audit::Audit;
+use crate::feasibility::Pack;
+use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
 use crate::store::{IngestionCounts, Insert, Interrupted, NewCommand};
@@ -40,6 +44,17 @@ pub struct RejectedRef {
     pub errors: Vec<String>,
 }
 
+/// An accepted plan that may not run as written.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WarningRef {
+    /// The device.
+    pub device_id: DeviceId,
+    /// The command.
+    pub message_id: MessageId,
+    /// What would happen.
+    pub warning: String,
+}
+
 /// The answer to an ingestion (DESIGN §8).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct IngestReport {
@@ -51,7 +66,36 @@ pub struct IngestReport {
     pub unchanged: Vec<CommandRef>,
     /// Refused schedules.
     pub rejected: Vec<RejectedRef>,
+    /// Accepted plans that would run into a unit's SoC limits (estimated; see
+    /// [`crate::feasibility`]).
+    pub warnings: Vec<WarningRef>,
 }
+
+/// What an ingestion run is doing, for a progress display (`max300 ingest`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stage {
+    /// Nothing running.
+    #[default]
+    Idle,
+    /// Downloading the document.
+    Fetching,
+    /// Checking and normalizing it.
+    Normalizing,
+    /// Committing the commands.
+    Committing,
+    /// Publishing them: `done` of `total`.
+    Publishing {
+        /// Published so far.
+        done: usize,
+        /// To publish.
+        total: usize,
+    },
+    /// Finished.
+    Done,
+}
+
+/// Commands are published in batches of this many, so progress moves as they go out.
+const PUBLISH_BATCH: usize = 500;
 
 /// Runs ingestions.
 #[derive(Debug)]
@@ -65,6 +109,9 @@ pub struct Ingestor {
     max_document_bytes: usize,
     provider: Option<ProviderClient>,
     running: Mutex<()>,
+    pack: Pack,
+    metrics: Arc<Metrics>,
+    stage: tokio::sync::watch::Sender<Stage>,
 }
 
 impl Ingestor {
@@ -79,6 +126,8 @@ impl Ingestor {
         default_max_rate: RateKw,
         max_document_bytes: usize,
         provider: Option<ProviderClient>,
+        pack: Pack,
+        metrics: Arc<Metrics>,
     ) -> Ingestor {
         Ingestor {
             store,
@@ -90,7 +139,15 @@ impl Ingestor {
             max_document_bytes,
             provider,
             running: Mutex::new(()),
+            pack,
+            metrics,
+            stage: tokio::sync::watch::Sender::new(Stage::Idle),
         }
+    }
+
+    /// Follows what the current run is doing.
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<Stage> {
+        self.stage.subscribe()
     }
 
     /// Whether a provider is configured.
@@ -104,6 +161,7 @@ impl Ingestor {
             CloudError::Config("provider: not configured, so there is nothing to fetch".into())
         })?;
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
+        self.stage.send_replace(Stage::Fetching);
         let body = provider.fetch(date).await?;
         let received = self.clock.now();
         let audit_key = self.audit.put_raw(body.clone(), "fetch", received).await?;
@@ -146,11 +204,29 @@ impl Ingestor {
         audit_key: String,
         want: Option<Date>,
     ) -> Result<IngestReport, CloudError> {
+        self.stage.send_replace(Stage::Normalizing);
+        let report = self.run_once(body, source, audit_key, want).await;
+        self.stage.send_replace(Stage::Done);
+        match &report {
+            Ok(_) => self.metrics.ingestion(source, "ok"),
+            Err(_) => self.metrics.ingestion(source, "failed"),
+        }
+        report
+    }
+
+    async fn run_once(
+        &self,
+        body: Bytes,
+        source: &str,
+        audit_key: String,
+        want: Option<Date>,
+    ) -> Result<IngestReport, CloudError> {
         let received = self.clock.now();
         let fleet = self.fleet().await?;
         let normalized = match normalize(&body, &fleet) {
             Ok(n) => n,
             Err(e) => {
+                self.metrics.rejection("document");
                 warn!(audit_key = %audit_key, error = %e, "document rejected");
                 let json = serde_json::json!({"audit_key": audit_key, "error": e.to_string()});
                 self.audit
@@ -190,6 +266,7 @@ impl Ingestor {
                 schedule: s.schedule.clone(),
             })
             .collect();
+        self.stage.send_replace(Stage::Committing);
         let inserts = self.store.insert_commands(&commands, received).await?;
 
         let mut report = IngestReport {
@@ -204,8 +281,10 @@ impl Ingestor {
                     errors: r.errors.iter().map(ToString::to_string).collect(),
                 })
                 .collect(),
+            warnings: Vec::new(),
         };
         let mut to_publish = Vec::new();
+        let mut created = Vec::new();
         for (cmd, insert) in commands.into_iter().zip(inserts) {
             let device_id = cmd.schedule.device_id().clone();
             match insert {
@@ -219,6 +298,7 @@ impl Ingestor {
                         version,
                         received,
                     ));
+                    created.push((message_id.clone(), cmd.schedule));
                     report.accepted.push(CommandRef {
                         device_id,
                         message_id,
@@ -235,7 +315,11 @@ impl Ingestor {
                 }),
             }
         }
+        report.warnings = self.feasibility(&created, received).await?;
         for r in &normalized.rejected {
+            if let Some(first) = r.errors.first() {
+                self.metrics.rejection(field_at_fault(&first.path));
+            }
             warn!(device_id = %r.label, errors = ?r.errors.iter().map(ToString::to_string).collect::<Vec<_>>(), "schedule rejected");
         }
         if !report.rejected.is_empty() {
@@ -245,7 +329,17 @@ impl Ingestor {
                 .put_rejections(&date.to_string(), received, json)
                 .await?;
         }
-        self.publisher.commands(to_publish).await?;
+        let total = to_publish.len();
+        let mut rest = to_publish;
+        while !rest.is_empty() {
+            let later = rest.split_off(rest.len().min(PUBLISH_BATCH));
+            self.stage.send_replace(Stage::Publishing {
+                done: total - rest.len() - later.len(),
+                total,
+            });
+            self.publisher.commands(rest).await?;
+            rest = later;
+        }
         self.store
             .finish_ingestion(run_id, counts(&report), self.clock.now())
             .await?;
@@ -259,6 +353,62 @@ impl Ingestor {
             "ingestion finished"
         );
         Ok(report)
+    }
+
+    /// Estimates whether each new plan runs into its unit's SoC limits, from the unit's last
+    /// reported SoC and what is left of today's plan; keeps and returns the warnings.
+    async fn feasibility(
+        &self,
+        created: &[(MessageId, Schedule)],
+        now: Timestamp,
+    ) -> Result<Vec<WarningRef>, CloudError> {
+        if created.is_empty() {
+            return Ok(Vec::new());
+        }
+        let soc: HashMap<DeviceId, f64> = self
+            .store
+            .devices()
+            .await?
+            .into_iter()
+            .filter_map(|d| Some((d.device_id, d.soc_pct?)))
+            .collect();
+        let today = Day::containing(now, &self.timezone)?;
+        let from = period_start_at(now, &self.timezone)?;
+        let mut rest_of_today: HashMap<DeviceId, Vec<Setpoint>> = HashMap::new();
+        for (device, setpoint) in self.store.planned_from(today.date(), from).await? {
+            rest_of_today.entry(device).or_default().push(setpoint);
+        }
+        let mut warnings = Vec::new();
+        for (message_id, schedule) in created {
+            let device = schedule.device_id();
+            let Some(&soc) = soc.get(device) else {
+                continue;
+            };
+            let later_day = schedule.day().date() > today.date();
+            let before = if later_day {
+                rest_of_today.get(device).map(Vec::as_slice).unwrap_or(&[])
+            } else {
+                &[]
+            };
+            let plan = schedule
+                .periods()
+                .filter(|p| later_day || p.start >= from)
+                .map(|p| (p.period, p.setpoint));
+            if let Some(bad) = self.pack.check(soc, before, plan) {
+                warn!(device_id = %device, message_id = %message_id, warning = %bad.message(), "plan may not run as written");
+                warnings.push(WarningRef {
+                    device_id: device.clone(),
+                    message_id: message_id.clone(),
+                    warning: bad.message(),
+                });
+            }
+        }
+        let kept: Vec<_> = warnings
+            .iter()
+            .map(|w| (w.message_id.clone(), w.warning.clone()))
+            .collect();
+        self.store.record_warnings(&kept).await?;
+        Ok(warnings)
     }
 
     async fn fleet(&self) -> Result<Fleet, CloudError> {
@@ -278,10 +428,30 @@ impl Ingestor {
     }
 }
 
+/// The field an error path ends in, without indices: `schedules[3].intervals[12].rate_kw`
+/// is `rate_kw`. A small, fixed vocabulary, fit for a metric label.
+fn field_at_fault(path: &str) -> &str {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    last.split('[').next().unwrap_or(last)
+}
+
 fn counts(report: &IngestReport) -> IngestionCounts {
     IngestionCounts {
         accepted: report.accepted.len() as u32,
         unchanged: report.unchanged.len() as u32,
         rejected: report.rejected.len() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_the_field_at_fault() {
+        assert_eq!(
+            super::field_at_fault("schedules[3].intervals[12].rate_kw"),
+            "rate_kw"
+        );
+        assert_eq!(super::field_at_fault("schedules[3]"), "schedules");
+        assert_eq!(super::field_at_fault("date"), "date");
     }
 }

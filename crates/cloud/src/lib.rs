@@ -10,20 +10,24 @@
 //! - [`audit`]: raw documents and rejections, kept in an `object_store`.
 //! - [`provider`]: the HTTP client for the schedule provider.
 //! - [`ingest`]: document → audit → normalize → commit → publish.
+//! - [`feasibility`]: whether a plan would run into a unit's SoC limits (pure).
 //! - [`publish`]: commands and receipts out to devices.
 //! - [`feedback`]: acks, reports, heartbeats and sync from devices; receipts back.
 //! - [`daily`]: the daily fetch at a configured local time.
 //! - [`sweeper`]: resends with backoff, and the clock-driven `late`/`expired`/`incomplete`.
-//! - [`api`]: the HTTP API.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`api`]: the HTTP API, and the dashboard's JSON.
 
 pub mod api;
 pub mod app;
 pub mod audit;
 pub mod config;
 pub mod daily;
+pub mod feasibility;
 pub mod feedback;
 pub mod ingest;
 pub mod lifecycle;
+pub mod metrics;
 pub mod provider;
 pub mod publish;
 pub mod store;

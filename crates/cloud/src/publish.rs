@@ -7,6 +7,7 @@ use max300_protocol::message::{ControlMsg, ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, StoreId, Topics};
 use tracing::{info, warn};
 
+use crate::metrics::Metrics;
 use crate::{CloudError, CommandStore};
 
 /// Sends commands and receipts, and records what was sent.
@@ -16,6 +17,7 @@ pub struct Publisher {
     topics: Topics,
     store: Arc<dyn CommandStore>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
 impl Publisher {
@@ -25,12 +27,14 @@ impl Publisher {
         topics: Topics,
         store: Arc<dyn CommandStore>,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> Publisher {
         Publisher {
             session,
             topics,
             store,
             clock,
+            metrics,
         }
     }
 
@@ -54,6 +58,7 @@ impl Publisher {
             {
                 Ok(()) => {
                     info!(device_id = %device_id, message_id = %message_id, version, "command published");
+                    self.metrics.published("command", Some(&message_id));
                     sent.push(message_id);
                 }
                 Err(e) => {
@@ -93,6 +98,7 @@ impl Publisher {
             {
                 Ok(()) => {
                     info!(device_id = %device_id, message_id = %message_id, "control published");
+                    self.metrics.published("control", None);
                     sent.push(message_id);
                 }
                 Err(e) => {
@@ -112,8 +118,9 @@ impl Publisher {
             seqs,
         });
         let topic = self.topics.topic(device, Channel::Receipt);
-        if let Err(e) = self.session.send(topic, &msg, Qos::AtLeastOnce).await {
-            warn!(device_id = %device, error = %e, "receipt not published");
+        match self.session.send(topic, &msg, Qos::AtLeastOnce).await {
+            Ok(()) => self.metrics.published("receipt", None),
+            Err(e) => warn!(device_id = %device, error = %e, "receipt not published"),
         }
     }
 }

@@ -11,7 +11,9 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::CommandState;
 use crate::lifecycle::resend_due;
+use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::{CloudError, CommandStore};
 
@@ -31,6 +33,8 @@ pub struct Sweeper {
     pub clock: Arc<dyn Clock>,
     /// First resend delay, in clock time.
     pub ack_timeout: SignedDuration,
+    /// Counts late and expired commands, and resends.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Sweeper {
@@ -55,9 +59,13 @@ impl Sweeper {
         for s in self.store.sweep(now).await? {
             match s.state {
                 Some(state) => {
+                    if state == CommandState::Expired {
+                        self.metrics.expired();
+                    }
                     info!(device_id = %s.device_id, message_id = %s.message_id, state = %state, "command state changed by the clock")
                 }
                 None => {
+                    self.metrics.late();
                     warn!(device_id = %s.device_id, message_id = %s.message_id, "command late: not acknowledged when its first period started")
                 }
             }
@@ -75,6 +83,7 @@ impl Sweeper {
             for u in &due {
                 info!(device_id = %u.device_id, message_id = %u.message_id, publishes = u.publishes, "no ack yet: publishing again");
             }
+            self.metrics.resent(due.len() as u64);
             let ids: Vec<_> = due.into_iter().map(|u| u.message_id).collect();
             self.publisher.stored(&ids).await?;
         }

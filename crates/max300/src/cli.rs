@@ -54,6 +54,13 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Check a provider document offline and print every error with its place.
     Validate(validate::ValidateArgs),
+    /// Benchmarks through the real components.
+    #[cfg(all(feature = "cloud", feature = "broker"))]
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        what: crate::bench::Bench,
+    },
     /// Development certificates: a CA, the broker's, the cloud's and each device's.
     #[cfg(feature = "cloud")]
     Certs {
@@ -197,8 +204,8 @@ pub struct AgentArgs {
     /// The battery controller: sim.
     #[arg(long)]
     pub battery: Option<String>,
-    /// A Prometheus endpoint (not built yet: refused if given).
-    #[arg(long)]
+    /// Serve the agent's Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 }
 
@@ -257,6 +264,8 @@ impl Command {
             #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
             Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
+            #[cfg(all(feature = "cloud", feature = "broker"))]
+            Command::Bench { .. } => "warn,rumqttd=off",
             #[cfg(feature = "cloud")]
             Command::Certs { .. } => "warn",
             _ => "info",
@@ -279,6 +288,8 @@ impl Command {
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
+            #[cfg(all(feature = "cloud", feature = "broker"))]
+            Command::Bench { what } => what.run().await,
             #[cfg(feature = "cloud")]
             Command::Certs { action } => {
                 let written = match action {
@@ -417,6 +428,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         ("MAX300_KEY", path_flag(&args.service.key)),
         ("MAX300_DEVICE_ID", args.device_id.clone()),
         ("MAX300_BATTERY", args.battery.clone()),
+        ("MAX300_METRICS", args.metrics.clone()),
     ]);
     Ok(AgentConfig::from_toml(
         AgentConfig::DEFAULT_TOML,
@@ -439,9 +451,6 @@ async fn run_cloud(args: CloudArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "agent")]
 async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    if args.metrics.is_some() {
-        anyhow::bail!("--metrics: the agent's Prometheus endpoint is not built yet");
-    }
     let config = agent_config(&args)?;
     let clock = args.service.clock.build()?;
     let shutdown = shutdown_on_signal();
@@ -490,6 +499,62 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A progress bar on a terminal (stages, then commands published); plain lines otherwise.
+#[cfg(feature = "cloud")]
+fn show_progress(
+    mut stage: tokio::sync::watch::Receiver<max300_cloud::ingest::Stage>,
+    date: jiff::civil::Date,
+) -> tokio::task::JoinHandle<()> {
+    use max300_cloud::ingest::Stage;
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    tokio::spawn(async move {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if !terminal {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} commands ({elapsed})",
+        )
+        .map(|s| s.progress_chars("=> "));
+        let mut last = None;
+        loop {
+            let now = *stage.borrow_and_update();
+            let line = match now {
+                Stage::Idle => None,
+                Stage::Fetching => Some(format!("fetching {date}")),
+                Stage::Normalizing => Some("normalizing".to_owned()),
+                Stage::Committing => Some("committing".to_owned()),
+                Stage::Publishing { done, total } => {
+                    if let Ok(style) = &style {
+                        bar.set_style(style.clone());
+                    }
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    Some("publishing".to_owned())
+                }
+                Stage::Done => {
+                    bar.finish_and_clear();
+                    return;
+                }
+            };
+            if let Some(line) = line
+                && last.as_ref() != Some(&line)
+            {
+                if !terminal {
+                    eprintln!("{line}…");
+                }
+                bar.set_message(line.clone());
+                last = Some(line);
+            }
+            if stage.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 #[cfg(feature = "cloud")]
 async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let mut cloud_args = args.cloud.clone();
@@ -510,8 +575,9 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     )
     .await
     .context("the broker did not answer within 30 s")?;
-    eprintln!("fetching {}…", args.date);
+    let progress = show_progress(cloud.ingestor.progress(), args.date);
     let report = cloud.ingestor.fetch(args.date).await;
+    progress.abort();
     shutdown.cancel();
     cloud.wait().await;
     let report = report?;
@@ -526,6 +592,9 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         for e in &r.errors {
             println!("  {}: {e}", r.device_id);
         }
+    }
+    for w in &report.warnings {
+        println!("  warning: {}: {}", w.device_id, w.warning);
     }
     Ok(if report.rejected.is_empty() {
         ExitCode::SUCCESS

@@ -7,8 +7,11 @@
 //! - `sample`: the sample schedule provider.
 //! - `up`: everything on one machine, with a summary.
 //! - `validate`: offline checking of a provider document.
+//! - `bench`: benchmarks through the real components.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
 
+#[cfg(all(feature = "cloud", feature = "broker"))]
+mod bench;
 #[cfg(feature = "cloud")]
 mod certs;
 mod cli;

@@ -5,6 +5,7 @@
 
 mod dashboard;
 mod error;
+pub mod fleet;
 
 pub use error::ApiError;
 
@@ -49,10 +50,20 @@ pub struct ApiState {
     pub token: Option<String>,
     /// Whether reads need the token.
     pub protect_reads: bool,
-    /// Devices' heartbeat interval, real seconds.
-    pub heartbeat_interval_s: u64,
-    /// Feedback counters, for `/metrics`.
-    pub stats: Arc<crate::feedback::FeedbackStats>,
+    /// When devices raise alerts (and the heartbeat interval behind `online`).
+    pub alerts: fleet::AlertRules,
+    /// The service's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ApiState {
+    /// The fleet view at `now`.
+    pub async fn fleet_view(&self) -> Result<fleet::FleetView, ApiError> {
+        let now = self.clock.now();
+        let (today, tomorrow, ended_by) = fleet::fleet_dates(now, &self.timezone)?;
+        let rows = self.store.fleet(today, tomorrow, ended_by).await?;
+        fleet::fleet_view(rows, now, self.clock.speed(), &self.timezone, &self.alerts)
+    }
 }
 
 /// The router.
@@ -67,6 +78,8 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}", get(device))
         .route("/api/devices/{id}/reports", get(reports))
+        .route("/api/devices/{id}/day", get(fleet::day))
+        .route("/api/fleet", get(fleet::fleet))
         .route("/api/commands", get(commands))
         .route("/api/commands/{id}", get(command))
         .route_layer(middleware::from_fn_with_state(
@@ -177,58 +190,57 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Prometheus text exposition of the counters the service keeps so far. (The full set of
-/// the observability issue comes with a metrics registry.)
+/// Prometheus text exposition: the counters as they are, and the fleet's gauges as the store
+/// says now.
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    use std::fmt::Write as _;
-    use std::sync::atomic::Ordering::Relaxed;
-    let s = &state.stats;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP max300_inbound_messages_total Device messages by outcome.\n\
-         # TYPE max300_inbound_messages_total counter"
-    );
-    for (outcome, n) in [
-        ("ack", &s.acks),
-        ("report", &s.reports),
-        ("heartbeat", &s.heartbeats),
-        ("sync", &s.syncs),
-        ("duplicate", &s.duplicates),
-        ("invalid", &s.invalid),
-        ("unknown_device", &s.unknown_device),
-        ("throttled", &s.throttled),
-    ] {
-        let _ = writeln!(
-            out,
-            "max300_inbound_messages_total{{outcome=\"{outcome}\"}} {}",
-            n.load(Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP max300_mqtt_dropped_total Messages dropped because the service was busy.\n\
-         # TYPE max300_mqtt_dropped_total counter\n\
-         max300_mqtt_dropped_total {}",
-        state.session.dropped()
-    );
-    let mut by_state = std::collections::BTreeMap::new();
-    for c in state.store.commands(None, None).await? {
-        *by_state.entry(c.state.as_str()).or_insert(0u64) += 1;
-    }
-    let _ = writeln!(
-        out,
-        "# HELP max300_commands Commands by state.\n# TYPE max300_commands gauge"
-    );
+    use crate::metrics::Metrics;
+    let m = &state.metrics;
+    m.set_mqtt_dropped(state.session.dropped());
+    let by_state: std::collections::HashMap<_, _> =
+        state.store.command_counts().await?.into_iter().collect();
     for st in crate::CommandState::ALL {
-        let _ = writeln!(
-            out,
-            "max300_commands{{state=\"{}\"}} {}",
-            st.as_str(),
-            by_state.get(st.as_str()).unwrap_or(&0)
-        );
+        let n = by_state.get(&st).copied().unwrap_or(0);
+        Metrics::set(&m.commands, &[("state", st.as_str())], i64::from(n));
     }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    let view = state.fleet_view().await?;
+    for alert in fleet::Alert::ALL {
+        let n = view.summary.alerts.get(alert);
+        Metrics::set(&m.alerts, &[("kind", alert.as_str())], i64::from(n));
+    }
+    let mut ages: Vec<f64> = view.ages.iter().flatten().copied().collect();
+    ages.sort_by(f64::total_cmp);
+    let never = view.ages.iter().filter(|a| a.is_none()).count();
+    let online = view
+        .ages
+        .iter()
+        .flatten()
+        .filter(|a| **a <= 3.0 * state.alerts.heartbeat_interval_s as f64)
+        .count();
+    let offline = view.ages.len() - never - online;
+    for (status, n) in [
+        ("online", online),
+        ("offline", offline),
+        ("never_seen", never),
+    ] {
+        Metrics::set(&m.devices, &[("status", status)], n as i64);
+    }
+    let stat = |q: f64| {
+        let i = ((ages.len() as f64 - 1.0) * q).round() as usize;
+        ages.get(i).copied().unwrap_or(0.0)
+    };
+    for (name, q) in [("max", 1.0), ("median", 0.5)] {
+        m.heartbeat_age
+            .get_or_create(&vec![("stat", name.to_owned())])
+            .set(stat(q));
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -316,7 +328,7 @@ struct DeviceView {
 impl DeviceView {
     fn new(record: DeviceRecord, state: &ApiState) -> DeviceView {
         // Three missed heartbeats (real time) make a device offline; last_seen is clock time.
-        let window_s = 3.0 * state.heartbeat_interval_s as f64 * state.clock.speed();
+        let window_s = 3.0 * state.alerts.heartbeat_interval_s as f64 * state.clock.speed();
         let online = record
             .last_seen
             .is_some_and(|seen| state.clock.now().duration_since(seen).as_secs_f64() <= window_s);

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::message::{AckMsg, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
-use max300_protocol::{DeviceId, MessageId, RateKw, Schedule};
+use max300_protocol::{DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 
 use crate::{CloudError, CommandState, PeriodStatus};
@@ -139,8 +139,27 @@ pub struct CommandDetail {
     pub publishes: u32,
     /// State changes, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// Every publish, first and resends, oldest first.
+    pub sends: Vec<Timestamp>,
+    /// Why the plan may not run as written (feasibility), if anything.
+    pub warning: Option<String>,
     /// Every period.
     pub periods: Vec<PeriodView>,
+}
+
+/// One device's line of the fleet view, as the store knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetRow {
+    /// The device and its last heartbeat.
+    pub device: DeviceRecord,
+    /// The latest version of its command for today, if any.
+    pub today: Option<CommandSummary>,
+    /// The latest version of its command for tomorrow, if any.
+    pub tomorrow: Option<CommandSummary>,
+    /// Periods of today's command, from the one it governs from, that have ended.
+    pub due: u32,
+    /// Of those, the ones executed at the planned rate.
+    pub as_planned: u32,
 }
 
 /// A command a device holds or should hold.
@@ -288,6 +307,31 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         device: Option<&DeviceId>,
         date: Option<Date>,
     ) -> Result<Vec<CommandSummary>, CloudError>;
+
+    /// What the latest live command of each device plans for `date`, from the period that
+    /// starts at or after `from` on, in device and period order.
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError>;
+
+    /// Keeps a feasibility warning with each command.
+    async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError>;
+
+    /// How many commands are in each state (states with none are left out).
+    async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError>;
+
+    /// Every device, in id order, with its latest commands for `today` and `tomorrow` and its
+    /// conformance so far: the periods of today's command that started before `ended_by`
+    /// (that is, ended by now), and how many of them ran as planned. A few queries for the
+    /// whole fleet, not one per device.
+    async fn fleet(
+        &self,
+        today: Date,
+        tomorrow: Date,
+        ended_by: Timestamp,
+    ) -> Result<Vec<FleetRow>, CloudError>;
 
     /// The latest live version per date, from `from` on, for one device.
     async fn current_commands(

@@ -1,6 +1,7 @@
 //! The SQLite command store: one file, WAL, `synchronous=FULL`. Every method is one
 //! transaction, run on the blocking pool so the async tasks never wait on disk.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +16,7 @@ use max300_protocol::{Day, DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{
-    Cancel, CommandDetail, CommandStore, CommandSummary, CurrentCommand, DeviceRecord,
+    Cancel, CommandDetail, CommandStore, CommandSummary, CurrentCommand, DeviceRecord, FleetRow,
     HistoryEntry, IngestionCounts, Insert, Interrupted, NewCommand, PeriodView, Recorded, Swept,
     Unacked,
 };
@@ -59,6 +60,16 @@ CREATE TABLE IF NOT EXISTS history (
     at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS history_by_command ON history (message_id);
+CREATE TABLE IF NOT EXISTS sends (
+    message_id TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_by_command ON sends (message_id);
+CREATE TABLE IF NOT EXISTS warnings (
+    message_id TEXT PRIMARY KEY,
+    warning TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commands_by_date ON commands (schedule_date, device_id);
 CREATE TABLE IF NOT EXISTS periods (
     message_id TEXT NOT NULL,
     period INTEGER NOT NULL,
@@ -134,6 +145,20 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Opens the store without waiting for the disk on each commit (`synchronous=OFF`), for
+    /// benchmarks and simulations that fill a store fast. A crash of the machine may lose
+    /// the last transactions: never for a store that devices rely on.
+    pub fn open_unsynced(path: &Path) -> Result<SqliteStore, CloudError> {
+        let store = SqliteStore::open(path)?;
+        store
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pragma_update(None, "synchronous", "OFF")
+            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+        Ok(store)
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, CloudError>
@@ -454,6 +479,10 @@ impl CommandStore for SqliteStore {
                     params![id.as_str(), text(at)],
                 )?;
                 tx.execute(
+                    "INSERT INTO sends (message_id, at) VALUES (?1, ?2)",
+                    params![id.as_str(), text(at)],
+                )?;
+                tx.execute(
                     "UPDATE controls SET publishes = publishes + 1, last_sent_at = ?2,
                             state = CASE state WHEN 'created' THEN 'sent' ELSE state END
                      WHERE message_id = ?1",
@@ -719,6 +748,14 @@ impl CommandStore for SqliteStore {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            let sends = c
+                .prepare_cached("SELECT at FROM sends WHERE message_id = ?1 ORDER BY rowid")?
+                .query_map([id.as_str()], |r| ts(r.get(0)?))?
+                .collect::<rusqlite::Result<_>>()?;
+            let warning = c
+                .prepare_cached("SELECT warning FROM warnings WHERE message_id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()?;
             let periods = c
                 .prepare_cached(
                     "SELECT period, start, mode, rate_w, status, applied_w, limited_by, reason,
@@ -748,6 +785,8 @@ impl CommandStore for SqliteStore {
                 effective_period,
                 publishes,
                 history,
+                sends,
+                warning,
                 periods,
             }))
         })
@@ -769,6 +808,125 @@ impl CommandStore for SqliteStore {
             ))?;
             stmt.query_map(params![device, date], summary_row)?
                 .collect()
+        })
+        .await
+    }
+
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError> {
+        let (date, from) = (date.to_string(), text(from));
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT c.device_id, p.mode, p.rate_w
+                 FROM commands AS c JOIN periods AS p ON p.message_id = c.message_id
+                 WHERE c.schedule_date = ?1 AND p.start >= ?2
+                   AND c.state NOT IN ('rejected', 'cancelled', 'superseded')
+                   AND c.version = (SELECT max(version) FROM commands
+                                    WHERE device_id = c.device_id AND schedule_date = c.schedule_date
+                                      AND state NOT IN ('rejected', 'cancelled', 'superseded'))
+                 ORDER BY c.device_id, p.period",
+            )?
+            .query_map(params![date, from], |r| {
+                let mode: String = r.get(1)?;
+                let mode = Mode::parse_loose(&mode).ok_or_else(|| conversion(&mode))?;
+                let rate = rate(r.get(2)?).unwrap_or(RateKw::ZERO);
+                Ok((parsed(r.get(0)?)?, Setpoint::normalized(mode, rate)))
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError> {
+        let warnings = warnings.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            for (id, warning) in &warnings {
+                tx.execute(
+                    "INSERT OR REPLACE INTO warnings (message_id, warning) VALUES (?1, ?2)",
+                    params![id.as_str(), warning],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError> {
+        self.run(|c| {
+            c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?
+                .query_map([], |r| Ok((parsed(r.get(0)?)?, r.get(1)?)))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn fleet(
+        &self,
+        today: Date,
+        tomorrow: Date,
+        ended_by: Timestamp,
+    ) -> Result<Vec<FleetRow>, CloudError> {
+        let (today, tomorrow, ended_by) = (today.to_string(), tomorrow.to_string(), text(ended_by));
+        self.run(move |c| {
+            let mut rows: Vec<FleetRow> = c
+                .prepare_cached(&format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
+                ))?
+                .query_map([], |r| {
+                    Ok(FleetRow {
+                        device: device_row(r)?,
+                        today: None,
+                        tomorrow: None,
+                        due: 0,
+                        as_planned: 0,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let index: HashMap<String, usize> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.device.device_id.to_string(), i))
+                .collect();
+            let mut latest = c.prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM commands AS c
+                 WHERE schedule_date IN (?1, ?2)
+                   AND version = (SELECT max(version) FROM commands
+                                  WHERE device_id = c.device_id AND schedule_date = c.schedule_date)"
+            ))?;
+            for summary in latest.query_map(params![today, tomorrow], summary_row)? {
+                let summary = summary?;
+                if let Some(&i) = index.get(summary.device_id.as_str()) {
+                    if summary.schedule_date.to_string() == today {
+                        rows[i].today = Some(summary);
+                    } else {
+                        rows[i].tomorrow = Some(summary);
+                    }
+                }
+            }
+            let mut counts = c.prepare_cached(
+                "SELECT c.device_id, count(*),
+                        coalesce(sum(p.status = 'executed' AND p.applied_w = p.rate_w), 0)
+                 FROM commands AS c JOIN periods AS p ON p.message_id = c.message_id
+                 WHERE c.schedule_date = ?1
+                   AND c.version = (SELECT max(version) FROM commands
+                                    WHERE device_id = c.device_id AND schedule_date = c.schedule_date)
+                   AND p.period >= coalesce(c.effective_period, 1)
+                   AND p.start <= ?2
+                 GROUP BY c.device_id",
+            )?;
+            let mut tallies = counts.query(params![today, ended_by])?;
+            while let Some(r) = tallies.next()? {
+                let device: String = r.get(0)?;
+                if let Some(&i) = index.get(&device) {
+                    rows[i].due = r.get(1)?;
+                    rows[i].as_planned = r.get(2)?;
+                }
+            }
+            Ok(rows)
         })
         .await
     }

@@ -79,6 +79,12 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A `/metrics` scrape.
+    async fn metrics(&self) -> String {
+        let r = self.http.get(format!("{}/metrics", self.api)).send();
+        r.await.unwrap().text().await.unwrap()
+    }
+
     /// An MQTT session playing `device`, subscribed to its inbound topics.
     async fn device(&self, device: &str) -> (Session, mpsc::Receiver<Message>) {
         let url = format!("mqtt://127.0.0.1:{}", self.mqtt_port)
@@ -685,28 +691,23 @@ async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
     };
     assert_eq!(receipt.seqs, vec![99], "nothing malformed was receipted");
 
-    let stats = &app.cloud.stats;
-    use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(stats.invalid.load(Relaxed) as usize, cases.len() + 3);
-    assert_eq!(stats.unknown_device.load(Relaxed), 1);
+    let metrics = app.cloud.metrics.render();
+    assert_eq!(
+        sum_of(&metrics, r#"outcome="invalid""#) as usize,
+        cases.len() + 3,
+        "{metrics}"
+    );
+    assert_eq!(sum_of(&metrics, r#"outcome="unknown_device""#), 1.0);
     let (_, after) = app.get(&format!("/api/commands/{id}")).await;
     assert_eq!(before["state"], "sent");
     assert_eq!(after["state"], "acknowledged", "only the real ack moved it");
     assert_eq!(after["periods"], before["periods"]);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let invalid = format!(
-        "max300_inbound_messages_total{{outcome=\"invalid\"}} {}",
-        cases.len() + 3
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sum_of(&metrics, r#"outcome="invalid""#) as usize,
+        cases.len() + 3,
+        "the scrape agrees: {metrics}"
     );
-    assert!(metrics.contains(&invalid), "{metrics}");
     assert!(
         metrics.contains("max300_commands{state=\"acknowledged\"} 1"),
         "{metrics}"
@@ -777,4 +778,229 @@ async fn malformed_documents_and_requests_get_json_errors_and_change_nothing() {
     assert_eq!(got, 413, "a body over the 64 MiB limit");
     let (_, list) = app.get("/api/commands").await;
     assert_eq!(list, json!([]), "nothing was created");
+}
+
+/// The sum of the inbound-message counters whose labels contain `label`.
+fn sum_of(metrics: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("max300_inbound_messages_total{") && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the fleet view satisfies `ok`, as the feedback consumer applies messages in
+/// the background.
+async fn fleet_until(app: &TestApp, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
+    loop {
+        let (status, fleet) = app.get("/api/fleet").await;
+        assert_eq!(status, 200, "{fleet}");
+        if ok(&fleet) {
+            return fleet;
+        }
+        assert!(
+            max300_protocol::clock::monotonic() < deadline,
+            "the fleet view never got there: {fleet}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn line<'a>(fleet: &'a Value, device: &str) -> &'a Value {
+    fleet["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == device)
+        .unwrap_or_else(|| panic!("{device} is not in {fleet}"))
+}
+
+#[tokio::test]
+async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day() {
+    let app = TestApp::start(None).await;
+    let (client, mut inbox) = app.device("d1").await;
+    let registered = app
+        .http
+        .post(format!("{}/api/devices", app.api))
+        .json(&json!({"device_id": "d2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 200);
+    // d1's plan for tomorrow is accepted; d2's is refused (999 kW is over its limit).
+    let (_, body) = app.post("/api/schedules", document(50.0)).await;
+    assert_eq!(body["rejected"][0]["device_id"], "d2", "{body}");
+    let Message::Schedule(plan) = next(&mut inbox).await else {
+        panic!("expected a schedule")
+    };
+    let ack = json!({"type":"ack","v":1,"store_id":"s1","seq":1,"message_id":plan.message_id,
+                     "device_id":"d1","status":"accepted","sha256":plan.sha256,"effective_period":1,
+                     "at":"2026-11-29T16:00:00Z"});
+    let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
+                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":40.0,"outbox":0});
+    for (topic, m) in [("max300/d1/ack", &ack), ("max300/d1/heartbeat", &hb)] {
+        client
+            .publish(topic.into(), m.to_string().into_bytes(), Qos::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+
+    // 16:00: d2 was never heard from; nothing is due yet.
+    let fleet = fleet_until(&app, |f| {
+        f["devices"].as_array().unwrap().len() == 2
+            && line(f, "d1")["tomorrow"]["state"] == "acknowledged"
+            && line(f, "d1")["soc_pct"] == 40.0
+    })
+    .await;
+    assert_eq!(fleet["today"], "2026-11-29");
+    assert_eq!(fleet["tomorrow"], "2026-11-30");
+    assert_eq!(
+        fleet["devices"][0]["device_id"], "d2",
+        "problems first: {fleet}"
+    );
+    assert_eq!(line(&fleet, "d2")["alerts"], json!(["offline"]));
+    assert_eq!(line(&fleet, "d2")["tomorrow"], Value::Null);
+    assert_eq!(line(&fleet, "d1")["alerts"], json!([]));
+    assert_eq!(line(&fleet, "d1")["online"], true);
+    assert_eq!(fleet["summary"]["alerts"]["offline"], 1);
+    assert_eq!(fleet["summary"]["alerts"]["plan_missing"], 0);
+
+    // 22:30: d2 still has no plan for tomorrow, and it is past plan_due_at (22:00).
+    app.clock.set("2026-11-29T22:30:00Z".parse().unwrap());
+    let (_, fleet) = app.get("/api/fleet").await;
+    assert_eq!(
+        line(&fleet, "d2")["alerts"],
+        json!(["offline", "plan_missing"])
+    );
+    assert_eq!(
+        line(&fleet, "d1")["alerts"],
+        json!(["offline"]),
+        "acknowledged, but silent for 6.5 h: {fleet}"
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"max300_alerts{kind="plan_missing"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"max300_alerts{kind="offline"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("max300_ack_latency_seconds_count 1"),
+        "{metrics}"
+    );
+
+    // 00:45 on the day: period 1 ran as planned, so d1 conforms 1 of 1.
+    app.clock.set("2026-11-30T00:45:00Z".parse().unwrap());
+    let report = json!({"type":"report","v":1,"store_id":"s1","seq":2,"message_id":plan.message_id,
+                        "device_id":"d1","period":1,"interval_start":"2026-11-30T00:00:00Z",
+                        "mode":"charge","rate_kw":50,"status":"executed","applied_kw":50,
+                        "soc_pct":45.5,"at":"2026-11-30T00:00:01Z"});
+    client
+        .publish(
+            "max300/d1/report".into(),
+            report.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let fleet = fleet_until(&app, |f| line(f, "d1")["conformance"]["as_planned"] == 1).await;
+    assert_eq!(
+        line(&fleet, "d1")["conformance"],
+        json!({"as_planned": 1, "due": 1, "ratio": 1.0})
+    );
+    assert_eq!(line(&fleet, "d1")["today"]["state"], "acknowledged");
+
+    let (status, day) = app.get("/api/devices/d1/day?date=2026-11-30").await;
+    assert_eq!(status, 200, "{day}");
+    assert_eq!(day["period_count"], 48);
+    let p1 = &day["periods"][0];
+    assert_eq!(
+        (
+            &p1["status"],
+            &p1["signed_kw"],
+            &p1["planned_kwh"],
+            &p1["delivered_kwh"],
+            &p1["soc_pct"]
+        ),
+        (
+            &json!("executed"),
+            &json!(50.0),
+            &json!(25.0),
+            &json!(25.0),
+            &json!(45.5)
+        )
+    );
+    assert_eq!(day["periods"][1]["status"], "pending");
+    assert_eq!(day["periods"][1]["local_start"], "00:30");
+    assert_eq!(day["command"]["acked_sha256"], plan.sha256);
+    assert_eq!(day["command"]["sends"].as_array().unwrap().len(), 1);
+    assert_eq!(day["reports"][0]["period"], 1);
+
+    // A clock-change day has 50 periods, and its repeated hour is told apart by the offset.
+    let (_, dst) = app.get("/api/devices/d1/day?date=2026-10-25").await;
+    assert_eq!(dst["period_count"], 50);
+    assert_eq!(dst["command"], Value::Null);
+    let (p3, p5) = (&dst["periods"][2], &dst["periods"][4]);
+    assert_eq!(
+        (&p3["local_start"], &p3["utc_offset"]),
+        (&json!("01:00"), &json!("+01:00"))
+    );
+    assert_eq!(
+        (&p5["local_start"], &p5["utc_offset"]),
+        (&json!("01:00"), &json!("+00:00"))
+    );
+    assert_eq!(p3["status"], "none");
+
+    let (status, _) = app.get("/api/devices/nobody/day").await;
+    assert_eq!(status, 404);
+    let (status, err) = app.get("/api/devices/d1/day?date=2026-13-01").await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().contains("date"), "{err}");
+}
+
+#[tokio::test]
+async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
+    let app = TestApp::start(None).await;
+    let (client, mut inbox) = app.device("d1").await;
+    let registered = app
+        .http
+        .post(format!("{}/api/devices", app.api))
+        .json(&json!({"device_id": "d1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 200);
+    let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
+                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":85.0,"outbox":0});
+    client
+        .publish(
+            "max300/d1/heartbeat".into(),
+            hb.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    fleet_until(&app, |f| line(f, "d1")["soc_pct"] == 85.0).await;
+
+    // 50 kW for half an hour is 25 kWh, about 8 % of 300 kWh: 85 % would pass soc_max (90 %).
+    let (status, body) = app.post("/api/schedules", document(50.0)).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["accepted"][0]["message_id"].as_str().unwrap();
+    assert_eq!(body["warnings"][0]["device_id"], "d1", "{body}");
+    assert_eq!(body["warnings"][0]["message_id"], id);
+    let warning = body["warnings"][0]["warning"].as_str().unwrap();
+    assert!(
+        warning.contains("soc_max in period 1"),
+        "names the limit and the period: {warning}"
+    );
+    let Message::Schedule(_) = next(&mut inbox).await else {
+        panic!("the plan is delivered all the same")
+    };
+    let (_, detail) = app.get(&format!("/api/commands/{id}")).await;
+    assert_eq!(detail["warning"], warning, "kept with the command");
+    let (_, day) = app.get("/api/devices/d1/day?date=2026-11-30").await;
+    assert_eq!(day["command"]["warning"], warning);
 }

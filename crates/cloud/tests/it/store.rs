@@ -522,6 +522,93 @@ async fn lists_a_devices_reports_for_a_day_once_each(store: &dyn CommandStore) {
     assert!(none.is_empty());
 }
 
+async fn the_fleet_rows_count_conformance_and_states(store: &dyn CommandStore) {
+    let date = day().date();
+    let tomorrow = date.tomorrow().unwrap();
+    for d in ["d1", "d2"] {
+        store
+            .register_device(&DeviceId::parse(d).unwrap(), None, eve())
+            .await
+            .unwrap();
+    }
+    let (v1, _) = create(store, "d1", 10).await;
+    let (v2, _) = create(store, "d1", 20).await;
+    store
+        .mark_sent(&[v1.clone(), v2.clone()], eve())
+        .await
+        .unwrap();
+    store
+        .record_ack(&ack(&v2, "d1", 1, 1), eve())
+        .await
+        .unwrap();
+    // Period 1 plans 20 kW and ran at 0 (not as planned); period 2 plans idle and ran idle.
+    for period in [1, 2] {
+        store
+            .record_report(&report(Some(&v2), "d1", period), eve())
+            .await
+            .unwrap();
+    }
+    let ended_by = day().period_start(3);
+    let rows = store.fleet(date, tomorrow, ended_by).await.unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r.device.device_id.as_str()).collect();
+    assert_eq!(ids, ["d1", "d2"]);
+    let d1 = &rows[0];
+    let today = d1.today.as_ref().unwrap();
+    assert_eq!((today.message_id.clone(), today.version), (v2.clone(), 2));
+    assert_eq!(today.state, CommandState::Acknowledged);
+    assert_eq!(d1.tomorrow, None);
+    assert_eq!((d1.due, d1.as_planned), (3, 1), "periods 1-3 have started");
+    assert_eq!((rows[1].today.clone(), rows[1].due), (None, 0));
+
+    let mut counts = store.command_counts().await.unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(
+        counts,
+        [
+            (CommandState::Acknowledged, 1),
+            (CommandState::Superseded, 1)
+        ]
+    );
+}
+
+async fn keeps_every_send_and_a_warning_with_the_command(store: &dyn CommandStore) {
+    let (id, _) = create(store, "d1", 10).await;
+    let later: Timestamp = "2026-11-29T16:05:00Z".parse().unwrap();
+    store
+        .mark_sent(std::slice::from_ref(&id), eve())
+        .await
+        .unwrap();
+    store
+        .mark_sent(std::slice::from_ref(&id), later)
+        .await
+        .unwrap();
+    store
+        .record_warnings(&[(id.clone(), "too full".into())])
+        .await
+        .unwrap();
+    let detail = store.command(&id).await.unwrap().unwrap();
+    assert_eq!(detail.sends, [eve(), later]);
+    assert_eq!(detail.publishes, 2);
+    assert_eq!(detail.warning.as_deref(), Some("too full"));
+
+    // What is planned from period 2 on, for the fleet's feasibility estimate.
+    let planned = store
+        .planned_from(day().date(), day().period_start(1))
+        .await
+        .unwrap();
+    assert_eq!(planned.len(), 48);
+    assert_eq!(planned[0].1.rate(), RateKw::from_watts(10_000));
+    let rest = store
+        .planned_from(day().date(), day().period_start(2))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 47);
+    assert!(
+        rest.iter()
+            .all(|(d, sp)| d.as_str() == "d1" && sp.rate() == RateKw::ZERO)
+    );
+}
+
 macro_rules! sqlite_contract {
     ($($rule:ident),* $(,)?) => {
         mod sqlite {
@@ -553,6 +640,8 @@ sqlite_contract!(
     a_cancel_ends_the_command_and_is_delivered_like_one,
     an_unfinished_ingestion_is_listed_for_replay,
     lists_a_devices_reports_for_a_day_once_each,
+    the_fleet_rows_count_conformance_and_states,
+    keeps_every_send_and_a_warning_with_the_command,
 );
 
 #[tokio::test]

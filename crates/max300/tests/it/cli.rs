@@ -1,4 +1,4 @@
-//! `max300 validate` and `max300 config`.
+//! `max300 validate`, `max300 config` and `max300 ingest`.
 
 use crate::run;
 
@@ -90,4 +90,96 @@ fn the_embedded_broker_refuses_a_public_address() {
     let out = run(&["broker", "--mqtt", "mqtt://0.0.0.0:1883"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"));
+}
+
+#[test]
+fn ingest_fetches_publishes_and_says_how_far_it_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = format!("mqtt://127.0.0.1:{}", crate::free_port());
+    let mut broker = crate::Proc::start(
+        "broker",
+        &["broker".into(), "--mqtt".into(), mqtt.clone()],
+        dir.path(),
+    );
+    broker.expect_line("listening on");
+    let mut provider = crate::Proc::start(
+        "provider",
+        &[
+            "provider".into(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--devices".into(),
+            "3".into(),
+        ],
+        dir.path(),
+    );
+    let url = provider.expect_line("listening on");
+    let data = dir.path().join("cloud").display().to_string();
+    let out = run(&[
+        "ingest",
+        "--provider",
+        &url,
+        "--mqtt",
+        &mqtt,
+        "--data-dir",
+        &data,
+        "--date",
+        "2026-11-30",
+        "--log-format",
+        "json",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("2026-11-30: 3 accepted, 0 unchanged, 0 rejected"),
+        "{stdout}"
+    );
+    // Not a terminal: the stages are plain lines, in order. (A display may skip a stage that
+    // passed faster than it looked.)
+    let order = [
+        "fetching 2026-11-30…",
+        "normalizing…",
+        "committing…",
+        "publishing…",
+    ];
+    let seen: Vec<usize> = stderr
+        .lines()
+        .filter(|l| l.ends_with('…') && !l.starts_with("connecting"))
+        .map(|l| {
+            order
+                .iter()
+                .position(|o| *o == l)
+                .unwrap_or_else(|| panic!("unexpected stage {l:?}"))
+        })
+        .collect();
+    assert!(!seen.is_empty(), "no progress shown: {stderr}");
+    assert!(
+        seen.is_sorted_by(|a, b| a < b),
+        "stages out of order: {stderr}"
+    );
+}
+
+#[test]
+fn bench_dashboard_measures_every_page_and_closes_with_one_line() {
+    let out = run(&["bench", "dashboard", "--devices", "20", "--requests", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("bench dashboard: devices 20, "),
+        "{stdout}"
+    );
+    for page in ["/ p50", "/api/fleet p50", "/day p50", "/metrics p50"] {
+        assert!(last.contains(page), "{page} is missing: {last}");
+    }
+    let bad = run(&["bench", "dashboard", "--devices", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--devices"));
 }

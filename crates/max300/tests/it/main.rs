@@ -129,3 +129,22 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The sum of the samples of metric `name` (exact, with its suffix) whose labels contain
+/// every one of `labels` (e.g. `outcome="invalid"`), in a Prometheus text scrape.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// `GET url` as text.
+pub async fn scrape(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use max300_protocol::{Clock, SystemClock};
 use serde_json::Value;
 
-use crate::{Proc, free_port};
+use crate::{Proc, free_port, metric, scrape};
 
 const SPEED: &str = "2000";
 
@@ -171,26 +171,37 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
         })
     });
 
+    // unit-a serves its own metrics too.
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
     let mut agents = Vec::new();
     for id in ["unit-a", "unit-b"] {
         let data = dir.join(id).display().to_string();
+        let mut flags = vec![
+            "agent",
+            "--device-id",
+            id,
+            "--mqtt",
+            mqtt,
+            "--data-dir",
+            &data,
+        ];
+        if id == "unit-a" {
+            flags.extend(["--metrics", &agent_metrics]);
+        }
         agents.push(Proc::start(
             id,
-            &args(
-                &[
-                    "agent",
-                    "--device-id",
-                    id,
-                    "--mqtt",
-                    mqtt,
-                    "--data-dir",
-                    &data,
-                ],
-                &[clock.clone(), tls_flags(id)].concat(),
-            ),
+            &args(&flags, &[clock.clone(), tls_flags(id)].concat()),
             logs,
         ));
     }
+    let executed = |text: &str| {
+        metric(
+            text,
+            "max300_period_results_total",
+            &[r#"status="executed""#],
+        )
+    };
+    let mut mid_day_metrics = None;
 
     // Follow the day through the API. A 48-period day takes 43 s at 2000×.
     let mut seen_mid_day = false;
@@ -219,6 +230,9 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
                 assert_eq!(detail["state"], "acknowledged", "{detail}");
                 assert!(detail["history"].as_array().unwrap().len() >= 3, "{detail}");
                 seen_mid_day = true;
+                if mid_day_metrics.is_none() {
+                    mid_day_metrics = Some(scrape(&format!("{api}/metrics")).await);
+                }
             }
             if detail["state"] == "completed" {
                 assert_eq!(executed, 48);
@@ -245,6 +259,58 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     );
     assert!(done, "the commands did not complete; {logs_hint}");
 
+    // The metrics were scraped mid-day, and they moved with the day.
+    let mid = mid_day_metrics.unwrap();
+    let end = scrape(&format!("{api}/metrics")).await;
+    for name in [
+        "max300_commands",
+        "max300_inbound_messages",
+        "max300_mqtt_dropped",
+        "max300_ingestion_runs",
+        "max300_ingestion_rejections",
+        "max300_publishes",
+        "max300_resends",
+        "max300_ack_latency_seconds",
+        "max300_period_results",
+        "max300_commands_late",
+        "max300_commands_expired",
+        "max300_alerts",
+        "max300_devices",
+        "max300_heartbeat_age_seconds",
+    ] {
+        assert!(
+            end.contains(&format!("# TYPE {name} ")),
+            "{name} is missing: {end}"
+        );
+    }
+    assert!(executed(&mid) >= 1.0, "{mid}");
+    assert!(
+        executed(&end) >= 96.0 && executed(&end) > executed(&mid),
+        "period results moved from {} to {}",
+        executed(&mid),
+        executed(&end)
+    );
+    assert_eq!(
+        metric(&end, "max300_commands", &[r#"state="completed""#]),
+        2.0,
+        "{end}"
+    );
+    // Each day's fetch (the day's and, from 16:00, the next day's) and its acks.
+    assert!(metric(&end, "max300_ack_latency_seconds_count", &[]) >= 2.0);
+    assert!(metric(&end, "max300_ingestion_runs_total", &[r#"outcome="ok""#]) >= 1.0);
+    assert!(metric(&end, "max300_publishes_total", &[r#"kind="receipt""#]) >= 90.0);
+    assert_eq!(metric(&end, "max300_devices", &[r#"status="online""#]), 2.0);
+    let agent = scrape(&format!("http://{agent_metrics}/metrics")).await;
+    assert!(
+        metric(&agent, "max300_agent_boundary_lateness_seconds_count", &[]) >= 48.0,
+        "{agent}"
+    );
+    assert!(metric(&agent, "max300_agent_battery_write_seconds_count", &[]) >= 1.0);
+    assert!(
+        agent.contains("# TYPE max300_agent_outbox_depth gauge"),
+        "{agent}"
+    );
+
     // Every period ran on time: reported within 15 minutes of plan time (under half a
     // second of real time) of its start.
     for id in ["unit-a", "unit-b"] {
@@ -263,20 +329,12 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     if let Some(flooder) = flooder {
         let _session = flooder.await.unwrap();
         let count = |text: &str, outcome: &str| {
-            let prefix = format!("max300_inbound_messages_total{{outcome=\"{outcome}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .and_then(|n| n.trim().parse::<u32>().ok())
-                .unwrap_or(0)
+            let label = format!("outcome=\"{outcome}\"");
+            metric(text, "max300_inbound_messages_total", &[&label]) as u32
         };
         let (mut invalid, mut throttled) = (0, 0);
         for _ in 0..100 {
-            let text = reqwest::get(format!("{api}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = scrape(&format!("{api}/metrics")).await;
             (invalid, throttled) = (count(&text, "invalid"), count(&text, "throttled"));
             if invalid + throttled >= flood {
                 break;

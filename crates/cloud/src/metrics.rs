@@ -1,0 +1,341 @@
+//! The service's Prometheus metrics, all named `max300_*`.
+//!
+//! Counters move as things happen; the gauges that describe the fleet (commands by state,
+//! alerts, heartbeat age) are set from the store when `/metrics` is scraped, so they can never
+//! drift from what the API shows. One registry per service instance, not a global one: tests
+//! run several services in one process.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use max300_protocol::MessageId;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label pairs. Values are short, bounded vocabularies (states, outcomes, field names).
+pub type Labels = Vec<(&'static str, String)>;
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// What happened to an inbound device message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied for the first time.
+    Applied,
+    /// Seen before; nothing changed.
+    Duplicate,
+    /// Stored, but it names no command of ours.
+    UnknownCommand,
+    /// Undecodable, or at odds with its topic.
+    Invalid,
+    /// From a device that is not registered.
+    UnknownDevice,
+    /// Over its device's message rate.
+    Throttled,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::UnknownCommand => "unknown_command",
+            Outcome::Invalid => "invalid",
+            Outcome::UnknownDevice => "unknown_device",
+            Outcome::Throttled => "throttled",
+        }
+    }
+}
+
+/// Commands whose first publish this process has seen but whose ack it has not; bounded so
+/// that a fleet that never answers can't grow it without end.
+const MAX_PENDING_ACKS: usize = 1_000_000;
+
+/// Every metric of one service instance.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    inbound: Family<Labels, Counter>,
+    mqtt_dropped: Counter,
+    ingestions: Family<Labels, Counter>,
+    rejections: Family<Labels, Counter>,
+    publishes: Family<Labels, Counter>,
+    resends: Counter,
+    ack_latency: Histogram,
+    period_results: Family<Labels, Counter>,
+    late: Counter,
+    expired: Counter,
+    /// Scrape-time gauges.
+    pub(crate) commands: Family<Labels, Gauge>,
+    pub(crate) alerts: Family<Labels, Gauge>,
+    pub(crate) devices: Family<Labels, Gauge>,
+    pub(crate) heartbeat_age: Family<Labels, Gauge<f64, AtomicU64>>,
+    first_sent: Mutex<HashMap<MessageId, Instant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            inbound: Family::default(),
+            mqtt_dropped: Counter::default(),
+            ingestions: Family::default(),
+            rejections: Family::default(),
+            publishes: Family::default(),
+            resends: Counter::default(),
+            // Real seconds from the first publish to the ack: 10 ms .. ~80 s, then +Inf.
+            ack_latency: Histogram::new([
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
+            period_results: Family::default(),
+            late: Counter::default(),
+            expired: Counter::default(),
+            commands: Family::default(),
+            alerts: Family::default(),
+            devices: Family::default(),
+            heartbeat_age: Family::default(),
+            first_sent: Mutex::new(HashMap::new()),
+        };
+        registry.register(
+            "max300_inbound_messages",
+            "Device messages by type and outcome",
+            m.inbound.clone(),
+        );
+        registry.register(
+            "max300_mqtt_dropped",
+            "Inbound MQTT messages dropped because the service could not keep up",
+            m.mqtt_dropped.clone(),
+        );
+        registry.register(
+            "max300_ingestion_runs",
+            "Ingestion runs by source and outcome",
+            m.ingestions.clone(),
+        );
+        registry.register(
+            "max300_ingestion_rejections",
+            "Device schedules refused at ingestion, by the field at fault",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "max300_publishes",
+            "Messages published to devices, by kind (resends included)",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "max300_resends",
+            "Commands and control messages published again for want of an ack",
+            m.resends.clone(),
+        );
+        registry.register(
+            "max300_ack_latency_seconds",
+            "Real seconds from a command's first publish (by this process) to its ack",
+            m.ack_latency.clone(),
+        );
+        registry.register(
+            "max300_period_results",
+            "Period reports applied, by status",
+            m.period_results.clone(),
+        );
+        registry.register(
+            "max300_commands_late",
+            "Commands flagged late: not acknowledged when their first period started",
+            m.late.clone(),
+        );
+        registry.register(
+            "max300_commands_expired",
+            "Commands that expired: never acknowledged before their last period ended",
+            m.expired.clone(),
+        );
+        registry.register("max300_commands", "Commands by state", m.commands.clone());
+        registry.register(
+            "max300_alerts",
+            "Devices with each kind of alert (see the dashboard)",
+            m.alerts.clone(),
+        );
+        registry.register(
+            "max300_devices",
+            "Registered devices by connectivity (online, offline, never_seen)",
+            m.devices.clone(),
+        );
+        registry.register(
+            "max300_heartbeat_age_seconds",
+            "Real seconds since devices were last heard from (stat = max, median)",
+            m.heartbeat_age.clone(),
+        );
+        // Every series an operator would alert on exists from the start, at zero: a rate()
+        // over a series that appears late misses its first increase.
+        for kind in ["ack", "report", "heartbeat", "sync"] {
+            for outcome in [
+                Outcome::Applied,
+                Outcome::Duplicate,
+                Outcome::Invalid,
+                Outcome::UnknownDevice,
+                Outcome::Throttled,
+            ] {
+                let _ = m
+                    .inbound
+                    .get_or_create(&labels(&[("type", kind), ("outcome", outcome.as_str())]));
+            }
+        }
+        for source in ["fetch", "post"] {
+            for outcome in ["ok", "failed"] {
+                let _ = m
+                    .ingestions
+                    .get_or_create(&labels(&[("source", source), ("outcome", outcome)]));
+            }
+        }
+        let _ = m
+            .rejections
+            .get_or_create(&labels(&[("reason", "document")]));
+        for kind in ["command", "control", "receipt"] {
+            let _ = m.publishes.get_or_create(&labels(&[("kind", kind)]));
+        }
+        for status in ["executed", "failed", "skipped"] {
+            let _ = m
+                .period_results
+                .get_or_create(&labels(&[("status", status)]));
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// An inbound message of `kind` (ack, report, heartbeat, sync, unknown).
+    pub fn inbound(&self, kind: &str, outcome: Outcome) {
+        self.inbound
+            .get_or_create(&labels(&[("type", kind), ("outcome", outcome.as_str())]))
+            .inc();
+    }
+
+    /// An ingestion run ended: `outcome` is `ok` or `failed`.
+    pub fn ingestion(&self, source: &str, outcome: &str) {
+        self.ingestions
+            .get_or_create(&labels(&[("source", source), ("outcome", outcome)]))
+            .inc();
+    }
+
+    /// A device schedule refused; `reason` is the field at fault.
+    pub fn rejection(&self, reason: &str) {
+        self.rejections
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    /// A message published to a device; a command's first publish starts its ack clock.
+    pub fn published(&self, kind: &str, command: Option<&MessageId>) {
+        self.publishes
+            .get_or_create(&labels(&[("kind", kind)]))
+            .inc();
+        if let Some(id) = command {
+            let mut pending = self.first_sent.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.len() >= MAX_PENDING_ACKS {
+                pending.clear();
+            }
+            pending
+                .entry(id.clone())
+                .or_insert_with(max300_protocol::clock::monotonic);
+        }
+    }
+
+    /// `n` messages published again.
+    pub fn resent(&self, n: u64) {
+        self.resends.inc_by(n);
+    }
+
+    /// An ack applied: observes its latency, when this process published the command.
+    pub fn acked(&self, id: &MessageId) {
+        let sent = self
+            .first_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(sent) = sent {
+            self.ack_latency.observe(
+                max300_protocol::clock::monotonic()
+                    .saturating_duration_since(sent)
+                    .as_secs_f64(),
+            );
+        }
+    }
+
+    /// A period report applied.
+    pub fn period_result(&self, status: &str) {
+        self.period_results
+            .get_or_create(&labels(&[("status", status)]))
+            .inc();
+    }
+
+    /// A command flagged late by the clock.
+    pub fn late(&self) {
+        self.late.inc();
+    }
+
+    /// A command expired by the clock.
+    pub fn expired(&self) {
+        self.expired.inc();
+    }
+
+    /// Brings the dropped-message counter up to the session's count.
+    pub fn set_mqtt_dropped(&self, total: u64) {
+        let seen = self.mqtt_dropped.get();
+        if total > seen {
+            self.mqtt_dropped.inc_by(total - seen);
+        }
+    }
+
+    /// Sets one scrape-time gauge.
+    pub(crate) fn set(family: &Family<Labels, Gauge>, pairs: &[(&'static str, &str)], value: i64) {
+        family.get_or_create(&labels(pairs)).set(value);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_the_ack_histogram() {
+        let m = Metrics::new();
+        m.inbound("ack", Outcome::Applied);
+        m.inbound("ack", Outcome::Applied);
+        let id = MessageId::parse("01J00000000000000000000000").unwrap();
+        m.published("command", Some(&id));
+        m.acked(&id);
+        m.acked(&id);
+        let text = m.render();
+        assert!(
+            text.contains(r#"max300_inbound_messages_total{type="ack",outcome="applied"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("max300_ack_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"max300_publishes_total{kind="command"} 1"#),
+            "{text}"
+        );
+    }
+}

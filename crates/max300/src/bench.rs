@@ -1,0 +1,280 @@
+//! `max300 bench …`: measurements anyone can repeat on their own machine, through the real
+//! components. Each prints a table and one closing line with every figure.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use jiff::civil::{Date, Time};
+use jiff::{SignedDuration, Timestamp};
+use max300_cloud::store::{CommandStore, NewCommand};
+use max300_cloud::{Cloud, CloudConfig, SqliteStore};
+use max300_mqtt::broker;
+use max300_protocol::clock::monotonic;
+use max300_protocol::day::time_zone;
+use max300_protocol::document::{Fleet, normalize};
+use max300_protocol::message::{
+    AckMsg, AckStatus, Fallback, HeartbeatMsg, ReportMsg, ReportStatus, V1,
+};
+use max300_protocol::{
+    Clock, DEFAULT_TIMEZONE, DeviceId, ManualClock, MessageId, RateKw, Setpoint, StoreId,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::sample::SampleProvider;
+
+/// What to measure.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Bench {
+    /// The dashboard's fleet page (HTML and JSON) and a device's day, for a fleet of N
+    /// devices half-way through a day, over real HTTP from the real service.
+    Dashboard(DashboardArgs),
+}
+
+/// `max300 bench dashboard`
+#[derive(Args, Debug, Clone)]
+pub struct DashboardArgs {
+    /// Fleet size.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Requests per page, after one warm-up each.
+    #[arg(long, default_value_t = 30)]
+    pub requests: usize,
+}
+
+impl Bench {
+    /// Runs the benchmark.
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Bench::Dashboard(args) => dashboard(args).await,
+        }
+    }
+}
+
+/// The day the fleet is in: a winter weekday of 48 periods, fixed so runs compare.
+const DATE: Date = jiff::civil::date(2026, 11, 30);
+
+async fn dashboard(args: DashboardArgs) -> anyhow::Result<ExitCode> {
+    if args.devices == 0 || args.devices > 100_000 {
+        anyhow::bail!("--devices: {} is not within 1..=100000", args.devices);
+    }
+    if args.requests == 0 {
+        anyhow::bail!("--requests: must be at least 1");
+    }
+    let tz = time_zone(DEFAULT_TIMEZONE)?;
+    let now = DATE
+        .to_datetime(Time::constant(12, 0, 0, 0))
+        .to_zoned_datetime(tz.clone())?
+        .timestamp();
+    let dir = tempfile::Builder::new().prefix("max300-bench-").tempdir()?;
+    let cloud_dir = dir.path().join("cloud");
+
+    let started = monotonic();
+    let ids = SampleProvider::numbered(args.devices);
+    let filled = fill(&cloud_dir.join("cloud.sqlite"), &ids, now).await?;
+    eprintln!(
+        "filled a store with {} devices, {} commands and {} reports in {:.1} s",
+        ids.len(),
+        2 * ids.len(),
+        filled,
+        started.elapsed().as_secs_f64()
+    );
+
+    let shutdown = CancellationToken::new();
+    let mqtt = broker::start("127.0.0.1:0".parse()?, 8)?;
+    let mut config = CloudConfig::load(None, &[])?;
+    config.data_dir = cloud_dir;
+    config.mqtt = format!("mqtt://{mqtt}");
+    config.http = "127.0.0.1:0".into();
+    config.daily_fetch = false;
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(now));
+    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
+    let base = format!("http://{}", cloud.addr);
+    let http = reqwest::Client::new();
+
+    let pages = [
+        ("fleet page (HTML)", "/".to_owned()),
+        ("fleet JSON", "/api/fleet".to_owned()),
+        (
+            "device day JSON",
+            format!("/api/devices/{}/day", ids[ids.len() / 2]),
+        ),
+        ("metrics", "/metrics".to_owned()),
+    ];
+    println!(
+        "{} devices, {} requests each, one at a time",
+        args.devices, args.requests
+    );
+    println!(
+        "{:<20} {:>10} {:>9} {:>9} {:>9}",
+        "page", "bytes", "p50 ms", "p95 ms", "max ms"
+    );
+    let mut closing = Vec::new();
+    for (name, path) in &pages {
+        let url = format!("{base}{path}");
+        let (bytes, _) = get(&http, &url).await?;
+        let mut times = Vec::with_capacity(args.requests);
+        for _ in 0..args.requests {
+            let (_, took) = get(&http, &url).await?;
+            times.push(took.as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        let pct = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "{name:<20} {bytes:>10} {:>9.1} {:>9.1} {:>9.1}",
+            pct(0.5),
+            pct(0.95),
+            pct(1.0)
+        );
+        closing.push(format!(
+            "{path} p50 {:.1} ms p95 {:.1} ms",
+            pct(0.5),
+            pct(0.95)
+        ));
+    }
+    println!(
+        "bench dashboard: devices {}, {}",
+        args.devices,
+        closing.join(", ")
+    );
+    shutdown.cancel();
+    cloud.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<(usize, Duration)> {
+    let t0 = monotonic();
+    let response = http.get(url).send().await.context(url.to_owned())?;
+    let status = response.status();
+    let body = response.bytes().await.context(url.to_owned())?;
+    let took = t0.elapsed();
+    if !status.is_success() {
+        anyhow::bail!("GET {url}: {status}");
+    }
+    Ok((body.len(), took))
+}
+
+/// A store as the service would hold it at noon: every device with today's and tomorrow's
+/// commands acknowledged, the morning's periods reported (a few failed), and heartbeats (a
+/// few devices silent and in fallback, so the page has problems to sort first). Returns the
+/// number of reports.
+async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow::Result<usize> {
+    let store = SqliteStore::open_unsynced(path)?;
+    let tz = time_zone(DEFAULT_TIMEZONE)?;
+    let default_max_rate = RateKw::try_from(150.0)?;
+    let mut devices = BTreeMap::new();
+    for id in ids {
+        let device = DeviceId::parse(id.clone())?;
+        store.register_device(&device, None, now).await?;
+        devices.insert(device, default_max_rate);
+    }
+    let fleet = Fleet {
+        timezone: tz.clone(),
+        default_max_rate,
+        devices,
+        max_document_bytes: usize::MAX,
+    };
+    let provider = SampleProvider {
+        devices: ids.to_vec(),
+        seed: 1,
+        timezone: tz.clone(),
+    };
+    let store_id = StoreId::parse("bench")?;
+    let mut reports = 0;
+    for (date, reported) in [(DATE, true), (DATE.tomorrow()?, false)] {
+        let document = serde_json::to_vec(&provider.document(date, now)?)?;
+        let normalized = normalize(&document, &fleet)?;
+        let commands: Vec<NewCommand> = normalized
+            .schedules
+            .into_iter()
+            .map(|s| NewCommand {
+                message_id: MessageId::generate(now),
+                schedule: s.schedule,
+            })
+            .collect();
+        store.insert_commands(&commands, now).await?;
+        let sent: Vec<MessageId> = commands.iter().map(|c| c.message_id.clone()).collect();
+        store.mark_sent(&sent, now).await?;
+        for (i, c) in commands.iter().enumerate() {
+            let device = c.schedule.device_id().clone();
+            let ack = AckMsg {
+                v: V1,
+                store_id: store_id.clone(),
+                seq: 0,
+                message_id: c.message_id.clone(),
+                device_id: device.clone(),
+                status: AckStatus::Accepted,
+                reason: None,
+                details: None,
+                sha256: Some(c.schedule.sha256()),
+                effective_period: Some(1),
+                at: now,
+                traceparent: None,
+            };
+            store.record_ack(&ack, now).await?;
+            if !reported {
+                continue;
+            }
+            let day = c.schedule.day();
+            for period in 1..=day.period_count() {
+                let start = day.period_start(period);
+                if start.checked_add(SignedDuration::from_mins(30))? > now {
+                    break;
+                }
+                let planned = c.schedule.setpoint(period).unwrap_or(Setpoint::IDLE);
+                let failed = i % 50 == 7 && period == 20;
+                let report = ReportMsg {
+                    v: V1,
+                    store_id: store_id.clone(),
+                    seq: u64::from(period),
+                    message_id: Some(c.message_id.clone()),
+                    device_id: device.clone(),
+                    period,
+                    interval_start: start,
+                    mode: planned.mode(),
+                    rate_kw: planned.rate(),
+                    status: if failed {
+                        ReportStatus::Failed
+                    } else {
+                        ReportStatus::Executed
+                    },
+                    applied_kw: (!failed).then(|| planned.rate()),
+                    limited_by: None,
+                    reason: None,
+                    would_kw: None,
+                    soc_pct: Some(50.0),
+                    energy_kwh: None,
+                    error: failed.then(|| "controller did not answer".to_owned()),
+                    at: start,
+                    traceparent: None,
+                };
+                store.record_report(&report, start).await?;
+                reports += 1;
+            }
+            let silent = i % 100 == 3;
+            let seen = if silent {
+                now.checked_sub(SignedDuration::from_hours(2))?
+            } else {
+                now.checked_sub(SignedDuration::from_secs(30))?
+            };
+            let heartbeat = HeartbeatMsg {
+                v: V1,
+                device_id: device,
+                at: seen,
+                uptime_s: 3600,
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                active_message_id: Some(c.message_id.clone()),
+                mode: Setpoint::IDLE.mode(),
+                rate_kw: RateKw::ZERO,
+                soc_pct: Some(50.0),
+                fallback: silent.then_some(Fallback::NoSchedule),
+                outbox: 0,
+            };
+            store.record_heartbeat(&heartbeat, seen).await?;
+        }
+    }
+    Ok(reports)
+}
