@@ -54,3 +54,29 @@ async fn style_css() -> impl IntoResponse {
         STYLE_CSS,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assets_load_nothing_from_elsewhere() {
+        // Offline and behind a locked-down network the page must still work: no CDN, no
+        // fonts or scripts from another origin.
+        for (name, text) in [
+            ("index.html", INDEX_HTML),
+            ("app.js", APP_JS),
+            ("style.css", STYLE_CSS),
+        ] {
+            for needle in ["http://", "https://", "//cdn", "@import"] {
+                assert!(!text.contains(needle), "{name} mentions {needle:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_page_asks_for_the_assets_that_are_served() {
+        assert!(INDEX_HTML.contains(r#"src="/assets/app.js""#));
+        assert!(INDEX_HTML.contains(r#"href="/assets/style.css""#));
+    }
+}

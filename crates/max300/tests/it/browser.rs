@@ -452,6 +452,20 @@ async fn dashboard_shows_the_fleet_and_a_clock_change_day_live() {
         .await;
     browser.screenshot("device-48-periods").await;
 
+    // And the spring clock change, with no plan: 46 periods.
+    browser
+        .goto(&format!("{base}/devices/{device}?date=2027-03-28"))
+        .await;
+    browser
+        .wait_for(
+            "a 46-period chart",
+            long,
+            "const c = document.querySelector('#chart');\
+             return c && [c.dataset.periodCount, c.querySelectorAll('[data-period]').length];",
+            |v| *v == json!(["46", 46]),
+        )
+        .await;
+
     drop(browser);
     drop(driver);
     up.stop();

@@ -416,7 +416,7 @@ function commandSummary(c, tz) {
     "<div><span>state</span>" + stateBadge(c.state) + (c.late ? ' <span class="badge b-warn">late</span>' : "") + "</div>" +
     "<div><span>effective from period</span>" + esc(c.effective_period === null || c.effective_period === undefined ? "–" : c.effective_period) + "</div>" +
     "<div><span>publishes</span>" + esc(c.publishes === undefined ? sends.length : c.publishes) +
-    (sends.length > 1 ? " (" + (sends.length - 1) + " resends)" : "") + "</div></div>" +
+    (sends.length > 1 ? " (" + (sends.length - 1) + (sends.length === 2 ? " resend)" : " resends)") : "") + "</div></div>" +
     '<p class="mono">' + shaHtml(c) + "</p>" + timelineHtml(c, tz);
 }
 
@@ -472,7 +472,8 @@ function renderCommand(c) {
     "<div><span>state</span>" + stateBadge(c.state) + (c.late ? ' <span class="badge b-warn">late</span>' : "") + "</div>" +
     "<div><span>effective from period</span>" + esc(c.effective_period === null || c.effective_period === undefined ? "–" : c.effective_period) + "</div>" +
     "<div><span>publishes</span>" + esc(c.publishes === undefined ? "–" : c.publishes) + "</div></div>" +
-    '<p class="mono">' + shaHtml(c) + "</p>";
+    '<p class="mono">' + shaHtml(c) + "</p>" +
+    (c.warning ? '<div class="warning">' + esc(c.warning) + "</div>" : "");
   $("#cmd-timeline").innerHTML = timelineHtml(c, "UTC");
   const periods = c.periods || [];
   $("#cmd-periods").innerHTML = "<table><thead><tr><th class=num>Period</th><th>Start (UTC)</th><th>Mode</th>" +
