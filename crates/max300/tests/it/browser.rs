@@ -140,6 +140,8 @@ impl Browser {
             .as_str()
             .expect("a session id")
             .to_owned();
+        // A fresh folder, so every file in it is from this run.
+        let _ = std::fs::remove_dir_all(&shots);
         std::fs::create_dir_all(&shots).unwrap();
         Browser {
             http,
@@ -409,6 +411,17 @@ async fn dashboard_shows_the_fleet_and_a_clock_change_day_live() {
     );
     browser.screenshot("device-50-periods-executed").await;
 
+    // A few hours in, past the clock change: bars turn executed and the SoC line follows.
+    browser
+        .wait_for(
+            "twelve periods executed",
+            Duration::from_secs(90),
+            &format!("{CHART_STATUSES}.filter(p => p[1] === 'executed').length;"),
+            |v| v.as_u64().is_some_and(|n| n >= 12),
+        )
+        .await;
+    browser.screenshot("device-50-periods-morning").await;
+
     // The command behind the chart, from the chart page's link.
     let command = browser
         .js("const a = document.querySelector('#command a[href^=\"/commands/\"]'); return a && a.getAttribute('href');")
@@ -451,6 +464,19 @@ async fn dashboard_shows_the_fleet_and_a_clock_change_day_live() {
         )
         .await;
     browser.screenshot("device-48-periods").await;
+
+    // Back on the fleet: the day's command and conformance so far.
+    browser.goto(&format!("{base}/")).await;
+    browser
+        .wait_for(
+            "conformance on the fleet view",
+            long,
+            "const r = document.querySelector('tr[data-device-id]');\
+             return r ? r.textContent : '';",
+            |v| v.as_str().is_some_and(|t| !t.contains("0/0")),
+        )
+        .await;
+    browser.screenshot("fleet-later").await;
 
     // And the spring clock change, with no plan: 46 periods.
     browser

@@ -142,7 +142,12 @@ function fleetView() {
     '<h1>Fleet</h1><div id="summary"></div>' +
     '<div class="toolbar"><input id="filter" type="search" placeholder="filter: device id, mode, alert…" autocomplete="off">' +
     '<span id="shown" class="muted"></span></div>' +
-    '<div class="scroll"><table id="fleet"><thead><tr>' +
+    '<div class="scroll"><table id="fleet">' +
+    // Fixed widths: with table-layout fixed the browser lays out 1,000 rows without
+    // measuring each one's content on every refresh.
+    "<colgroup><col style=width:11%><col style=width:11%><col style=width:7%><col style=width:7%>" +
+    "<col style=width:6%><col style=width:9%><col style=width:13%><col style=width:13%><col style=width:9%>" +
+    "<col style=width:14%></colgroup><thead><tr>" +
     "<th>Device</th><th>Heartbeat</th><th>Mode</th><th class=num>Rate kW</th><th class=num>SoC %</th>" +
     "<th>Fallback</th><th>Today</th><th>Tomorrow</th><th class=num>Conformance</th><th>Alerts</th>" +
     '</tr></thead><tbody id="fleet-body"></tbody></table></div>';
