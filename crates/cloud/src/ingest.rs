@@ -250,13 +250,14 @@ impl Ingestor {
             .begin_ingestion(date, source, &audit_key, received)
             .await?;
 
-        for s in &normalized.schedules {
-            if !s.from_wildcard {
-                let id = s.schedule.device_id();
-                if !fleet.devices.contains_key(id) {
-                    self.store.register_device(id, None, received).await?;
-                }
-            }
+        let newcomers: Vec<DeviceId> = normalized
+            .schedules
+            .iter()
+            .filter(|s| !s.from_wildcard && !fleet.devices.contains_key(s.schedule.device_id()))
+            .map(|s| s.schedule.device_id().clone())
+            .collect();
+        if !newcomers.is_empty() {
+            self.store.register_devices(&newcomers, received).await?;
         }
         let commands: Vec<NewCommand> = normalized
             .schedules

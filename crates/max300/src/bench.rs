@@ -32,6 +32,21 @@ pub enum Bench {
     /// The dashboard's fleet page (HTML and JSON) and a device's day, for a fleet of N
     /// devices half-way through a day, over real HTTP from the real service.
     Dashboard(DashboardArgs),
+    /// One ingestion of a provider document for N devices through the real path (HTTP
+    /// fetch, audit, normalize, SQLite, MQTT publish): the time from fetch to every command
+    /// `sent`, and peak memory.
+    Ingest(IngestArgs),
+}
+
+/// `max300 bench ingest`
+#[derive(Args, Debug, Clone)]
+pub struct IngestArgs {
+    /// Fleet size.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// An external broker (e.g. mosquitto) instead of the embedded one.
+    #[arg(long)]
+    pub mqtt: Option<String>,
 }
 
 /// `max300 bench dashboard`
@@ -50,6 +65,7 @@ impl Bench {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self {
             Bench::Dashboard(args) => dashboard(args).await,
+            Bench::Ingest(args) => ingest(args).await,
         }
     }
 }
@@ -143,6 +159,110 @@ async fn dashboard(args: DashboardArgs) -> anyhow::Result<ExitCode> {
     shutdown.cancel();
     cloud.wait().await;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
+    if args.devices == 0 || args.devices > 1_000_000 {
+        anyhow::bail!("--devices: {} is not within 1..=1000000", args.devices);
+    }
+    let tz = time_zone(DEFAULT_TIMEZONE)?;
+    let eve = DATE
+        .yesterday()?
+        .to_datetime(Time::constant(16, 0, 0, 0))
+        .to_zoned_datetime(tz.clone())?
+        .timestamp();
+    let dir = tempfile::Builder::new().prefix("max300-bench-").tempdir()?;
+    let shutdown = CancellationToken::new();
+    let provider = SampleProvider {
+        devices: SampleProvider::numbered(args.devices),
+        seed: 1,
+        timezone: tz,
+    };
+    // Rendered once, before the clock starts, and served as it is: the bench measures the
+    // service, not the sample provider.
+    let document = bytes::Bytes::from(serde_json::to_vec(&provider.document(DATE, eve)?)?);
+    let size = document.len();
+    let app = axum::Router::new().route(
+        "/tomorrow",
+        axum::routing::get(move || {
+            let document = document.clone();
+            async move { ([("content-type", "application/json")], document) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let provider_addr = listener.local_addr()?;
+    let served = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { served.cancelled().await })
+            .await;
+    });
+    let mqtt = match &args.mqtt {
+        Some(url) => url.clone(),
+        None => format!("mqtt://{}", broker::start("127.0.0.1:0".parse()?, 8)?),
+    };
+
+    let mut config = CloudConfig::load(None, &[])?;
+    config.data_dir = dir.path().join("cloud");
+    config.mqtt = mqtt.clone();
+    config.http = "127.0.0.1:0".into();
+    config.daily_fetch = false;
+    config.auto_register = true;
+    config.provider = Some(format!("http://{provider_addr}/tomorrow"));
+    config.max_document_mib = 4096;
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(eve));
+    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(30), cloud.session.wait_connected())
+        .await
+        .with_context(|| format!("the broker at {mqtt} did not answer within 30 s"))?;
+
+    let before = peak_memory_kb().unwrap_or(0);
+    // Linux: start the peak over from here, so it measures the ingestion, not the set-up.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let t0 = monotonic();
+    let report = cloud.ingestor.fetch(DATE).await?;
+    let took = t0.elapsed();
+    let peak = peak_memory_kb().unwrap_or(0);
+    let sent = cloud
+        .store
+        .command_counts()
+        .await?
+        .into_iter()
+        .filter(|(s, _)| *s == max300_cloud::CommandState::Sent)
+        .map(|(_, n)| n as usize)
+        .sum::<usize>();
+    shutdown.cancel();
+    cloud.wait().await;
+    if report.accepted.len() != args.devices || sent != args.devices {
+        anyhow::bail!(
+            "{} of {} commands accepted, {sent} sent",
+            report.accepted.len(),
+            args.devices
+        );
+    }
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    println!(
+        "bench ingest: devices {}, document {:.1} MB, broker {}, fetch to all sent {:.3} s, \
+         peak memory {:.1} MB during the ingestion ({:.1} MB before it)",
+        args.devices,
+        size as f64 / 1e6,
+        if args.mqtt.is_some() {
+            mqtt.as_str()
+        } else {
+            "embedded"
+        },
+        took.as_secs_f64(),
+        mb(peak),
+        mb(before),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Peak resident memory of this process in KiB (Linux: VmHWM).
+pub(crate) fn peak_memory_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<(usize, Duration)> {

@@ -365,10 +365,8 @@ impl Summary {
     }
 }
 
-/// Peak resident memory of this process (Linux: VmHWM).
+/// Peak resident memory of this process.
 fn peak_memory() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(format!("{:.1} MB", kb / 1024.0))
+    let kb = crate::bench::peak_memory_kb()?;
+    Some(format!("{:.1} MB", kb as f64 / 1024.0))
 }

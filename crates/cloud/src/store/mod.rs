@@ -256,6 +256,11 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         at: Timestamp,
     ) -> Result<(), CloudError>;
 
+    /// Registers the devices that are new, in one transaction (an ingestion's newcomers);
+    /// known ones are left as they are.
+    async fn register_devices(&self, devices: &[DeviceId], at: Timestamp)
+    -> Result<(), CloudError>;
+
     /// Every registered device.
     async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError>;
 

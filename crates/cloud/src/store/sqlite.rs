@@ -302,6 +302,28 @@ impl CommandStore for SqliteStore {
         .await
     }
 
+    async fn register_devices(
+        &self,
+        devices: &[DeviceId],
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        let devices = devices.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO devices (device_id, registered_at) VALUES (?1, ?2)
+                     ON CONFLICT (device_id) DO NOTHING",
+                )?;
+                for d in &devices {
+                    insert.execute(params![d.as_str(), text(at)])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
     async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError> {
         self.run(|c| {
             let mut stmt = c.prepare(&format!(

@@ -183,3 +183,19 @@ fn bench_dashboard_measures_every_page_and_closes_with_one_line() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--devices"));
 }
+
+#[test]
+fn bench_ingest_sends_every_command_and_closes_with_one_line() {
+    let out = run(&["bench", "ingest", "--devices", "50"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("bench ingest: devices 50, ") && last.contains("fetch to all sent"),
+        "{stdout}"
+    );
+}
