@@ -374,6 +374,13 @@ async fn dashboard_shows_the_fleet_and_a_clock_change_day_live() {
         second.contains("01:00") && second.contains("+00:00"),
         "{second}"
     );
+    let labels = browser
+        .js(
+            "return Array.from(document.querySelectorAll('#chart svg > text'))\
+             .filter(t => t.textContent === '01:00').length;",
+        )
+        .await;
+    assert_eq!(labels, json!(2), "the axis labels both 01:00s");
 
     // A period turns from pending to executed while the page stays loaded.
     browser.js("window.__same_page = 'yes'; return null;").await;

@@ -55,13 +55,15 @@ function num(v, digits) {
   return Number(v).toFixed(digits === undefined ? 1 : digits);
 }
 
-// Instants arrive as RFC 3339 UTC; they are shown in the fleet's zone, with UTC on hover.
-function fmtTime(ts, tz, withDate) {
+// Instants arrive as RFC 3339 UTC; they are shown in the fleet's zone, with UTC on hover, and
+// with the offset when asked (a clock-change night has the same local hour twice).
+function fmtTime(ts, tz, withDate, withOffset) {
   if (!ts) return "–";
   const d = new Date(ts);
   if (Number.isNaN(d.getTime())) return esc(ts);
   const opts = { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" };
   if (withDate) Object.assign(opts, { year: "numeric", month: "2-digit", day: "2-digit" });
+  if (withOffset && tz && tz !== "UTC") opts.timeZoneName = "shortOffset";
   try {
     if (tz) opts.timeZone = tz;
     return '<span title="' + esc(ts) + '">' + esc(new Intl.DateTimeFormat("en-CA", opts).format(d)) + "</span>";
@@ -359,17 +361,22 @@ function chartSvg(periods) {
     out.push("</g>");
   });
 
-  // Time axis: every 2 h, plus wherever the UTC offset changes. On a clock-change day each
-  // label carries its offset, so the repeated 01:00 and 01:30 can be told apart.
+  // Time axis: every 2 h, plus wherever the UTC offset changes and both copies of a repeated
+  // hour. On a clock-change day each label carries its offset, so the repeated 01:00 and
+  // 01:30 can be told apart (the tooltips say it for every period).
   const labelY = stripY + strip + 14;
+  const seen = new Map();
+  for (const p of periods) seen.set(p.local_start, (seen.get(p.local_start) || 0) + 1);
   periods.forEach((p, i) => {
     const changed = i > 0 && periods[i - 1].utc_offset !== p.utc_offset;
-    if (i % 4 !== 0 && !changed) return;
+    // Both copies of a repeated hour get a label, each with its offset.
+    const repeated = seen.get(p.local_start) > 1 && p.local_start.endsWith(":00");
+    if (i % 4 !== 0 && !changed && !repeated) return;
     const cx = x(i);
     out.push('<line class="axis" x1="' + cx + '" x2="' + cx + '" y1="' + (stripY + strip) + '" y2="' + (stripY + strip + 4) + '"/>');
     out.push('<text x="' + cx + '" y="' + labelY + '" text-anchor="middle">' + esc(p.local_start) + "</text>");
     if (multiOffset) {
-      out.push('<text x="' + cx + '" y="' + (labelY + 13) + '" text-anchor="middle">' + esc(p.utc_offset) + "</text>");
+      out.push('<text class="offset" x="' + cx + '" y="' + (labelY + 12) + '" text-anchor="middle">' + esc(p.utc_offset) + "</text>");
     }
     if (changed) {
       out.push('<line x1="' + cx + '" x2="' + cx + '" y1="' + T + '" y2="' + (T + plotH) + '" stroke="#bc4c00" stroke-dasharray="4 3"/>');
@@ -398,7 +405,7 @@ function timelineHtml(c, tz) {
   }));
   events.sort((a, b) => String(a.at).localeCompare(String(b.at)));
   return '<ul class="timeline">' + events.map((e) =>
-    '<li class="' + e.cls + '">' + fmtTime(e.at, tz, true) + " " + e.html + "</li>").join("") + "</ul>";
+    '<li class="' + e.cls + '">' + fmtTime(e.at, tz, true, true) + " " + e.html + "</li>").join("") + "</ul>";
 }
 
 function shaHtml(c) {
@@ -429,7 +436,7 @@ function reportsTable(reports, tz) {
   if (!reports.length) return '<p class="muted">No reports for this date yet.</p>';
   return "<table><thead><tr><th>At</th><th class=num>Period</th><th>Status</th><th>Mode</th>" +
     "<th class=num>Planned kW</th><th class=num>Applied kW</th><th class=num>kWh</th><th class=num>SoC %</th><th>Why</th></tr></thead><tbody>" +
-    reports.map((r) => "<tr><td>" + fmtTime(r.at, tz) + '</td><td class="num">' + esc(r.period) + "</td><td>" +
+    reports.map((r) => "<tr><td>" + fmtTime(r.at, tz, false, true) + '</td><td class="num">' + esc(r.period) + "</td><td>" +
       esc(r.status) + "</td><td>" + esc(r.mode) + '</td><td class="num">' + num(r.rate_kw) + '</td><td class="num">' +
       num(r.applied_kw) + '</td><td class="num">' + num(r.energy_kwh, 2) + '</td><td class="num">' + num(r.soc_pct) +
       "</td><td>" + esc([r.limited_by, r.reason, r.error].filter(Boolean).join(" · ")) + "</td></tr>").join("") +
