@@ -3,6 +3,7 @@
 //! Writes need `Authorization: Bearer <token>` when a token is configured; without one the
 //! service only starts on a loopback listener (see `CloudConfig::validate`).
 
+mod dashboard;
 mod error;
 pub mod fleet;
 
@@ -14,7 +15,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -81,7 +82,6 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .route("/api/fleet", get(fleet::fleet))
         .route("/api/commands", get(commands))
         .route("/api/commands/{id}", get(command))
-        .route("/", get(index))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_token_for_reads,
@@ -92,6 +92,9 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .route("/metrics", get(metrics))
         .merge(writes)
         .merge(reads)
+        // The page and its assets hold no fleet data, and a browser can't put a bearer
+        // token on a navigation: they stay outside the read-token rule, the JSON doesn't.
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn(request_timeout))
         .layer(DefaultBodyLimit::max(max_body))
@@ -440,17 +443,6 @@ async fn cancel(
         )),
         Cancel::NotFound => Err(ApiError::not_found(format!("command {id} does not exist"))),
     }
-}
-
-async fn index() -> Html<&'static str> {
-    Html(
-        "<!doctype html><title>MAX300 fleet control</title>\
-         <h1>MAX300 fleet control</h1>\
-         <p>The dashboard is not built yet. The API: \
-         <a href=\"/api/devices\">/api/devices</a>, \
-         <a href=\"/api/commands\">/api/commands</a>, \
-         <a href=\"/readyz\">/readyz</a>.</p>",
-    )
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 // Test helpers unwrap too: a panic there is the failure message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod browser;
 mod cli;
 mod faults;
 mod mosquitto;
