@@ -313,6 +313,7 @@ async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow:
             .map(|s| NewCommand {
                 message_id: MessageId::generate(now),
                 schedule: s.schedule,
+                traceparent: None,
             })
             .collect();
         store.insert_commands(&commands, now).await?;

@@ -57,6 +57,9 @@ pub struct UpArgs {
     pub no_fsync: bool,
 }
 
+/// Real seconds between heartbeats of the simulated units.
+const UP_HEARTBEAT_S: u64 = 10;
+
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     if !(args.speed.is_finite() && args.speed > 0.0) {
         anyhow::bail!("--speed: {} must be a positive number", args.speed);
@@ -110,6 +113,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     cloud_config.http = args.http.clone();
     cloud_config.provider = Some(format!("http://{provider_addr}/tomorrow"));
     cloud_config.auto_register = true;
+    // Plan time runs fast here: a heartbeat every 60 real seconds would be hours of plan
+    // time, and the dashboard's live mode and SoC that stale.
+    cloud_config.heartbeat_interval_s = UP_HEARTBEAT_S;
     let cloud = Cloud::start(cloud_config, clock.clone(), shutdown.clone()).await?;
     let store = cloud.store.clone();
 
@@ -123,6 +129,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             ),
             ("MAX300_MQTT".to_owned(), mqtt.clone()),
             ("MAX300_DURABLE".to_owned(), (!args.no_fsync).to_string()),
+            (
+                "MAX300_HEARTBEAT_INTERVAL_S".to_owned(),
+                UP_HEARTBEAT_S.to_string(),
+            ),
         ];
         let config = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, None, &env)
             .with_context(|| format!("agent {id}"))?;

@@ -367,6 +367,9 @@ pub fn day_view(
     mut reports: Vec<ReportMsg>,
 ) -> DayView {
     let local = |t: Timestamp| t.to_zoned_datetime(day.tz().clone());
+    // Periods no command governs still have the device's word on them (skipped, and why).
+    let reported: std::collections::HashMap<u32, &ReportMsg> =
+        reports.iter().map(|r| (r.period, r)).collect();
     let periods = (1..=day.period_count())
         .map(|n| {
             let start = day.period_start(n);
@@ -379,6 +382,7 @@ pub fn day_view(
                 .unwrap_or(Mode::Idle);
             let rate = planned.map(|p| p.rate_kw.kw()).unwrap_or(0.0);
             let applied = planned.and_then(|p| p.applied_kw).map(|r| r.kw());
+            let report = planned.is_none().then(|| reported.get(&n)).flatten();
             let zoned = local(start);
             DayPeriod {
                 period: n,
@@ -390,15 +394,23 @@ pub fn day_view(
                 mode: mode.as_str(),
                 rate_kw: rate,
                 signed_kw: signed(mode, rate),
-                status: planned.map(|p| p.status.as_str()).unwrap_or("none"),
+                status: planned
+                    .map(|p| p.status.as_str())
+                    .or(report.map(|r| r.status.as_str()))
+                    .unwrap_or("none"),
                 applied_kw: applied,
-                soc_pct: planned.and_then(|p| p.soc_pct),
+                soc_pct: planned
+                    .and_then(|p| p.soc_pct)
+                    .or(report.and_then(|r| r.soc_pct)),
                 planned_kwh: rate * PERIOD_HOURS,
                 delivered_kwh: applied.map(|kw| kw * PERIOD_HOURS),
                 limited_by: planned.and_then(|p| p.limited_by.clone()),
-                reason: planned.and_then(|p| p.reason.clone()),
+                reason: planned.and_then(|p| p.reason.clone()).or_else(|| {
+                    let reason = serde_json::to_value(report?.reason?).ok()?;
+                    reason.as_str().map(str::to_owned)
+                }),
                 error: planned.and_then(|p| p.error.clone()),
-                reported_at: planned.and_then(|p| p.at),
+                reported_at: planned.and_then(|p| p.at).or(report.map(|r| r.at)),
             }
         })
         .collect();

@@ -954,6 +954,36 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
     );
     assert_eq!(p3["status"], "none");
 
+    // A day no command governs still shows what the device said of its periods.
+    let idle = json!({"type":"report","v":1,"store_id":"s1","seq":3,"message_id":null,
+                      "device_id":"d1","period":33,"interval_start":"2026-11-29T16:00:00Z",
+                      "mode":"idle","rate_kw":0,"status":"skipped","reason":"no_schedule",
+                      "at":"2026-11-29T16:00:02Z"});
+    client
+        .publish(
+            "max300/d1/report".into(),
+            idle.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
+    let eve_day = loop {
+        let (_, day) = app.get("/api/devices/d1/day?date=2026-11-29").await;
+        if day["periods"][32]["status"] != "none" || max300_protocol::clock::monotonic() > deadline
+        {
+            break day;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let p33 = &eve_day["periods"][32];
+    assert_eq!(
+        (&p33["status"], &p33["reason"], &p33["local_start"]),
+        (&json!("skipped"), &json!("no_schedule"), &json!("16:00")),
+        "{eve_day}"
+    );
+    assert_eq!(eve_day["periods"][31]["status"], "none");
+
     let (status, _) = app.get("/api/devices/nobody/day").await;
     assert_eq!(status, 404);
     let (status, err) = app.get("/api/devices/d1/day?date=2026-13-01").await;
