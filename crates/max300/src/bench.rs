@@ -113,6 +113,8 @@ async fn dashboard(args: DashboardArgs) -> anyhow::Result<ExitCode> {
 
     let pages = [
         ("fleet page (HTML)", "/".to_owned()),
+        ("page script", "/assets/app.js".to_owned()),
+        ("page style", "/assets/style.css".to_owned()),
         ("fleet JSON", "/api/fleet".to_owned()),
         (
             "device day JSON",
