@@ -79,6 +79,17 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Registers a device through the API.
+    async fn register(&self, device: &str) {
+        let r = self.http.post(format!("{}/api/devices", self.api));
+        let r = r
+            .json(&json!({ "device_id": device }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "registering {device}");
+    }
+
     /// A `/metrics` scrape.
     async fn metrics(&self) -> String {
         let r = self.http.get(format!("{}/metrics", self.api)).send();
@@ -820,14 +831,7 @@ fn line<'a>(fleet: &'a Value, device: &str) -> &'a Value {
 async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day() {
     let app = TestApp::start(None).await;
     let (client, mut inbox) = app.device("d1").await;
-    let registered = app
-        .http
-        .post(format!("{}/api/devices", app.api))
-        .json(&json!({"device_id": "d2"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 200);
+    app.register("d2").await;
     // d1's plan for tomorrow is accepted; d2's is refused (999 kW is over its limit).
     let (_, body) = app.post("/api/schedules", document(50.0)).await;
     assert_eq!(body["rejected"][0]["device_id"], "d2", "{body}");
@@ -995,14 +999,7 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
 async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
     let app = TestApp::start(None).await;
     let (client, mut inbox) = app.device("d1").await;
-    let registered = app
-        .http
-        .post(format!("{}/api/devices", app.api))
-        .json(&json!({"device_id": "d1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 200);
+    app.register("d1").await;
     let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
                     "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":85.0,"outbox":0});
     client

@@ -162,20 +162,22 @@ fn ingest_fetches_publishes_and_says_how_far_it_got() {
     );
 }
 
-#[test]
-fn bench_dashboard_measures_every_page_and_closes_with_one_line() {
-    let out = run(&["bench", "dashboard", "--devices", "20", "--requests", "2"]);
+/// Runs a bench that must succeed; its closing line.
+fn bench(args: &[&str]) -> String {
+    let out = run(args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last = stdout.lines().last().unwrap();
-    assert!(
-        last.starts_with("bench dashboard: devices 20, "),
-        "{stdout}"
-    );
+    stdout.lines().last().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn bench_dashboard_measures_every_page_and_closes_with_one_line() {
+    let last = bench(&["bench", "dashboard", "--devices", "20", "--requests", "2"]);
+    assert!(last.starts_with("bench dashboard: devices 20, "), "{last}");
     for page in ["/ p50", "/api/fleet p50", "/day p50", "/metrics p50"] {
         assert!(last.contains(page), "{page} is missing: {last}");
     }
@@ -186,16 +188,9 @@ fn bench_dashboard_measures_every_page_and_closes_with_one_line() {
 
 #[test]
 fn bench_ingest_sends_every_command_and_closes_with_one_line() {
-    let out = run(&["bench", "ingest", "--devices", "50"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().unwrap();
+    let last = bench(&["bench", "ingest", "--devices", "50"]);
     assert!(
         last.starts_with("bench ingest: devices 50, ") && last.contains("fetch to all sent"),
-        "{stdout}"
+        "{last}"
     );
 }
