@@ -222,7 +222,7 @@ fn drain(rx: &mut mpsc::Receiver<Message>, seen: &mut Seen) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
-    let tmp = tempfile::tempdir().unwrap();
+    let mut tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let day = Day::named(DATE.parse().unwrap(), "Europe/London").unwrap();
     let at = |hh: i64, mm: i64| day.start() + SignedDuration::from_mins(hh * 60 + mm);
@@ -600,8 +600,16 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
                 }
                 worst_overrun = worst_overrun.max(overlap);
                 if overlap > BOUNDARY_TOLERANCE {
+                    // Say what the unit reported for the period, to tell a wrong write from a
+                    // report that went missing or failed.
+                    let said = reports[unit]
+                        .iter()
+                        .find(|r| r.period == p)
+                        .map(|r| format!("{} {:?} {:?}", r.status.as_str(), r.applied_kw, r.error));
                     problems.push(format!(
-                        "{unit}: ran {setpoint} for {overlap} in period {p}, which asked for {:?}",
+                        "{unit}: ran {setpoint} for {overlap} from {} in period {p}, which asked \
+                         for {:?}; its report: {said:?}",
+                        entry.at,
                         applied.get(&p)
                     ));
                 }
@@ -621,6 +629,10 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
     }
     shutdown.cancel();
     let logs = format!("logs in {}", dir.display());
+    if lost + duplicated > 0 || !problems.is_empty() {
+        // Kept for the post-mortem: the processes' logs and the units' write logs.
+        tmp.disable_cleanup(true);
+    }
     assert_eq!(rig.faults["agent kills"], 4);
     assert_eq!(lost, 0, "{logs}");
     assert_eq!(duplicated, 0, "{logs}");
