@@ -23,7 +23,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
-use crate::battery::{Battery, BatteryStatus, SimBattery};
+use crate::battery::{Battery, BatteryStatus, SimBattery, SunSpecBattery};
+use crate::config::BatteryChoice;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
 use crate::metrics::AgentMetrics;
 use crate::safety::{Guard, SocWindow};
@@ -80,8 +81,8 @@ pub async fn run(
     })??;
     let store = Arc::new(store);
 
-    let battery: Arc<dyn Battery> = match config.battery.as_str() {
-        "sim" => {
+    let battery: Arc<dyn Battery> = match config.battery_choice()? {
+        BatteryChoice::Sim => {
             // The simulated unit keeps its log and its state of charge beside the store, so
             // both survive a restart of the agent (and the fault suite can read the log).
             let mut sim = config.sim.clone();
@@ -91,11 +92,7 @@ pub async fn run(
                 .get_or_insert_with(|| config.data_dir.join("battery-state.json"));
             Arc::new(SimBattery::new(sim, clock.clone(), config.revert_timeout()))
         }
-        other => {
-            return Err(AgentError::Config(format!(
-                "battery: {other:?} is not supported; the only battery so far is \"sim\""
-            )));
-        }
+        BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
     };
 
     let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate);
