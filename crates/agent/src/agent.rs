@@ -244,9 +244,18 @@ impl Agent {
         }
         // Every connect sends a sync; the timer only repeats it while a plan is missing.
         sync.reset();
+        let mut boundary = self.engine.next_wake(self.clock.now());
         loop {
-            let wake = self.engine.next_wake(self.clock.now());
-            let sleep = self.clock.real_until(wake).min(MAX_SLEEP);
+            // next_wake only looks forward: keep a boundary that passed while the loop was
+            // busy (a controller taking seconds to answer), so it is handled late, not
+            // skipped while the re-assert and heartbeat ticks win every select.
+            boundary = boundary.min(self.engine.next_wake(self.clock.now()));
+            let sleep = self.clock.real_until(boundary).min(MAX_SLEEP);
+            if sleep.is_zero() {
+                self.on_boundary().await;
+                boundary = self.engine.next_wake(self.clock.now());
+                continue;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = events.recv() => match event {
@@ -265,7 +274,10 @@ impl Agent {
                     }
                     None => break,
                 },
-                _ = tokio::time::sleep(sleep) => self.on_boundary().await,
+                _ = tokio::time::sleep(sleep) => {
+                    self.on_boundary().await;
+                    boundary = self.engine.next_wake(self.clock.now());
+                }
                 _ = heartbeat.tick() => self.heartbeat().await,
                 _ = time_source.tick(), if self.check_time => {
                     if self.check_time_source().await {

@@ -5,6 +5,7 @@
 
 mod cli;
 mod faults;
+mod modbus;
 mod mosquitto;
 mod processes;
 mod proxy;

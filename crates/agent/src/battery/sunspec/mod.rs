@@ -18,10 +18,11 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use max300_protocol::Setpoint;
+use max300_protocol::clock::monotonic;
 use tokio::sync::Mutex;
 use tokio_modbus::Slave;
 use tokio_modbus::client::{Context, Reader, Writer};
@@ -40,6 +41,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 pub const ATTEMPTS: u32 = 2;
 /// The pause before the second try, after reconnecting.
 const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// After a controller did not answer, calls fail at once for this long rather than wait for
+/// another timeout, so the agent stays responsive (MQTT, heartbeats, period reports).
+pub const UNREACHABLE_BACKOFF: Duration = Duration::from_secs(2);
 /// The most models walked before the chain counts as broken.
 const MAX_MODELS: usize = 64;
 
@@ -161,6 +165,8 @@ struct Conn {
     /// The last setpoint written and its registers: while the registers still hold them, the
     /// setpoint reads back as written rather than as the register's 0.01 % steps.
     written: Option<(Setpoint, Control)>,
+    /// After a transport failure: until when calls fail at once, and with what.
+    unreachable: Option<(Instant, String)>,
 }
 
 impl fmt::Debug for Conn {
@@ -169,6 +175,7 @@ impl fmt::Debug for Conn {
             .field("connected", &self.ctx.is_some())
             .field("storage", &self.storage)
             .field("written", &self.written)
+            .field("unreachable", &self.unreachable)
             .finish()
     }
 }
@@ -288,10 +295,14 @@ impl SunSpecBattery {
 impl Battery for SunSpecBattery {
     async fn apply(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
         let mut conn = self.conn.lock().await;
+        backing_off(&conn)?;
         let mut attempt = 1;
         loop {
             match self.try_apply(&mut conn, setpoint).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    conn.unreachable = None;
+                    return Ok(());
+                }
                 Err(e) if attempt < ATTEMPTS => {
                     debug!(controller = %self.url, error = %e, "controller write failed: trying again");
                     retry_after(&mut conn, &e).await;
@@ -307,10 +318,14 @@ impl Battery for SunSpecBattery {
 
     async fn read(&self) -> Result<BatteryStatus, BatteryError> {
         let mut conn = self.conn.lock().await;
+        backing_off(&conn)?;
         let mut attempt = 1;
         loop {
             match self.try_read(&mut conn).await {
-                Ok(status) => return Ok(status),
+                Ok(status) => {
+                    conn.unreachable = None;
+                    return Ok(status);
+                }
                 Err(e) if attempt < ATTEMPTS => {
                     debug!(controller = %self.url, error = %e, "controller read failed: trying again");
                     retry_after(&mut conn, &e).await;
@@ -328,8 +343,20 @@ impl Battery for SunSpecBattery {
 /// After a transport failure the connection may still deliver a late answer to the request
 /// that timed out: the next request starts on a new one.
 fn drop_after_transport_failure(conn: &mut Conn, error: &BatteryError) {
-    if matches!(error, BatteryError::Transport(_)) {
+    if let BatteryError::Transport(e) = error {
         conn.ctx = None;
+        conn.unreachable = Some((monotonic() + UNREACHABLE_BACKOFF, e.clone()));
+    }
+}
+
+/// The last transport error, while the back-off after it lasts.
+fn backing_off(conn: &Conn) -> Result<(), BatteryError> {
+    match &conn.unreachable {
+        Some((until, e)) if monotonic() < *until => Err(BatteryError::Transport(format!(
+            "{e} (not tried again for {} s)",
+            UNREACHABLE_BACKOFF.as_secs()
+        ))),
+        _ => Ok(()),
     }
 }
 

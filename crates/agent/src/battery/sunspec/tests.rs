@@ -171,9 +171,24 @@ async fn a_silent_controller_and_exceptions_are_clear_errors() {
         matches!(&err, BatteryError::Transport(m) if m.contains("no answer within 1000 ms")),
         "{err}"
     );
-    // It answers again: the next call reconnects and works.
+    // It answers again, but for a moment calls fail at once rather than wait for another
+    // timeout, so the agent stays responsive.
     served.sim.set_fault(Fault::None, None);
-    battery.apply(kw(Mode::Charge, 10.0)).await.unwrap();
+    let asked = max300_protocol::clock::monotonic();
+    let err = battery.read().await.unwrap_err().to_string();
+    assert!(
+        err.contains("no answer") && err.contains("not tried again"),
+        "{err}"
+    );
+    assert!(asked.elapsed() < Duration::from_millis(200));
+    // Then the next call reconnects and works.
+    tokio::time::timeout(UNREACHABLE_BACKOFF * 5, async {
+        while battery.apply(kw(Mode::Charge, 10.0)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the controller is driven again once it answers");
     assert_eq!(
         served.sim.unit_status(1).unwrap().0,
         kw(Mode::Charge, 10.005)
