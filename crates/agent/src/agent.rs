@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
-use crate::battery::{Battery, BatteryStatus, SimBattery, SunSpecBattery};
+use crate::battery::{Battery, BatteryStatus, ReadOnly, SimBattery, SunSpecBattery};
 use crate::config::BatteryChoice;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
 use crate::metrics::AgentMetrics;
@@ -81,6 +81,7 @@ pub async fn run(
     })??;
     let store = Arc::new(store);
 
+    let dry_run = matches!(config.battery_choice()?, BatteryChoice::DryRun(_));
     let battery: Arc<dyn Battery> = match config.battery_choice()? {
         BatteryChoice::Sim => {
             // The simulated unit keeps its log and its state of charge beside the store, so
@@ -93,6 +94,9 @@ pub async fn run(
             Arc::new(SimBattery::new(sim, clock.clone(), config.revert_timeout()))
         }
         BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
+        BatteryChoice::DryRun(url) => {
+            Arc::new(ReadOnly(SunSpecBattery::new(url, config.revert_timeout())))
+        }
     };
 
     let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate);
@@ -162,6 +166,7 @@ pub async fn run(
         engine,
         guard: Guard::new(window, max_rate),
         store_fault: false,
+        dry_run,
         check_time,
         last_batch: None,
         fault: None,
@@ -208,6 +213,8 @@ struct Agent {
     /// Set while reports cannot be stored: the unit then idles rather than run a plan whose
     /// outcome cannot be recorded.
     store_fault: bool,
+    /// `dry-run:` battery: read the controller, never drive it; report what would run.
+    dry_run: bool,
     /// The last controller error, until a write and read-back succeed again.
     fault: Option<String>,
     started: Instant,
@@ -593,6 +600,10 @@ impl Agent {
                 report.message_id = Some(message_id.clone());
                 report.mode = setpoint.mode();
                 report.rate_kw = setpoint.rate();
+                if self.dry_run {
+                    self.would_run(&mut report, *setpoint).await;
+                    return report.into_message();
+                }
                 match self.execute(*setpoint).await {
                     Ok((applied, limited_by, status)) => {
                         if is_current {
@@ -622,6 +633,22 @@ impl Agent {
             }
         }
         report.into_message()
+    }
+
+    /// A dry run's period: what the safety rules would apply, from a read of the controller.
+    async fn would_run(&mut self, report: &mut ReportMsg, planned: Setpoint) {
+        report.status = ReportStatus::Skipped;
+        report.reason = Some(PeriodReason::DryRun);
+        match self.battery.read().await {
+            Ok(status) => {
+                let clamped = self.guard.clamp(planned, &status);
+                report.would_kw = Some(clamped.setpoint.rate());
+                report.limited_by = clamped.limited_by;
+                report.soc_pct = Some(status.soc_pct);
+                self.fault = None;
+            }
+            Err(e) => report.error = Some(self.faulted(e.to_string())),
+        }
     }
 
     /// Clamps, writes if it changed, and reads back: (applied, why limited, read-back).
@@ -676,6 +703,9 @@ impl Agent {
     /// Keeps the controller on the clamped plan: writes when the clamped setpoint differs
     /// from what it runs, and always when `reassert` (before its revert timer runs out).
     async fn drive(&mut self, reassert: bool) {
+        if self.dry_run {
+            return;
+        }
         // Derived from the engine each time, so a restart or a recovered clock mid-period
         // drives the current period's plan, not a stale copy of it.
         let planned = if self.store_fault {
@@ -803,10 +833,13 @@ impl Agent {
         let outbox = blocking(&self.store, |s| s.outbox_len()).await.unwrap_or(0);
         self.metrics.outbox(outbox);
         let running = status.map_or(Setpoint::IDLE, |s| s.setpoint);
-        let fallback = self
-            .engine
-            .fallback(now)
-            .or(self.fault.as_ref().map(|_| Fallback::ControllerFault));
+        let fallback = if self.dry_run {
+            Some(Fallback::DryRun)
+        } else {
+            self.engine
+                .fallback(now)
+                .or(self.fault.as_ref().map(|_| Fallback::ControllerFault))
+        };
         let msg = Message::Heartbeat(HeartbeatMsg {
             v: V1,
             device_id: self.device_id.clone(),

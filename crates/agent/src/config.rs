@@ -72,6 +72,9 @@ pub enum BatteryChoice {
     Sim,
     /// A SunSpec controller over Modbus TCP.
     SunSpec(SunSpecUrl),
+    /// `dry-run:<url>`: the controller is read, never written; periods are reported
+    /// `skipped` (reason `dry_run`) with what would have been applied.
+    DryRun(SunSpecUrl),
 }
 
 /// The env var prefix of every field.
@@ -152,14 +155,20 @@ impl AgentConfig {
         if self.battery == "sim" {
             return Ok(BatteryChoice::Sim);
         }
-        self.battery
-            .parse()
-            .map(BatteryChoice::SunSpec)
-            .map_err(|e| {
-                AgentError::Config(format!(
-                    "battery: {e} (use \"sim\" or sunspec+tcp://host:port/unit)"
-                ))
-            })
+        let (dry_run, url) = match self.battery.strip_prefix("dry-run:") {
+            Some(url) => (true, url),
+            None => (false, self.battery.as_str()),
+        };
+        let url: SunSpecUrl = url.parse().map_err(|e| {
+            AgentError::Config(format!(
+                "battery: {e} (use \"sim\", sunspec+tcp://host:port/unit or dry-run:sunspec+tcp://…)"
+            ))
+        })?;
+        Ok(if dry_run {
+            BatteryChoice::DryRun(url)
+        } else {
+            BatteryChoice::SunSpec(url)
+        })
     }
 
     /// The broker address, parsed.
@@ -459,6 +468,13 @@ mod tests {
             (url.host(), url.port(), url.unit()),
             ("192.168.1.20", 502, 1)
         );
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\"\nbattery = \"dry-run:sunspec+tcp://plc/2\""),
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(c.battery_choice().unwrap(), BatteryChoice::DryRun(u) if u.unit() == 2));
     }
 
     #[test]

@@ -204,7 +204,8 @@ pub struct AgentArgs {
     /// This unit's id.
     #[arg(long)]
     pub device_id: Option<String>,
-    /// The battery controller: sim, or sunspec+tcp://host:port/unit.
+    /// The battery controller: sim, sunspec+tcp://host:port/unit, or dry-run:sunspec+tcp://…
+    /// (read only; periods reported skipped with would_kw).
     #[arg(long)]
     pub battery: Option<String>,
     /// Serve the agent's Prometheus metrics at http://ADDR/metrics.

@@ -27,6 +27,24 @@ pub trait Battery: Send + Sync + Debug {
     async fn read(&self) -> Result<BatteryStatus, BatteryError>;
 }
 
+/// A controller that is only read, for a `dry-run:` unit: every write is refused here, so
+/// nothing the agent does can reach the controller.
+#[derive(Debug)]
+pub struct ReadOnly<B>(pub B);
+
+#[async_trait]
+impl<B: Battery> Battery for ReadOnly<B> {
+    async fn apply(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
+        Err(BatteryError::Device(format!(
+            "dry run: {setpoint} not written (this unit only reads its controller)"
+        )))
+    }
+
+    async fn read(&self) -> Result<BatteryStatus, BatteryError> {
+        self.0.read().await
+    }
+}
+
 /// What a controller reports.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatteryStatus {

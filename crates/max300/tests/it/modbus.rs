@@ -71,15 +71,17 @@ impl ModbusRig {
     /// Broker, cloud (no provider: plans are posted), `battery-sim --units N` with
     /// `sim_flags`, and one agent per unit (`unit-01`… on unit ids 1…).
     pub async fn start(units: usize, sim_flags: &[&str]) -> ModbusRig {
-        ModbusRig::start_on(units, SPEED, Ok(sim_flags)).await
+        ModbusRig::start_on(units, SPEED, Ok(sim_flags), "").await
     }
 
     /// As [`ModbusRig::start`], on `battery-sim` with these flags (`Ok`) or on another
-    /// Modbus server at `host:port` (`Err`).
+    /// Modbus server at `host:port` (`Err`); `prefix` goes before the agents' battery URL
+    /// (`dry-run:`).
     pub async fn start_on(
         units: usize,
         speed: f64,
         controller: Result<&[&str], String>,
+        prefix: &str,
     ) -> ModbusRig {
         let dir = tempfile::Builder::new()
             .prefix("max300-modbus-")
@@ -158,7 +160,7 @@ impl ModbusRig {
         // The plans go in before the agents start: they fetch them with their first sync.
         rig.post_plans(units).await;
         for unit in 1..=units {
-            rig.start_agent(unit, &mqtt);
+            rig.start_agent(unit, &mqtt, prefix);
         }
         rig
     }
@@ -167,10 +169,10 @@ impl ModbusRig {
         format!("unit-{unit:02}")
     }
 
-    fn start_agent(&mut self, unit: usize, mqtt: &str) {
+    fn start_agent(&mut self, unit: usize, mqtt: &str, prefix: &str) {
         let id = Self::unit_id(unit);
         let data = self.dir.join(&id).display().to_string();
-        let battery = format!("sunspec+tcp://{}/{unit}", self.modbus);
+        let battery = format!("{prefix}sunspec+tcp://{}/{unit}", self.modbus);
         let mut args: Vec<String> = [
             "agent",
             "--device-id",
@@ -583,6 +585,43 @@ async fn a_setpoint_that_does_not_stick_is_reported_failed() {
     )));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_reads_the_controller_never_writes_and_says_what_it_would_do() {
+    let rig = ModbusRig::start_on(1, SPEED, Ok(&[]), "dry-run:").await;
+    rig.until_reports(1, Duration::from_secs(90), "period 8 reported", |r| {
+        r.contains_key(&8)
+    })
+    .await;
+    let reports = rig.reports(1).await;
+    let plan = plan(0);
+    for period in 1..=8u64 {
+        let r = &reports[&period];
+        let (mode, kw) = plan[period as usize - 1];
+        assert_eq!(r["status"], "skipped", "{r}");
+        assert_eq!(r["reason"], "dry_run", "{r}");
+        assert_eq!(r["mode"], mode, "{r}");
+        assert_eq!(r["would_kw"].as_f64(), Some(kw), "{r}");
+        assert_eq!(r["applied_kw"], Value::Null, "{r}");
+        // Read from ChaState: the sim's unit, untouched, stays where it started.
+        assert_eq!(r["soc_pct"].as_f64(), Some(50.0), "{r}");
+    }
+    let deadline = monotonic() + Duration::from_secs(20);
+    loop {
+        let devices = rig.get("/api/devices").await;
+        if devices[0]["fallback"] == "dry_run" {
+            break;
+        }
+        assert!(monotonic() < deadline, "{devices}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let writes = rig
+        .log()
+        .into_iter()
+        .filter(|e| matches!(e, SimLogEntry::Write { .. }))
+        .count();
+    assert_eq!(writes, 0, "a dry run never writes");
+}
+
 /// Writes per period and boundary lateness with 20 agents on one `battery-sim --units 20`
 /// for a simulated day. Run with `--ignored --nocapture` to see the figures (they are in
 /// docs/performance.md).
@@ -704,7 +743,7 @@ async fn the_agent_drives_a_third_party_pymodbus_sunspec_server() {
     let (_server, port) = start_pymodbus(logs.path());
     let addr = format!("127.0.0.1:{port}");
     // Slower than the other days, so each period's registers can be read while it runs.
-    let rig = ModbusRig::start_on(1, 600.0, Err(addr.clone())).await;
+    let rig = ModbusRig::start_on(1, 600.0, Err(addr.clone()), "").await;
     let mut ctx =
         tokio_modbus::client::tcp::connect_slave(addr.parse().unwrap(), tokio_modbus::Slave(1))
             .await
