@@ -209,27 +209,39 @@ impl ModbusRig {
                 json!({"device_id": Self::unit_id(unit), "intervals": intervals})
             })
             .collect();
-        let doc = json!({
-            "schedule_date": DATE,
-            "timezone": "Europe/London",
-            "generated_at": "2026-11-29T15:45:00Z",
-            "schedules": schedules,
-        });
-        let posted: Value = self
-            .http
-            .post(format!("{}/api/schedules", self.api))
-            .body(doc.to_string())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            posted["accepted"].as_array().map(Vec::len),
-            Some(units),
-            "{posted}"
-        );
+        // The next day charges at 10 kW throughout, so a unit is never idle by plan when a
+        // test kills its agent at the end of the first day.
+        let next_day: Vec<Value> = (1..=units)
+            .map(|unit| {
+                json!({"device_id": Self::unit_id(unit), "intervals": [{
+                    "start": "2026-12-01T00:00:00Z", "end": "2026-12-02T00:00:00Z",
+                    "mode": "charge", "rate_kw": 10
+                }]})
+            })
+            .collect();
+        for (date, schedules) in [(DATE, schedules), ("2026-12-01", next_day)] {
+            let doc = json!({
+                "schedule_date": date,
+                "timezone": "Europe/London",
+                "generated_at": "2026-11-29T15:45:00Z",
+                "schedules": schedules,
+            });
+            let posted: Value = self
+                .http
+                .post(format!("{}/api/schedules", self.api))
+                .body(doc.to_string())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                posted["accepted"].as_array().map(Vec::len),
+                Some(units),
+                "{posted}"
+            );
+        }
     }
 
     pub async fn get(&self, path: &str) -> Value {
@@ -421,7 +433,8 @@ pub fn lateness(record: &UnitRecord, speed: f64) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_drives_battery_sim_over_modbus_through_a_day_and_it_reverts_when_killed() {
     let mut rig = ModbusRig::start(1, &[]).await;
-    // A 48-period day takes 43 s at 2000×; the last period is running once it is reported.
+    // A 48-period day takes 43 s at 2000×; the last period is running once it is reported
+    // (and the next day's plan keeps the unit charging after it).
     rig.until_reports(1, Duration::from_secs(120), "period 48 reported", |r| {
         r.contains_key(&48)
     })
@@ -493,7 +506,8 @@ async fn an_agent_drives_battery_sim_over_modbus_through_a_day_and_it_reverts_wh
     let last_write = *record.write_ms.last().unwrap();
     let silence = record.revert_ms[0] - last_write;
     assert!(
-        (REVERT_S * 1000..REVERT_S * 1000 + 700).contains(&silence),
+        // The simulator notices within 50 ms; a loaded machine adds more.
+        (REVERT_S * 1000..REVERT_S * 1000 + 1500).contains(&silence),
         "idle {silence} ms after the last write"
     );
     assert_eq!(record.at_end[&49], (0, 0, 0));
