@@ -220,13 +220,15 @@ impl SunSpecBattery {
 
     /// Connects and walks the chain if needed; returns model 124's address.
     async fn ready<'a>(&self, conn: &'a mut Conn) -> Result<(&'a mut Context, u16), BatteryError> {
-        if conn.ctx.is_none() {
-            conn.storage = None;
-            conn.ctx = Some(self.connect().await?);
-        }
-        let Some(ctx) = conn.ctx.as_mut() else {
-            unreachable!("set just above")
+        let ctx = match conn.ctx.take() {
+            Some(ctx) => ctx,
+            None => {
+                // A new connection may reach a controller that was replaced: walk again.
+                conn.storage = None;
+                self.connect().await?
+            }
         };
+        let ctx = conn.ctx.insert(ctx);
         let storage = match conn.storage {
             Some(s) => s,
             None => {
