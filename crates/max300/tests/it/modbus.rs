@@ -54,6 +54,8 @@ fn expected_registers(mode: &str, kw: f64) -> (u16, u16, u16) {
 
 /// Everything a Modbus day needs, started as processes.
 pub struct ModbusRig {
+    /// Removed when the test passes, kept (and named) when it fails.
+    tmp: Option<tempfile::TempDir>,
     pub speed: f64,
     pub dir: PathBuf,
     pub clock_args: Vec<String>,
@@ -83,11 +85,11 @@ impl ModbusRig {
         controller: Result<&[&str], String>,
         prefix: &str,
     ) -> ModbusRig {
-        let dir = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix("max300-modbus-")
             .tempdir()
-            .unwrap()
-            .keep();
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let anchor = SystemClock.now().to_string();
         let clock_args: Vec<String> = [
             "--clock-start",
@@ -145,6 +147,7 @@ impl ModbusRig {
 
         let http = reqwest::Client::new();
         let mut rig = ModbusRig {
+            tmp: Some(tmp),
             speed,
             dir,
             clock_args,
@@ -298,6 +301,16 @@ impl ModbusRig {
 
     pub fn log(&self) -> Vec<SimLogEntry> {
         read_sim_log(&self.sim_log).unwrap()
+    }
+}
+
+impl Drop for ModbusRig {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(tmp) = self.tmp.take()
+        {
+            eprintln!("logs kept in {}", tmp.keep().display());
+        }
     }
 }
 
