@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, error, info, info_span, instrument, warn};
 
-use crate::battery::{Battery, BatteryStatus, SimBattery};
+use crate::battery::{Battery, BatteryStatus, ReadOnly, SimBattery, SunSpecBattery};
+use crate::config::BatteryChoice;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
 use crate::metrics::AgentMetrics;
 use crate::safety::{Guard, SocWindow};
@@ -84,8 +85,9 @@ pub async fn run(
     })??;
     let store = Arc::new(store);
 
-    let battery: Arc<dyn Battery> = match config.battery.as_str() {
-        "sim" => {
+    let dry_run = matches!(config.battery_choice()?, BatteryChoice::DryRun(_));
+    let battery: Arc<dyn Battery> = match config.battery_choice()? {
+        BatteryChoice::Sim => {
             // The simulated unit keeps its log and its state of charge beside the store, so
             // both survive a restart of the agent (and the fault suite can read the log).
             let mut sim = config.sim.clone();
@@ -95,10 +97,9 @@ pub async fn run(
                 .get_or_insert_with(|| config.data_dir.join("battery-state.json"));
             Arc::new(SimBattery::new(sim, clock.clone(), config.revert_timeout()))
         }
-        other => {
-            return Err(AgentError::Config(format!(
-                "battery: {other:?} is not supported; the only battery so far is \"sim\""
-            )));
+        BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
+        BatteryChoice::DryRun(url) => {
+            Arc::new(ReadOnly(SunSpecBattery::new(url, config.revert_timeout())))
         }
     };
 
@@ -170,6 +171,7 @@ pub async fn run(
         engine,
         guard: Guard::new(window, max_rate),
         store_fault: false,
+        dry_run,
         check_time,
         last_batch: None,
         fault: None,
@@ -216,6 +218,8 @@ struct Agent {
     /// Set while reports cannot be stored: the unit then idles rather than run a plan whose
     /// outcome cannot be recorded.
     store_fault: bool,
+    /// `dry-run:` battery: read the controller, never drive it; report what would run.
+    dry_run: bool,
     /// The last controller error, until a write and read-back succeed again.
     fault: Option<String>,
     started: Instant,
@@ -252,9 +256,18 @@ impl Agent {
         }
         // Every connect sends a sync; the timer only repeats it while a plan is missing.
         sync.reset();
+        let mut boundary = self.engine.next_wake(self.clock.now());
         loop {
-            let wake = self.engine.next_wake(self.clock.now());
-            let sleep = self.clock.real_until(wake).min(MAX_SLEEP);
+            // next_wake only looks forward: keep a boundary that passed while the loop was
+            // busy (a controller taking seconds to answer), so it is handled late, not
+            // skipped while the re-assert and heartbeat ticks win every select.
+            boundary = boundary.min(self.engine.next_wake(self.clock.now()));
+            let sleep = self.clock.real_until(boundary).min(MAX_SLEEP);
+            if sleep.is_zero() {
+                self.on_boundary().await;
+                boundary = self.engine.next_wake(self.clock.now());
+                continue;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = events.recv() => match event {
@@ -273,7 +286,10 @@ impl Agent {
                     }
                     None => break,
                 },
-                _ = tokio::time::sleep(sleep) => self.on_boundary().await,
+                _ = tokio::time::sleep(sleep) => {
+                    self.on_boundary().await;
+                    boundary = self.engine.next_wake(self.clock.now());
+                }
                 _ = heartbeat.tick() => self.heartbeat().await,
                 _ = time_source.tick(), if self.check_time => {
                     if self.check_time_source().await {
@@ -654,6 +670,10 @@ impl Agent {
                 report.message_id = Some(message_id.clone());
                 report.mode = setpoint.mode();
                 report.rate_kw = setpoint.rate();
+                if self.dry_run {
+                    self.would_run(&mut report, *setpoint).await;
+                    return report.into_message();
+                }
                 match self.execute(*setpoint).await {
                     Ok((applied, limited_by, status)) => {
                         if is_current {
@@ -683,6 +703,22 @@ impl Agent {
             }
         }
         report.into_message()
+    }
+
+    /// A dry run's period: what the safety rules would apply, from a read of the controller.
+    async fn would_run(&mut self, report: &mut ReportMsg, planned: Setpoint) {
+        report.status = ReportStatus::Skipped;
+        report.reason = Some(PeriodReason::DryRun);
+        match self.battery.read().await {
+            Ok(status) => {
+                let clamped = self.guard.clamp(planned, &status);
+                report.would_kw = Some(clamped.setpoint.rate());
+                report.limited_by = clamped.limited_by;
+                report.soc_pct = Some(status.soc_pct);
+                self.fault = None;
+            }
+            Err(e) => report.error = Some(self.faulted(e.to_string())),
+        }
     }
 
     /// Clamps, writes if it changed, and reads back: (applied, why limited, read-back).
@@ -737,6 +773,9 @@ impl Agent {
     /// Keeps the controller on the clamped plan: writes when the clamped setpoint differs
     /// from what it runs, and always when `reassert` (before its revert timer runs out).
     async fn drive(&mut self, reassert: bool) {
+        if self.dry_run {
+            return;
+        }
         // Derived from the engine each time, so a restart or a recovered clock mid-period
         // drives the current period's plan, not a stale copy of it.
         let planned = if self.store_fault {
@@ -864,10 +903,13 @@ impl Agent {
         let outbox = blocking(&self.store, |s| s.outbox_len()).await.unwrap_or(0);
         self.metrics.outbox(outbox);
         let running = status.map_or(Setpoint::IDLE, |s| s.setpoint);
-        let fallback = self
-            .engine
-            .fallback(now)
-            .or(self.fault.as_ref().map(|_| Fallback::ControllerFault));
+        let fallback = if self.dry_run {
+            Some(Fallback::DryRun)
+        } else {
+            self.engine
+                .fallback(now)
+                .or(self.fault.as_ref().map(|_| Fallback::ControllerFault))
+        };
         let msg = Message::Heartbeat(HeartbeatMsg {
             v: V1,
             device_id: self.device_id.clone(),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
 use crate::AgentError;
-use crate::battery::SimConfig;
+use crate::battery::{SimConfig, SunSpecUrl};
 
 /// Everything one agent needs to run. Build it with [`AgentConfig::from_toml`], adjust it
 /// (the binary applies CLI flags here), then call [`AgentConfig::validate`].
@@ -57,10 +57,24 @@ pub struct AgentConfig {
     /// Serve the agent's Prometheus metrics on this address (`host:port`); off when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
-    /// Which controller drives the battery: only `"sim"` so far.
+    /// Which controller drives the battery: `"sim"` (in-process) or a SunSpec controller,
+    /// `"sunspec+tcp://host:port/unit"`.
     pub battery: String,
-    /// The simulated battery.
+    /// The simulated battery; its state-of-charge window (`soc_min_pct`, `soc_max_pct`,
+    /// `hysteresis_pct`) is the agent's for every battery.
     pub sim: SimConfig,
+}
+
+/// Which controller the agent drives, parsed from [`AgentConfig::battery`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatteryChoice {
+    /// The in-process simulated unit.
+    Sim,
+    /// A SunSpec controller over Modbus TCP.
+    SunSpec(SunSpecUrl),
+    /// `dry-run:<url>`: the controller is read, never written; periods are reported
+    /// `skipped` (reason `dry_run`) with what would have been applied.
+    DryRun(SunSpecUrl),
 }
 
 /// The env var prefix of every field.
@@ -130,15 +144,31 @@ impl AgentConfig {
                 self.revert_timeout_s
             ));
         }
-        if self.battery != "sim" {
-            return bad(format!(
-                "battery: {:?} is not supported; the only battery so far is \"sim\"",
-                self.battery
-            ));
-        }
+        self.battery_choice()?;
         self.sim
             .validate()
             .map_err(|e| AgentError::Config(format!("sim.{e}")))
+    }
+
+    /// The battery controller, parsed.
+    pub fn battery_choice(&self) -> Result<BatteryChoice, AgentError> {
+        if self.battery == "sim" {
+            return Ok(BatteryChoice::Sim);
+        }
+        let (dry_run, url) = match self.battery.strip_prefix("dry-run:") {
+            Some(url) => (true, url),
+            None => (false, self.battery.as_str()),
+        };
+        let url: SunSpecUrl = url.parse().map_err(|e| {
+            AgentError::Config(format!(
+                "battery: {e} (use \"sim\", sunspec+tcp://host:port/unit or dry-run:sunspec+tcp://…)"
+            ))
+        })?;
+        Ok(if dry_run {
+            BatteryChoice::DryRun(url)
+        } else {
+            BatteryChoice::SunSpec(url)
+        })
     }
 
     /// The broker address, parsed.
@@ -232,7 +262,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "alpn",
         "metrics",
     ];
-    const SIM: [&str; 9] = [
+    const SIM: [&str; 11] = [
         "capacity_kwh",
         "initial_soc_pct",
         "soc_min_pct",
@@ -240,6 +270,8 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "hysteresis_pct",
         "max_charge_kw",
         "max_discharge_kw",
+        "ramp_kw_per_s",
+        "round_trip_efficiency",
         "write_log",
         "state_file",
     ];
@@ -373,7 +405,14 @@ mod tests {
             ("revert_timeout_s = 0", "revert_timeout_s: 0"),
             ("revert_timeout_s = 61", "revert_timeout_s: 61"),
             ("resend_after_s = 1", "resend_after_s: 1"),
-            ("battery = \"sunspec\"", "battery: \"sunspec\""),
+            (
+                "battery = \"sunspec\"",
+                "battery: \"sunspec\" is not a controller URL",
+            ),
+            (
+                "battery = \"sunspec+tcp://plc:502/0\"",
+                "battery: \"sunspec+tcp://plc:502/0\": unit \"0\"",
+            ),
             ("mqtt = \"http://x\"", "mqtt:"),
             ("timezone = \"Mars/Base\"", "timezone:"),
             ("max_rate_kw = -1", "max_rate_kw:"),
@@ -409,6 +448,33 @@ mod tests {
         // And it survives printing the config and reading it back.
         let back = AgentConfig::from_toml(&toml::to_string(&c).unwrap(), None, &[]).unwrap();
         assert_eq!(back.sim.write_log, Some(PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn the_battery_is_the_sim_or_a_sunspec_controller() {
+        let c = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some("device_id = \"d1\""), &[])
+            .unwrap();
+        assert_eq!(c.battery_choice().unwrap(), BatteryChoice::Sim);
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\""),
+            &env(&[("MAX300_BATTERY", "sunspec+tcp://192.168.1.20:502/1")]),
+        )
+        .unwrap();
+        let BatteryChoice::SunSpec(url) = c.battery_choice().unwrap() else {
+            panic!("{:?}", c.battery);
+        };
+        assert_eq!(
+            (url.host(), url.port(), url.unit()),
+            ("192.168.1.20", 502, 1)
+        );
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\"\nbattery = \"dry-run:sunspec+tcp://plc/2\""),
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(c.battery_choice().unwrap(), BatteryChoice::DryRun(u) if u.unit() == 2));
     }
 
     #[test]

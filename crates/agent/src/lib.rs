@@ -11,8 +11,10 @@
 //!   state-of-charge window with hysteresis.
 //! - [`store`]: the SQLite store: plans, reports (one per period), the outbox of acks and
 //!   reports awaiting a receipt, and the store's id and sequence.
-//! - [`battery`]: the controller seam ([`Battery`]) and the simulated unit ([`SimBattery`]),
-//!   with its optional write log on disk for tests and audits.
+//! - [`battery`]: the controller seam ([`Battery`]), the simulated unit ([`SimBattery`]) with
+//!   its optional write log on disk, and the SunSpec controller over Modbus TCP
+//!   ([`SunSpecBattery`]); with feature `sim-server`, the simulated unit served as a SunSpec
+//!   Modbus map (`max300 battery-sim`).
 //! - [`metrics`]: the agent's Prometheus metrics and its optional local endpoint.
 //! - [`timesync`]: whether the system clock is synchronized (NTP), for `clock_sync`.
 //! - [`error`]: the crate's error type.
@@ -28,6 +30,6 @@ pub mod store;
 pub mod timesync;
 
 pub use agent::run;
-pub use battery::{Battery, BatteryStatus, SimBattery, SimConfig};
+pub use battery::{Battery, BatteryStatus, SimBattery, SimConfig, SunSpecBattery, SunSpecUrl};
 pub use config::AgentConfig;
 pub use error::AgentError;

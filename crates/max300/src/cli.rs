@@ -58,6 +58,9 @@ pub enum Command {
     /// The embedded MQTT broker on its own (loopback only).
     #[cfg(feature = "broker")]
     Broker(BrokerArgs),
+    /// A simulated battery served over Modbus TCP as a SunSpec map (models 1 and 124).
+    #[cfg(feature = "battery-sim")]
+    BatterySim(BatterySimArgs),
     /// One ingestion run, in-process, with the cloud's settings.
     #[cfg(feature = "cloud")]
     Ingest(IngestArgs),
@@ -210,7 +213,8 @@ pub struct AgentArgs {
     /// This unit's id.
     #[arg(long)]
     pub device_id: Option<String>,
-    /// The battery controller: sim.
+    /// The battery controller: sim, sunspec+tcp://host:port/unit, or dry-run:sunspec+tcp://…
+    /// (read only; periods reported skipped with would_kw).
     #[arg(long)]
     pub battery: Option<String>,
     /// Serve the agent's Prometheus metrics at http://ADDR/metrics.
@@ -252,6 +256,55 @@ pub struct BrokerArgs {
     /// How many clients at most.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+}
+
+/// `max300 battery-sim`
+#[cfg(feature = "battery-sim")]
+#[derive(Args, Debug, Clone)]
+pub struct BatterySimArgs {
+    /// Where to serve Modbus TCP (port 0: any free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:1502")]
+    pub modbus: std::net::SocketAddr,
+    /// Serve unit ids 1..=N, each its own battery.
+    #[arg(long, default_value_t = 1)]
+    pub units: u8,
+    /// Where the SunSpec block starts: 40000, 0 or 50000.
+    #[arg(long, default_value_t = 40000)]
+    pub base: u16,
+    /// Usable capacity, kWh.
+    #[arg(long, default_value_t = 300.0)]
+    pub capacity_kwh: f64,
+    /// State of charge at start, percent.
+    #[arg(long, default_value_t = 50.0)]
+    pub initial_soc_pct: f64,
+    /// The charge limit (WChaMax), kW.
+    #[arg(long, default_value_t = 150.0)]
+    pub max_charge_kw: f64,
+    /// The discharge limit, kW.
+    #[arg(long, default_value_t = 150.0)]
+    pub max_discharge_kw: f64,
+    /// How fast the power follows a new setpoint, kW per second of plan time (0: at once).
+    #[arg(long, default_value_t = 5.0)]
+    pub ramp_kw_per_s: f64,
+    /// Round-trip efficiency, above 0 and at most 1.
+    #[arg(long, default_value_t = 0.92)]
+    pub round_trip_efficiency: f64,
+    /// The reserve shown as MinRsvPct, percent.
+    #[arg(long, default_value_t = 10.0)]
+    pub soc_min_pct: f64,
+    /// Append every register write (and every revert to idle) as one JSON line.
+    #[arg(long)]
+    pub write_log: Option<PathBuf>,
+    /// Play a fault: none, silent (no answers), exception (0x04 to everything), stuck
+    /// (writes acknowledged but not taken).
+    #[arg(long, default_value = "none")]
+    pub fault: max300_agent::battery::sunspec::server::Fault,
+    /// Start the fault at this plan time (RFC 3339). Default: at once.
+    #[arg(long)]
+    pub fault_from: Option<jiff::Timestamp>,
+    /// Plan time (state of charge); the revert timer runs on real seconds.
+    #[command(flatten)]
+    pub clock: ClockArgs,
 }
 
 /// `max300 ingest`
@@ -305,6 +358,8 @@ impl Command {
             Command::Provider(args) => run_provider(args).await,
             #[cfg(feature = "broker")]
             Command::Broker(args) => run_broker(args).await,
+            #[cfg(feature = "battery-sim")]
+            Command::BatterySim(args) => run_battery_sim(args).await,
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
@@ -516,6 +571,42 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     )?;
     println!("listening on mqtt://{addr}");
     shutdown_on_signal().cancelled().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "battery-sim")]
+async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
+    use max300_agent::SimConfig;
+    use max300_agent::battery::sunspec::server::{SimServerConfig, SunSpecSim, serve};
+
+    let clock = args.clock.build()?;
+    let defaults = SimConfig::default();
+    let config = SimServerConfig {
+        units: args.units,
+        base: args.base,
+        sim: SimConfig {
+            capacity_kwh: args.capacity_kwh,
+            initial_soc_pct: args.initial_soc_pct,
+            soc_min_pct: args.soc_min_pct,
+            max_charge_kw: args.max_charge_kw,
+            max_discharge_kw: args.max_discharge_kw,
+            ramp_kw_per_s: args.ramp_kw_per_s,
+            round_trip_efficiency: args.round_trip_efficiency,
+            ..defaults
+        },
+        write_log: args.write_log.clone(),
+    };
+    let sim = std::sync::Arc::new(
+        SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?,
+    );
+    sim.set_fault(args.fault, args.fault_from);
+    let listener = tokio::net::TcpListener::bind(args.modbus)
+        .await
+        .with_context(|| format!("--modbus {}", args.modbus))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(modbus = %addr, units = args.units, fault = %args.fault, "battery-sim serving");
+    println!("listening on {addr}");
+    serve(sim, listener, shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -55,6 +55,55 @@ pub struct UpArgs {
     /// Let the simulated units skip fsync (one disk stands in for N units' disks).
     #[arg(long)]
     pub no_fsync: bool,
+    /// Drive the units over Modbus TCP: an in-process battery-sim serves one SunSpec unit
+    /// per device on loopback (write log in the data dir), and each agent runs with
+    /// `battery = sunspec+tcp://…/N`. At most 247 devices.
+    #[arg(long)]
+    pub modbus: bool,
+}
+
+/// An in-process `battery-sim` with one SunSpec unit per device, on a loopback port.
+#[cfg(feature = "battery-sim")]
+async fn start_battery_sim(
+    devices: usize,
+    data_dir: &std::path::Path,
+    clock: Arc<dyn Clock>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    use max300_agent::SimConfig;
+    use max300_agent::battery::sunspec::server::{SimServerConfig, SunSpecSim, serve};
+
+    let units = u8::try_from(devices)
+        .ok()
+        .filter(|n| *n <= 247)
+        .with_context(|| format!("--modbus: {devices} devices, but Modbus has 247 unit ids"))?;
+    std::fs::create_dir_all(data_dir)?;
+    let config = SimServerConfig {
+        units,
+        base: 40000,
+        sim: SimConfig::default(),
+        write_log: Some(data_dir.join("battery-sim.jsonl")),
+    };
+    let sim =
+        Arc::new(SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = serve(sim, listener, shutdown).await {
+            tracing::error!(error = %e, "battery-sim stopped");
+        }
+    });
+    Ok(addr)
+}
+
+#[cfg(not(feature = "battery-sim"))]
+async fn start_battery_sim(
+    _devices: usize,
+    _data_dir: &std::path::Path,
+    _clock: Arc<dyn Clock>,
+    _shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    anyhow::bail!("--modbus: this build has no battery-sim (feature battery-sim)")
 }
 
 /// Real seconds between heartbeats of the simulated units.
@@ -119,9 +168,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let cloud = Cloud::start(cloud_config, clock.clone(), shutdown.clone()).await?;
     let store = cloud.store.clone();
 
+    let modbus = if args.modbus {
+        Some(start_battery_sim(args.devices, &data_dir, clock.clone(), shutdown.clone()).await?)
+    } else {
+        None
+    };
+
     let mut agents = JoinSet::new();
-    for id in sample::SampleProvider::numbered(args.devices) {
-        let env = vec![
+    for (i, id) in sample::SampleProvider::numbered(args.devices)
+        .into_iter()
+        .enumerate()
+    {
+        let mut env = vec![
             ("MAX300_DEVICE_ID".to_owned(), id.clone()),
             (
                 "MAX300_DATA_DIR".to_owned(),
@@ -134,6 +192,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 UP_HEARTBEAT_S.to_string(),
             ),
         ];
+        if let Some(addr) = modbus {
+            env.push((
+                "MAX300_BATTERY".to_owned(),
+                format!("sunspec+tcp://{addr}/{}", i + 1),
+            ));
+        }
         let config = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, None, &env)
             .with_context(|| format!("agent {id}"))?;
         let (clock, shutdown) = (clock.clone(), shutdown.clone());
@@ -152,6 +216,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             .strftime("%Y-%m-%d %H:%M %Z"),
         args.speed
     );
+    if let Some(addr) = modbus {
+        println!("batteries: battery-sim over Modbus TCP at {addr}");
+    }
     println!("dashboard: http://{}/", cloud.addr);
     if args.data_dir.is_some() {
         println!("data: {}", data_dir.display());

@@ -1,6 +1,7 @@
 //! The battery controller seam: what the agent asks of any controller, in domain words.
-//! [`sim`] is the simulated unit, which can keep a [`write_log`] on disk for tests and
-//! audits; a SunSpec Modbus controller comes later.
+//! [`sim`] is the simulated unit (the one battery model), which can keep a [`write_log`] on
+//! disk for tests and audits; [`sunspec`] drives a real controller over Modbus TCP, and serves
+//! the simulated unit the same way for `max300 battery-sim`.
 
 use std::fmt::Debug;
 
@@ -9,9 +10,11 @@ use max300_protocol::{RateKw, Setpoint};
 use thiserror::Error;
 
 pub mod sim;
+pub mod sunspec;
 pub mod write_log;
 
 pub use sim::{SimBattery, SimConfig};
+pub use sunspec::{SunSpecBattery, SunSpecUrl};
 pub use write_log::{WriteLogEntry, read_write_log};
 
 /// A battery controller: takes a setpoint, and says what it runs and what it can do.
@@ -22,6 +25,24 @@ pub trait Battery: Send + Sync + Debug {
 
     /// Reads what the controller runs now, its state of charge and its live limits.
     async fn read(&self) -> Result<BatteryStatus, BatteryError>;
+}
+
+/// A controller that is only read, for a `dry-run:` unit: every write is refused here, so
+/// nothing the agent does can reach the controller.
+#[derive(Debug)]
+pub struct ReadOnly<B>(pub B);
+
+#[async_trait]
+impl<B: Battery> Battery for ReadOnly<B> {
+    async fn apply(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
+        Err(BatteryError::Device(format!(
+            "dry run: {setpoint} not written (this unit only reads its controller)"
+        )))
+    }
+
+    async fn read(&self) -> Result<BatteryStatus, BatteryError> {
+        self.0.read().await
+    }
 }
 
 /// What a controller reports.
@@ -43,9 +64,19 @@ pub enum BatteryError {
     /// The controller could not be reached.
     #[error("controller unreachable: {0}")]
     Transport(String),
-    /// The controller answered with an error.
+    /// The controller answered with an error, or with registers that make no sense.
     #[error("controller refused: {0}")]
     Device(String),
+    /// The controller took a write but reads back something else.
+    #[error("controller read back {register} = {read}, but {wrote} was written")]
+    ReadBack {
+        /// The register's SunSpec name.
+        register: &'static str,
+        /// What was written.
+        wrote: u16,
+        /// What it holds.
+        read: u16,
+    },
 }
 
 /// The contract every [`Battery`] meets; each implementation's tests run it.

@@ -1,5 +1,8 @@
-//! A simulated battery: state of charge integrated over clock time, live limits at the ends
-//! of its range, and a revert timer on real time, as a real controller has.
+//! A simulated battery: state of charge integrated over clock time (with a ramp rate and a
+//! round-trip efficiency), live limits at the ends of its range, and a revert timer on real
+//! time, as a real controller has. It is the one battery model: the agent drives it in-process
+//! (`battery = "sim"`), and `max300 battery-sim` serves it over Modbus as a SunSpec map
+//! (see [`super::sunspec`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -36,6 +39,11 @@ pub struct SimConfig {
     pub max_charge_kw: f64,
     /// The controller's own discharge limit, kW.
     pub max_discharge_kw: f64,
+    /// How fast the power follows a new setpoint, kW per second of clock time; 0: at once.
+    pub ramp_kw_per_s: f64,
+    /// The fraction of the energy charged that can be discharged again (0 < η ≤ 1); the loss
+    /// is split evenly between charging and discharging (√η each way).
+    pub round_trip_efficiency: f64,
     /// Appends every controller write as one JSON line; for tests and audits. Unset: no log.
     /// See [`super::write_log`].
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,6 +64,8 @@ impl Default for SimConfig {
             hysteresis_pct: 2.0,
             max_charge_kw: 150.0,
             max_discharge_kw: 150.0,
+            ramp_kw_per_s: 0.0,
+            round_trip_efficiency: 1.0,
             write_log: None,
             state_file: None,
         }
@@ -102,6 +112,18 @@ impl SimConfig {
         ] {
             RateKw::try_from(v).map_err(|e| format!("{name}: {e}"))?;
         }
+        if !(self.ramp_kw_per_s.is_finite() && self.ramp_kw_per_s >= 0.0) {
+            return Err(format!(
+                "ramp_kw_per_s: {} must be 0 (instant) or above",
+                self.ramp_kw_per_s
+            ));
+        }
+        if !(self.round_trip_efficiency > 0.0 && self.round_trip_efficiency <= 1.0) {
+            return Err(format!(
+                "round_trip_efficiency: {} must be above 0 and at most 1",
+                self.round_trip_efficiency
+            ));
+        }
         if self
             .write_log
             .as_ref()
@@ -118,7 +140,6 @@ impl SimConfig {
 pub struct SimBattery {
     config: SimConfig,
     clock: Arc<dyn Clock>,
-    revert: Duration,
     max_charge: RateKw,
     max_discharge: RateKw,
     /// When this instance started (real time), the zero of the write log's `real_ms`.
@@ -129,8 +150,12 @@ pub struct SimBattery {
 #[derive(Debug)]
 struct SimState {
     setpoint: Setpoint,
+    /// The power flowing now, kW, charge positive: it follows the setpoint at the ramp rate.
+    power_kw: f64,
     energy_kwh: f64,
     integrated_to: Timestamp,
+    /// The revert timer (real time); zero disables it.
+    revert: Duration,
     asserted_at: Instant,
     writes: VecDeque<(Timestamp, Setpoint)>,
     /// Held under the state lock, so the lines are in the order the writes took effect.
@@ -160,12 +185,13 @@ impl SimBattery {
             max_discharge: RateKw::try_from(config.max_discharge_kw).unwrap_or(RateKw::ZERO),
             config,
             clock,
-            revert: revert_timeout,
             started,
             state: Mutex::new(SimState {
                 setpoint: Setpoint::IDLE,
+                power_kw: 0.0,
                 energy_kwh,
                 integrated_to: now,
+                revert: revert_timeout,
                 asserted_at: started,
                 writes: VecDeque::new(),
                 write_log,
@@ -197,11 +223,11 @@ impl SimBattery {
     /// Brings the state up to now: the revert timer first (real time), then the energy.
     fn advance(&self, state: &mut SimState) {
         let now = self.clock.now();
-        if !self.revert.is_zero() && state.setpoint != Setpoint::IDLE {
+        if !state.revert.is_zero() && state.setpoint != Setpoint::IDLE {
             let quiet = monotonic().saturating_duration_since(state.asserted_at);
-            if quiet > self.revert {
+            if quiet > state.revert {
                 // The controller went idle when the timer ran out, some clock time ago.
-                let ago = (quiet - self.revert).as_secs_f64() * self.clock.speed();
+                let ago = (quiet - state.revert).as_secs_f64() * self.clock.speed();
                 let reverted_at = now
                     .checked_sub(SignedDuration::from_secs_f64(ago))
                     .unwrap_or(now)
@@ -209,7 +235,7 @@ impl SimBattery {
                 self.integrate(state, reverted_at);
                 state.setpoint = Setpoint::IDLE;
                 let real =
-                    (state.asserted_at + self.revert).saturating_duration_since(self.started);
+                    (state.asserted_at + state.revert).saturating_duration_since(self.started);
                 self.log_write(state, reverted_at, Setpoint::IDLE, real, true);
             }
         }
@@ -233,14 +259,23 @@ impl SimBattery {
 
     fn integrate(&self, state: &mut SimState, to: Timestamp) {
         // A clock that steps back moves no energy.
-        let hours = to
+        let secs = to
             .duration_since(state.integrated_to)
             .as_secs_f64()
-            .max(0.0)
-            / 3600.0;
-        let energy = state.energy_kwh + state.setpoint.signed_kw() * hours;
+            .max(0.0);
+        let (kwh, power) = ramped_energy(
+            state.power_kw,
+            state.setpoint.signed_kw(),
+            self.config.ramp_kw_per_s,
+            secs,
+        );
+        // Losses on the way in and on the way out: √η each.
+        let eta = self.config.round_trip_efficiency.sqrt();
+        let stored = if kwh >= 0.0 { kwh * eta } else { kwh / eta };
+        let energy = state.energy_kwh + stored;
         // The unit stops by itself when full or empty.
         state.energy_kwh = energy.clamp(0.0, self.config.capacity_kwh);
+        state.power_kw = power;
         state.integrated_to = to;
         if let Some(path) = &self.config.state_file {
             save_energy(path, state.energy_kwh, to);
@@ -263,6 +298,25 @@ impl SimBattery {
                 self.max_discharge
             },
         }
+    }
+}
+
+/// The energy (kWh, charge positive) that flows in `secs` while the power moves from `from`
+/// towards `to` at `ramp` kW/s (0: at once), and the power at the end.
+fn ramped_energy(from: f64, to: f64, ramp: f64, secs: f64) -> (f64, f64) {
+    let gap = to - from;
+    if ramp <= 0.0 || gap == 0.0 {
+        return (to * secs / 3600.0, to);
+    }
+    let reach = gap.abs() / ramp;
+    if secs <= reach {
+        let end = from + gap.signum() * ramp * secs;
+        ((from + end) / 2.0 * secs / 3600.0, end)
+    } else {
+        (
+            ((from + to) / 2.0 * reach + to * (secs - reach)) / 3600.0,
+            to,
+        )
     }
 }
 
@@ -289,9 +343,23 @@ fn save_energy(path: &std::path::Path, energy_kwh: f64, at: Timestamp) {
     }
 }
 
-#[async_trait]
-impl Battery for SimBattery {
-    async fn apply(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
+impl SimBattery {
+    /// Sets the revert timer (real time; zero disables it), as a controller's register does.
+    pub fn set_revert_timeout(&self, revert: Duration) {
+        let mut state = self.lock();
+        self.advance(&mut state);
+        state.revert = revert;
+    }
+
+    /// The power flowing now, kW, charge positive (it trails the setpoint at the ramp rate).
+    pub fn power_kw(&self) -> f64 {
+        let mut state = self.lock();
+        self.advance(&mut state);
+        state.power_kw
+    }
+
+    /// [`Battery::apply`] without the async: the unit answers at once.
+    pub fn apply_now(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
         let mut state = self.lock();
         self.advance(&mut state);
         let limits = self.status(&state);
@@ -318,10 +386,22 @@ impl Battery for SimBattery {
         Ok(())
     }
 
-    async fn read(&self) -> Result<BatteryStatus, BatteryError> {
+    /// [`Battery::read`] without the async.
+    pub fn read_now(&self) -> BatteryStatus {
         let mut state = self.lock();
         self.advance(&mut state);
-        Ok(self.status(&state))
+        self.status(&state)
+    }
+}
+
+#[async_trait]
+impl Battery for SimBattery {
+    async fn apply(&self, setpoint: Setpoint) -> Result<(), BatteryError> {
+        self.apply_now(setpoint)
+    }
+
+    async fn read(&self) -> Result<BatteryStatus, BatteryError> {
+        Ok(self.read_now())
     }
 }
 
@@ -359,6 +439,28 @@ mod tests {
         clock.advance(SignedDuration::from_secs(3600));
         let soc = sim.read().await.unwrap().soc_pct;
         assert!((soc - 10.0).abs() < 1e-9, "{soc}");
+    }
+
+    #[tokio::test]
+    async fn losses_and_the_ramp_show_in_the_state_of_charge() {
+        let config = SimConfig {
+            round_trip_efficiency: 0.81,
+            ramp_kw_per_s: 1.0,
+            ..SimConfig::default()
+        };
+        let clock = Arc::new(ManualClock::new(t0()));
+        let sim = SimBattery::new(config, clock.clone(), Duration::ZERO);
+        sim.apply(kw(Mode::Charge, 60.0)).await.unwrap();
+        // 60 s to ramp up (an average of 30 kW), then 60 kW: 0.5 + 29 kWh in, 90 % of it kept.
+        clock.advance(SignedDuration::from_secs(1800));
+        assert_eq!(sim.power_kw(), 60.0);
+        let stored = (0.5 + 29.0) * 0.9;
+        let soc = sim.read().await.unwrap().soc_pct;
+        assert!((soc - (50.0 + stored / 3.0)).abs() < 1e-9, "{soc}");
+        // Half-way down the ramp to idle.
+        sim.apply(Setpoint::IDLE).await.unwrap();
+        clock.advance(SignedDuration::from_secs(30));
+        assert_eq!(sim.power_kw(), 30.0);
     }
 
     #[tokio::test]

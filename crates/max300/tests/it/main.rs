@@ -6,6 +6,7 @@
 mod browser;
 mod cli;
 mod faults;
+mod modbus;
 mod mosquitto;
 mod processes;
 mod proxy;
