@@ -256,6 +256,13 @@ impl Agent {
         }
         // Every connect sends a sync; the timer only repeats it while a plan is missing.
         sync.reset();
+        // Under systemd: ready now; the watchdog is petted from this loop, so a loop stuck in
+        // one step stops the petting and systemd restarts the agent.
+        let notifier = crate::systemd::Notifier::from_env();
+        let pet_every = notifier.pet_every();
+        let mut watchdog = tokio::time::interval(pet_every.unwrap_or(MAX_SLEEP));
+        watchdog.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        notifier.ready();
         let mut boundary = self.engine.next_wake(self.clock.now());
         loop {
             // next_wake only looks forward: keep a boundary that passed while the loop was
@@ -297,6 +304,7 @@ impl Agent {
                     }
                 }
                 _ = reassert.tick() => self.drive(true).await,
+                _ = watchdog.tick(), if pet_every.is_some() => notifier.pet(),
                 _ = resend.tick() => self.resend(self.resend_after).await,
                 _ = sync.tick() => {
                     if self.engine.lacks_plan(self.clock.now()) {

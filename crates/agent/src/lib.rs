@@ -16,6 +16,7 @@
 //!   ([`SunSpecBattery`]); with feature `sim-server`, the simulated unit served as a SunSpec
 //!   Modbus map (`max300 battery-sim`).
 //! - [`metrics`]: the agent's Prometheus metrics and its optional local endpoint.
+//! - [`systemd`]: `READY=1` and the watchdog, when run by systemd with `Type=notify`.
 //! - [`timesync`]: whether the system clock is synchronized (NTP), for `clock_sync`.
 //! - [`error`]: the crate's error type.
 
@@ -27,6 +28,7 @@ pub mod error;
 pub mod metrics;
 pub mod safety;
 pub mod store;
+pub mod systemd;
 pub mod timesync;
 
 pub use agent::run;

@@ -194,3 +194,43 @@ fn bench_ingest_sends_every_command_and_closes_with_one_line() {
         "{last}"
     );
 }
+
+#[test]
+fn under_systemd_the_agent_says_ready_and_pets_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify");
+    let systemd = UnixDatagram::bind(&socket).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // No broker: the agent is up (and ready) while it keeps trying to connect.
+    let mqtt = format!("mqtt://127.0.0.1:{}", crate::free_port());
+    let data = dir.path().join("unit").display().to_string();
+    let _agent = crate::Proc::start_with_env(
+        "agent",
+        &[
+            "agent".into(),
+            "--device-id".into(),
+            "unit-1".into(),
+            "--mqtt".into(),
+            mqtt,
+            "--data-dir".into(),
+            data,
+        ],
+        &[
+            ("NOTIFY_SOCKET".into(), socket.display().to_string()),
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        dir.path(),
+    );
+    let mut buf = [0u8; 256];
+    let mut said = Vec::new();
+    while said.iter().filter(|s: &&String| *s == "WATCHDOG=1").count() < 3 {
+        let n = systemd
+            .recv(&mut buf)
+            .expect("the agent notifies within 10 s");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(said[0].starts_with("READY=1"), "ready first: {said:?}");
+}
