@@ -76,7 +76,13 @@ impl WriteLogEntry {
 /// Reads a whole write log, in the order it was written. A line that does not parse is an
 /// error naming its line number: an audit must not skip what it cannot read.
 pub fn read_write_log(path: impl AsRef<Path>) -> Result<Vec<WriteLogEntry>, AgentError> {
-    let path = path.as_ref();
+    read_json_lines(path.as_ref())
+}
+
+/// Reads a JSON-lines log (blank lines aside), naming the file and line of anything unreadable.
+pub(crate) fn read_json_lines<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Vec<T>, AgentError> {
     let error = |reason: String| AgentError::WriteLog {
         path: path.display().to_string(),
         reason,

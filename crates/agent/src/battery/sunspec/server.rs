@@ -169,19 +169,7 @@ pub enum WriteOutcome {
 
 /// Reads a simulator log, in order; a line that does not parse is an error naming it.
 pub fn read_sim_log(path: impl AsRef<Path>) -> Result<Vec<SimLogEntry>, AgentError> {
-    let path = path.as_ref();
-    let error = |reason: String| AgentError::WriteLog {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| error(format!("line {}: {e}", i + 1)))
-        })
-        .collect()
+    crate::battery::write_log::read_json_lines(path.as_ref())
 }
 
 /// The registers a unit's controller holds (the rest of the map is computed on each read).
