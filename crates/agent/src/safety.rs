@@ -124,6 +124,7 @@ mod tests {
             soc_pct,
             max_charge: RateKw::from_watts(live_kw * 1000),
             max_discharge: RateKw::from_watts(live_kw * 1000),
+            measured_kw: None,
         }
     }
 

@@ -56,6 +56,9 @@ pub struct BatteryStatus {
     pub max_charge: RateKw,
     /// The most it will discharge at right now.
     pub max_discharge: RateKw,
+    /// The power the unit measures flowing now, kW, charge positive (see
+    /// [`Setpoint::signed_kw`]); `None` when the controller does not measure it.
+    pub measured_kw: Option<f64>,
 }
 
 /// Why a controller could not be driven.

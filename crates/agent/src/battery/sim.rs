@@ -297,6 +297,7 @@ impl SimBattery {
             } else {
                 self.max_discharge
             },
+            measured_kw: Some(state.power_kw),
         }
     }
 }

@@ -253,6 +253,7 @@ impl SunSpecBattery {
             soc_pct: storage.soc_pct,
             max_charge: storage.max_charge(),
             max_discharge: storage.max_discharge(),
+            measured_kw: None,
         })
     }
 
