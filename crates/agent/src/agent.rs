@@ -31,7 +31,7 @@ use crate::battery::{Battery, BatteryStatus, ReadOnly, SimBattery, SunSpecBatter
 use crate::config::BatteryChoice;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
 use crate::metrics::AgentMetrics;
-use crate::safety::{Guard, SocWindow};
+use crate::safety::{Guard, SafetyConfig};
 use crate::store::{Outgoing, Store};
 use crate::{AgentConfig, AgentError};
 
@@ -52,6 +52,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 const EVENT_CAPACITY: usize = 32;
 /// Half a period of plan time, in hours: the energy of one period at a rate in kW.
 const PERIOD_HOURS: f64 = max300_protocol::PERIOD_SECS as f64 / 3600.0;
+/// How often the measured power is read while it settles on a new setpoint (real time).
+const SETTLE_POLL: Duration = Duration::from_millis(100);
 
 /// Runs one agent until `shutdown`: opens its store, builds its battery, connects to the
 /// broker and follows its plans. Start-up failures (config, store, broker address) are
@@ -144,11 +146,6 @@ pub async fn run(
         info!(device_id = %device_id, metrics = %bound, "metrics endpoint listening");
     }
     let reassert = (config.revert_timeout() / 2).max(Duration::from_millis(500));
-    let window = SocWindow {
-        min_pct: config.sim.soc_min_pct,
-        max_pct: config.sim.soc_max_pct,
-        hysteresis_pct: config.sim.hysteresis_pct,
-    };
     info!(
         device_id = %device_id,
         store_id = %store.store_id(),
@@ -169,7 +166,8 @@ pub async fn run(
         session,
         topics,
         engine,
-        guard: Guard::new(window, max_rate),
+        guard: Guard::new(config.safety, max_rate),
+        safety: config.safety,
         store_fault: false,
         dry_run,
         check_time,
@@ -215,6 +213,8 @@ struct Agent {
     topics: Topics,
     engine: Engine,
     guard: Guard,
+    /// The power check after a write: its tolerance and how long it may take.
+    safety: SafetyConfig,
     /// Set while reports cannot be stored: the unit then idles rather than run a plan whose
     /// outcome cannot be recorded.
     store_fault: bool,
@@ -682,31 +682,15 @@ impl Agent {
                     self.would_run(&mut report, *setpoint).await;
                     return report.into_message();
                 }
-                match self.execute(*setpoint).await {
-                    Ok((applied, limited_by, status)) => {
-                        if is_current {
-                            // Plan time after the boundary, in real seconds.
-                            let late = self.clock.now().duration_since(due.start).as_secs_f64()
-                                / self.clock.speed();
-                            self.metrics.boundary_lateness(late);
-                        }
-                        report.applied_kw = Some(applied.rate());
-                        report.limited_by = limited_by;
-                        report.soc_pct = Some(status.soc_pct);
-                        report.energy_kwh = Some(applied.rate().kw() * PERIOD_HOURS);
-                        if status.setpoint == applied {
-                            report.status = ReportStatus::Executed;
-                        } else {
-                            report.status = ReportStatus::Failed;
-                            report.error =
-                                Some(format!("read back {}, expected {applied}", status.setpoint));
-                        }
-                    }
-                    Err(e) => {
-                        report.status = ReportStatus::Failed;
-                        report.error = Some(e);
-                    }
-                }
+                let run = self
+                    .execute(*setpoint, is_current.then_some(due.start))
+                    .await;
+                report.status = run.status;
+                report.applied_kw = run.applied;
+                report.limited_by = run.limited_by;
+                report.soc_pct = run.soc_pct;
+                report.energy_kwh = run.applied.map(|r| r.kw() * PERIOD_HOURS);
+                report.error = run.error;
                 info!(device_id = %self.device_id, message_id = %message_id, period = due.period, status = report.status.as_str(), applied_kw = ?report.applied_kw.map(|r| r.kw()), "period run");
             }
         }
@@ -729,38 +713,68 @@ impl Agent {
         }
     }
 
-    /// Clamps, writes if it changed, and reads back: (applied, why limited, read-back).
-    async fn execute(
-        &mut self,
-        planned: Setpoint,
-    ) -> Result<
-        (
-            Setpoint,
-            Option<max300_protocol::message::LimitedBy>,
-            BatteryStatus,
-        ),
-        String,
-    > {
-        let status = self
-            .battery
-            .read()
-            .await
-            .map_err(|e| self.faulted(e.to_string()))?;
+    /// Clamps, writes if it changed, reads back, and waits for the measured power to follow
+    /// (at most `settle_s`). `period_start` is set for the current period, whose boundary
+    /// lateness is measured at the write.
+    async fn execute(&mut self, planned: Setpoint, period_start: Option<Timestamp>) -> Run {
+        let status = match self.battery.read().await {
+            Ok(s) => s,
+            Err(e) => return Run::failed(self.faulted(e.to_string()), None),
+        };
         let clamped = self.guard.clamp(planned, &status);
-        if status.setpoint != clamped.setpoint {
-            self.apply(clamped.setpoint)
-                .await
-                .map_err(|e| self.faulted(e.to_string()))?;
+        if status.setpoint != clamped.setpoint
+            && let Err(e) = self.apply(clamped.setpoint).await
+        {
+            let error = self.faulted(e.to_string());
+            // Say what the unit runs instead, if it still answers.
+            let observed = self.battery.read().await.ok();
+            return Run::failed(error, observed.as_ref());
         }
-        let back = self
-            .battery
-            .read()
-            .await
-            .map_err(|e| self.faulted(e.to_string()))?;
-        if back.setpoint == clamped.setpoint {
-            self.fault = None;
+        let mut back = match self.battery.read().await {
+            Ok(s) => s,
+            Err(e) => return Run::failed(self.faulted(e.to_string()), None),
+        };
+        if let Some(start) = period_start {
+            // Plan time after the boundary, in real seconds.
+            let late = self.clock.now().duration_since(start).as_secs_f64() / self.clock.speed();
+            self.metrics.boundary_lateness(late);
         }
-        Ok((clamped.setpoint, clamped.limited_by, back))
+        if back.setpoint != clamped.setpoint {
+            let error = format!("read back {}, expected {}", back.setpoint, clamped.setpoint);
+            return Run::failed(error, Some(&back));
+        }
+        self.fault = None;
+        // A controller that measures its power is believed only once the power follows.
+        let settle_by = monotonic() + self.safety.settle();
+        while let Some(measured) = back.measured_kw {
+            if self.safety.delivers(clamped.setpoint, measured) {
+                break;
+            }
+            if monotonic() >= settle_by {
+                let error = format!(
+                    "measured {measured:.1} kW, expected {:.1} kW (tolerance {} kW)",
+                    clamped.setpoint.signed_kw(),
+                    self.safety.power_tolerance_kw
+                );
+                warn!(device_id = %self.device_id, error = %error, "the unit does not deliver its setpoint");
+                return Run {
+                    limited_by: clamped.limited_by,
+                    ..Run::failed(error, Some(&back))
+                };
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+            back = match self.battery.read().await {
+                Ok(s) => s,
+                Err(e) => return Run::failed(self.faulted(e.to_string()), None),
+            };
+        }
+        Run {
+            status: ReportStatus::Executed,
+            applied: Some(clamped.setpoint.rate()),
+            limited_by: clamped.limited_by,
+            soc_pct: Some(back.soc_pct),
+            error: None,
+        }
     }
 
     /// One controller write, timed.
@@ -953,5 +967,31 @@ trait IntoMessage {
 impl IntoMessage for ReportMsg {
     fn into_message(self) -> Message {
         Message::Report(self)
+    }
+}
+
+/// What running one period did, for its report.
+struct Run {
+    status: ReportStatus,
+    /// What the unit ran: the setpoint when executed; when failed, the measured power or, if
+    /// the unit does not measure it, the setpoint it reads back.
+    applied: Option<RateKw>,
+    limited_by: Option<max300_protocol::message::LimitedBy>,
+    soc_pct: Option<f64>,
+    error: Option<String>,
+}
+
+impl Run {
+    fn failed(error: String, observed: Option<&BatteryStatus>) -> Run {
+        Run {
+            status: ReportStatus::Failed,
+            applied: observed.map(|s| match s.measured_kw {
+                Some(kw) => RateKw::try_from(kw.abs()).unwrap_or(RateKw::ZERO),
+                None => s.setpoint.rate(),
+            }),
+            limited_by: None,
+            soc_pct: observed.map(|s| s.soc_pct),
+            error: Some(error),
+        }
     }
 }

@@ -12,6 +12,7 @@ use toml::{Table, Value};
 
 use crate::AgentError;
 use crate::battery::{SimConfig, SunSpecUrl};
+use crate::safety::SafetyConfig;
 
 /// Everything one agent needs to run. Build it with [`AgentConfig::from_toml`], adjust it
 /// (the binary applies CLI flags here), then call [`AgentConfig::validate`].
@@ -60,8 +61,10 @@ pub struct AgentConfig {
     /// Which controller drives the battery: `"sim"` (in-process) or a SunSpec controller,
     /// `"sunspec+tcp://host:port/unit"`.
     pub battery: String,
-    /// The simulated battery; its state-of-charge window (`soc_min_pct`, `soc_max_pct`,
-    /// `hysteresis_pct`) is the agent's for every battery.
+    /// The limits kept whatever the controller: the SoC window, the power check.
+    #[serde(default)]
+    pub safety: SafetyConfig,
+    /// The simulated battery, for `battery = "sim"`.
     pub sim: SimConfig,
 }
 
@@ -145,6 +148,9 @@ impl AgentConfig {
             ));
         }
         self.battery_choice()?;
+        self.safety
+            .validate()
+            .map_err(|e| AgentError::Config(format!("safety.{e}")))?;
         self.sim
             .validate()
             .map_err(|e| AgentError::Config(format!("sim.{e}")))
@@ -238,8 +244,8 @@ fn merge(base: &mut Table, over: Table) {
     }
 }
 
-/// Applies `MAX300_<FIELD>` for every top-level field and `MAX300_SIM_<FIELD>` for the sim
-/// table. A value is taken as a string where the default is a string, else parsed as TOML, so
+/// Applies `MAX300_<FIELD>` for every top-level field, `MAX300_SIM_<FIELD>` for the sim
+/// table and `MAX300_SAFETY_<FIELD>` for the safety table. A value is taken as a string where the default is a string, else parsed as TOML, so
 /// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
 /// to other roles and are ignored.
 fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
@@ -262,18 +268,22 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "alpn",
         "metrics",
     ];
-    const SIM: [&str; 11] = [
+    const SIM: [&str; 8] = [
         "capacity_kwh",
         "initial_soc_pct",
-        "soc_min_pct",
-        "soc_max_pct",
-        "hysteresis_pct",
         "max_charge_kw",
         "max_discharge_kw",
         "ramp_kw_per_s",
         "round_trip_efficiency",
         "write_log",
         "state_file",
+    ];
+    const SAFETY: [&str; 5] = [
+        "soc_min_pct",
+        "soc_max_pct",
+        "hysteresis_pct",
+        "power_tolerance_kw",
+        "settle_s",
     ];
     const STRINGS: [&str; 14] = [
         "device_id",
@@ -298,17 +308,20 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         let rest = rest.to_ascii_lowercase();
         let (target, key) = if let Some(key) = TOP.iter().find(|k| **k == rest) {
             (&mut *table, *key)
-        } else if let Some(key) = rest
-            .strip_prefix("sim_")
-            .and_then(|r| SIM.iter().find(|k| **k == r))
+        } else if let Some((section, key)) = [("sim", &SIM[..]), ("safety", &SAFETY[..])]
+            .into_iter()
+            .find_map(|(section, keys)| {
+                let r = rest.strip_prefix(section)?.strip_prefix('_')?;
+                keys.iter().find(|k| **k == r).map(|k| (section, *k))
+            })
         {
-            let sim = table
-                .entry("sim")
+            let inner = table
+                .entry(section)
                 .or_insert_with(|| Value::Table(Table::new()));
-            let Value::Table(sim) = sim else {
-                return Err(AgentError::Config("sim: must be a table".into()));
+            let Value::Table(inner) = inner else {
+                return Err(AgentError::Config(format!("{section}: must be a table")));
             };
-            (sim, *key)
+            (inner, key)
         } else {
             continue;
         };
@@ -386,6 +399,7 @@ mod tests {
                 ("MAX300_MQTT", "mqtt://broker:1884"),
                 ("MAX300_DURABLE", "false"),
                 ("MAX300_SIM_INITIAL_SOC_PCT", "20"),
+                ("MAX300_SAFETY_SOC_MIN_PCT", "15"),
                 ("MAX300_API_TOKEN", "not ours"),
             ]),
         )
@@ -396,7 +410,8 @@ mod tests {
         assert!(!c.durable);
         assert_eq!(c.sim.capacity_kwh, 200.0);
         assert_eq!(c.sim.initial_soc_pct, 20.0);
-        assert_eq!(c.sim.soc_max_pct, 90.0);
+        assert_eq!(c.safety.soc_min_pct, 15.0);
+        assert_eq!(c.safety.soc_max_pct, 90.0);
     }
 
     #[test]
@@ -416,7 +431,9 @@ mod tests {
             ("mqtt = \"http://x\"", "mqtt:"),
             ("timezone = \"Mars/Base\"", "timezone:"),
             ("max_rate_kw = -1", "max_rate_kw:"),
-            ("[sim]\nsoc_min_pct = 95", "sim.soc_min_pct"),
+            ("[safety]\nsoc_min_pct = 95", "safety.soc_min_pct: 95"),
+            ("[safety]\nsettle_s = 120", "safety.settle_s: 120"),
+            ("[sim]\nsoc_min_pct = 5", "unknown field `soc_min_pct`"),
             ("device_id = \"a b\"", "device_id"),
             ("colour = \"red\"", "colour"),
         ];

@@ -8,20 +8,94 @@
 //!                            charge blocked at ≥ max, resumes below max−h
 //! ```
 
+use std::time::Duration;
+
 use max300_protocol::message::LimitedBy;
 use max300_protocol::{Mode, RateKw, Setpoint};
 
+use serde::{Deserialize, Serialize};
+
 use crate::battery::BatteryStatus;
 
-/// The state-of-charge window, percent.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SocWindow {
-    /// No discharging at or below this.
-    pub min_pct: f64,
-    /// No charging at or above this.
-    pub max_pct: f64,
-    /// How far inside the window a blocked direction resumes.
+/// The `[safety]` table: the limits the agent keeps whatever the controller, per device.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafetyConfig {
+    /// No discharging at or below this state of charge, percent.
+    pub soc_min_pct: f64,
+    /// No charging at or above this state of charge, percent.
+    pub soc_max_pct: f64,
+    /// How far inside the window a blocked direction resumes, percent.
     pub hysteresis_pct: f64,
+    /// How far the measured power may be from the setpoint, kW, once it settled.
+    pub power_tolerance_kw: f64,
+    /// How long the measured power may take to reach a new setpoint (the controller's ramp
+    /// time), real seconds; the period's report waits at most this long.
+    pub settle_s: f64,
+}
+
+impl Default for SafetyConfig {
+    fn default() -> Self {
+        SafetyConfig {
+            soc_min_pct: 10.0,
+            soc_max_pct: 90.0,
+            hysteresis_pct: 2.0,
+            power_tolerance_kw: 3.0,
+            settle_s: 5.0,
+        }
+    }
+}
+
+impl SafetyConfig {
+    /// Checks the ranges; the message starts with the field name.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("soc_min_pct", self.soc_min_pct),
+            ("soc_max_pct", self.soc_max_pct),
+        ] {
+            if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+                return Err(format!("{name}: {v} must be from 0 to 100"));
+            }
+        }
+        if self.soc_min_pct >= self.soc_max_pct {
+            return Err(format!(
+                "soc_min_pct: {} must be below soc_max_pct {}",
+                self.soc_min_pct, self.soc_max_pct
+            ));
+        }
+        // A hysteresis as wide as the window would block both directions at once.
+        if !(self.hysteresis_pct.is_finite()
+            && self.hysteresis_pct >= 0.0
+            && self.hysteresis_pct < self.soc_max_pct - self.soc_min_pct)
+        {
+            return Err(format!(
+                "hysteresis_pct: {} must be at least 0 and below the window's width ({})",
+                self.hysteresis_pct,
+                self.soc_max_pct - self.soc_min_pct
+            ));
+        }
+        if !(self.power_tolerance_kw.is_finite() && self.power_tolerance_kw > 0.0) {
+            return Err(format!(
+                "power_tolerance_kw: {} must be above 0",
+                self.power_tolerance_kw
+            ));
+        }
+        // Beyond a minute the report of a 30-minute period would say little about its start.
+        if !(self.settle_s.is_finite() && (0.0..=60.0).contains(&self.settle_s)) {
+            return Err(format!("settle_s: {} must be from 0 to 60", self.settle_s));
+        }
+        Ok(())
+    }
+
+    /// How long the measured power may take to settle.
+    pub fn settle(&self) -> Duration {
+        Duration::from_secs_f64(self.settle_s)
+    }
+
+    /// Whether `measured_kw` (charge positive) delivers `setpoint`, within the tolerance.
+    pub fn delivers(&self, setpoint: Setpoint, measured_kw: f64) -> bool {
+        (measured_kw - setpoint.signed_kw()).abs() <= self.power_tolerance_kw
+    }
 }
 
 /// What may be applied, and why it differs from the plan.
@@ -36,15 +110,15 @@ pub struct Clamped {
 /// The safety rules with their hysteresis memory: which direction is blocked now.
 #[derive(Clone, Debug)]
 pub struct Guard {
-    window: SocWindow,
+    window: SafetyConfig,
     max_rate: RateKw,
     charge_blocked: bool,
     discharge_blocked: bool,
 }
 
 impl Guard {
-    /// Rules for a device limited to `max_rate` and kept inside `window`.
-    pub fn new(window: SocWindow, max_rate: RateKw) -> Guard {
+    /// Rules for a device limited to `max_rate` and kept inside `window`'s SoC window.
+    pub fn new(window: SafetyConfig, max_rate: RateKw) -> Guard {
         Guard {
             window,
             max_rate,
@@ -57,14 +131,14 @@ impl Guard {
     pub fn clamp(&mut self, planned: Setpoint, status: &BatteryStatus) -> Clamped {
         let soc = status.soc_pct;
         let w = self.window;
-        if soc >= w.max_pct {
+        if soc >= w.soc_max_pct {
             self.charge_blocked = true;
-        } else if soc < w.max_pct - w.hysteresis_pct {
+        } else if soc < w.soc_max_pct - w.hysteresis_pct {
             self.charge_blocked = false;
         }
-        if soc <= w.min_pct {
+        if soc <= w.soc_min_pct {
             self.discharge_blocked = true;
-        } else if soc > w.min_pct + w.hysteresis_pct {
+        } else if soc > w.soc_min_pct + w.hysteresis_pct {
             self.discharge_blocked = false;
         }
         let (blocked, soc_reason, live) = match planned.mode() {
@@ -108,10 +182,12 @@ impl Guard {
 mod tests {
     use super::*;
 
-    const WINDOW: SocWindow = SocWindow {
-        min_pct: 10.0,
-        max_pct: 90.0,
+    const WINDOW: SafetyConfig = SafetyConfig {
+        soc_min_pct: 10.0,
+        soc_max_pct: 90.0,
         hysteresis_pct: 2.0,
+        power_tolerance_kw: 3.0,
+        settle_s: 5.0,
     };
 
     fn sp(mode: Mode, kw: u32) -> Setpoint {
@@ -191,5 +267,62 @@ mod tests {
             (c.setpoint, c.limited_by),
             (Setpoint::IDLE, Some(LimitedBy::ControllerLimit))
         );
+    }
+
+    #[test]
+    fn every_safety_limit_is_checked_by_name() {
+        assert_eq!(SafetyConfig::default().validate(), Ok(()));
+        let cases = [
+            (
+                SafetyConfig {
+                    soc_min_pct: 95.0,
+                    ..WINDOW
+                },
+                "soc_min_pct: 95 must be below soc_max_pct 90",
+            ),
+            (
+                SafetyConfig {
+                    soc_max_pct: 101.0,
+                    ..WINDOW
+                },
+                "soc_max_pct: 101 must be from 0 to 100",
+            ),
+            (
+                SafetyConfig {
+                    hysteresis_pct: 80.0,
+                    ..WINDOW
+                },
+                "hysteresis_pct: 80",
+            ),
+            (
+                SafetyConfig {
+                    power_tolerance_kw: 0.0,
+                    ..WINDOW
+                },
+                "power_tolerance_kw: 0 must be above 0",
+            ),
+            (
+                SafetyConfig {
+                    settle_s: f64::NAN,
+                    ..WINDOW
+                },
+                "settle_s: NaN",
+            ),
+        ];
+        for (config, expected) in cases {
+            let err = config.validate().unwrap_err();
+            assert!(err.starts_with(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn measured_power_delivers_a_setpoint_within_the_tolerance_and_direction() {
+        let c = SafetyConfig::default();
+        assert!(c.delivers(sp(Mode::Charge, 50), 48.0));
+        assert!(!c.delivers(sp(Mode::Charge, 50), 46.0));
+        // The right size in the wrong direction is not delivery.
+        assert!(!c.delivers(sp(Mode::Discharge, 50), 50.0));
+        assert!(c.delivers(sp(Mode::Discharge, 50), -51.0));
+        assert!(c.delivers(Setpoint::IDLE, 0.4));
     }
 }

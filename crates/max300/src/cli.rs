@@ -587,7 +587,6 @@ async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
         sim: SimConfig {
             capacity_kwh: args.capacity_kwh,
             initial_soc_pct: args.initial_soc_pct,
-            soc_min_pct: args.soc_min_pct,
             max_charge_kw: args.max_charge_kw,
             max_discharge_kw: args.max_discharge_kw,
             ramp_kw_per_s: args.ramp_kw_per_s,
@@ -595,6 +594,7 @@ async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
             ..defaults
         },
         write_log: args.write_log.clone(),
+        reserve_pct: args.soc_min_pct,
     };
     let sim = std::sync::Arc::new(
         SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?,

@@ -82,6 +82,7 @@ async fn start_battery_sim(
         units,
         base: 40000,
         sim: SimConfig::default(),
+        reserve_pct: 10.0,
         write_log: Some(data_dir.join("battery-sim.jsonl")),
     };
     let sim =

@@ -21,7 +21,7 @@ use super::{Battery, BatteryError, BatteryStatus};
 /// How many writes [`SimBattery::writes`] keeps.
 const WRITES_KEPT: usize = 1024;
 
-/// The simulated unit, and the state-of-charge window the agent keeps it in.
+/// The simulated unit: its size, limits and losses.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
@@ -29,12 +29,6 @@ pub struct SimConfig {
     pub capacity_kwh: f64,
     /// State of charge at start-up, percent.
     pub initial_soc_pct: f64,
-    /// No discharging at or below this, percent.
-    pub soc_min_pct: f64,
-    /// No charging at or above this, percent.
-    pub soc_max_pct: f64,
-    /// How far inside the window a blocked direction resumes, percent.
-    pub hysteresis_pct: f64,
     /// The controller's own charge limit, kW.
     pub max_charge_kw: f64,
     /// The controller's own discharge limit, kW.
@@ -59,9 +53,6 @@ impl Default for SimConfig {
         SimConfig {
             capacity_kwh: 300.0,
             initial_soc_pct: 50.0,
-            soc_min_pct: 10.0,
-            soc_max_pct: 90.0,
-            hysteresis_pct: 2.0,
             max_charge_kw: 150.0,
             max_discharge_kw: 150.0,
             ramp_kw_per_s: 0.0,
@@ -89,23 +80,6 @@ impl SimConfig {
             ));
         }
         pct("initial_soc_pct", self.initial_soc_pct)?;
-        pct("soc_min_pct", self.soc_min_pct)?;
-        pct("soc_max_pct", self.soc_max_pct)?;
-        if self.soc_min_pct >= self.soc_max_pct {
-            return Err(format!(
-                "soc_min_pct: {} must be below soc_max_pct {}",
-                self.soc_min_pct, self.soc_max_pct
-            ));
-        }
-        if !(self.hysteresis_pct.is_finite()
-            && self.hysteresis_pct >= 0.0
-            && self.hysteresis_pct < self.soc_max_pct - self.soc_min_pct)
-        {
-            return Err(format!(
-                "hysteresis_pct: {} must be at least 0 and below the window's width",
-                self.hysteresis_pct
-            ));
-        }
         for (name, v) in [
             ("max_charge_kw", self.max_charge_kw),
             ("max_discharge_kw", self.max_discharge_kw),

@@ -62,11 +62,18 @@ pub struct TestApp {
     pub dir: tempfile::TempDir,
     agent: Option<(CancellationToken, JoinHandle<Result<(), AgentError>>)>,
     topics: Topics,
+    /// TOML appended to the agent's config file (tables such as `[safety]` and `[sim]`).
+    extra: String,
 }
 
 impl TestApp {
     /// A broker, a subscribed cloud client, and an agent whose clock reads `start` now.
     pub async fn start(start: &str, speed: f64) -> TestApp {
+        TestApp::start_with(start, speed, "").await
+    }
+
+    /// As [`TestApp::start`], with `extra` TOML appended to the agent's config.
+    pub async fn start_with(start: &str, speed: f64, extra: &str) -> TestApp {
         let port = start_broker();
         let (cloud, inbox) = cloud_client(port).await;
         let mut app = TestApp {
@@ -78,6 +85,7 @@ impl TestApp {
             dir: tempfile::tempdir().unwrap(),
             agent: None,
             topics: Topics::default(),
+            extra: extra.to_owned(),
         };
         app.start_agent();
         app
@@ -86,9 +94,10 @@ impl TestApp {
     pub fn config(&self) -> AgentConfig {
         let file = format!(
             "device_id = \"{DEVICE}\"\nmqtt = \"mqtt://127.0.0.1:{}\"\ndata_dir = {:?}\n\
-             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n",
+             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n{}",
             self.port,
-            self.dir.path().display().to_string()
+            self.dir.path().display().to_string(),
+            self.extra
         );
         AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some(&file), &[]).unwrap()
     }

@@ -6,3 +6,4 @@
 
 mod flows;
 mod helpers;
+mod safety;

@@ -602,6 +602,9 @@ async fn a_setpoint_that_does_not_stick_is_reported_failed() {
         error.contains("read back StorCtl_Mod = 1, but 0 was written"),
         "{r}"
     );
+    // What it reports as applied is what the unit still runs: the 40 kW charge.
+    let applied = r["applied_kw"].as_f64().unwrap();
+    assert!((applied - 40.0).abs() < 1.0, "{r}");
     let log = rig.log();
     assert!(log.iter().any(|e| matches!(
         e,

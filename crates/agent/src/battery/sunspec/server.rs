@@ -95,6 +95,8 @@ pub struct SimServerConfig {
     pub base: u16,
     /// Each unit's battery.
     pub sim: SimConfig,
+    /// The reserve shown as `MinRsvPct`, percent.
+    pub reserve_pct: f64,
     /// Appends every register write (and every revert) as one JSON line.
     pub write_log: Option<PathBuf>,
 }
@@ -296,7 +298,7 @@ impl SunSpecSim {
             w_cha_max,
             w_sf,
             rate_sf: ScaleFactor::new(RATE_SF).unwrap_or(w_sf),
-            soc_min_pct: config.sim.soc_min_pct,
+            soc_min_pct: config.reserve_pct,
             fault: Mutex::new((Fault::None, None)),
             log: Mutex::new(log),
             log_path: config.write_log,

@@ -30,6 +30,7 @@ async fn serve(base: u16, units: u8) -> Served {
         units,
         base,
         sim: SimConfig::default(),
+        reserve_pct: 10.0,
         write_log: Some(dir.path().join("sim.jsonl")),
     };
     let sim = Arc::new(SunSpecSim::new(config, clock).unwrap());

@@ -1,0 +1,133 @@
+//! The safety rules at the edge, through a running agent and its simulated unit.
+
+use max300_protocol::message::{AckStatus, LimitedBy, ReportMsg, ReportStatus};
+use max300_protocol::{Message, Mode, RateKw};
+
+use crate::helpers::*;
+
+fn report(m: &Message) -> Option<ReportMsg> {
+    match m {
+        Message::Report(r) if r.message_id.is_some() => Some(r.clone()),
+        _ => None,
+    }
+}
+
+/// Once the agent is subscribed (its first `sync`), sends today's plan (`f(period)` each
+/// period) and waits for its ack.
+async fn follow(app: &mut TestApp, f: impl Fn(u32) -> max300_protocol::Setpoint) {
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    let today = plan(&device(), "2026-11-30", 1, f);
+    app.send(Message::Schedule(today.clone())).await;
+    let ack = app
+        .next("the ack", |m| match m {
+            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, AckStatus::Accepted, "{ack:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soc_window_stops_charging_until_past_the_hysteresis_and_rates_are_clamped() {
+    // 1,000 kWh, limits 40 kW: each period moves the SoC by exactly 2 %, so it crosses the
+    // 90 % limit and the 88 % hysteresis edge with half a percent to spare.
+    let mut app = TestApp::start_with(
+        "2026-11-30T10:05:00Z",
+        1200.0,
+        "[safety]\nsoc_max_pct = 90\nhysteresis_pct = 2\n\
+         [sim]\ncapacity_kwh = 1000\ninitial_soc_pct = 86.5\nmax_charge_kw = 40\nmax_discharge_kw = 40\n",
+    )
+    .await;
+    // Charge, charge, discharge, all asking for 50 kW.
+    follow(&mut app, |p| match p % 3 {
+        2 => setpoint(Mode::Discharge, 50.0),
+        _ => setpoint(Mode::Charge, 50.0),
+    })
+    .await;
+
+    let forty = RateKw::try_from(40.0).unwrap();
+    let mut refused_in_hysteresis = false;
+    let mut resumed = false;
+    let mut blocked = false;
+    while !(refused_in_hysteresis && resumed) {
+        let r = app.next("a period report", report).await;
+        assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
+        let soc = r.soc_pct.unwrap();
+        match r.mode {
+            Mode::Discharge => {
+                assert_eq!(r.applied_kw, Some(forty), "{r:?}");
+                assert_eq!(r.limited_by, Some(LimitedBy::ControllerLimit), "{r:?}");
+            }
+            Mode::Charge if r.limited_by == Some(LimitedBy::SocMax) => {
+                assert_eq!(r.applied_kw, Some(RateKw::ZERO), "{r:?}");
+                // Refused at the limit, and still refused inside the hysteresis band.
+                assert!(soc > 88.0, "charge refused at {soc} %: {r:?}");
+                blocked = true;
+                refused_in_hysteresis |= soc < 90.0;
+            }
+            Mode::Charge => {
+                // The planned 50 kW is clamped to the controller's 40 kW.
+                assert_eq!(r.applied_kw, Some(forty), "{r:?}");
+                assert_eq!(r.limited_by, Some(LimitedBy::ControllerLimit), "{r:?}");
+                assert!(soc < 90.0, "charged at {soc} %: {r:?}");
+                if blocked {
+                    assert!(soc < 88.0, "resumed at {soc} %, inside the band: {r:?}");
+                    resumed = true;
+                }
+            }
+            Mode::Idle => panic!("{r:?}"),
+        }
+    }
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_power_does_not_follow_is_failed_with_the_measured_kw() {
+    // The unit's power ramps at 0.005 kW per plan second: 6 kW per real second at 1200×, so
+    // after the 1 s it is given it delivers about 6 of the 40 kW asked.
+    let mut app = TestApp::start_with(
+        "2026-11-30T10:05:00Z",
+        1200.0,
+        "[safety]\nsettle_s = 1\npower_tolerance_kw = 3\n[sim]\nramp_kw_per_s = 0.005\n",
+    )
+    .await;
+    follow(&mut app, |p| {
+        if p % 2 == 0 {
+            setpoint(Mode::Charge, 40.0)
+        } else {
+            setpoint(Mode::Discharge, 40.0)
+        }
+    })
+    .await;
+    let r = app
+        .next("a failed report", |m| {
+            report(m).filter(|r| r.status == ReportStatus::Failed)
+        })
+        .await;
+    let applied = r.applied_kw.unwrap().kw();
+    assert!(applied > 0.0 && applied < 37.0, "{r:?}");
+    let error = r.error.unwrap();
+    assert!(error.starts_with("measured "), "{error}");
+    assert!(
+        error.contains("kW, expected ") && error.contains("(tolerance 3 kW)"),
+        "{error}"
+    );
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_power_follows_within_the_settle_time_is_executed() {
+    // 0.05 kW per plan second is 60 kW per real second: 40 kW is reached in about 0.7 s.
+    let mut app = TestApp::start_with(
+        "2026-11-30T10:05:00Z",
+        1200.0,
+        "[safety]\nsettle_s = 5\n[sim]\nramp_kw_per_s = 0.05\n",
+    )
+    .await;
+    follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;
+    let r = app.next("a period report", report).await;
+    assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
+    assert_eq!(r.applied_kw, Some(RateKw::try_from(40.0).unwrap()));
+    app.stop_agent().await;
+}
