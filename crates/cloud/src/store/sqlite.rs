@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS commands (
     created_at TEXT NOT NULL,
     publishes INTEGER NOT NULL DEFAULT 0,
     last_sent_at TEXT,
+    plan TEXT NOT NULL DEFAULT '',
     UNIQUE (device_id, schedule_date, version)
 );
 CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state);
@@ -70,13 +71,10 @@ CREATE TABLE IF NOT EXISTS warnings (
     warning TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS commands_by_date ON commands (schedule_date, device_id);
-CREATE TABLE IF NOT EXISTS periods (
+CREATE TABLE IF NOT EXISTS results (
     message_id TEXT NOT NULL,
     period INTEGER NOT NULL,
-    start TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    rate_w INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
+    status TEXT NOT NULL,
     applied_w INTEGER,
     limited_by TEXT,
     reason TEXT,
@@ -135,13 +133,13 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| CloudError::Store(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| CloudError::Store(format!("cannot open {}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
             .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
             .and_then(|_| conn.execute_batch(SCHEMA))
-            .and_then(|_| add_missing_columns(&conn))
+            .and_then(|_| add_missing_columns(&mut conn))
             .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -179,8 +177,41 @@ impl SqliteStore {
 }
 
 /// Columns added after the first release: a store file made by an older version gets them
-/// on open, empty.
-fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+/// on open, empty; and a store that kept one row per planned period (`periods`) moves the
+/// plan into `commands.plan` and keeps only the periods that have a result.
+fn add_missing_columns(conn: &mut Connection) -> rusqlite::Result<()> {
+    let old_periods: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'periods'",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_periods {
+        let tx = conn.transaction()?;
+        let has_plan: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'plan'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_plan {
+            tx.execute(
+                "ALTER TABLE commands ADD COLUMN plan TEXT NOT NULL DEFAULT ''",
+                [],
+            )?;
+        }
+        tx.execute_batch(
+            "UPDATE commands SET plan = coalesce((
+                 SELECT group_concat(CASE mode WHEN 'charge' THEN rate_w
+                                               WHEN 'discharge' THEN -rate_w ELSE 0 END,
+                                     ',' ORDER BY period)
+                 FROM periods WHERE periods.message_id = commands.message_id), '');
+             INSERT OR IGNORE INTO results
+                 SELECT message_id, period, status, applied_w, limited_by, reason, error,
+                        soc_pct, at
+                 FROM periods WHERE status != 'pending';
+             DROP TABLE periods;",
+        )?;
+        tx.commit()?;
+    }
     let has_traceparent: bool = conn.query_row(
         "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'traceparent'",
         [],
@@ -229,6 +260,90 @@ fn rate(watts: Option<i64>) -> Option<RateKw> {
         .map(RateKw::from_watts)
 }
 
+/// A plan as stored in `commands.plan`: each period's signed watts (charge positive),
+/// comma-separated, so a command is one row however many periods it has.
+fn encode_plan(setpoints: &[Setpoint]) -> String {
+    let mut out = String::with_capacity(setpoints.len() * 7);
+    for (i, sp) in setpoints.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let w = i64::from(sp.rate().watts());
+        let signed = match sp.mode() {
+            Mode::Charge => w,
+            Mode::Discharge => -w,
+            Mode::Idle => 0,
+        };
+        out.push_str(&signed.to_string());
+    }
+    out
+}
+
+fn decode_plan(plan: &str) -> rusqlite::Result<Vec<Setpoint>> {
+    if plan.is_empty() {
+        return Ok(Vec::new());
+    }
+    plan.split(',')
+        .map(|w| {
+            let w: i64 = w.parse().map_err(conversion)?;
+            let mode = match w.signum() {
+                1 => Mode::Charge,
+                -1 => Mode::Discharge,
+                _ => Mode::Idle,
+            };
+            let watts = u32::try_from(w.unsigned_abs()).map_err(conversion)?;
+            Setpoint::new(mode, RateKw::from_watts(watts)).map_err(conversion)
+        })
+        .collect()
+}
+
+/// How many periods a stored plan has, without decoding it.
+fn plan_len(plan: &str) -> u32 {
+    if plan.is_empty() {
+        0
+    } else {
+        u32::try_from(plan.bytes().filter(|b| *b == b',').count() + 1).unwrap_or(u32::MAX)
+    }
+}
+
+fn command_day(date: &str, tz: &str) -> rusqlite::Result<Day> {
+    Day::named(parsed(date.to_owned())?, tz).map_err(conversion)
+}
+
+/// The days of the commands one query reads, built once per zone.
+#[derive(Default)]
+struct Days(HashMap<(String, String), Day>);
+
+impl Days {
+    fn get(&mut self, date: &str, tz: &str) -> rusqlite::Result<&Day> {
+        let key = (date.to_owned(), tz.to_owned());
+        if !self.0.contains_key(&key) {
+            let day = command_day(date, tz)?;
+            self.0.insert(key.clone(), day);
+        }
+        self.0
+            .get(&key)
+            .ok_or_else(|| conversion("day cache lost an entry"))
+    }
+}
+
+/// Marks every period of `id` in `periods` that has no result yet.
+fn mark_unresulted(
+    tx: &Transaction,
+    id: &str,
+    periods: std::ops::RangeInclusive<u32>,
+    status: &str,
+    reason: Option<&str>,
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO results (message_id, period, status, reason) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for period in periods {
+        insert.execute(params![id, period, status, reason])?;
+    }
+    Ok(())
+}
+
 fn set_state(
     tx: &Transaction,
     id: &str,
@@ -248,15 +363,15 @@ fn set_state(
 
 /// Moves a command to `completed` once no period is left pending.
 fn complete_if_done(tx: &Transaction, id: &str, at: Timestamp) -> rusqlite::Result<()> {
-    let (state, pending): (String, u32) = tx.query_row(
-        "SELECT state, (SELECT count(*) FROM periods
-                        WHERE message_id = ?1 AND status IN ('pending', 'unreported'))
+    let (state, plan, done): (String, String, u32) = tx.query_row(
+        "SELECT state, plan, (SELECT count(*) FROM results
+                              WHERE message_id = ?1 AND status NOT IN ('pending', 'unreported'))
          FROM commands WHERE message_id = ?1",
         [id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     let state: CommandState = parsed(state)?;
-    if pending == 0
+    if done >= plan_len(&plan)
         && let Some(CommandState::Completed) = state.after_report(true)
     {
         set_state(tx, id, CommandState::Completed, at)?;
@@ -437,8 +552,8 @@ impl CommandStore for SqliteStore {
                 tx.execute(
                     "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
                                            sha256, state, governs_from, ends_at, created_at,
-                                           traceparent)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8, ?9, ?10)",
+                                           traceparent, plan)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8, ?9, ?10, ?11)",
                     params![
                         id,
                         device,
@@ -449,26 +564,14 @@ impl CommandStore for SqliteStore {
                         text(governs_from),
                         text(s.day().end()),
                         text(at),
-                        cmd.traceparent.as_ref().map(|t| t.as_str())
+                        cmd.traceparent.as_ref().map(|t| t.as_str()),
+                        encode_plan(s.setpoints())
                     ],
                 )?;
                 tx.execute(
                     "INSERT INTO history (message_id, state, at) VALUES (?1, 'created', ?2)",
                     params![id, text(at)],
                 )?;
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO periods (message_id, period, start, mode, rate_w)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for p in s.periods() {
-                    insert.execute(params![
-                        id,
-                        p.period,
-                        text(p.start),
-                        p.setpoint.mode().as_str(),
-                        p.setpoint.rate().watts()
-                    ])?;
-                }
                 out.push(Insert::Created {
                     message_id: cmd.message_id.clone(),
                     version,
@@ -483,9 +586,11 @@ impl CommandStore for SqliteStore {
     async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError> {
         let id = id.clone();
         self.run(move |c| {
-            let row: Option<(String, String, String, u32, String, Option<String>)> = c
+            type Row = (String, String, String, u32, String, Option<String>, String);
+            let row: Option<Row> = c
                 .query_row(
-                    "SELECT device_id, schedule_date, timezone, version, created_at, traceparent
+                    "SELECT device_id, schedule_date, timezone, version, created_at, traceparent,
+                            plan
                      FROM commands WHERE message_id = ?1",
                     [id.as_str()],
                     |r| {
@@ -496,25 +601,16 @@ impl CommandStore for SqliteStore {
                             r.get(3)?,
                             r.get(4)?,
                             r.get(5)?,
+                            r.get(6)?,
                         ))
                     },
                 )
                 .optional()?;
-            let Some((device, date, tz, version, created, traceparent)) = row else {
+            let Some((device, date, tz, version, created, traceparent, plan)) = row else {
                 return Ok(None);
             };
-            let day = Day::named(parsed(date)?, &tz).map_err(conversion)?;
-            let mut stmt = c.prepare_cached(
-                "SELECT mode, rate_w FROM periods WHERE message_id = ?1 ORDER BY period",
-            )?;
-            let setpoints = stmt
-                .query_map([id.as_str()], |r| {
-                    let mode: String = r.get(0)?;
-                    let watts: u32 = r.get(1)?;
-                    let mode = Mode::parse_loose(&mode).ok_or_else(|| conversion(&mode))?;
-                    Setpoint::new(mode, RateKw::from_watts(watts)).map_err(conversion)
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let day = command_day(&date, &tz)?;
+            let setpoints = decode_plan(&plan)?;
             let schedule = Schedule::new(parsed(device)?, day, setpoints)
                 .ok_or_else(|| conversion("stored periods do not match the date"))?;
             let mut msg = ScheduleMsg::new(&schedule, id, version, ts(created)?);
@@ -649,25 +745,23 @@ impl CommandStore for SqliteStore {
                 // Periods before the effective one never ran under this command: an older
                 // version (if any) governed them.
                 let reason = (version > 1).then_some("superseded");
-                tx.execute(
-                    "UPDATE periods SET status = 'skipped', reason = ?3
-                     WHERE message_id = ?1 AND period < ?2 AND status = 'pending'",
-                    params![id, effective, reason],
-                )?;
-                let older: Vec<(String, String)> = tx
+                mark_unresulted(&tx, id, 1..=effective.saturating_sub(1), "skipped", reason)?;
+                let older: Vec<(String, String, String)> = tx
                     .prepare(
-                        "SELECT message_id, state FROM commands
+                        "SELECT message_id, state, plan FROM commands
                          WHERE device_id = ?1 AND schedule_date = ?2 AND version < ?3",
                     )?
                     .query_map(params![device, date, version], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
-                for (old, old_state) in older {
-                    tx.execute(
-                        "UPDATE periods SET status = 'skipped', reason = 'superseded'
-                         WHERE message_id = ?1 AND period >= ?2 AND status = 'pending'",
-                        params![old, effective],
+                for (old, old_state, old_plan) in older {
+                    mark_unresulted(
+                        &tx,
+                        &old,
+                        effective..=plan_len(&old_plan),
+                        "skipped",
+                        Some("superseded"),
                     )?;
                     let old_state: CommandState = parsed(old_state)?;
                     if !matches!(
@@ -718,25 +812,38 @@ impl CommandStore for SqliteStore {
                 tx.commit()?;
                 return Ok(Recorded::Applied);
             };
-            let state: Option<String> = tx
+            let command: Option<(String, String, String)> = tx
                 .query_row(
-                    "SELECT state FROM commands WHERE message_id = ?1 AND device_id = ?2",
+                    "SELECT state, schedule_date, timezone FROM commands
+                     WHERE message_id = ?1 AND device_id = ?2",
                     params![id, device],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
-            let Some(state) = state else {
+            let Some((state, date, tz)) = command else {
                 tx.commit()?;
                 return Ok(Recorded::UnknownCommand);
             };
             let status = PeriodStatus::from(report.status);
+            // The period is the one of the command's day that starts then; a report for an
+            // instant off its grid is kept (in `reports`) but moves no period.
+            let day = command_day(&date, &tz)?;
+            let period = day
+                .boundary(report.interval_start)
+                .ok()
+                .filter(|b| *b < day.period_count())
+                .map(|b| b + 1);
             tx.execute(
-                "UPDATE periods SET status = ?3, applied_w = ?4, limited_by = ?5, reason = ?6,
-                        error = ?7, soc_pct = ?8, at = ?9
-                 WHERE message_id = ?1 AND start = ?2",
+                "INSERT INTO results (message_id, period, status, applied_w, limited_by, reason,
+                                      error, soc_pct, at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE ?2 IS NOT NULL
+                 ON CONFLICT (message_id, period) DO UPDATE SET
+                     status = excluded.status, applied_w = excluded.applied_w,
+                     limited_by = excluded.limited_by, reason = excluded.reason,
+                     error = excluded.error, soc_pct = excluded.soc_pct, at = excluded.at",
                 params![
                     id,
-                    start,
+                    period,
                     status.as_str(),
                     report.applied_kw.map(|r| r.watts()),
                     report
@@ -790,7 +897,8 @@ impl CommandStore for SqliteStore {
             let head = c
                 .query_row(
                     &format!(
-                        "SELECT {SUMMARY_COLUMNS}, sha256, acked_sha256, effective_period, publishes
+                        "SELECT {SUMMARY_COLUMNS}, sha256, acked_sha256, effective_period, publishes,
+                                timezone, plan
                          FROM commands WHERE message_id = ?1"
                     ),
                     [id.as_str()],
@@ -801,13 +909,18 @@ impl CommandStore for SqliteStore {
                             r.get::<_, Option<String>>(7)?,
                             r.get::<_, Option<u32>>(8)?,
                             r.get::<_, u32>(9)?,
+                            r.get::<_, String>(10)?,
+                            r.get::<_, String>(11)?,
                         ))
                     },
                 )
                 .optional()?;
-            let Some((summary, sha256, acked_sha256, effective_period, publishes)) = head else {
+            let Some((summary, sha256, acked_sha256, effective_period, publishes, tz, plan)) = head
+            else {
                 return Ok(None);
             };
+            let day = Day::new(summary.schedule_date, max300_protocol::day::time_zone(&tz).map_err(conversion)?)
+                .map_err(conversion)?;
             let history = c
                 .prepare_cached(
                     "SELECT state, at FROM history WHERE message_id = ?1 ORDER BY rowid",
@@ -827,28 +940,41 @@ impl CommandStore for SqliteStore {
                 .prepare_cached("SELECT warning FROM warnings WHERE message_id = ?1")?
                 .query_row([id.as_str()], |r| r.get(0))
                 .optional()?;
-            let periods = c
-                .prepare_cached(
-                    "SELECT period, start, mode, rate_w, status, applied_w, limited_by, reason,
-                            error, soc_pct, at
-                     FROM periods WHERE message_id = ?1 ORDER BY period",
-                )?
-                .query_map([id.as_str()], |r| {
-                    Ok(PeriodView {
-                        period: r.get(0)?,
-                        start: ts(r.get(1)?)?,
-                        mode: r.get(2)?,
-                        rate_kw: RateKw::from_watts(r.get(3)?),
-                        status: parsed(r.get(4)?)?,
-                        applied_kw: rate(r.get(5)?),
-                        limited_by: r.get(6)?,
-                        reason: r.get(7)?,
-                        error: r.get(8)?,
-                        soc_pct: r.get(9)?,
-                        at: opt_ts(r.get(10)?)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
+            // Every planned period, with its result where there is one.
+            let mut periods: Vec<PeriodView> = decode_plan(&plan)?
+                .into_iter()
+                .zip(1..)
+                .map(|(sp, period)| PeriodView {
+                    period,
+                    start: day.period_start(period),
+                    mode: sp.mode().as_str().to_owned(),
+                    rate_kw: sp.rate(),
+                    status: PeriodStatus::Pending,
+                    applied_kw: None,
+                    limited_by: None,
+                    reason: None,
+                    error: None,
+                    soc_pct: None,
+                    at: None,
+                })
+                .collect();
+            let mut results = c.prepare_cached(
+                "SELECT period, status, applied_w, limited_by, reason, error, soc_pct, at
+                 FROM results WHERE message_id = ?1",
+            )?;
+            let mut rows = results.query([id.as_str()])?;
+            while let Some(r) = rows.next()? {
+                let period: u32 = r.get(0)?;
+                if let Some(view) = periods.get_mut(period.saturating_sub(1) as usize) {
+                    view.status = parsed(r.get(1)?)?;
+                    view.applied_kw = rate(r.get(2)?);
+                    view.limited_by = r.get(3)?;
+                    view.reason = r.get(4)?;
+                    view.error = r.get(5)?;
+                    view.soc_pct = r.get(6)?;
+                    view.at = opt_ts(r.get(7)?)?;
+                }
+            }
             Ok(Some(CommandDetail {
                 summary,
                 sha256,
@@ -888,25 +1014,31 @@ impl CommandStore for SqliteStore {
         date: Date,
         from: Timestamp,
     ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError> {
-        let (date, from) = (date.to_string(), text(from));
+        let date = date.to_string();
         self.run(move |c| {
-            c.prepare_cached(
-                "SELECT c.device_id, p.mode, p.rate_w
-                 FROM commands AS c JOIN periods AS p ON p.message_id = c.message_id
-                 WHERE c.schedule_date = ?1 AND p.start >= ?2
+            let mut stmt = c.prepare_cached(
+                "SELECT c.device_id, c.timezone, c.plan
+                 FROM commands AS c
+                 WHERE c.schedule_date = ?1
                    AND c.state NOT IN ('rejected', 'cancelled', 'superseded')
                    AND c.version = (SELECT max(version) FROM commands
                                     WHERE device_id = c.device_id AND schedule_date = c.schedule_date
                                       AND state NOT IN ('rejected', 'cancelled', 'superseded'))
-                 ORDER BY c.device_id, p.period",
-            )?
-            .query_map(params![date, from], |r| {
-                let mode: String = r.get(1)?;
-                let mode = Mode::parse_loose(&mode).ok_or_else(|| conversion(&mode))?;
-                let rate = rate(r.get(2)?).unwrap_or(RateKw::ZERO);
-                Ok((parsed(r.get(0)?)?, Setpoint::normalized(mode, rate)))
-            })?
-            .collect()
+                 ORDER BY c.device_id",
+            )?;
+            let mut rows = stmt.query([&date])?;
+            let mut days = Days::default();
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let device: DeviceId = parsed(r.get(0)?)?;
+                let day = days.get(&date, &r.get::<_, String>(1)?)?;
+                for (sp, period) in decode_plan(&r.get::<_, String>(2)?)?.into_iter().zip(1..) {
+                    if day.period_start(period) >= from {
+                        out.push((device.clone(), sp));
+                    }
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -941,7 +1073,7 @@ impl CommandStore for SqliteStore {
         tomorrow: Date,
         ended_by: Timestamp,
     ) -> Result<Vec<FleetRow>, CloudError> {
-        let (today, tomorrow, ended_by) = (today.to_string(), tomorrow.to_string(), text(ended_by));
+        let (today, tomorrow) = (today.to_string(), tomorrow.to_string());
         self.run(move |c| {
             let mut rows: Vec<FleetRow> = c
                 .prepare_cached(&format!(
@@ -978,24 +1110,45 @@ impl CommandStore for SqliteStore {
                     }
                 }
             }
+            // Periods due: from the effective one to the last that started by `ended_by`;
+            // as planned: those executed at exactly the planned rate.
             let mut counts = c.prepare_cached(
-                "SELECT c.device_id, count(*),
-                        coalesce(sum(p.status = 'executed' AND p.applied_w = p.rate_w), 0)
-                 FROM commands AS c JOIN periods AS p ON p.message_id = c.message_id
+                "SELECT c.device_id, c.timezone, c.plan, coalesce(c.effective_period, 1),
+                        (SELECT group_concat(r.period || ':' || r.applied_w)
+                         FROM results AS r
+                         WHERE r.message_id = c.message_id AND r.status = 'executed')
+                 FROM commands AS c
                  WHERE c.schedule_date = ?1
                    AND c.version = (SELECT max(version) FROM commands
-                                    WHERE device_id = c.device_id AND schedule_date = c.schedule_date)
-                   AND p.period >= coalesce(c.effective_period, 1)
-                   AND p.start <= ?2
-                 GROUP BY c.device_id",
+                                    WHERE device_id = c.device_id AND schedule_date = c.schedule_date)",
             )?;
-            let mut tallies = counts.query(params![today, ended_by])?;
+            let mut tallies = counts.query([&today])?;
+            let mut days = Days::default();
             while let Some(r) = tallies.next()? {
                 let device: String = r.get(0)?;
-                if let Some(&i) = index.get(&device) {
-                    rows[i].due = r.get(1)?;
-                    rows[i].as_planned = r.get(2)?;
-                }
+                let Some(&i) = index.get(&device) else {
+                    continue;
+                };
+                let day = days.get(&today, &r.get::<_, String>(1)?)?;
+                let plan = decode_plan(&r.get::<_, String>(2)?)?;
+                let effective: u32 = r.get(3)?;
+                let counted = |p: u32| p >= effective && day.period_start(p) <= ended_by;
+                rows[i].due = (1..=plan.len() as u32).filter(|p| counted(*p)).count() as u32;
+                let executed: Option<String> = r.get(4)?;
+                rows[i].as_planned = executed
+                    .iter()
+                    .flat_map(|e| e.split(','))
+                    .filter_map(|e| {
+                        let (p, w) = e.split_once(':')?;
+                        Some((p.parse::<u32>().ok()?, w.parse::<u32>().ok()?))
+                    })
+                    .filter(|(p, w)| {
+                        counted(*p)
+                            && plan
+                                .get(*p as usize - 1)
+                                .is_some_and(|sp| sp.rate().watts() == *w)
+                    })
+                    .count() as u32;
             }
             Ok(rows)
         })
@@ -1144,7 +1297,10 @@ impl CommandStore for SqliteStore {
             let tx = c.transaction()?;
             let now_text = text(now);
             let mut out = Vec::new();
-            let select = |tx: &Transaction, sql: &str, at: &str| -> rusqlite::Result<Vec<(String, String)>> {
+            let select = |tx: &Transaction,
+                          sql: &str,
+                          at: &str|
+             -> rusqlite::Result<Vec<(String, String)>> {
                 tx.prepare(sql)?
                     .query_map([at], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect()
@@ -1177,10 +1333,12 @@ impl CommandStore for SqliteStore {
                  WHERE state = 'acknowledged' AND ends_at <= ?1",
                 &hour_ago,
             )? {
-                tx.execute(
-                    "UPDATE periods SET status = 'unreported' WHERE message_id = ?1 AND status = 'pending'",
+                let plan: String = tx.query_row(
+                    "SELECT plan FROM commands WHERE message_id = ?1",
                     [&id],
+                    |r| r.get(0),
                 )?;
+                mark_unresulted(&tx, &id, 1..=plan_len(&plan), "unreported", None)?;
                 set_state(&tx, &id, CommandState::Incomplete, now)?;
                 out.push((id, device, Some(CommandState::Incomplete)));
             }
@@ -1266,5 +1424,116 @@ impl CommandStore for SqliteStore {
 
     async fn ping(&self) -> Result<(), CloudError> {
         self.run(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The two tables as a store made before plans moved into `commands.plan`.
+    const OLD: &str = "
+        CREATE TABLE commands (
+            message_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, schedule_date TEXT NOT NULL,
+            timezone TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            state TEXT NOT NULL, late INTEGER NOT NULL DEFAULT 0, governs_from TEXT NOT NULL,
+            ends_at TEXT NOT NULL, effective_period INTEGER, acked_sha256 TEXT,
+            created_at TEXT NOT NULL, publishes INTEGER NOT NULL DEFAULT 0, last_sent_at TEXT,
+            UNIQUE (device_id, schedule_date, version));
+        CREATE TABLE periods (
+            message_id TEXT NOT NULL, period INTEGER NOT NULL, start TEXT NOT NULL,
+            mode TEXT NOT NULL, rate_w INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+            applied_w INTEGER, limited_by TEXT, reason TEXT, error TEXT, soc_pct REAL, at TEXT,
+            PRIMARY KEY (message_id, period)) WITHOUT ROWID;";
+
+    #[tokio::test]
+    async fn a_store_with_one_row_per_planned_period_moves_its_plans_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.sqlite");
+        let id = MessageId::generate("2026-11-29T16:00:00Z".parse().unwrap());
+        let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(OLD).unwrap();
+            conn.execute(
+                "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
+                                       sha256, state, governs_from, ends_at, created_at)
+                 VALUES (?1, 'd1', '2026-11-30', 'Europe/London', 1, 'x', 'acknowledged',
+                         '2026-11-30T00:00:00.000Z', '2026-12-01T00:00:00.000Z',
+                         '2026-11-29T16:00:00.000Z')",
+                [id.as_str()],
+            )
+            .unwrap();
+            for p in 1..=day.period_count() {
+                let (mode, status) = match p {
+                    1 => ("charge", "executed"),
+                    2 => ("discharge", "failed"),
+                    _ => ("idle", "pending"),
+                };
+                let rate = if mode == "idle" { 0 } else { 40_000 };
+                conn.execute(
+                    "INSERT INTO periods (message_id, period, start, mode, rate_w, status, applied_w)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        id.as_str(),
+                        p,
+                        text(day.period_start(p)),
+                        mode,
+                        rate,
+                        status,
+                        (status != "pending").then_some(rate)
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let detail = store.command(&id).await.unwrap().unwrap();
+        assert_eq!(detail.periods.len(), 48);
+        let p = &detail.periods;
+        assert_eq!(
+            (p[0].mode.as_str(), p[0].status, p[0].applied_kw),
+            (
+                "charge",
+                PeriodStatus::Executed,
+                Some(RateKw::from_watts(40_000))
+            )
+        );
+        assert_eq!(
+            (p[1].mode.as_str(), p[1].rate_kw, p[1].status),
+            (
+                "discharge",
+                RateKw::from_watts(40_000),
+                PeriodStatus::Failed
+            )
+        );
+        assert_eq!(
+            (p[2].mode.as_str(), p[2].status),
+            ("idle", PeriodStatus::Pending)
+        );
+        assert_eq!(p[47].start, day.period_start(48));
+        let msg = store.schedule_message(&id).await.unwrap().unwrap();
+        assert_eq!(msg.to_schedule().unwrap().setpoints().len(), 48);
+        // Opening it again finds nothing left to move.
+        drop(store);
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(again.command(&id).await.unwrap().unwrap(), detail);
+    }
+
+    #[test]
+    fn a_plan_round_trips_through_its_text() {
+        let sps = vec![
+            Setpoint::new(Mode::Charge, RateKw::from_watts(150_000)).unwrap(),
+            Setpoint::IDLE,
+            Setpoint::new(Mode::Discharge, RateKw::from_watts(1)).unwrap(),
+        ];
+        let text = encode_plan(&sps);
+        assert_eq!(text, "150000,0,-1");
+        assert_eq!(decode_plan(&text).unwrap(), sps);
+        assert_eq!(plan_len(&text), 3);
+        assert_eq!(plan_len(""), 0);
+        assert!(decode_plan("12,x").is_err());
     }
 }
