@@ -138,6 +138,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")
             .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
             .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
+            .map(|_| conn.set_prepared_statement_cache_capacity(64))
             .and_then(|_| conn.execute_batch(SCHEMA))
             .and_then(|_| add_missing_columns(&mut conn))
             .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
@@ -180,23 +181,21 @@ impl SqliteStore {
 /// on open, empty; and a store that kept one row per planned period (`periods`) moves the
 /// plan into `commands.plan` and keeps only the periods that have a result.
 fn add_missing_columns(conn: &mut Connection) -> rusqlite::Result<()> {
-    let old_periods: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'periods'",
-        [],
-        |r| r.get(0),
-    )?;
+    let old_periods: bool = conn
+        .prepare_cached(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'periods'",
+        )?
+        .query_row([], |r| r.get(0))?;
     if old_periods {
         let tx = conn.transaction()?;
-        let has_plan: bool = tx.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'plan'",
-            [],
-            |r| r.get(0),
-        )?;
+        let has_plan: bool = tx
+            .prepare_cached(
+                "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'plan'",
+            )?
+            .query_row([], |r| r.get(0))?;
         if !has_plan {
-            tx.execute(
-                "ALTER TABLE commands ADD COLUMN plan TEXT NOT NULL DEFAULT ''",
-                [],
-            )?;
+            tx.prepare_cached("ALTER TABLE commands ADD COLUMN plan TEXT NOT NULL DEFAULT ''")?
+                .execute([])?;
         }
         tx.execute_batch(
             "UPDATE commands SET plan = coalesce((
@@ -212,13 +211,16 @@ fn add_missing_columns(conn: &mut Connection) -> rusqlite::Result<()> {
         )?;
         tx.commit()?;
     }
-    let has_traceparent: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'traceparent'",
-        [],
-        |r| r.get(0),
-    )?;
+    let has_traceparent: bool = conn
+        .prepare_cached(
+            "SELECT count(*) > 0 FROM pragma_table_info('commands') WHERE name = 'traceparent'",
+        )?
+        .query_row([], |r| r.get(0))?;
     if !has_traceparent {
-        match conn.execute("ALTER TABLE commands ADD COLUMN traceparent TEXT", []) {
+        match conn
+            .prepare_cached("ALTER TABLE commands ADD COLUMN traceparent TEXT")?
+            .execute([])
+        {
             // Another process opening the same file added it first.
             Err(e) if e.to_string().contains("duplicate column") => {}
             other => {
@@ -350,26 +352,22 @@ fn set_state(
     state: CommandState,
     at: Timestamp,
 ) -> rusqlite::Result<()> {
-    tx.execute(
-        "UPDATE commands SET state = ?2 WHERE message_id = ?1",
-        params![id, state.as_str()],
-    )?;
-    tx.execute(
-        "INSERT INTO history (message_id, state, at) VALUES (?1, ?2, ?3)",
-        params![id, state.as_str(), text(at)],
-    )?;
+    tx.prepare_cached("UPDATE commands SET state = ?2 WHERE message_id = ?1")?
+        .execute(params![id, state.as_str()])?;
+    tx.prepare_cached("INSERT INTO history (message_id, state, at) VALUES (?1, ?2, ?3)")?
+        .execute(params![id, state.as_str(), text(at)])?;
     Ok(())
 }
 
 /// Moves a command to `completed` once no period is left pending.
 fn complete_if_done(tx: &Transaction, id: &str, at: Timestamp) -> rusqlite::Result<()> {
-    let (state, plan, done): (String, String, u32) = tx.query_row(
-        "SELECT state, plan, (SELECT count(*) FROM results
+    let (state, plan, done): (String, String, u32) = tx
+        .prepare_cached(
+            "SELECT state, plan, (SELECT count(*) FROM results
                               WHERE message_id = ?1 AND status NOT IN ('pending', 'unreported'))
          FROM commands WHERE message_id = ?1",
-        [id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     let state: CommandState = parsed(state)?;
     if done >= plan_len(&plan)
         && let Some(CommandState::Completed) = state.after_report(true)
@@ -380,9 +378,7 @@ fn complete_if_done(tx: &Transaction, id: &str, at: Timestamp) -> rusqlite::Resu
 }
 
 fn touch_device(tx: &Transaction, device: &str, at: Timestamp) -> rusqlite::Result<()> {
-    tx.execute(
-        "UPDATE devices SET last_seen = ?2 WHERE device_id = ?1 AND (last_seen IS NULL OR last_seen < ?2)",
-        params![device, text(at)],
+    tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE device_id = ?1 AND (last_seen IS NULL OR last_seen < ?2)")?.execute(params![device, text(at)],
     )?;
     Ok(())
 }
@@ -428,11 +424,11 @@ impl CommandStore for SqliteStore {
     ) -> Result<(), CloudError> {
         let device = device.to_string();
         self.run(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO devices (device_id, max_rate_w, registered_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (device_id) DO UPDATE SET max_rate_w = coalesce(?2, max_rate_w)",
-                params![device, max_rate.map(|r| r.watts()), text(at)],
-            )?;
+            )?
+            .execute(params![device, max_rate.map(|r| r.watts()), text(at)])?;
             Ok(())
         })
         .await
@@ -486,21 +482,21 @@ impl CommandStore for SqliteStore {
     async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError> {
         let hb = hb.clone();
         self.run(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE devices SET last_seen = ?2, mode = ?3, rate_w = ?4, soc_pct = ?5,
                         fallback = ?6, active_message_id = ?7, outbox = ?8
                  WHERE device_id = ?1",
-                params![
-                    hb.device_id.as_str(),
-                    text(at),
-                    hb.mode.as_str(),
-                    hb.rate_kw.watts(),
-                    hb.soc_pct,
-                    hb.fallback.map(|f| f.as_str()),
-                    hb.active_message_id.as_ref().map(|m| m.as_str()),
-                    i64::try_from(hb.outbox).unwrap_or(i64::MAX),
-                ],
-            )?;
+            )?
+            .execute(params![
+                hb.device_id.as_str(),
+                text(at),
+                hb.mode.as_str(),
+                hb.rate_kw.watts(),
+                hb.soc_pct,
+                hb.fallback.map(|f| f.as_str()),
+                hb.active_message_id.as_ref().map(|m| m.as_str()),
+                i64::try_from(hb.outbox).unwrap_or(i64::MAX),
+            ])?;
             Ok(())
         })
         .await
@@ -549,29 +545,29 @@ impl CommandStore for SqliteStore {
                     .map_err(conversion)?;
                 let governs_from = s.day().start().max(next_boundary);
                 let id = cmd.message_id.as_str();
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
                                            sha256, state, governs_from, ends_at, created_at,
                                            traceparent, plan)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?8, ?9, ?10, ?11)",
-                    params![
-                        id,
-                        device,
-                        date,
-                        s.day().tz_name(),
-                        version,
-                        sha,
-                        text(governs_from),
-                        text(s.day().end()),
-                        text(at),
-                        cmd.traceparent.as_ref().map(|t| t.as_str()),
-                        encode_plan(s.setpoints())
-                    ],
-                )?;
-                tx.execute(
+                )?
+                .execute(params![
+                    id,
+                    device,
+                    date,
+                    s.day().tz_name(),
+                    version,
+                    sha,
+                    text(governs_from),
+                    text(s.day().end()),
+                    text(at),
+                    cmd.traceparent.as_ref().map(|t| t.as_str()),
+                    encode_plan(s.setpoints())
+                ])?;
+                tx.prepare_cached(
                     "INSERT INTO history (message_id, state, at) VALUES (?1, 'created', ?2)",
-                    params![id, text(at)],
-                )?;
+                )?
+                .execute(params![id, text(at)])?;
                 out.push(Insert::Created {
                     message_id: cmd.message_id.clone(),
                     version,
@@ -640,29 +636,19 @@ impl CommandStore for SqliteStore {
         self.run(move |c| {
             let tx = c.transaction()?;
             for id in &ids {
-                tx.execute(
-                    "UPDATE commands SET publishes = publishes + 1, last_sent_at = ?2
-                     WHERE message_id = ?1",
-                    params![id.as_str(), text(at)],
+                tx.prepare_cached("UPDATE commands SET publishes = publishes + 1, last_sent_at = ?2
+                     WHERE message_id = ?1")?.execute(params![id.as_str(), text(at)],
                 )?;
-                tx.execute(
-                    "INSERT INTO sends (message_id, at) VALUES (?1, ?2)",
-                    params![id.as_str(), text(at)],
+                tx.prepare_cached("INSERT INTO sends (message_id, at) VALUES (?1, ?2)")?.execute(params![id.as_str(), text(at)],
                 )?;
-                tx.execute(
-                    "UPDATE controls SET publishes = publishes + 1, last_sent_at = ?2,
+                tx.prepare_cached("UPDATE controls SET publishes = publishes + 1, last_sent_at = ?2,
                             state = CASE state WHEN 'created' THEN 'sent' ELSE state END
-                     WHERE message_id = ?1",
-                    params![id.as_str(), text(at)],
+                     WHERE message_id = ?1")?.execute(params![id.as_str(), text(at)],
                 )?;
-                let moved = tx.execute(
-                    "UPDATE commands SET state = 'sent' WHERE message_id = ?1 AND state = 'created'",
-                    [id.as_str()],
+                let moved = tx.prepare_cached("UPDATE commands SET state = 'sent' WHERE message_id = ?1 AND state = 'created'")?.execute([id.as_str()],
                 )?;
                 if moved > 0 {
-                    tx.execute(
-                        "INSERT INTO history (message_id, state, at) VALUES (?1, 'sent', ?2)",
-                        params![id.as_str(), text(at)],
+                    tx.prepare_cached("INSERT INTO history (message_id, state, at) VALUES (?1, 'sent', ?2)")?.execute(params![id.as_str(), text(at)],
                     )?;
                 }
             }
@@ -690,11 +676,12 @@ impl CommandStore for SqliteStore {
                 return Ok(Recorded::UnknownCommand);
             }
             let body = serde_json::to_string(&ack).map_err(conversion)?;
-            let fresh = tx.execute(
-                "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
+            let fresh = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![id, device, body, text(at)],
-            )?;
+                )?
+                .execute(params![id, device, body, text(at)])?;
             touch_device(&tx, device, at)?;
             if fresh == 0 {
                 tx.commit()?;
@@ -709,17 +696,18 @@ impl CommandStore for SqliteStore {
                 )
                 .optional()?;
             let Some((state, date, version, governs_from)) = row else {
-                let control = tx.execute(
-                    "UPDATE controls SET state = ?3 WHERE message_id = ?1 AND device_id = ?2",
-                    params![
+                let control = tx
+                    .prepare_cached(
+                        "UPDATE controls SET state = ?3 WHERE message_id = ?1 AND device_id = ?2",
+                    )?
+                    .execute(params![
                         id,
                         device,
                         match ack.status {
                             AckStatus::Accepted => "acknowledged",
                             AckStatus::Rejected => "rejected",
                         }
-                    ],
-                )?;
+                    ])?;
                 tx.commit()?;
                 return Ok(if control > 0 {
                     Recorded::Applied
@@ -735,12 +723,12 @@ impl CommandStore for SqliteStore {
                 // Judged by when the device acked (never later than we heard), so a cloud
                 // outage does not flag an on-time ack.
                 let late = ack.at.min(at) > ts(governs_from)?;
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE commands SET effective_period = ?2, acked_sha256 = ?3,
                             late = late OR ?4
                      WHERE message_id = ?1",
-                    params![id, ack.effective_period, ack.sha256, late],
-                )?;
+                )?
+                .execute(params![id, ack.effective_period, ack.sha256, late])?;
                 let effective = ack.effective_period.unwrap_or(1);
                 // Periods before the effective one never ran under this command: an older
                 // version (if any) governed them.
@@ -792,10 +780,8 @@ impl CommandStore for SqliteStore {
             let device = report.device_id.as_str();
             let start = text(report.interval_start);
             let body = serde_json::to_string(&report).map_err(conversion)?;
-            let fresh = tx.execute(
-                "INSERT OR IGNORE INTO reports (device_id, interval_start, message_id, body, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
+            let fresh = tx.prepare_cached("INSERT OR IGNORE INTO reports (device_id, interval_start, message_id, body, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![
                     device,
                     start,
                     report.message_id.as_ref().map(|m| m.as_str()),
@@ -833,15 +819,13 @@ impl CommandStore for SqliteStore {
                 .ok()
                 .filter(|b| *b < day.period_count())
                 .map(|b| b + 1);
-            tx.execute(
-                "INSERT INTO results (message_id, period, status, applied_w, limited_by, reason,
+            tx.prepare_cached("INSERT INTO results (message_id, period, status, applied_w, limited_by, reason,
                                       error, soc_pct, at)
                  SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE ?2 IS NOT NULL
                  ON CONFLICT (message_id, period) DO UPDATE SET
                      status = excluded.status, applied_w = excluded.applied_w,
                      limited_by = excluded.limited_by, reason = excluded.reason,
-                     error = excluded.error, soc_pct = excluded.soc_pct, at = excluded.at",
-                params![
+                     error = excluded.error, soc_pct = excluded.soc_pct, at = excluded.at")?.execute(params![
                     id,
                     period,
                     status.as_str(),
@@ -1048,10 +1032,10 @@ impl CommandStore for SqliteStore {
         self.run(move |c| {
             let tx = c.transaction()?;
             for (id, warning) in &warnings {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR REPLACE INTO warnings (message_id, warning) VALUES (?1, ?2)",
-                    params![id.as_str(), warning],
-                )?;
+                )?
+                .execute(params![id.as_str(), warning])?;
             }
             tx.commit()
         })
@@ -1206,11 +1190,11 @@ impl CommandStore for SqliteStore {
     ) -> Result<i64, CloudError> {
         let (source, audit_key) = (source.to_owned(), audit_key.to_owned());
         self.run(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO ingestions (schedule_date, source, audit_key, started_at)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![date.to_string(), source, audit_key, text(at)],
-            )?;
+            )?
+            .execute(params![date.to_string(), source, audit_key, text(at)])?;
             Ok(c.last_insert_rowid())
         })
         .await
@@ -1223,10 +1207,8 @@ impl CommandStore for SqliteStore {
         at: Timestamp,
     ) -> Result<(), CloudError> {
         self.run(move |c| {
-            c.execute(
-                "UPDATE ingestions SET accepted = ?2, unchanged = ?3, rejected = ?4, finished_at = ?5
-                 WHERE id = ?1",
-                params![id, counts.accepted, counts.unchanged, counts.rejected, text(at)],
+            c.prepare_cached("UPDATE ingestions SET accepted = ?2, unchanged = ?3, rejected = ?4, finished_at = ?5
+                 WHERE id = ?1")?.execute(params![id, counts.accepted, counts.unchanged, counts.rejected, text(at)],
             )?;
             Ok(())
         })
@@ -1255,12 +1237,11 @@ impl CommandStore for SqliteStore {
     async fn ingested(&self, date: Date) -> Result<bool, CloudError> {
         let date = date.to_string();
         self.run(move |c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT count(*) > 0 FROM ingestions
                  WHERE schedule_date = ?1 AND source = 'fetch' AND finished_at IS NOT NULL",
-                [date],
-                |r| r.get(0),
-            )
+            )?
+            .query_row([date], |r| r.get(0))
         })
         .await
     }
@@ -1312,7 +1293,8 @@ impl CommandStore for SqliteStore {
                  WHERE late = 0 AND state IN ('created', 'sent', 'expired') AND governs_from <= ?1",
                 &now_text,
             )? {
-                tx.execute("UPDATE commands SET late = 1 WHERE message_id = ?1", [&id])?;
+                tx.prepare_cached("UPDATE commands SET late = 1 WHERE message_id = ?1")?
+                    .execute([&id])?;
                 out.push((id, device, None));
             }
             // No ack by the end of its last period.
@@ -1333,11 +1315,9 @@ impl CommandStore for SqliteStore {
                  WHERE state = 'acknowledged' AND ends_at <= ?1",
                 &hour_ago,
             )? {
-                let plan: String = tx.query_row(
-                    "SELECT plan FROM commands WHERE message_id = ?1",
-                    [&id],
-                    |r| r.get(0),
-                )?;
+                let plan: String = tx
+                    .prepare_cached("SELECT plan FROM commands WHERE message_id = ?1")?
+                    .query_row([&id], |r| r.get(0))?;
                 mark_unresulted(&tx, &id, 1..=plan_len(&plan), "unreported", None)?;
                 set_state(&tx, &id, CommandState::Incomplete, now)?;
                 out.push((id, device, Some(CommandState::Incomplete)));
@@ -1380,10 +1360,8 @@ impl CommandStore for SqliteStore {
                 return Ok(Cancel::AlreadyEnded(state));
             }
             set_state(&tx, id.as_str(), CommandState::Cancelled, at)?;
-            tx.execute(
-                "INSERT INTO controls (message_id, device_id, target_message_id, action, state, created_at)
-                 VALUES (?1, ?2, ?3, 'cancel', 'created', ?4)",
-                params![control_id.as_str(), device, id.as_str(), text(at)],
+            tx.prepare_cached("INSERT INTO controls (message_id, device_id, target_message_id, action, state, created_at)
+                 VALUES (?1, ?2, ?3, 'cancel', 'created', ?4)")?.execute(params![control_id.as_str(), device, id.as_str(), text(at)],
             )?;
             tx.commit()?;
             Ok(Cancel::Cancelled(ControlMsg {
@@ -1402,9 +1380,7 @@ impl CommandStore for SqliteStore {
     async fn control_message(&self, id: &MessageId) -> Result<Option<ControlMsg>, CloudError> {
         let id = id.clone();
         self.run(move |c| {
-            c.query_row(
-                "SELECT device_id, target_message_id, created_at FROM controls WHERE message_id = ?1",
-                [id.as_str()],
+            c.prepare_cached("SELECT device_id, target_message_id, created_at FROM controls WHERE message_id = ?1")?.query_row([id.as_str()],
                 |r| {
                     Ok(ControlMsg {
                         v: V1,
@@ -1423,7 +1399,8 @@ impl CommandStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), CloudError> {
-        self.run(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        self.run(|c| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
+            .await
     }
 }
 
@@ -1473,10 +1450,8 @@ mod tests {
                     _ => ("idle", "pending"),
                 };
                 let rate = if mode == "idle" { 0 } else { 40_000 };
-                conn.execute(
-                    "INSERT INTO periods (message_id, period, start, mode, rate_w, status, applied_w)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
+                conn.execute("INSERT INTO periods (message_id, period, start, mode, rate_w, status, applied_w)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", params![
                         id.as_str(),
                         p,
                         text(day.period_start(p)),
