@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::sample::SampleProvider;
 
+mod plot;
+
 /// What to measure.
 #[derive(Subcommand, Debug, Clone)]
 pub enum Bench {
@@ -36,6 +38,10 @@ pub enum Bench {
     /// fetch, audit, normalize, SQLite, MQTT publish): the time from fetch to every command
     /// `sent`, and peak memory.
     Ingest(IngestArgs),
+    /// `bench ingest` in a fresh process per fleet size (default 1,000, 10,000 and
+    /// 100,000), the median of several runs each, drawn as an SVG of time and memory
+    /// against N.
+    Plot(plot::PlotArgs),
 }
 
 /// `max300 bench ingest`
@@ -66,6 +72,7 @@ impl Bench {
         match self {
             Bench::Dashboard(args) => dashboard(args).await,
             Bench::Ingest(args) => ingest(args).await,
+            Bench::Plot(args) => plot::plot(args).await,
         }
     }
 }

@@ -234,3 +234,28 @@ fn under_systemd_the_agent_says_ready_and_pets_the_watchdog() {
     }
     assert!(said[0].starts_with("READY=1"), "ready first: {said:?}");
 }
+
+#[test]
+fn bench_plot_runs_ingest_per_size_and_draws_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("plot").join("ingest.svg");
+    let out = svg.display().to_string();
+    let last = bench(&[
+        "bench",
+        "plot",
+        "--devices",
+        "20,60",
+        "--runs",
+        "1",
+        "--out",
+        &out,
+    ]);
+    assert!(
+        last.starts_with("bench plot: broker embedded, medians of 1 runs: 20 devices ")
+            && last.contains(", 60 devices "),
+        "{last}"
+    );
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(drawn.matches("<circle").count(), 4, "{drawn}");
+    assert!(drawn.contains("N = 60"), "{drawn}");
+}
