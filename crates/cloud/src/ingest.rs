@@ -26,6 +26,14 @@ use crate::publish::Publisher;
 use crate::store::{IngestionCounts, Insert, Interrupted, NewCommand};
 use crate::{CloudError, CommandStore};
 
+/// A command this ingestion created, until it is published.
+struct Created {
+    message_id: MessageId,
+    version: u32,
+    schedule: Schedule,
+    traceparent: Option<max300_protocol::TraceParent>,
+}
+
 /// One device's command in an ingestion result.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct CommandRef {
@@ -270,7 +278,7 @@ impl Ingestor {
         let mut spans = Vec::with_capacity(normalized.schedules.len());
         let commands: Vec<NewCommand> = normalized
             .schedules
-            .iter()
+            .into_iter()
             .map(|s| {
                 let message_id = MessageId::generate(received);
                 let span = info_span!(
@@ -284,7 +292,7 @@ impl Ingestor {
                 spans.push(span);
                 NewCommand {
                     message_id,
-                    schedule: s.schedule.clone(),
+                    schedule: s.schedule,
                     traceparent,
                 }
             })
@@ -306,8 +314,9 @@ impl Ingestor {
                 .collect(),
             warnings: Vec::new(),
         };
-        let mut to_publish = Vec::new();
-        let mut created = Vec::new();
+        // Messages are built a batch at a time as they are published: held all at once they
+        // would be most of the ingestion's memory.
+        let mut created: Vec<Created> = Vec::new();
         for ((cmd, insert), span) in commands.into_iter().zip(inserts).zip(spans) {
             let device_id = cmd.schedule.device_id().clone();
             match insert {
@@ -321,11 +330,12 @@ impl Ingestor {
                     span.in_scope(|| {
                         info!(device_id = %device_id, message_id = %message_id, version, "command created");
                     });
-                    let mut msg =
-                        ScheduleMsg::new(&cmd.schedule, message_id.clone(), version, received);
-                    msg.traceparent = cmd.traceparent;
-                    to_publish.push(msg);
-                    created.push((message_id.clone(), cmd.schedule));
+                    created.push(Created {
+                        message_id: message_id.clone(),
+                        version,
+                        schedule: cmd.schedule,
+                        traceparent: cmd.traceparent,
+                    });
                     report.accepted.push(CommandRef {
                         device_id,
                         message_id,
@@ -363,16 +373,22 @@ impl Ingestor {
                 .put_rejections(&date.to_string(), received, json)
                 .await?;
         }
-        let total = to_publish.len();
-        let mut rest = to_publish;
-        while !rest.is_empty() {
-            let later = rest.split_off(rest.len().min(PUBLISH_BATCH));
+        let total = created.len();
+        for (i, batch) in created.chunks(PUBLISH_BATCH).enumerate() {
             self.stage.send_replace(Stage::Publishing {
-                done: total - rest.len() - later.len(),
+                done: i * PUBLISH_BATCH,
                 total,
             });
-            self.publisher.commands(rest).await?;
-            rest = later;
+            let messages = batch
+                .iter()
+                .map(|c| {
+                    let mut msg =
+                        ScheduleMsg::new(&c.schedule, c.message_id.clone(), c.version, received);
+                    msg.traceparent = c.traceparent.clone();
+                    msg
+                })
+                .collect();
+            self.publisher.commands(messages).await?;
         }
         self.store
             .finish_ingestion(run_id, counts(&report), self.clock.now())
@@ -393,7 +409,7 @@ impl Ingestor {
     /// reported SoC and what is left of today's plan; keeps and returns the warnings.
     async fn feasibility(
         &self,
-        created: &[(MessageId, Schedule)],
+        created: &[Created],
         now: Timestamp,
     ) -> Result<Vec<WarningRef>, CloudError> {
         if created.is_empty() {
@@ -413,7 +429,12 @@ impl Ingestor {
             rest_of_today.entry(device).or_default().push(setpoint);
         }
         let mut warnings = Vec::new();
-        for (message_id, schedule) in created {
+        for Created {
+            message_id,
+            schedule,
+            ..
+        } in created
+        {
             let device = schedule.device_id();
             let Some(&soc) = soc.get(device) else {
                 continue;
