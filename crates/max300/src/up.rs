@@ -83,6 +83,8 @@ async fn start_battery_sim(
         base: 40000,
         sim: SimConfig::default(),
         write_log: Some(data_dir.join("battery-sim.jsonl")),
+        meter: Some(max300_agent::battery::sunspec::map::Meter::Inverter),
+        der_models: false,
     };
     let sim =
         Arc::new(SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?);
