@@ -295,8 +295,17 @@ pub struct BatterySimArgs {
     /// Append every register write (and every revert to idle) as one JSON line.
     #[arg(long)]
     pub write_log: Option<PathBuf>,
+    /// Leave out model 103 (the inverter's measured power, W): the agent then has no measured
+    /// power, as with controllers that do not serve one.
+    #[arg(long)]
+    pub no_meter: bool,
+    /// Also serve models 704 (DER AC controls: WSetEna, WSetMod, WSet, WSetRvrtTms) and 713
+    /// (DER storage capacity: SoC), for agents whose URL ends in `?control=704`.
+    #[arg(long)]
+    pub der_models: bool,
     /// Play a fault: none, silent (no answers), exception (0x04 to everything), stuck
-    /// (writes acknowledged but not taken).
+    /// (writes acknowledged but not taken), no_power (writes taken and held, but the battery
+    /// idles: the measured power is 0 and the state of charge stays).
     #[arg(long, default_value = "none")]
     pub fault: max300_agent::battery::sunspec::server::Fault,
     /// Start the fault at this plan time (RFC 3339). Default: at once.
@@ -577,6 +586,7 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
 #[cfg(feature = "battery-sim")]
 async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
     use max300_agent::SimConfig;
+    use max300_agent::battery::sunspec::map::Meter;
     use max300_agent::battery::sunspec::server::{SimServerConfig, SunSpecSim, serve};
 
     let clock = args.clock.build()?;
@@ -595,6 +605,8 @@ async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
         },
         write_log: args.write_log.clone(),
         reserve_pct: args.soc_min_pct,
+        meter: (!args.no_meter).then_some(Meter::Inverter),
+        der_models: args.der_models,
     };
     let sim = std::sync::Arc::new(
         SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?,

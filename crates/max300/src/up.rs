@@ -84,6 +84,8 @@ async fn start_battery_sim(
         sim: SimConfig::default(),
         reserve_pct: 10.0,
         write_log: Some(data_dir.join("battery-sim.jsonl")),
+        meter: Some(max300_agent::battery::sunspec::map::Meter::Inverter),
+        der_models: false,
     };
     let sim =
         Arc::new(SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?);

@@ -6,15 +6,33 @@
 //! ```text
 //!  base      "SunS" (0x5375 0x6e53)
 //!  base+2    model 1 (common): ID=1, L=66, then 66 registers
-//!  base+70   model 124 (storage): ID=124, L=24
+//!  then      model 124 (storage): ID=124, L=24
 //!             +2 WChaMax  +5 StorCtl_Mod  +8 ChaState  +11 ChaSt
 //!             +12 OutWRte  +13 InWRte  +14 InOutWRte_WinTms  +15 InOutWRte_RvrtTms
 //!             +18 WChaMax_SF … +22 ChaState_SF … +25 InOutWRte_SF
+//!  optional  model 103 (three-phase inverter): L=50, +14 W (int16), +15 W_SF
+//!  optional  model 802 (battery base): L=62, +47 W (int16), +63 W_SF
+//!  optional  model 704 (DER AC controls): L=65
+//!             +22 WSetEna  +23 WSetMod  +24 WSet (int32, 2 registers)
+//!             +31 WSetRvrtTms (uint32, 2 registers)  +55 WSet_SF
+//!  optional  model 713 (DER storage capacity): L=7
+//!             +2 WHRtg  +3 WHAvail  +4 SoC  +5 SoH  +6 Sta  +7 WH_SF  +8 Pct_SF
 //!  …         end marker: ID=0xFFFF, L=0
 //! ```
 //!
-//! The control convention: idle is `StorCtl_Mod` 0 with both rates 0; charge is bit 0 with
-//! `InWRte` in percent of `WChaMax`; discharge is bit 1 with `OutWRte` in percent of `WChaMax`.
+//! Offsets count from the model's ID register. Multi-register points are big-endian: the
+//! high word first.
+//!
+//! The model-124 control convention: idle is `StorCtl_Mod` 0 with both rates 0; charge is
+//! bit 0 with `InWRte` in percent of `WChaMax`; discharge is bit 1 with `OutWRte` in percent of
+//! `WChaMax`.
+//!
+//! Signs: SunSpec counts power as a generator does. Model 103's `W` is positive when power
+//! goes out to the AC side (discharging), and model 704's `WSet` is positive for injection
+//! and "may be negative for charging" (its JSON says so). Model 802's JSON does not state a
+//! sign for `W`; it is read with the same convention (positive out of the battery). This
+//! crate counts charge positive ([`Setpoint::signed_kw`]), so both are negated at this
+//! boundary and nowhere else.
 
 use max300_protocol::{Mode, RateKw, Setpoint};
 
@@ -61,6 +79,80 @@ pub mod offset {
     pub const CHA_STATE_SF: usize = 22;
     /// Scale factor of `OutWRte` and `InWRte`.
     pub const IN_OUT_W_RTE_SF: usize = 25;
+}
+
+/// Model 103, the three-phase inverter: where the measured AC power is.
+pub mod inverter {
+    /// The model id.
+    pub const ID: u16 = 103;
+    /// Its length (registers after ID and L).
+    pub const LEN: u16 = 50;
+    /// AC power, W (× `W_SF`), positive out to the AC side.
+    pub const W: usize = 14;
+    /// Scale factor of `W`.
+    pub const W_SF: usize = 15;
+}
+
+/// Model 802, the battery base model: where the measured battery power is.
+pub mod battery {
+    /// The model id.
+    pub const ID: u16 = 802;
+    /// Its length (registers after ID and L).
+    pub const LEN: u16 = 62;
+    /// Total power to or from the bank, W (× `W_SF`), positive out of the battery.
+    pub const W: usize = 47;
+    /// Scale factor of `W`.
+    pub const W_SF: usize = 63;
+}
+
+/// Model 704, DER AC controls: the active power setpoint in watts.
+pub mod der_ctl {
+    /// The model id.
+    pub const ID: u16 = 704;
+    /// Its length (registers after ID and L).
+    pub const LEN: u16 = 65;
+    /// Set active power enable: 0 disabled, 1 enabled.
+    pub const W_SET_ENA: usize = 22;
+    /// Set active power mode: 0 percent of WMax, 1 watts.
+    pub const W_SET_MOD: usize = 23;
+    /// Active power setting, W (int32 × `WSet_SF`), positive injecting, negative charging.
+    pub const W_SET: usize = 24;
+    /// The value `WSet` reverts to, W (int32).
+    pub const W_SET_RVRT: usize = 26;
+    /// Whether `WSet` reverts.
+    pub const W_SET_ENA_RVRT: usize = 30;
+    /// The revert timer of `WSet`, s (uint32).
+    pub const W_SET_RVRT_TMS: usize = 31;
+    /// The time left on it, s (uint32).
+    pub const W_SET_RVRT_REM: usize = 33;
+    /// Scale factor of `WSet` and `WSetRvrt`.
+    pub const W_SET_SF: usize = 55;
+    /// `WSetMod` in watts.
+    pub const MOD_WATTS: u16 = 1;
+    /// The registers the client reads: ID up to `WSet_SF`.
+    pub const READ_LEN: u16 = W_SET_SF as u16 + 1;
+}
+
+/// Model 713, DER storage capacity: the state of charge.
+pub mod der_storage {
+    /// The model id.
+    pub const ID: u16 = 713;
+    /// Its length (registers after ID and L).
+    pub const LEN: u16 = 7;
+    /// Energy rating, Wh (× `WH_SF`).
+    pub const WH_RTG: usize = 2;
+    /// Energy available, Wh (× `WH_SF`).
+    pub const WH_AVAIL: usize = 3;
+    /// State of charge, percent (× `Pct_SF`).
+    pub const SOC: usize = 4;
+    /// State of health, percent (× `Pct_SF`).
+    pub const SOH: usize = 5;
+    /// Storage status: 0 ok, 1 warning, 2 error.
+    pub const STA: usize = 6;
+    /// Scale factor of `WHRtg` and `WHAvail`.
+    pub const WH_SF: usize = 7;
+    /// Scale factor of `SoC` and `SoH`.
+    pub const PCT_SF: usize = 8;
 }
 
 /// `ChaSt` values this crate reads or writes.
@@ -355,6 +447,249 @@ pub fn decode(
             )));
         }
     })
+}
+
+/// A model that measures the power flowing: model 802 (battery) is preferred over 103
+/// (inverter) because it measures at the battery itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Meter {
+    /// Model 103: AC power at the inverter.
+    Inverter,
+    /// Model 802: DC power at the battery bank.
+    Battery,
+}
+
+impl Meter {
+    /// The meter a model id stands for, if it is one.
+    pub fn from_id(id: u16) -> Option<Meter> {
+        match id {
+            inverter::ID => Some(Meter::Inverter),
+            battery::ID => Some(Meter::Battery),
+            _ => None,
+        }
+    }
+
+    /// Its model id.
+    pub fn id(self) -> u16 {
+        match self {
+            Meter::Inverter => inverter::ID,
+            Meter::Battery => battery::ID,
+        }
+    }
+
+    /// Its length (registers after ID and L).
+    pub fn model_len(self) -> u16 {
+        match self {
+            Meter::Inverter => inverter::LEN,
+            Meter::Battery => battery::LEN,
+        }
+    }
+
+    /// The offsets of `W` and `W_SF`.
+    pub fn points(self) -> (usize, usize) {
+        match self {
+            Meter::Inverter => (inverter::W, inverter::W_SF),
+            Meter::Battery => (battery::W, battery::W_SF),
+        }
+    }
+
+    /// The registers read for the measurement, from ID to the later of `W` and `W_SF`.
+    pub fn read_len(self) -> u16 {
+        let (w, sf) = self.points();
+        w.max(sf) as u16 + 1
+    }
+
+    /// The measured power, kW, charge positive, from the model's registers (ID first);
+    /// `None` when the device does not implement `W` or its scale factor.
+    pub fn measured_kw(self, block: &[u16]) -> Result<Option<f64>, BatteryError> {
+        let (w, sf) = self.points();
+        if block.len() <= w.max(sf) || block[0] != self.id() {
+            return Err(BatteryError::Device(format!(
+                "model {}: expected {} registers starting with ID {}, got {} starting with {:?}",
+                self.id(),
+                self.read_len(),
+                self.id(),
+                block.len(),
+                block.first()
+            )));
+        }
+        if block[w] == NOT_IMPLEMENTED_I16 || block[sf] == NOT_IMPLEMENTED_I16 {
+            return Ok(None);
+        }
+        let sf = ScaleFactor::from_register("W_SF", block[sf])?;
+        // Watts to kW in the same single division as the scale factor, so 1234 × 10^-1 W is
+        // exactly 0.1234 kW.
+        let raw = f64::from(block[w] as i16);
+        let e = i32::from(sf.exponent()) - 3;
+        let kw = if e < 0 {
+            raw / 10f64.powi(-e)
+        } else {
+            raw * 10f64.powi(e)
+        };
+        // Generator convention on the wire (positive out of the battery): negated here, from
+        // 0.0 so that no power reads 0 rather than -0.
+        Ok(Some(0.0 - kw))
+    }
+}
+
+/// A measured power (kW, charge positive) as the `W` register of a meter with `sf`, in the
+/// generator convention; clamped to what an `int16` holds besides "not implemented".
+pub fn measured_to_w(power_kw: f64, sf: ScaleFactor) -> u16 {
+    let lo = i32::from(i16::MIN) + 1;
+    let hi = i32::from(i16::MAX);
+    let w = -power_kw * 1000.0;
+    let raw = sf.raw(w, lo, hi).unwrap_or(if w < 0.0 { lo } else { hi });
+    raw as i16 as u16
+}
+
+/// The model-704 registers the agent writes, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DerControl {
+    /// `WSetEna`.
+    pub w_set_ena: u16,
+    /// `WSetMod`.
+    pub w_set_mod: u16,
+    /// `WSet`, raw (× `WSet_SF`), positive injecting.
+    pub w_set: i32,
+    /// `WSetRvrtTms`, s.
+    pub rvrt_tms: u32,
+}
+
+/// An `int32` or `uint32` point's two registers, high word first.
+pub fn words(value: u32) -> [u16; 2] {
+    [(value >> 16) as u16, value as u16]
+}
+
+/// Two registers, high word first, as a `uint32`.
+pub fn join(hi: u16, lo: u16) -> u32 {
+    (u32::from(hi) << 16) | u32::from(lo)
+}
+
+impl DerControl {
+    /// Decodes model 704's control points and `WSet_SF` from its registers (ID first).
+    pub fn decode(block: &[u16]) -> Result<(DerControl, ScaleFactor), BatteryError> {
+        use der_ctl::*;
+        if block.len() < usize::from(READ_LEN) || block[0] != ID {
+            return Err(BatteryError::Device(format!(
+                "model 704: expected {READ_LEN} registers starting with ID 704, got {} starting with {:?}",
+                block.len(),
+                block.first()
+            )));
+        }
+        let sf = ScaleFactor::from_register("WSet_SF", block[W_SET_SF])?;
+        Ok((
+            DerControl {
+                w_set_ena: block[W_SET_ENA],
+                w_set_mod: block[W_SET_MOD],
+                w_set: join(block[W_SET], block[W_SET + 1]) as i32,
+                rvrt_tms: join(block[W_SET_RVRT_TMS], block[W_SET_RVRT_TMS + 1]),
+            },
+            sf,
+        ))
+    }
+
+    /// The registers that make the controller run `setpoint` in watts, with the revert timer:
+    /// enabled, and idle as `WSet` 0.
+    pub fn encode(
+        setpoint: Setpoint,
+        sf: ScaleFactor,
+        rvrt_tms: u32,
+    ) -> Result<DerControl, BatteryError> {
+        let watts = f64::from(setpoint.rate().watts());
+        let injected = match setpoint.mode() {
+            Mode::Idle => 0.0,
+            Mode::Charge => -watts,
+            Mode::Discharge => watts,
+        };
+        // i32::MIN is the int32 "not implemented" value, so it is never written.
+        let w_set = sf.raw(injected, i32::MIN + 1, i32::MAX).ok_or_else(|| {
+            BatteryError::Device(format!(
+                "{setpoint}: {injected} W is not writable as WSet with WSet_SF {}",
+                sf.exponent()
+            ))
+        })?;
+        Ok(DerControl {
+            w_set_ena: 1,
+            w_set_mod: der_ctl::MOD_WATTS,
+            w_set,
+            rvrt_tms,
+        })
+    }
+
+    /// The setpoint the registers stand for, rounded to whole watts: disabled is idle.
+    pub fn setpoint(&self, sf: ScaleFactor) -> Result<Setpoint, BatteryError> {
+        if self.w_set_ena == 0 {
+            return Ok(Setpoint::IDLE);
+        }
+        if self.w_set_mod != der_ctl::MOD_WATTS {
+            return Err(BatteryError::Device(format!(
+                "WSetMod: {} is not watts (1); percent of WMax (0) is not used here",
+                self.w_set_mod
+            )));
+        }
+        if self.w_set == i32::MIN {
+            return Err(BatteryError::Device(
+                "WSet: not implemented (0x80000000)".into(),
+            ));
+        }
+        let injected = sf.value(self.w_set);
+        let mode = if injected < 0.0 {
+            Mode::Charge
+        } else {
+            Mode::Discharge
+        };
+        Ok(Setpoint::normalized(mode, watts(injected.abs())))
+    }
+
+    /// `WSetEna`, `WSetMod` and `WSet`: four registers from `WSetEna` on.
+    pub fn setting(&self) -> [u16; 4] {
+        let [hi, lo] = words(self.w_set as u32);
+        [self.w_set_ena, self.w_set_mod, hi, lo]
+    }
+
+    /// `WSetRvrtTms`: two registers.
+    pub fn timer(&self) -> [u16; 2] {
+        words(self.rvrt_tms)
+    }
+
+    /// The registers that differ from `other`, as (name, this, other).
+    pub fn differences(&self, other: &DerControl) -> Vec<(&'static str, u16, u16)> {
+        let [a_hi, a_lo] = words(self.w_set as u32);
+        let [b_hi, b_lo] = words(other.w_set as u32);
+        let [at_hi, at_lo] = self.timer();
+        let [bt_hi, bt_lo] = other.timer();
+        [
+            ("WSetEna", self.w_set_ena, other.w_set_ena),
+            ("WSetMod", self.w_set_mod, other.w_set_mod),
+            ("WSet (high word)", a_hi, b_hi),
+            ("WSet (low word)", a_lo, b_lo),
+            ("WSetRvrtTms (high word)", at_hi, bt_hi),
+            ("WSetRvrtTms (low word)", at_lo, bt_lo),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .collect()
+    }
+}
+
+/// The state of charge in model 713 (registers, ID first), percent.
+pub fn der_soc_pct(block: &[u16]) -> Result<f64, BatteryError> {
+    use der_storage::*;
+    if block.len() <= PCT_SF || block[0] != ID {
+        return Err(BatteryError::Device(format!(
+            "model 713: expected {} registers starting with ID 713, got {} starting with {:?}",
+            PCT_SF + 1,
+            block.len(),
+            block.first()
+        )));
+    }
+    let sf = ScaleFactor::from_register("Pct_SF", block[PCT_SF])?;
+    match block[SOC] {
+        NOT_IMPLEMENTED_U16 => Err(BatteryError::Device(
+            "model 713 SoC: not implemented (65535): no state of charge".into(),
+        )),
+        raw => Ok(sf.value(i32::from(raw))),
+    }
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@ use tokio_util::sync::CancellationToken;
 use super::server::{Fault, SimLogEntry, SimServerConfig, SunSpecSim, WriteOutcome, read_sim_log};
 use super::*;
 use crate::battery::SimConfig;
+use map::Meter;
 
 struct Served {
     sim: Arc<SunSpecSim>,
+    clock: Arc<ManualClock>,
     url: SunSpecUrl,
     stop: CancellationToken,
     _dir: tempfile::TempDir,
@@ -24,22 +26,33 @@ impl Drop for Served {
 }
 
 async fn serve(base: u16, units: u8) -> Served {
+    serve_with(base, units, Some(Meter::Inverter), false).await
+}
+
+async fn serve_with(base: u16, units: u8, meter: Option<Meter>, der_models: bool) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new("2026-11-30T00:00:00Z".parse().unwrap()));
     let config = SimServerConfig {
         units,
         base,
-        sim: SimConfig::default(),
+        // A ramp, so the measured power trails the setpoint as on a real unit.
+        sim: SimConfig {
+            ramp_kw_per_s: 5.0,
+            ..SimConfig::default()
+        },
         reserve_pct: 10.0,
         write_log: Some(dir.path().join("sim.jsonl")),
+        meter,
+        der_models,
     };
-    let sim = Arc::new(SunSpecSim::new(config, clock).unwrap());
+    let sim = Arc::new(SunSpecSim::new(config, clock.clone()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let stop = CancellationToken::new();
     tokio::spawn(server::serve(sim.clone(), listener, stop.clone()));
     Served {
         sim,
+        clock,
         url: format!("sunspec+tcp://127.0.0.1:{port}/{units}")
             .parse()
             .unwrap(),
@@ -245,4 +258,327 @@ async fn a_map_without_sunspec_is_named() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no SunSpec marker"), "{err}");
+}
+
+fn der_url(served: &Served) -> SunSpecUrl {
+    format!("{}?control=704", served.url).parse().unwrap()
+}
+
+/// One write line: (addr, registers by name, outcome).
+type WriteLine = (u16, Vec<(String, u16)>, WriteOutcome);
+
+/// The simulator's write lines.
+fn writes(served: &Served) -> Vec<WriteLine> {
+    read_sim_log(served.sim.write_log().unwrap())
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            SimLogEntry::Write {
+                addr,
+                registers,
+                outcome,
+                ..
+            } => Some((addr, registers.into_iter().collect(), outcome)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sf(e: i8) -> map::ScaleFactor {
+    map::ScaleFactor::new(e).unwrap()
+}
+
+#[test]
+fn the_control_model_is_a_url_query_that_round_trips_and_names_bad_values() {
+    let url: SunSpecUrl = "sunspec+tcp://10.0.0.7:1502/3?control=704".parse().unwrap();
+    assert_eq!((url.unit(), url.control()), (3, ControlModel::Der));
+    assert_eq!(url.to_string(), "sunspec+tcp://10.0.0.7:1502/3?control=704");
+    let url: SunSpecUrl = "sunspec+tcp://[::1]?control=704".parse().unwrap();
+    assert_eq!(url.to_string(), "sunspec+tcp://[::1]:502/1?control=704");
+    assert_eq!(url.to_string().parse::<SunSpecUrl>().unwrap(), url);
+    // The default is left out when printed.
+    let url: SunSpecUrl = "sunspec+tcp://h:502/2?control=124".parse().unwrap();
+    assert_eq!(url.control(), ControlModel::Storage);
+    assert_eq!(url.to_string(), "sunspec+tcp://h:502/2");
+    for (bad, says) in [
+        ("sunspec+tcp://h:502/1?control=703", "control \"703\""),
+        ("sunspec+tcp://h:502/1?control=703", "124 (storage) or 704"),
+        ("sunspec+tcp://h:502/1?mode=704", "query \"mode=704\""),
+        ("sunspec+tcp://h:502/x?control=704", "unit \"x\""),
+    ] {
+        let err = bad.parse::<SunSpecUrl>().unwrap_err();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn measured_power_is_scaled_and_turned_charge_positive() {
+    // Model 103: W = -5000 × 10^1 W is 50 kW flowing in from the AC side: charging.
+    let mut block = vec![0xFFFF; 52];
+    block[0] = 103;
+    block[map::inverter::W] = (-5000i16) as u16;
+    block[map::inverter::W_SF] = sf(1).to_register();
+    assert_eq!(Meter::Inverter.measured_kw(&block).unwrap(), Some(50.0));
+    block[map::inverter::W] = 1234;
+    block[map::inverter::W_SF] = sf(-1).to_register();
+    assert_eq!(Meter::Inverter.measured_kw(&block).unwrap(), Some(-0.1234));
+    block[map::inverter::W] = map::NOT_IMPLEMENTED_I16;
+    assert_eq!(Meter::Inverter.measured_kw(&block).unwrap(), None);
+    // Model 802 the same way, at its own offsets.
+    let mut block = vec![0xFFFF; 64];
+    block[0] = 802;
+    block[map::battery::W] = 300;
+    block[map::battery::W_SF] = sf(2).to_register();
+    assert_eq!(Meter::Battery.measured_kw(&block).unwrap(), Some(-30.0));
+    block[map::battery::W_SF] = map::NOT_IMPLEMENTED_I16;
+    assert_eq!(Meter::Battery.measured_kw(&block).unwrap(), None);
+    // And the simulator's side writes what the client reads.
+    let raw = map::measured_to_w(-49.995, sf(1));
+    assert_eq!(raw as i16, 5000);
+    assert_eq!(map::measured_to_w(400.0, sf(1)) as i16, -32767, "clamped");
+}
+
+#[test]
+fn wset_is_signed_injection_positive_with_its_scale_factor() {
+    let charge = DerControl::encode(kw(Mode::Charge, 50.0), sf(1), 30).unwrap();
+    assert_eq!(charge.w_set, -5000);
+    assert_eq!(charge.setting(), [1, 1, 0xFFFF, (-5000i32) as u16]);
+    assert_eq!(charge.timer(), [0, 30]);
+    assert_eq!(charge.setpoint(sf(1)).unwrap(), kw(Mode::Charge, 50.0));
+    // 12 345 W in 10 W steps rounds half away from zero, and reads back as run.
+    let discharge = DerControl::encode(kw(Mode::Discharge, 12.345), sf(1), 70_000).unwrap();
+    assert_eq!(discharge.w_set, 1235);
+    assert_eq!(discharge.timer(), [1, 4_464]);
+    assert_eq!(
+        discharge.setpoint(sf(1)).unwrap(),
+        kw(Mode::Discharge, 12.35)
+    );
+    // In 0.1 W steps the value needs both words.
+    let big = DerControl::encode(kw(Mode::Charge, 150.0), sf(-1), 1).unwrap();
+    assert_eq!(big.w_set, -1_500_000);
+    let idle = DerControl::encode(Setpoint::IDLE, sf(1), 30).unwrap();
+    assert_eq!((idle.w_set_ena, idle.w_set), (1, 0));
+    assert_eq!(idle.setpoint(sf(1)).unwrap(), Setpoint::IDLE);
+    let percent = DerControl {
+        w_set_mod: 0,
+        ..charge
+    };
+    let err = percent.setpoint(sf(1)).unwrap_err().to_string();
+    assert!(err.contains("WSetMod: 0"), "{err}");
+    assert_eq!(
+        charge.differences(&discharge)[0],
+        ("WSet (high word)", 0xFFFF, 0)
+    );
+}
+
+#[test]
+fn the_713_state_of_charge_uses_its_scale_factor() {
+    let mut block = vec![0u16; 9];
+    block[0] = 713;
+    block[map::der_storage::SOC] = 523;
+    block[map::der_storage::PCT_SF] = sf(-1).to_register();
+    assert_eq!(map::der_soc_pct(&block).unwrap(), 52.3);
+    block[map::der_storage::SOC] = map::NOT_IMPLEMENTED_U16;
+    let err = map::der_soc_pct(&block).unwrap_err().to_string();
+    assert!(err.contains("713 SoC: not implemented"), "{err}");
+}
+
+async fn chain_of(served: &Served) -> Chain {
+    let addr = format!("127.0.0.1:{}", served.url.port()).parse().unwrap();
+    let mut ctx = tokio_modbus::client::tcp::connect_slave(addr, Slave(1))
+        .await
+        .unwrap();
+    discover(&mut ctx).await.unwrap()
+}
+
+#[tokio::test]
+async fn discovery_notes_the_optional_models_when_they_are_there() {
+    let bare = serve_with(40000, 1, None, false).await;
+    assert_eq!(
+        chain_of(&bare).await,
+        Chain {
+            storage: Some(40070),
+            models: vec![1, 124],
+            ..Chain::default()
+        }
+    );
+    let full = serve_with(0, 1, Some(Meter::Inverter), true).await;
+    assert_eq!(
+        chain_of(&full).await,
+        Chain {
+            storage: Some(70),
+            meter: Some((Meter::Inverter, 96)),
+            der_ctl: Some(148),
+            der_storage: Some(215),
+            models: vec![1, 124, 103, 704, 713],
+        }
+    );
+    let battery = serve_with(50000, 1, Some(Meter::Battery), false).await;
+    assert_eq!(
+        chain_of(&battery).await.meter,
+        Some((Meter::Battery, 50096))
+    );
+}
+
+#[tokio::test]
+async fn the_measured_power_is_the_ramped_battery_power_charge_positive() {
+    for meter in [Meter::Inverter, Meter::Battery] {
+        let served = serve_with(40000, 1, Some(meter), false).await;
+        let battery = SunSpecBattery::new(served.url.clone(), Duration::from_secs(30));
+        assert_eq!(battery.read().await.unwrap().measured_kw, Some(0.0));
+        battery.apply(kw(Mode::Charge, 50.0)).await.unwrap();
+        // 5 kW/s of plan time: half-way after 5 s, there after 10 s.
+        served.clock.advance(jiff::SignedDuration::from_secs(5));
+        let half = battery.read().await.unwrap().measured_kw.unwrap();
+        assert!((half - 25.0).abs() < 0.02, "{meter:?}: {half}");
+        served.clock.advance(jiff::SignedDuration::from_secs(60));
+        // 49.995 kW runs (3333 of 10 000 of 150 kW); W is in 10 W steps.
+        let full = battery.read().await.unwrap().measured_kw.unwrap();
+        assert!((full - 49.995).abs() <= 0.0051, "{meter:?}: {full}");
+        battery.apply(kw(Mode::Discharge, 20.0)).await.unwrap();
+        served.clock.advance(jiff::SignedDuration::from_secs(60));
+        let out = battery.read().await.unwrap().measured_kw.unwrap();
+        assert!((out + 19.995).abs() <= 0.0051, "{meter:?}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn a_device_without_a_meter_reads_no_measured_power() {
+    let served = serve_with(40000, 1, None, false).await;
+    let battery = SunSpecBattery::new(served.url.clone(), Duration::from_secs(30));
+    crate::battery::contract(&battery).await;
+    assert_eq!(battery.read().await.unwrap().measured_kw, None);
+}
+
+#[tokio::test]
+async fn control_704_meets_the_battery_contract() {
+    let served = serve_with(40000, 1, Some(Meter::Inverter), true).await;
+    let battery = SunSpecBattery::new(der_url(&served), Duration::from_secs(30));
+    crate::battery::contract(&battery).await;
+}
+
+#[tokio::test]
+async fn control_704_writes_signed_wset_with_its_scale_factor_and_reads_soc_from_713() {
+    let served = serve_with(40000, 1, Some(Meter::Inverter), true).await;
+    let battery = SunSpecBattery::new(der_url(&served), Duration::from_secs(7));
+    battery.apply(kw(Mode::Charge, 50.0)).await.unwrap();
+    assert_eq!(served.sim.unit_status(1).unwrap().0, kw(Mode::Charge, 50.0));
+    battery.apply(kw(Mode::Discharge, 12.345)).await.unwrap();
+    // 10 W steps: the unit runs 12.35 kW; the agent reads back what it wrote.
+    assert_eq!(
+        served.sim.unit_status(1).unwrap().0,
+        kw(Mode::Discharge, 12.35)
+    );
+    let status = battery.read().await.unwrap();
+    assert_eq!(status.setpoint, kw(Mode::Discharge, 12.345));
+    assert!((status.soc_pct - 50.0).abs() < 0.1, "{}", status.soc_pct);
+    served.clock.advance(jiff::SignedDuration::from_hours(1));
+    let status = battery.read().await.unwrap();
+    // An hour at 12.35 kW out of 300 kWh: 4.1 % less, in 0.1 % steps.
+    assert!((45.0..46.0).contains(&status.soc_pct), "{}", status.soc_pct);
+    assert_eq!(status.measured_kw, Some(-12.35));
+
+    let timer = |hi, lo| {
+        vec![
+            ("WSetRvrtTms (high word)".to_owned(), hi),
+            ("WSetRvrtTms (low word)".to_owned(), lo),
+        ]
+    };
+    let setting = |w: i32| {
+        vec![
+            ("WSet (high word)".to_owned(), (w >> 16) as u16),
+            ("WSet (low word)".to_owned(), w as u16),
+            ("WSetEna".to_owned(), 1),
+            ("WSetMod".to_owned(), 1),
+        ]
+    };
+    assert_eq!(
+        writes(&served),
+        vec![
+            (40070 + 78 + 31, timer(0, 7), WriteOutcome::Ok),
+            (40070 + 78 + 22, setting(-5000), WriteOutcome::Ok),
+            (40070 + 78 + 31, timer(0, 7), WriteOutcome::Ok),
+            (40070 + 78 + 22, setting(1235), WriteOutcome::Ok),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn control_704_on_a_device_without_it_names_the_models_found() {
+    let served = serve(40000, 1).await;
+    let err = SunSpecBattery::new(der_url(&served), Duration::from_secs(5))
+        .read()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("control=704: no model 704 (DER AC controls)")
+            && err.contains("models found: [1, 124, 103]"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_stuck_704_setting_is_a_read_back_error_naming_the_register() {
+    let served = serve_with(40000, 1, None, true).await;
+    let battery = SunSpecBattery::new(der_url(&served), Duration::from_secs(30));
+    battery.apply(kw(Mode::Charge, 30.0)).await.unwrap();
+    served.sim.set_fault(Fault::Stuck, None);
+    let err = battery.apply(kw(Mode::Discharge, 30.0)).await.unwrap_err();
+    assert_eq!(
+        err,
+        BatteryError::ReadBack {
+            register: "WSet (high word)",
+            wrote: 0,
+            read: 0xFFFF
+        },
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_704_revert_timer_sends_the_unit_idle() {
+    let served = serve_with(40000, 1, None, true).await;
+    let battery = SunSpecBattery::new(der_url(&served), Duration::from_secs(1));
+    battery.apply(kw(Mode::Discharge, 20.0)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while battery.read().await.unwrap().setpoint != Setpoint::IDLE {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("WSetRvrtTms sends the unit idle");
+    assert_eq!(served.sim.unit_status(1).unwrap().0, Setpoint::IDLE);
+}
+
+#[tokio::test]
+async fn no_power_holds_every_write_but_the_battery_delivers_nothing() {
+    for der in [false, true] {
+        let served = serve_with(40000, 1, Some(Meter::Inverter), der).await;
+        let url = if der {
+            der_url(&served)
+        } else {
+            served.url.clone()
+        };
+        let battery = SunSpecBattery::new(url, Duration::from_secs(30));
+        battery.apply(kw(Mode::Discharge, 40.0)).await.unwrap();
+        served.clock.advance(jiff::SignedDuration::from_secs(60));
+        assert!(battery.read().await.unwrap().measured_kw.unwrap() < -39.0);
+        served.sim.set_fault(Fault::NoPower, None);
+        // The write is taken and reads back; nothing flows, and the charge stays.
+        battery.apply(kw(Mode::Charge, 50.0)).await.unwrap();
+        let before = battery.read().await.unwrap();
+        served.clock.advance(jiff::SignedDuration::from_hours(1));
+        let after = battery.read().await.unwrap();
+        assert_eq!(after.setpoint, kw(Mode::Charge, 50.0), "der {der}");
+        assert_eq!(after.measured_kw, Some(0.0), "der {der}");
+        assert_eq!(after.soc_pct, before.soc_pct, "der {der}");
+        assert_eq!(served.sim.unit_status(1).unwrap().0, Setpoint::IDLE);
+        let last = writes(&served).pop().unwrap();
+        assert_eq!(last.2, WriteOutcome::NoPower);
+    }
+    assert_eq!("no_power".parse::<Fault>().unwrap(), Fault::NoPower);
+    assert_eq!(Fault::NoPower.to_string(), "no_power");
+    let err = "none_power".parse::<Fault>().unwrap_err();
+    assert!(err.contains("no_power"), "{err}");
 }
