@@ -823,7 +823,7 @@ fn expected_w_set(mode: &str, kw: f64) -> i32 {
 }
 
 /// One unit's `WSet` at the end of each period from 1 to `last`, replayed from the
-/// simulator's log (writes it took, and reverts to 0).
+/// simulator's log (writes it took, and reverts to 0); read it once `last` has ended.
 fn w_set_at_period_ends(log: &[SimLogEntry], unit: u8, last: usize) -> BTreeMap<usize, i32> {
     let mut words = [0u16; 2];
     let mut at_end = BTreeMap::new();
@@ -861,6 +861,8 @@ fn w_set_at_period_ends(log: &[SimLogEntry], unit: u8, last: usize) -> BTreeMap<
             _ => {}
         }
     }
+    // The caller reads the log once `last` has ended: what the log ends with held to then.
+    close_until(period_start(last + 1), words, &mut at_end);
     at_end
 }
 
