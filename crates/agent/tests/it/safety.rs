@@ -85,7 +85,7 @@ async fn the_soc_window_stops_charging_until_past_the_hysteresis_and_rates_are_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_whose_power_does_not_follow_is_failed_with_the_measured_kw() {
     // The unit's power ramps at 0.005 kW per plan second: 6 kW per real second at 1200×, so
-    // after the 1 s it is given it delivers about 6 of the 40 kW asked.
+    // after the wait (a tenth of a period, 150 ms at 1200×) it delivers about 1 of the 40 kW.
     let mut app = TestApp::start_with(
         "2026-11-30T10:05:00Z",
         1200.0,
@@ -118,11 +118,12 @@ async fn a_unit_whose_power_does_not_follow_is_failed_with_the_measured_kw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_whose_power_follows_within_the_settle_time_is_executed() {
-    // 0.05 kW per plan second is 60 kW per real second: 40 kW is reached in about 0.7 s.
+    // 0.5 kW per plan second is 600 kW per real second: 40 kW is reached in about 70 ms,
+    // within the wait (a tenth of a period: 150 ms at 1200×).
     let mut app = TestApp::start_with(
         "2026-11-30T10:05:00Z",
         1200.0,
-        "[safety]\nsettle_s = 5\n[sim]\nramp_kw_per_s = 0.05\n",
+        "[safety]\nsettle_s = 5\n[sim]\nramp_kw_per_s = 0.5\n",
     )
     .await;
     follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;

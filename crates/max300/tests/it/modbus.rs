@@ -909,7 +909,6 @@ async fn an_agent_drives_model_704_with_signed_wset_and_its_scale_factor() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the agent's measured-power check from main"]
 async fn a_unit_that_takes_the_setpoint_but_delivers_no_power_is_reported_failed() {
     let rig = day_with_fault("no_power").await;
     let reports = rig.reports(1).await;
@@ -939,7 +938,8 @@ async fn a_unit_that_takes_the_setpoint_but_delivers_no_power_is_reported_failed
         let error = r["error"].as_str().unwrap();
         let expected = if mode == "charge" { kw } else { -kw };
         assert!(
-            error.contains("measured 0 kW") && error.contains(&format!("expected {expected} kW")),
+            error.contains("measured 0.0 kW")
+                && error.contains(&format!("expected {expected:.1} kW")),
             "period {period}: {r}"
         );
     }
