@@ -36,6 +36,10 @@ pub enum Bench {
     /// fetch, audit, normalize, SQLite, MQTT publish): the time from fetch to every command
     /// `sent`, and peak memory.
     Ingest(IngestArgs),
+    /// One agent's memory over a simulated week (its own process), period boundary lateness
+    /// for 1 and N agents, and schedule-to-ack time, through the real agent and broker.
+    #[cfg(feature = "agent")]
+    Agent(crate::bench_agent::AgentArgs),
 }
 
 /// `max300 bench ingest`
@@ -66,6 +70,8 @@ impl Bench {
         match self {
             Bench::Dashboard(args) => dashboard(args).await,
             Bench::Ingest(args) => ingest(args).await,
+            #[cfg(feature = "agent")]
+            Bench::Agent(args) => crate::bench_agent::run(args).await,
         }
     }
 }
