@@ -30,7 +30,7 @@ use max300_agent::battery::{WriteLogEntry, read_write_log};
 use max300_mqtt::{Event, Qos, Session, SessionConfig, broker};
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::time_zone;
-use max300_protocol::message::{AckStatus, ReceiptMsg, ScheduleMsg, V1};
+use max300_protocol::message::{AckStatus, HeartbeatMsg, ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{
     Channel, Clock, DEFAULT_TIMEZONE, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock,
     Schedule, Setpoint, SystemClock, Topics,
@@ -127,6 +127,9 @@ struct Figures {
     single: Lateness,
     fleet: Lateness,
     acks: Vec<f64>,
+    /// The cloud session's publish to itself through the broker: the part of `acks` that is
+    /// not the agent's.
+    echo: Vec<f64>,
 }
 
 async fn measure(
@@ -150,6 +153,7 @@ async fn measure(
     );
     let week = week(args, &days, dir, exe, mqtt, &mut cloud).await?;
     eprintln!("2/3 {} schedules to a durable agent", args.schedules);
+    let echo = echo(args, &mut cloud).await?;
     let acks = acks(args, dir, exe, mqtt, &mut cloud).await?;
     eprintln!(
         "3/3 {} agents in one process at {}x",
@@ -158,6 +162,7 @@ async fn measure(
     let fleet = fleet(args, dir, mqtt, &mut cloud, shutdown).await?;
     Ok(Figures {
         acks,
+        echo,
         fleet,
         ..week
     })
@@ -243,6 +248,7 @@ async fn week(
         single,
         fleet: Lateness::default(),
         acks: Vec::new(),
+        echo: Vec::new(),
     })
 }
 
@@ -275,6 +281,38 @@ fn memory(pid: u32, field: &str) -> anyhow::Result<u64> {
 }
 
 // ---- 2. schedule -> ack ----
+
+/// The broker's share of an ack's time: a message from the cloud session to itself, one
+/// publish and one delivery (an ack is two of each).
+async fn echo(args: &AgentArgs, cloud: &mut CloudSide) -> anyhow::Result<Vec<f64>> {
+    let device = DeviceId::parse("bench-echo")?;
+    let mut took = Vec::new();
+    for i in 0..args.schedules.min(20) as u64 {
+        let heartbeat = Message::Heartbeat(HeartbeatMsg {
+            v: V1,
+            device_id: device.clone(),
+            at: SystemClock.now(),
+            uptime_s: i,
+            agent_version: "bench".into(),
+            active_message_id: None,
+            mode: Mode::Idle,
+            rate_kw: RateKw::ZERO,
+            soc_pct: None,
+            fallback: None,
+            outbox: 0,
+        });
+        let t0 = monotonic();
+        cloud.send(&device, heartbeat).await?;
+        cloud
+            .wait_for(
+                "the cloud's own heartbeat",
+                |m| matches!(m, Message::Heartbeat(h) if h.device_id == device && h.uptime_s == i),
+            )
+            .await?;
+        took.push(monotonic().saturating_duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    Ok(took)
+}
 
 async fn acks(
     args: &AgentArgs,
@@ -524,6 +562,8 @@ impl Figures {
         let mb = |kb: u64| kb as f64 / 1024.0;
         let mut acks = self.acks.clone();
         acks.sort_by(f64::total_cmp);
+        let mut echo = self.echo.clone();
+        echo.sort_by(f64::total_cmp);
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -532,16 +572,13 @@ impl Figures {
         );
         let _ = writeln!(
             out,
-            "{:<46} {:>6} {:>9} {:>9} {:>9}",
+            "{:<46} {:>6} {:>9.1} {:>9.1} {:>9.1}   (after start, last, max of {} samples; VmHWM {:.1})",
             format!("agent RSS, own process, {} days (MB)", args.days),
+            "",
+            mb(self.rss_start_kb),
+            mb(self.rss_last_kb),
+            mb(self.rss_max_kb),
             self.samples,
-            format!("{:.1}", mb(self.rss_start_kb)),
-            format!("{:.1}", mb(self.rss_last_kb)),
-            format!("{:.1}", mb(self.rss_max_kb)),
-        );
-        let _ = writeln!(
-            out,
-            "  (after start, last, max of the samples; VmHWM {:.1} MB)",
             mb(self.rss_peak_kb)
         );
         for (name, l) in [
@@ -580,9 +617,19 @@ impl Figures {
         );
         let _ = writeln!(
             out,
+            "{:<46} {:>6} {:>9.2} {:>9.2} {:>9.2}",
+            "  of which broker, cloud to itself (ms)",
+            echo.len(),
+            pct(&echo, 0.5),
+            pct(&echo, 0.99),
+            pct(&echo, 1.0)
+        );
+        let _ = writeln!(
+            out,
             "bench agent: rss after start {:.1} MB, {}-day max {:.1} MB, last {:.1} MB; \
              lateness 1 agent p50 {:.3} ms p99 {:.3} ms; {} agents p50 {:.3} ms p99 {:.3} ms; \
-             schedule to ack p50 {:.2} ms p99 {:.2} ms; missed boundaries {}",
+             schedule to ack p50 {:.2} ms p99 {:.2} ms (broker alone p50 {:.2} ms); \
+             missed boundaries {}",
             mb(self.rss_start_kb),
             args.days,
             mb(self.rss_max_kb),
@@ -594,6 +641,7 @@ impl Figures {
             self.fleet.pct(0.99),
             pct(&acks, 0.5),
             pct(&acks, 0.99),
+            pct(&echo, 0.5),
             self.single.missed + self.fleet.missed,
         );
         out
