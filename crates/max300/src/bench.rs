@@ -42,6 +42,10 @@ pub enum Bench {
     /// 100,000), the median of several runs each, drawn as an SVG of time and memory
     /// against N.
     Plot(plot::PlotArgs),
+    /// One agent's memory over a simulated week (its own process), period boundary lateness
+    /// for 1 and N agents, and schedule-to-ack time, through the real agent and broker.
+    #[cfg(feature = "agent")]
+    Agent(crate::bench_agent::AgentArgs),
 }
 
 /// `max300 bench ingest`
@@ -73,6 +77,8 @@ impl Bench {
             Bench::Dashboard(args) => dashboard(args).await,
             Bench::Ingest(args) => ingest(args).await,
             Bench::Plot(args) => plot::plot(args).await,
+            #[cfg(feature = "agent")]
+            Bench::Agent(args) => crate::bench_agent::run(args).await,
         }
     }
 }

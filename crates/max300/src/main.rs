@@ -8,10 +8,13 @@
 //! - `up`: everything on one machine, with a summary.
 //! - `validate`: offline checking of a provider document.
 //! - `bench`: benchmarks through the real components.
+//! - `bench_agent`: `bench agent`, one agent's memory, boundary lateness and ack time.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
 
 #[cfg(all(feature = "cloud", feature = "broker"))]
 mod bench;
+#[cfg(all(feature = "cloud", feature = "broker", feature = "agent"))]
+mod bench_agent;
 #[cfg(feature = "cloud")]
 mod certs;
 mod cli;

@@ -196,6 +196,45 @@ fn bench_ingest_sends_every_command_and_closes_with_one_line() {
 }
 
 #[test]
+fn bench_agent_measures_memory_lateness_and_acks_and_closes_with_one_line() {
+    // A day at 20000x is 4.3 s of real time; the fleet's 4 boundaries at 5000x under 2 s.
+    let last = bench(&[
+        "bench",
+        "agent",
+        "--agents",
+        "3",
+        "--days",
+        "1",
+        "--speed",
+        "20000",
+        "--fleet-speed",
+        "5000",
+        "--fleet-periods",
+        "4",
+        "--schedules",
+        "10",
+    ]);
+    assert!(last.starts_with("bench agent: rss after start "), "{last}");
+    for figure in [
+        "1-day max ",
+        " MB, last ",
+        "lateness 1 agent p50 ",
+        "3 agents p50 ",
+        "schedule to ack p50 ",
+        "missed boundaries ",
+    ] {
+        assert!(last.contains(figure), "{figure} is missing: {last}");
+    }
+    assert!(!last.contains("NaN"), "a figure had no samples: {last}");
+    for (flag, value) in [("--agents", "0"), ("--days", "0"), ("--speed", "0")] {
+        let bad = run(&["bench", "agent", flag, value]);
+        assert!(!bad.status.success());
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}
+
+#[test]
 fn under_systemd_the_agent_says_ready_and_pets_the_watchdog() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().unwrap();
