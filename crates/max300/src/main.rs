@@ -9,6 +9,8 @@
 //! - `validate`: offline checking of a provider document.
 //! - `bench`: benchmarks through the real components.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
+//! - `fleet`: simulated devices, one MQTT connection each, that ack every schedule.
+//! - `fds`: the open-file limit, raised and checked for runs with many connections.
 
 #[cfg(all(feature = "cloud", feature = "broker"))]
 mod bench;
@@ -16,6 +18,10 @@ mod bench;
 mod certs;
 mod cli;
 mod clock;
+#[cfg(any(feature = "fleet", all(feature = "cloud", feature = "broker")))]
+mod fds;
+#[cfg(feature = "fleet")]
+mod fleet;
 #[cfg(feature = "cloud")]
 mod sample;
 #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
