@@ -248,10 +248,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let acked = match fleet {
         Some(fleet) => {
             let waited = wait_acknowledged(&cloud.store, args.devices, t0).await;
+            let fleet_peak = fleet.peak_memory_kb().unwrap_or(0);
             let stopped = fleet.stop().await;
             let (n, took) = waited?;
             stopped?;
-            Some((n, took, peak_memory_kb().unwrap_or(0)))
+            Some((n, took, peak_memory_kb().unwrap_or(0), fleet_peak))
         }
         None => None,
     };
@@ -266,12 +267,14 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     }
     let mb = |kb: u64| kb as f64 / 1024.0;
     let acks = match acked {
-        Some((n, took, peak)) => format!(
+        Some((n, took, peak, fleet_peak)) => format!(
             ", acknowledged {n} of {}, fetch to all acknowledged {:.3} s \
-             (peak memory {:.1} MB by then)",
+             (peak memory {:.1} MB by then; the fleet process {:.1} MB, {:.1} KB a connection)",
             args.devices,
             took.as_secs_f64(),
-            mb(peak)
+            mb(peak),
+            mb(fleet_peak),
+            fleet_peak as f64 / args.devices as f64
         ),
         None => String::new(),
     };
@@ -386,6 +389,12 @@ impl FleetChild {
         Ok(FleetChild { child })
     }
 
+    /// The fleet process's peak resident memory in KiB (Linux: VmHWM).
+    fn peak_memory_kb(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        vm_hwm_kb(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    }
+
     /// SIGTERM, so every device sends DISCONNECT, then waits for it to exit.
     async fn stop(mut self) -> anyhow::Result<()> {
         use nix::sys::signal::{Signal, kill};
@@ -408,7 +417,11 @@ impl FleetChild {
 
 /// Peak resident memory of this process in KiB (Linux: VmHWM).
 pub(crate) fn peak_memory_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_hwm_kb(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// VmHWM in KiB from the text of a `/proc/PID/status`.
+fn vm_hwm_kb(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
