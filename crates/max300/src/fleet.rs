@@ -66,6 +66,8 @@ const REQUEST_QUEUE: usize = 8;
 const MAX_OUTGOING_BYTES: usize = 16 * 1024;
 /// How long a device may take to flush its DISCONNECT before its socket is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an ack waits for the cloud's receipt before it is sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -189,10 +191,26 @@ async fn device(
     let mut up = Some(up);
     let mut connected = false;
     let mut backoff = BACKOFF_MIN;
+    // Acks the cloud has not receipted yet, resent as the agent resends its outbox: a busy
+    // cloud drops what it cannot take and relies on the device sending again.
+    let mut unreceipted: Vec<(u64, Vec<u8>)> = Vec::new();
+    let ack_topic = shared.topics.topic(&id, Channel::Ack);
     loop {
+        let resend = async {
+            if unreceipted.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(RESEND_AFTER).await;
+        };
         let polled = tokio::select! {
             _ = shutdown.cancelled() => break,
             polled = events.poll() => polled,
+            _ = resend, if connected => {
+                for (_, payload) in &unreceipted {
+                    let _ = client.try_publish(ack_topic.clone(), QoS::AtLeastOnce, false, payload.clone());
+                }
+                continue;
+            }
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -213,8 +231,15 @@ async fn device(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let Some((to, Channel::Schedule)) = shared.topics.parse(&publish.topic) else {
-                    continue;
+                let to = match shared.topics.parse(&publish.topic) {
+                    Some((to, Channel::Schedule)) => to,
+                    Some((_, Channel::Receipt)) => {
+                        if let Ok(Message::Receipt(r)) = Message::decode(&publish.payload) {
+                            unreceipted.retain(|(s, _)| !r.seqs.contains(s));
+                        }
+                        continue;
+                    }
+                    _ => continue,
                 };
                 let msg = match Message::decode(&publish.payload) {
                     Ok(Message::Schedule(msg)) => msg,
@@ -226,11 +251,11 @@ async fn device(
                 };
                 seq += 1;
                 let ack = answer(&msg, &to, &store_id, seq, shared.clock.now());
-                let topic = shared.topics.topic(&id, Channel::Ack);
+                let payload = Message::Ack(ack).encode();
+                unreceipted.push((seq, payload.clone()));
                 // Never awaited: the queue only drains while this task polls, so a wait here
-                // could never end. A full queue drops the ack; the cloud resends the schedule.
-                match client.try_publish(topic, QoS::AtLeastOnce, false, Message::Ack(ack).encode())
-                {
+                // could never end. A full queue drops the ack until the next resend.
+                match client.try_publish(ack_topic.clone(), QoS::AtLeastOnce, false, payload) {
                     Ok(()) => {
                         shared.acks.fetch_add(1, Ordering::Relaxed);
                     }
