@@ -562,7 +562,10 @@ impl Agent {
     async fn on_boundary(&mut self) {
         let now = self.clock.now();
         if self.engine.clock_unsynced(now) {
-            warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
+            // Whether the time source is unsynchronized was logged when it was found.
+            if self.engine.time_source_synced() {
+                warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
+            }
             self.drive(false).await;
             return;
         }

@@ -177,6 +177,11 @@ impl Engine {
         &self.tz
     }
 
+    /// Whether the system's time sync said the clock is right, the last time it was asked.
+    pub fn time_source_synced(&self) -> bool {
+        self.time_source_synced
+    }
+
     /// Whether the clock reads earlier than an instant the agent already acted at.
     pub fn clock_unsynced(&self, now: Timestamp) -> bool {
         !self.time_source_synced || self.last_instant.is_some_and(|last| now < last)

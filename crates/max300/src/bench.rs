@@ -36,7 +36,8 @@ pub enum Bench {
     Dashboard(DashboardArgs),
     /// One ingestion of a provider document for N devices through the real path (HTTP
     /// fetch, audit, normalize, SQLite, MQTT publish): the time from fetch to every command
-    /// `sent`, and peak memory.
+    /// `sent`, and peak memory. With --fleet, also the time to every command `acknowledged`
+    /// by N simulated devices.
     Ingest(IngestArgs),
     /// `bench ingest` in a fresh process per fleet size (default 1,000, 10,000 and
     /// 100,000), the median of several runs each, drawn as an SVG of time and memory
@@ -57,6 +58,10 @@ pub struct IngestArgs {
     /// An external broker (e.g. mosquitto) instead of the embedded one.
     #[arg(long)]
     pub mqtt: Option<String>,
+    /// Start `max300 fleet` (a child process, one MQTT connection per device) on the same
+    /// broker first, and also time the fetch to every command `acknowledged` in the store.
+    #[arg(long)]
+    pub fleet: bool,
 }
 
 /// `max300 bench dashboard`
@@ -212,9 +217,16 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             .with_graceful_shutdown(async move { served.cancelled().await })
             .await;
     });
+    let clients = if args.fleet { args.devices + 8 } else { 8 };
     let mqtt = match &args.mqtt {
         Some(url) => url.clone(),
-        None => format!("mqtt://{}", broker::start("127.0.0.1:0".parse()?, 8)?),
+        None => {
+            // The embedded broker holds the broker's end of every fleet connection here.
+            if args.fleet {
+                crate::fds::ensure_room(args.devices, "--devices (embedded broker)")?;
+            }
+            format!("mqtt://{}", broker::start("127.0.0.1:0".parse()?, clients)?)
+        }
     };
 
     let mut config = CloudConfig::load(None, &[])?;
@@ -230,6 +242,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     tokio::time::timeout(Duration::from_secs(30), cloud.session.wait_connected())
         .await
         .with_context(|| format!("the broker at {mqtt} did not answer within 30 s"))?;
+    let fleet = if args.fleet {
+        Some(FleetChild::start(&mqtt, args.devices, eve).await?)
+    } else {
+        None
+    };
 
     let before = peak_memory_kb().unwrap_or(0);
     // Linux: start the peak over from here, so it measures the ingestion, not the set-up.
@@ -238,14 +255,20 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let report = cloud.ingestor.fetch(DATE).await?;
     let took = t0.elapsed();
     let peak = peak_memory_kb().unwrap_or(0);
-    let sent = cloud
-        .store
-        .command_counts()
-        .await?
-        .into_iter()
-        .filter(|(s, _)| *s == max300_cloud::CommandState::Sent)
-        .map(|(_, n)| n as usize)
-        .sum::<usize>();
+    use max300_cloud::CommandState::{Acknowledged, Sent};
+    // With a fleet, the first acks land while the last commands are still being published.
+    let sent = count(&cloud.store, &[Sent, Acknowledged]).await?;
+    let acked = match fleet {
+        Some(fleet) => {
+            let waited = wait_acknowledged(&cloud.store, args.devices, t0).await;
+            let fleet_peak = fleet.peak_memory_kb().unwrap_or(0);
+            let stopped = fleet.stop().await;
+            let (n, took) = waited?;
+            stopped?;
+            Some((n, took, peak_memory_kb().unwrap_or(0), fleet_peak))
+        }
+        None => None,
+    };
     shutdown.cancel();
     cloud.wait().await;
     if report.accepted.len() != args.devices || sent != args.devices {
@@ -256,8 +279,20 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mb = |kb: u64| kb as f64 / 1024.0;
+    let acks = match acked {
+        Some((n, took, peak, fleet_peak)) => format!(
+            ", acknowledged {n} of {}, fetch to all acknowledged {:.3} s \
+             (peak memory {:.1} MB by then; the fleet process {:.1} MB, {:.1} KB a connection)",
+            args.devices,
+            took.as_secs_f64(),
+            mb(peak),
+            mb(fleet_peak),
+            fleet_peak as f64 / args.devices as f64
+        ),
+        None => String::new(),
+    };
     println!(
-        "bench ingest: devices {}, document {:.1} MB, broker {}, fetch to all sent {:.3} s, \
+        "bench ingest: devices {}, document {:.1} MB, broker {}, fetch to all sent {:.3} s{acks}, \
          peak memory {:.1} MB during the ingestion ({:.1} MB before it)",
         args.devices,
         size as f64 / 1e6,
@@ -273,9 +308,133 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Commands in any of `states`.
+async fn count(
+    store: &Arc<dyn CommandStore>,
+    states: &[max300_cloud::CommandState],
+) -> anyhow::Result<usize> {
+    Ok(store
+        .command_counts()
+        .await?
+        .into_iter()
+        .filter(|(s, _)| states.contains(s))
+        .map(|(_, n)| n as usize)
+        .sum())
+}
+
+/// Polls the store until `devices` commands are acknowledged; returns how many were and
+/// when (from `t0`). One grouped count every 10 ms costs the store little next to the acks.
+async fn wait_acknowledged(
+    store: &Arc<dyn CommandStore>,
+    devices: usize,
+    t0: std::time::Instant,
+) -> anyhow::Result<(usize, Duration)> {
+    use max300_cloud::CommandState::{Acknowledged, Rejected};
+    // Generous: SQLite with synchronous=FULL commits a few hundred acks a second.
+    let limit = Duration::from_secs(60) + Duration::from_millis(20 * devices as u64);
+    loop {
+        let acked = count(store, &[Acknowledged]).await?;
+        if acked >= devices {
+            return Ok((acked, t0.elapsed()));
+        }
+        let rejected = count(store, &[Rejected]).await?;
+        if rejected > 0 {
+            anyhow::bail!("{rejected} commands rejected by the fleet ({acked} acknowledged)");
+        }
+        if t0.elapsed() > limit {
+            anyhow::bail!(
+                "{acked} of {devices} commands acknowledged after {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `max300 fleet` as a child process: this binary again, so the fleet's sockets and tasks
+/// count against its own process, not the one measured.
+struct FleetChild {
+    child: tokio::process::Child,
+}
+
+impl FleetChild {
+    /// Starts the fleet and waits for its "fleet: N connected" line.
+    async fn start(mqtt: &str, devices: usize, plan_time: Timestamp) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let exe = std::env::current_exe().context("the path of this binary")?;
+        let mut child = tokio::process::Command::new(&exe)
+            .args(["fleet", "--devices", &devices.to_string(), "--mqtt", mqtt])
+            .args(["--clock-start", &plan_time.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} fleet", exe.display()))?;
+        let stdout = child.stdout.take().context("max300 fleet: no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = format!("fleet: {devices} connected");
+        let limit = Duration::from_secs(60) + Duration::from_millis(10 * devices as u64);
+        let connected = tokio::time::timeout(limit, async {
+            while let Some(line) = lines.next_line().await? {
+                if line == ready {
+                    return Ok(true);
+                }
+            }
+            Ok::<_, std::io::Error>(false)
+        })
+        .await;
+        match connected {
+            Ok(Ok(true)) => {}
+            Ok(_) => {
+                let status = child.wait().await.context("max300 fleet")?;
+                anyhow::bail!(
+                    "max300 fleet ended ({status}) before its {devices} devices connected \
+                     (its error is above)"
+                );
+            }
+            Err(_) => anyhow::bail!(
+                "max300 fleet: its {devices} devices did not all connect within {} s",
+                limit.as_secs()
+            ),
+        }
+        // Drained to the end, so the child never blocks on a full pipe; ends when it exits.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(FleetChild { child })
+    }
+
+    /// The fleet process's peak resident memory in KiB (Linux: VmHWM).
+    fn peak_memory_kb(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        vm_hwm_kb(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    }
+
+    /// SIGTERM, so every device sends DISCONNECT, then waits for it to exit.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            kill(Pid::from_raw(pid), Signal::SIGTERM).context("max300 fleet: SIGTERM")?;
+        }
+        let limit = Duration::from_secs(30);
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => anyhow::bail!("max300 fleet exited with {status}"),
+            Ok(Err(e)) => Err(e).context("max300 fleet"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                anyhow::bail!("max300 fleet did not stop within 30 s of SIGTERM: killed")
+            }
+        }
+    }
+}
+
 /// Peak resident memory of this process in KiB (Linux: VmHWM).
 pub(crate) fn peak_memory_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_hwm_kb(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// VmHWM in KiB from the text of a `/proc/PID/status`.
+fn vm_hwm_kb(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }

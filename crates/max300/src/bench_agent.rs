@@ -61,6 +61,10 @@ pub struct AgentArgs {
     /// Schedules sent one after another to the durable agent, timing each to its ack.
     #[arg(long, default_value_t = 100)]
     pub schedules: usize,
+    /// The binary whose `agent` runs in its own process for the memory and ack figures,
+    /// e.g. the agent-only `--profile pi` build. Default: this binary.
+    #[arg(long)]
+    pub agent_binary: Option<std::path::PathBuf>,
 }
 
 /// The first day played: a winter week (48 periods a day, no clock change), fixed so runs
@@ -81,7 +85,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::Builder::new()
         .prefix("max300-bench-agent-")
         .tempdir()?;
-    let exe = std::env::current_exe().context("cannot find this binary to run the agent")?;
+    let exe = match &args.agent_binary {
+        Some(path) if !path.is_file() => {
+            anyhow::bail!("--agent-binary: {} is not a file", path.display())
+        }
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("cannot find this binary to run the agent")?,
+    };
     let addr = broker::start("127.0.0.1:0".parse()?, args.agents + 16)?;
     let mqtt = format!("mqtt://{addr}");
     let shutdown = CancellationToken::new();

@@ -66,6 +66,12 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Check a provider document offline and print every error with its place.
     Validate(validate::ValidateArgs),
+    /// Simulated devices, one real MQTT connection each, that ack every schedule as an agent
+    /// does. They keep no plans and drive no battery: this loads the cloud and the broker, it
+    /// does not measure the agent. Prints "fleet: N connected" once all are subscribed and
+    /// serves until SIGTERM or ctrl-c, then disconnects each cleanly.
+    #[cfg(feature = "fleet")]
+    Fleet(crate::fleet::FleetArgs),
     /// Benchmarks through the real components.
     #[cfg(all(feature = "cloud", feature = "broker"))]
     Bench {
@@ -335,6 +341,8 @@ impl Command {
             #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
             Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
+            #[cfg(feature = "fleet")]
+            Command::Fleet(_) => "warn",
             #[cfg(all(feature = "cloud", feature = "broker"))]
             Command::Bench { .. } => "warn,rumqttd=off",
             #[cfg(feature = "cloud")]
@@ -372,6 +380,8 @@ impl Command {
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
+            #[cfg(feature = "fleet")]
+            Command::Fleet(args) => crate::fleet::run(args).await,
             #[cfg(all(feature = "cloud", feature = "broker"))]
             Command::Bench { what } => what.run().await,
             #[cfg(feature = "cloud")]

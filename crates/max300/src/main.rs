@@ -10,6 +10,8 @@
 //! - `bench`: benchmarks through the real components.
 //! - `bench_agent`: `bench agent`, one agent's memory, boundary lateness and ack time.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
+//! - `fleet`: simulated devices, one MQTT connection each, that ack every schedule.
+//! - `fds`: the open-file limit, raised and checked for runs with many connections.
 
 #[cfg(all(feature = "cloud", feature = "broker"))]
 mod bench;
@@ -19,6 +21,10 @@ mod bench_agent;
 mod certs;
 mod cli;
 mod clock;
+#[cfg(any(feature = "fleet", all(feature = "cloud", feature = "broker")))]
+mod fds;
+#[cfg(feature = "fleet")]
+mod fleet;
 #[cfg(feature = "cloud")]
 mod sample;
 #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]

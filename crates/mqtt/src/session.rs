@@ -254,7 +254,12 @@ pub fn connect(
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_inflight(MAX_INFLIGHT)
         .set_manual_acks(true);
-    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    // Every message here is small and waited for (a command, its ack, a report): Nagle's
+    // algorithm would hold each one back until the peer's delayed ACK, tens of ms per hop.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let (events_tx, events_rx) = mpsc::channel(config.channel_capacity.max(1));
     let (connected_tx, connected_rx) = watch::channel(false);
     let session = Session {

@@ -235,6 +235,38 @@ fn bench_agent_measures_memory_lateness_and_acks_and_closes_with_one_line() {
 }
 
 #[test]
+fn bench_ingest_with_a_fleet_reports_every_command_acknowledged() {
+    let last = bench(&["bench", "ingest", "--devices", "50", "--fleet"]);
+    assert!(
+        last.starts_with("bench ingest: devices 50, ")
+            && last.contains("acknowledged 50 of 50, fetch to all acknowledged"),
+        "{last}"
+    );
+}
+
+#[test]
+fn fleet_refuses_an_impossible_size_or_an_absent_broker_with_a_clear_message() {
+    let stderr = |args: &[&str]| {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let broker = format!("mqtt://127.0.0.1:{}", crate::free_port());
+    let text = stderr(&["fleet", "--devices", "0", "--mqtt", &broker]);
+    assert!(text.contains("--devices: 0 is not within 1..="), "{text}");
+    let text = stderr(&["fleet", "--devices", "1000000", "--mqtt", &broker]);
+    assert!(
+        text.contains("1000000 connections need about") && text.contains("open files"),
+        "{text}"
+    );
+    let text = stderr(&["fleet", "--devices", "3", "--mqtt", &broker]);
+    assert!(
+        text.contains("max300-0001: cannot connect to mqtt://127.0.0.1:"),
+        "{text}"
+    );
+}
+
+#[test]
 fn under_systemd_the_agent_says_ready_and_pets_the_watchdog() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().unwrap();
