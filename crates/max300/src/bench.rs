@@ -200,7 +200,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     };
     // Rendered once, before the clock starts, and served as it is: the bench measures the
     // service, not the sample provider.
-    let document = bytes::Bytes::from(serde_json::to_vec(&provider.document(DATE, eve)?)?);
+    let document = bytes::Bytes::from(provider.document_bytes(DATE, eve)?);
     let size = document.len();
     let app = axum::Router::new().route(
         "/tomorrow",

@@ -54,6 +54,34 @@ impl SampleProvider {
         }))
     }
 
+    /// The same document as [`SampleProvider::document`], serialized one device at a time,
+    /// so a large fleet's document never exists as a JSON tree in memory (the benchmarks
+    /// measure the service, not this).
+    pub fn document_bytes(
+        &self,
+        date: Date,
+        generated_at: jiff::Timestamp,
+    ) -> anyhow::Result<Vec<u8>> {
+        let day = Day::new(date, self.timezone.clone())?;
+        let head = json!({
+            "schedule_date": date.to_string(),
+            "timezone": day.tz_name(),
+            "generated_at": generated_at.to_string(),
+        });
+        let mut out = serde_json::to_vec(&head)?;
+        // `{...}` becomes `{..., "schedules": [` followed by each plan.
+        out.pop();
+        out.extend_from_slice(b",\"schedules\":[");
+        for (i, id) in self.devices.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &self.device_plan(&day, i, id)?)?;
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
+
     fn device_plan(&self, day: &Day, index: usize, id: &str) -> anyhow::Result<Value> {
         let mut rng = fastrand::Rng::with_seed(
             self.seed
@@ -216,6 +244,9 @@ mod tests {
         let t = "2026-01-01T00:00:00Z".parse().unwrap();
         let date = "2026-11-30".parse().unwrap();
         let a = provider().document(date, t).unwrap();
+        let streamed: Value =
+            serde_json::from_slice(&provider().document_bytes(date, t).unwrap()).unwrap();
+        assert_eq!(streamed, a, "the streamed document is the same document");
         let b = provider().document(date, t).unwrap();
         assert_eq!(a, b);
         assert_ne!(
