@@ -72,6 +72,9 @@ enum Outbound {
     Stored(Vec<max300_protocol::MessageId>),
 }
 
+/// The most queued device messages handled (and their acks committed) together.
+const FEEDBACK_BATCH: usize = 256;
+
 /// Room for a burst of receipts (a boundary of a large fleet) before they are dropped; a
 /// dropped receipt only means the device sends again.
 const OUTBOUND_CAPACITY: usize = 20_000;
@@ -184,18 +187,59 @@ impl Feedback {
                 }
                 Event::Disconnected(_) => {}
                 Event::Message(inbound) => {
-                    if let Err(e) = self.handle(&inbound).await {
-                        // A store failure. No receipt went out, so the device resends from its
-                        // outbox; PUBACK anyway, so this message can't hold up the others.
-                        warn!(topic = %inbound.topic, error = %e, "message not handled");
+                    // Whatever else is already queued is handled with it, so its acks are
+                    // committed together: one fsync for a burst, not one each.
+                    let mut batch = vec![*inbound];
+                    while batch.len() < FEEDBACK_BATCH {
+                        match events.try_recv() {
+                            Ok(Event::Message(more)) => batch.push(*more),
+                            // Connection events mean nothing to a batch: the next Connected
+                            // lists what is unsent anyway.
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
                     }
-                    inbound.ack().await;
+                    self.handle_batch(batch).await;
                 }
             }
         }
     }
 
-    async fn handle(&mut self, inbound: &Inbound) -> Result<(), CloudError> {
+    /// Handles queued messages in order, deferring their acks to one store transaction.
+    async fn handle_batch(&mut self, batch: Vec<Inbound>) {
+        let mut acks = Vec::new();
+        for inbound in &batch {
+            match self.handle(inbound).await {
+                Ok(Some(ack)) => acks.push(ack),
+                Ok(None) => {}
+                // A store failure. No receipt went out, so the device resends from its
+                // outbox; PUBACK anyway, so this message can't hold up the others.
+                Err(e) => warn!(topic = %inbound.topic, error = %e, "message not handled"),
+            }
+        }
+        if !acks.is_empty() {
+            let now = self.clock.now();
+            let msgs: Vec<AckMsg> = acks.iter().map(|(ack, _)| ack.clone()).collect();
+            match self.store.record_acks(&msgs, now).await {
+                Ok(outcomes) => {
+                    for ((ack, span), outcome) in acks.iter().zip(outcomes) {
+                        let _entered = span.enter();
+                        self.acked(ack, outcome);
+                    }
+                }
+                Err(e) => {
+                    warn!(count = acks.len(), error = %e, "acks not recorded: the devices will resend")
+                }
+            }
+        }
+        for inbound in batch {
+            inbound.ack().await;
+        }
+    }
+
+    /// Checks one message and applies it, except an ack, which is returned (with its span)
+    /// to be recorded with the rest of its batch.
+    async fn handle(&mut self, inbound: &Inbound) -> Result<Option<(AckMsg, Span)>, CloudError> {
         let kind = inbound.message.as_ref().map_or("unknown", kind);
         if let Some((device, _)) = &inbound.route
             && !self
@@ -208,25 +252,25 @@ impl Feedback {
                 warn!(device_id = %device, "device over its message rate: throttled");
             }
             self.throttled += 1;
-            return Ok(());
+            return Ok(None);
         }
         let message = match &inbound.message {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.inbound(kind, Outcome::Invalid);
                 warn!(topic = %inbound.topic, error = %e, "undecodable message dropped");
-                return Ok(());
+                return Ok(None);
             }
         };
         let Some((topic_device, channel)) = &inbound.route else {
             self.metrics.inbound(kind, Outcome::Invalid);
             warn!(topic = %inbound.topic, "message on a foreign topic dropped");
-            return Ok(());
+            return Ok(None);
         };
         if message.channel() != *channel || !channel.from_device() {
             self.metrics.inbound(kind, Outcome::Invalid);
             warn!(device_id = %topic_device, topic = %inbound.topic, "message of the wrong type for its topic dropped");
-            return Ok(());
+            return Ok(None);
         }
         if message.device_id() != topic_device {
             self.metrics.inbound(kind, Outcome::Invalid);
@@ -235,12 +279,12 @@ impl Feedback {
                 payload_device_id = %message.device_id(),
                 "payload device_id differs from the topic's: dropped"
             );
-            return Ok(());
+            return Ok(None);
         }
         if !self.admit(topic_device).await? {
             self.metrics.inbound(kind, Outcome::UnknownDevice);
             warn!(device_id = %topic_device, "message from an unregistered device dropped");
-            return Ok(());
+            return Ok(None);
         }
         let now = self.clock.now();
         match message {
@@ -248,7 +292,7 @@ impl Feedback {
                 let span = info_span!(parent: None, "ack", device_id = %ack.device_id, message_id = %ack.message_id, status = ?ack.status);
                 self.continue_trace(&span, ack.traceparent.as_ref(), Some(&ack.message_id))
                     .await;
-                self.ack(ack, now).instrument(span).await
+                Ok(Some((ack.clone(), span)))
             }
             Message::Report(report) => {
                 let span = info_span!(
@@ -265,15 +309,16 @@ impl Feedback {
                     report.message_id.as_ref(),
                 )
                 .await;
-                self.report(report, now).instrument(span).await
+                self.report(report, now).instrument(span).await?;
+                Ok(None)
             }
             Message::Heartbeat(hb) => {
                 self.store.record_heartbeat(hb, now).await?;
                 self.metrics.inbound(kind, Outcome::Applied);
-                Ok(())
+                Ok(None)
             }
-            Message::Sync(sync) => self.sync(sync).await,
-            _ => Ok(()),
+            Message::Sync(sync) => self.sync(sync).await.map(|()| None),
+            _ => Ok(None),
         }
     }
 
@@ -315,8 +360,8 @@ impl Feedback {
         Ok(false)
     }
 
-    async fn ack(&self, ack: &AckMsg, now: jiff::Timestamp) -> Result<(), CloudError> {
-        let outcome = self.store.record_ack(ack, now).await?;
+    /// What follows a recorded ack: its metrics, its log line and its receipt.
+    fn acked(&self, ack: &AckMsg, outcome: Recorded) {
         self.metrics.inbound("ack", recorded(outcome));
         if outcome == Recorded::Applied {
             self.metrics.acked(&ack.message_id);
@@ -335,7 +380,6 @@ impl Feedback {
             ack.store_id.clone(),
             ack.seq,
         ));
-        Ok(())
     }
 
     async fn report(&self, report: &ReportMsg, now: jiff::Timestamp) -> Result<(), CloudError> {

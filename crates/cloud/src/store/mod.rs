@@ -292,6 +292,14 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Applies an ack once, by its message_id.
     async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError>;
 
+    /// Applies several acks in one transaction: the outcomes, in order, are those of
+    /// [`CommandStore::record_ack`] applied to each in turn. If it fails, none is applied.
+    async fn record_acks(
+        &self,
+        acks: &[AckMsg],
+        at: Timestamp,
+    ) -> Result<Vec<Recorded>, CloudError>;
+
     /// Applies a report once, by (device_id, interval_start).
     async fn record_report(
         &self,

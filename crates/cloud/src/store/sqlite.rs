@@ -359,6 +359,111 @@ fn set_state(
     Ok(())
 }
 
+/// Applies one ack inside `tx` (the caller commits): see [`CommandStore::record_ack`].
+fn apply_ack(tx: &Transaction, ack: &AckMsg, at: Timestamp) -> rusqlite::Result<Recorded> {
+    let id = ack.message_id.as_str();
+    let device = ack.device_id.as_str();
+    let owner: Option<String> = tx
+        .query_row(
+            "SELECT device_id FROM commands WHERE message_id = ?1
+             UNION ALL SELECT device_id FROM controls WHERE message_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if owner.as_deref().is_some_and(|o| o != device) {
+        // Another device's command: never let it take the owner's ack slot.
+        return Ok(Recorded::UnknownCommand);
+    }
+    let body = serde_json::to_string(&ack).map_err(conversion)?;
+    let fresh = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
+         VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![id, device, body, text(at)])?;
+    touch_device(tx, device, at)?;
+    if fresh == 0 {
+        return Ok(Recorded::Duplicate);
+    }
+    let row: Option<(String, String, u32, String)> = tx
+        .query_row(
+            "SELECT state, schedule_date, version, governs_from FROM commands
+             WHERE message_id = ?1 AND device_id = ?2",
+            params![id, device],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((state, date, version, governs_from)) = row else {
+        let control = tx
+            .prepare_cached(
+                "UPDATE controls SET state = ?3 WHERE message_id = ?1 AND device_id = ?2",
+            )?
+            .execute(params![
+                id,
+                device,
+                match ack.status {
+                    AckStatus::Accepted => "acknowledged",
+                    AckStatus::Rejected => "rejected",
+                }
+            ])?;
+        return Ok(if control > 0 {
+            Recorded::Applied
+        } else {
+            Recorded::UnknownCommand
+        });
+    };
+    let state: CommandState = parsed(state)?;
+    if let Some(next) = state.after_ack(ack.status) {
+        set_state(tx, id, next, at)?;
+    }
+    if ack.status == AckStatus::Accepted {
+        // Judged by when the device acked (never later than we heard), so a cloud
+        // outage does not flag an on-time ack.
+        let late = ack.at.min(at) > ts(governs_from)?;
+        tx.prepare_cached(
+            "UPDATE commands SET effective_period = ?2, acked_sha256 = ?3,
+                    late = late OR ?4
+             WHERE message_id = ?1",
+        )?
+        .execute(params![id, ack.effective_period, ack.sha256, late])?;
+        let effective = ack.effective_period.unwrap_or(1);
+        // Periods before the effective one never ran under this command: an older
+        // version (if any) governed them.
+        let reason = (version > 1).then_some("superseded");
+        mark_unresulted(tx, id, 1..=effective.saturating_sub(1), "skipped", reason)?;
+        let older: Vec<(String, String, String)> = tx
+            .prepare(
+                "SELECT message_id, state, plan FROM commands
+                 WHERE device_id = ?1 AND schedule_date = ?2 AND version < ?3",
+            )?
+            .query_map(params![device, date, version], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (old, old_state, old_plan) in older {
+            mark_unresulted(
+                tx,
+                &old,
+                effective..=plan_len(&old_plan),
+                "skipped",
+                Some("superseded"),
+            )?;
+            let old_state: CommandState = parsed(old_state)?;
+            if !matches!(
+                old_state,
+                CommandState::Superseded | CommandState::Cancelled | CommandState::Rejected
+            ) {
+                set_state(tx, &old, CommandState::Superseded, at)?;
+            }
+        }
+        // Reports may have come before the ack: marking the early periods can leave
+        // nothing pending.
+        complete_if_done(tx, id, at)?;
+    }
+    Ok(Recorded::Applied)
+}
+
 /// Moves a command to `completed` once no period is left pending.
 fn complete_if_done(tx: &Transaction, id: &str, at: Timestamp) -> rusqlite::Result<()> {
     let (state, plan, done): (String, String, u32) = tx
@@ -661,110 +766,29 @@ impl CommandStore for SqliteStore {
         let ack = ack.clone();
         self.run(move |c| {
             let tx = c.transaction()?;
-            let id = ack.message_id.as_str();
-            let device = ack.device_id.as_str();
-            let owner: Option<String> = tx
-                .query_row(
-                    "SELECT device_id FROM commands WHERE message_id = ?1
-                     UNION ALL SELECT device_id FROM controls WHERE message_id = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if owner.as_deref().is_some_and(|o| o != device) {
-                // Another device's command: never let it take the owner's ack slot.
-                return Ok(Recorded::UnknownCommand);
-            }
-            let body = serde_json::to_string(&ack).map_err(conversion)?;
-            let fresh = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO acks (message_id, device_id, body, received_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![id, device, body, text(at)])?;
-            touch_device(&tx, device, at)?;
-            if fresh == 0 {
-                tx.commit()?;
-                return Ok(Recorded::Duplicate);
-            }
-            let row: Option<(String, String, u32, String)> = tx
-                .query_row(
-                    "SELECT state, schedule_date, version, governs_from FROM commands
-                     WHERE message_id = ?1 AND device_id = ?2",
-                    params![id, device],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?;
-            let Some((state, date, version, governs_from)) = row else {
-                let control = tx
-                    .prepare_cached(
-                        "UPDATE controls SET state = ?3 WHERE message_id = ?1 AND device_id = ?2",
-                    )?
-                    .execute(params![
-                        id,
-                        device,
-                        match ack.status {
-                            AckStatus::Accepted => "acknowledged",
-                            AckStatus::Rejected => "rejected",
-                        }
-                    ])?;
-                tx.commit()?;
-                return Ok(if control > 0 {
-                    Recorded::Applied
-                } else {
-                    Recorded::UnknownCommand
-                });
-            };
-            let state: CommandState = parsed(state)?;
-            if let Some(next) = state.after_ack(ack.status) {
-                set_state(&tx, id, next, at)?;
-            }
-            if ack.status == AckStatus::Accepted {
-                // Judged by when the device acked (never later than we heard), so a cloud
-                // outage does not flag an on-time ack.
-                let late = ack.at.min(at) > ts(governs_from)?;
-                tx.prepare_cached(
-                    "UPDATE commands SET effective_period = ?2, acked_sha256 = ?3,
-                            late = late OR ?4
-                     WHERE message_id = ?1",
-                )?
-                .execute(params![id, ack.effective_period, ack.sha256, late])?;
-                let effective = ack.effective_period.unwrap_or(1);
-                // Periods before the effective one never ran under this command: an older
-                // version (if any) governed them.
-                let reason = (version > 1).then_some("superseded");
-                mark_unresulted(&tx, id, 1..=effective.saturating_sub(1), "skipped", reason)?;
-                let older: Vec<(String, String, String)> = tx
-                    .prepare(
-                        "SELECT message_id, state, plan FROM commands
-                         WHERE device_id = ?1 AND schedule_date = ?2 AND version < ?3",
-                    )?
-                    .query_map(params![device, date, version], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                for (old, old_state, old_plan) in older {
-                    mark_unresulted(
-                        &tx,
-                        &old,
-                        effective..=plan_len(&old_plan),
-                        "skipped",
-                        Some("superseded"),
-                    )?;
-                    let old_state: CommandState = parsed(old_state)?;
-                    if !matches!(
-                        old_state,
-                        CommandState::Superseded | CommandState::Cancelled | CommandState::Rejected
-                    ) {
-                        set_state(&tx, &old, CommandState::Superseded, at)?;
-                    }
-                }
-                // Reports may have come before the ack: marking the early periods can leave
-                // nothing pending.
-                complete_if_done(&tx, id, at)?;
-            }
+            let recorded = apply_ack(&tx, &ack, at)?;
             tx.commit()?;
-            Ok(Recorded::Applied)
+            Ok(recorded)
+        })
+        .await
+    }
+
+    async fn record_acks(
+        &self,
+        acks: &[AckMsg],
+        at: Timestamp,
+    ) -> Result<Vec<Recorded>, CloudError> {
+        let acks = acks.to_vec();
+        self.run(move |c| {
+            // One commit (one fsync) for the batch: at a fleet's evening, acks arrive by the
+            // thousand a second.
+            let tx = c.transaction()?;
+            let recorded = acks
+                .iter()
+                .map(|ack| apply_ack(&tx, ack, at))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(recorded)
         })
         .await
     }

@@ -659,6 +659,46 @@ async fn keeps_every_send_and_a_warning_with_the_command(store: &dyn CommandStor
     );
 }
 
+async fn a_batch_of_acks_is_applied_as_each_would_be_alone(store: &dyn CommandStore) {
+    let (first, _) = create(store, "d1", 10).await;
+    let (second, _) = create(store, "d2", 20).await;
+    let (theirs, _) = create(store, "d3", 30).await;
+    let unknown = MessageId::generate(eve());
+    let outcomes = store
+        .record_acks(
+            &[
+                ack(&first, "d1", 1, 1),
+                ack(&first, "d1", 1, 1),
+                ack(&unknown, "d1", 2, 1),
+                // d2 may not ack d3's command.
+                ack(&theirs, "d2", 1, 1),
+                ack(&second, "d2", 2, 5),
+            ],
+            eve(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Recorded::Applied,
+            Recorded::Duplicate,
+            Recorded::UnknownCommand,
+            Recorded::UnknownCommand,
+            Recorded::Applied,
+        ]
+    );
+    assert_eq!(state(store, &first).await, CommandState::Acknowledged);
+    assert_eq!(state(store, &second).await, CommandState::Acknowledged);
+    assert_eq!(state(store, &theirs).await, CommandState::Created);
+    let detail = store.command(&second).await.unwrap().unwrap();
+    assert_eq!(detail.effective_period, Some(5));
+    // Periods before the effective one never ran under this command.
+    assert_eq!(detail.periods[3].status, PeriodStatus::Skipped);
+    assert_eq!(detail.periods[4].status, PeriodStatus::Pending);
+    assert_eq!(store.record_acks(&[], eve()).await.unwrap(), []);
+}
+
 macro_rules! sqlite_contract {
     ($($rule:ident),* $(,)?) => {
         mod sqlite {
@@ -693,6 +733,7 @@ sqlite_contract!(
     the_fleet_rows_count_conformance_and_states,
     keeps_every_send_and_a_warning_with_the_command,
     keeps_each_commands_trace_context,
+    a_batch_of_acks_is_applied_as_each_would_be_alone,
 );
 
 #[tokio::test]
