@@ -90,6 +90,8 @@ pub struct Feedback {
     timezone: TimeZone,
     auto_register: bool,
     known: HashSet<DeviceId>,
+    /// Whether `known` was filled from the store yet.
+    known_loaded: bool,
     metrics: Arc<Metrics>,
     limit: RateLimit,
     throttled: u64,
@@ -115,6 +117,7 @@ impl Feedback {
             timezone,
             auto_register,
             known: HashSet::new(),
+            known_loaded: false,
             metrics,
             limit: RateLimit::new(200.0, 1000.0),
             throttled: 0,
@@ -344,6 +347,16 @@ impl Feedback {
     async fn admit(&mut self, device: &DeviceId) -> Result<bool, CloudError> {
         if self.known.contains(device) {
             return Ok(true);
+        }
+        if !self.known_loaded {
+            // Once, the whole fleet in one query: asked one by one, the first message of each
+            // of 10,000 devices would be a store round trip each, in the middle of a burst.
+            self.known_loaded = true;
+            self.known
+                .extend(self.store.devices().await?.into_iter().map(|d| d.device_id));
+            if self.known.contains(device) {
+                return Ok(true);
+            }
         }
         if self.store.device(device).await?.is_some() {
             self.known.insert(device.clone());
