@@ -734,6 +734,15 @@ impl CloudSide {
         let (tx, inbox) = mpsc::channel(16_384);
         let receipts = session.clone();
         let receipt_topics = topics.clone();
+        // Receipts go out from a task of their own, as the cloud sends them: a consumer that
+        // waited on its own publish could not PUBACK what it receives, and with its window
+        // full the broker would hold back the PUBACKs it waits for.
+        let (receipt_tx, mut receipt_rx) = mpsc::unbounded_channel::<(String, Message)>();
+        tokio::spawn(async move {
+            while let Some((topic, msg)) = receipt_rx.recv().await {
+                let _ = receipts.send(topic, &msg, Qos::AtLeastOnce).await;
+            }
+        });
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let Event::Message(inbound) = event else {
@@ -755,7 +764,7 @@ impl CloudSide {
                             store_id,
                             seqs: vec![seq],
                         });
-                        let _ = receipts.send(topic, &msg, Qos::AtLeastOnce).await;
+                        let _ = receipt_tx.send((topic, msg));
                     }
                     if tx.send(msg.clone()).await.is_err() {
                         return;
