@@ -737,7 +737,8 @@ impl CloudSide {
         // Receipts go out from a task of their own, as the cloud sends them: a consumer that
         // waited on its own publish could not PUBACK what it receives, and with its window
         // full the broker would hold back the PUBACKs it waits for.
-        let (receipt_tx, mut receipt_rx) = mpsc::unbounded_channel::<(String, Message)>();
+        // Bounded: a receipt that finds it full is dropped, and its device sends again.
+        let (receipt_tx, mut receipt_rx) = mpsc::channel::<(String, Message)>(16_384);
         tokio::spawn(async move {
             while let Some((topic, msg)) = receipt_rx.recv().await {
                 let _ = receipts.send(topic, &msg, Qos::AtLeastOnce).await;
@@ -764,7 +765,7 @@ impl CloudSide {
                             store_id,
                             seqs: vec![seq],
                         });
-                        let _ = receipt_tx.send((topic, msg));
+                        let _ = receipt_tx.try_send((topic, msg));
                     }
                     if tx.send(msg.clone()).await.is_err() {
                         return;
