@@ -276,18 +276,12 @@ impl Engine {
                 )),
             );
         }
-        // Never mid-period: a plan for today governs from the next boundary on.
-        let effective_period = if now < day.start() {
-            1
-        } else {
-            day.period_at(now).unwrap_or(day.period_count()) + 1
-        };
-        if effective_period > day.period_count() {
+        let Some(effective_period) = day.first_governed_at(now) else {
             return reject(
                 RejectReason::Past,
                 Some(format!("no period of {} is left to govern", day.date())),
             );
-        }
+        };
         Decision::Accept(Plan {
             message_id: msg.message_id.clone(),
             version: msg.version,

@@ -326,18 +326,12 @@ pub fn answer(
             Err(e) => Err((RejectReason::Invalid, e.to_string())),
             Ok(schedule) => {
                 let day = schedule.day();
-                let effective = if now < day.start() {
-                    1
-                } else {
-                    day.period_at(now).unwrap_or(day.period_count()) + 1
-                };
-                if effective > day.period_count() {
-                    Err((
+                match day.first_governed_at(now) {
+                    Some(effective) => Ok((schedule.sha256(), effective)),
+                    None => Err((
                         RejectReason::Past,
                         format!("no period of {} is left to govern", day.date()),
-                    ))
-                } else {
-                    Ok((schedule.sha256(), effective))
+                    )),
                 }
             }
         }

@@ -112,6 +112,17 @@ impl Day {
         Some((secs / PERIOD_SECS) as u32 + 1)
     }
 
+    /// The first period a plan received at `now` governs: never mid-period, so 1 before the
+    /// day and the next period during it; `None` once no period is left.
+    pub fn first_governed_at(&self, now: Timestamp) -> Option<u32> {
+        let first = if now < self.start {
+            1
+        } else {
+            self.period_at(now).unwrap_or(self.periods) + 1
+        };
+        (first <= self.periods).then_some(first)
+    }
+
     /// Which boundary `instant` is: 0 for the day's start, `period_count()` for its end.
     pub fn boundary(&self, instant: Timestamp) -> Result<u32, OffGrid> {
         if instant < self.start {
@@ -157,6 +168,17 @@ mod tests {
 
     fn london(d: Date) -> Day {
         Day::named(d, "Europe/London").unwrap()
+    }
+
+    #[test]
+    fn a_plan_governs_from_period_1_before_its_day_and_never_mid_period() {
+        let day = london(date(2026, 11, 30));
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        assert_eq!(day.first_governed_at(at("2026-11-29T16:00:00Z")), Some(1));
+        assert_eq!(day.first_governed_at(at("2026-11-30T00:00:00Z")), Some(2));
+        assert_eq!(day.first_governed_at(at("2026-11-30T10:10:00Z")), Some(22));
+        assert_eq!(day.first_governed_at(at("2026-11-30T23:40:00Z")), None);
+        assert_eq!(day.first_governed_at(at("2026-12-02T00:00:00Z")), None);
     }
 
     #[test]
