@@ -405,6 +405,21 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// The message to publish for a control message.
     async fn control_message(&self, id: &MessageId) -> Result<Option<ControlMsg>, CloudError>;
 
+    /// Takes the lease `name` for `owner` until `until`, or renews it, when it is free, has
+    /// expired by `now`, or is already `owner`'s. One conditional write: of several instances
+    /// asking at once, exactly one gets it. This is how several cloud instances share one
+    /// store: one runs the daily ingestion of a date, one sweeps at a time.
+    async fn lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, CloudError>;
+
+    /// Gives a lease back before it expires; nothing happens unless `owner` holds it.
+    async fn release(&self, name: &str, owner: &str) -> Result<(), CloudError>;
+
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), CloudError>;
 }

@@ -118,6 +118,11 @@ CREATE TABLE IF NOT EXISTS controls (
     publishes INTEGER NOT NULL DEFAULT 0,
     last_sent_at TEXT
 );
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until TEXT NOT NULL
+);
 "#;
 
 /// The SQLite implementation of [`CommandStore`].
@@ -1418,6 +1423,38 @@ impl CommandStore for SqliteStore {
                 },
             )
             .optional()
+        })
+        .await
+    }
+
+    async fn lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, CloudError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.run(move |c| {
+            // Instants are stored as fixed-width UTC text, so they compare as text.
+            let changed = c
+                .prepare_cached(
+                    "INSERT INTO leases (name, owner, until) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until
+                     WHERE leases.owner = excluded.owner OR leases.until <= ?4",
+                )?
+                .execute(params![name, owner, text(until), text(now)])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, name: &str, owner: &str) -> Result<(), CloudError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.run(move |c| {
+            c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?
+                .execute(params![name, owner])?;
+            Ok(())
         })
         .await
     }

@@ -699,6 +699,66 @@ async fn a_batch_of_acks_is_applied_as_each_would_be_alone(store: &dyn CommandSt
     assert_eq!(store.record_acks(&[], eve()).await.unwrap(), []);
 }
 
+async fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &dyn CommandStore) {
+    let t0 = eve();
+    let later = |s: i64| t0 + jiff::SignedDuration::from_secs(s);
+    assert!(
+        store
+            .lease("ingest:2026-11-30", "a", later(60), t0)
+            .await
+            .unwrap()
+    );
+    // Held: another instance is refused, the holder renews.
+    assert!(
+        !store
+            .lease("ingest:2026-11-30", "b", later(90), later(10))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .lease("ingest:2026-11-30", "a", later(120), later(10))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .lease("ingest:2026-11-30", "b", later(150), later(119))
+            .await
+            .unwrap()
+    );
+    // Other names are independent.
+    assert!(store.lease("sweeper", "b", later(60), t0).await.unwrap());
+    // Expired: the next one takes it, and the old holder can't take it back.
+    assert!(
+        store
+            .lease("ingest:2026-11-30", "b", later(300), later(120))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .lease("ingest:2026-11-30", "a", later(300), later(121))
+            .await
+            .unwrap()
+    );
+    // Only the holder releases it.
+    store.release("ingest:2026-11-30", "a").await.unwrap();
+    assert!(
+        !store
+            .lease("ingest:2026-11-30", "c", later(300), later(122))
+            .await
+            .unwrap()
+    );
+    store.release("ingest:2026-11-30", "b").await.unwrap();
+    assert!(
+        store
+            .lease("ingest:2026-11-30", "c", later(300), later(122))
+            .await
+            .unwrap()
+    );
+}
+
 macro_rules! sqlite_contract {
     ($($rule:ident),* $(,)?) => {
         mod sqlite {
@@ -734,6 +794,7 @@ sqlite_contract!(
     keeps_every_send_and_a_warning_with_the_command,
     keeps_each_commands_trace_context,
     a_batch_of_acks_is_applied_as_each_would_be_alone,
+    a_lease_has_one_holder_until_it_expires_or_is_released,
 );
 
 #[tokio::test]
