@@ -827,7 +827,9 @@ contract!(dynamodb, super::dynamodb().await, {
         a.mark_sent(std::slice::from_ref(&id), super::eve())
             .await
             .unwrap();
-        let ack = super::ack(&id, "d1", 1, 1);
+        let sha256 = a.command(&id).await.unwrap().unwrap().sha256;
+        let mut ack = super::ack(&id, "d1", 1, 1);
+        ack.sha256 = Some(sha256.clone());
         let (x, y) = tokio::join!(
             a.record_ack(&ack, super::eve()),
             b.record_ack(&ack, super::eve())
@@ -837,6 +839,7 @@ contract!(dynamodb, super::dynamodb().await, {
         assert_eq!(outcomes, [Recorded::Applied, Recorded::Duplicate]);
         let detail = b.command(&id).await.unwrap().unwrap();
         assert_eq!(detail.summary.state, CommandState::Acknowledged);
+        assert_eq!(detail.acked_sha256, Some(sha256));
         let acked = detail
             .history
             .iter()
