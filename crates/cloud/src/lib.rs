@@ -6,7 +6,8 @@
 //! - [`config`]: the service's settings, layered from an embedded default, a file and env.
 //! - [`app`]: composition: builds the parts, runs them until shutdown.
 //! - [`lifecycle`]: the command and period state machine (pure).
-//! - [`store`]: the [`CommandStore`] seam and its SQLite implementation.
+//! - [`store`]: the [`CommandStore`] seam, its SQLite implementation and (feature `aws`) its
+//!   DynamoDB one.
 //! - [`audit`]: raw documents and rejections, kept in an `object_store`.
 //! - [`provider`]: the HTTP client for the schedule provider.
 //! - [`ingest`]: document → audit → normalize → commit → publish.

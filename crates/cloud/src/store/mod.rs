@@ -1,11 +1,15 @@
 //! The command store: devices, commands, their periods, acks and reports.
 //!
 //! [`CommandStore`] is the seam between the service and its database: SQLite here, DynamoDB
-//! for AWS. Its methods speak the domain (`record_ack`, `record_report`), so either backend
-//! can make each one atomic in its own way.
+//! for AWS (feature `aws`). Its methods speak the domain (`record_ack`, `record_report`), so
+//! either backend can make each one atomic in its own way.
 
+#[cfg(feature = "aws")]
+mod dynamodb;
 mod sqlite;
 
+#[cfg(feature = "aws")]
+pub use dynamodb::DynamoStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -258,8 +262,9 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         at: Timestamp,
     ) -> Result<(), CloudError>;
 
-    /// Registers the devices that are new, in one transaction (an ingestion's newcomers);
-    /// known ones are left as they are.
+    /// Registers the devices that are new, in one transaction on SQLite (an ingestion's
+    /// newcomers); known ones are left as they are. DynamoDB registers each atomically: a
+    /// registration is idempotent, so a failed call is simply made again.
     async fn register_devices(&self, devices: &[DeviceId], at: Timestamp)
     -> Result<(), CloudError>;
 
@@ -272,8 +277,11 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Records a heartbeat (and that the device was seen).
     async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError>;
 
-    /// Creates commands in one transaction, versioning per device and date: the same content
-    /// as the latest version creates nothing; changed content is version + 1.
+    /// Creates commands, versioning per device and date: the same content as the latest
+    /// version creates nothing; changed content is version + 1. SQLite creates them all in one
+    /// transaction; DynamoDB in transactions of up to 33 commands, each command with its
+    /// version claim, so a failure can leave some created (a repeated call then finds them
+    /// `Unchanged`).
     async fn insert_commands(
         &self,
         commands: &[NewCommand],
@@ -292,8 +300,11 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Applies an ack once, by its message_id.
     async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError>;
 
-    /// Applies several acks in one transaction: the outcomes, in order, are those of
-    /// [`CommandStore::record_ack`] applied to each in turn. If it fails, none is applied.
+    /// Applies several acks: the outcomes, in order, are those of [`CommandStore::record_ack`]
+    /// applied to each in turn. SQLite applies the batch in one transaction (if it fails, none
+    /// is applied); DynamoDB, whose transactions hold at most 100 items, applies each ack
+    /// atomically in order, so a failure can leave the earlier ones applied. Either is safe:
+    /// each ack is idempotent, and a device sends again whatever got no receipt.
     async fn record_acks(
         &self,
         acks: &[AckMsg],

@@ -242,7 +242,7 @@ fn conversion(e: impl std::fmt::Display) -> rusqlite::Error {
 
 /// Instants are stored as fixed-width UTC text (millisecond precision), so that comparing
 /// the text compares the instants.
-fn text(t: Timestamp) -> String {
+pub(super) fn text(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
@@ -269,7 +269,7 @@ fn rate(watts: Option<i64>) -> Option<RateKw> {
 
 /// A plan as stored in `commands.plan`: each period's signed watts (charge positive),
 /// comma-separated, so a command is one row however many periods it has.
-fn encode_plan(setpoints: &[Setpoint]) -> String {
+pub(super) fn encode_plan(setpoints: &[Setpoint]) -> String {
     let mut out = String::with_capacity(setpoints.len() * 7);
     for (i, sp) in setpoints.iter().enumerate() {
         if i > 0 {
@@ -286,7 +286,7 @@ fn encode_plan(setpoints: &[Setpoint]) -> String {
     out
 }
 
-fn decode_plan(plan: &str) -> rusqlite::Result<Vec<Setpoint>> {
+pub(super) fn decode_plan(plan: &str) -> rusqlite::Result<Vec<Setpoint>> {
     if plan.is_empty() {
         return Ok(Vec::new());
     }
@@ -305,7 +305,7 @@ fn decode_plan(plan: &str) -> rusqlite::Result<Vec<Setpoint>> {
 }
 
 /// How many periods a stored plan has, without decoding it.
-fn plan_len(plan: &str) -> u32 {
+pub(super) fn plan_len(plan: &str) -> u32 {
     if plan.is_empty() {
         0
     } else {

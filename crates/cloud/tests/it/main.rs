@@ -6,6 +6,8 @@
 
 mod api;
 mod dashboard;
+#[cfg(feature = "aws")]
+pub mod moto;
 mod provider;
 mod store;
 

@@ -1,5 +1,5 @@
-//! The `CommandStore` contract. Each rule is a function over any store; the tests run them
-//! against SQLite (and, later, DynamoDB).
+//! The `CommandStore` contract. Each rule is a function over any store; the tests run every
+//! rule against SQLite and, with the `aws` feature, against DynamoDB on moto's server.
 
 use std::sync::Arc;
 
@@ -15,6 +15,15 @@ fn sqlite() -> (tempfile::TempDir, Arc<dyn CommandStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap();
     (dir, Arc::new(store))
+}
+
+/// A DynamoDB store on its own moto server, with the table created as in production.
+#[cfg(feature = "aws")]
+async fn dynamodb() -> (crate::moto::Moto, Arc<dyn CommandStore>) {
+    let moto = crate::moto::Moto::start();
+    let store = max300_cloud::store::DynamoStore::from_client(moto.dynamodb(), "max300");
+    store.create_table().await.unwrap();
+    (moto, Arc::new(store))
 }
 
 async fn create(store: &dyn CommandStore, device: &str, kw: u32) -> (MessageId, Insert) {
@@ -759,43 +768,187 @@ async fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &dyn Comm
     );
 }
 
-macro_rules! sqlite_contract {
-    ($($rule:ident),* $(,)?) => {
-        mod sqlite {
+/// Runs every rule against the store that `$store` makes (evaluated inside each async test; the
+/// first element of its pair is kept alive to the end of the test), in a module `$module`,
+/// with any further items of that backend's own.
+macro_rules! contract {
+    ($module:ident, $store:expr $(, { $($extra:item)* })?) => {
+        contract!(@rules $module, $store, [$($($extra)*)?], [
+            versions_by_content,
+            rebuilds_the_published_message,
+            walks_the_lifecycle_and_applies_each_message_once,
+            a_report_implies_the_ack,
+            stores_messages_about_unknown_commands,
+            a_newer_version_supersedes_from_its_effective_period,
+            registers_devices_and_records_heartbeats,
+            reports_before_the_ack_still_complete_the_command,
+            another_devices_ack_cannot_take_the_owners_place,
+            sync_offers_the_last_live_version,
+            the_clock_flags_late_and_ends_what_was_never_acked,
+            periods_left_unreported_end_incomplete,
+            resends_stop_at_an_ack_or_a_newer_version,
+            a_cancel_ends_the_command_and_is_delivered_like_one,
+            an_unfinished_ingestion_is_listed_for_replay,
+            lists_a_devices_reports_for_a_day_once_each,
+            the_fleet_rows_count_conformance_and_states,
+            keeps_every_send_and_a_warning_with_the_command,
+            keeps_each_commands_trace_context,
+            a_batch_of_acks_is_applied_as_each_would_be_alone,
+            a_lease_has_one_holder_until_it_expires_or_is_released,
+        ]);
+    };
+    (@rules $module:ident, $store:expr, [$($extra:item)*], [$($rule:ident),* $(,)?]) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+
             $(
                 #[tokio::test]
                 async fn $rule() {
-                    let (_dir, store) = super::sqlite();
+                    let (_keep, store) = $store;
                     super::$rule(&*store).await;
                 }
             )*
+            $($extra)*
         }
     };
 }
 
-sqlite_contract!(
-    versions_by_content,
-    rebuilds_the_published_message,
-    walks_the_lifecycle_and_applies_each_message_once,
-    a_report_implies_the_ack,
-    stores_messages_about_unknown_commands,
-    a_newer_version_supersedes_from_its_effective_period,
-    registers_devices_and_records_heartbeats,
-    reports_before_the_ack_still_complete_the_command,
-    another_devices_ack_cannot_take_the_owners_place,
-    sync_offers_the_last_live_version,
-    the_clock_flags_late_and_ends_what_was_never_acked,
-    periods_left_unreported_end_incomplete,
-    resends_stop_at_an_ack_or_a_newer_version,
-    a_cancel_ends_the_command_and_is_delivered_like_one,
-    an_unfinished_ingestion_is_listed_for_replay,
-    lists_a_devices_reports_for_a_day_once_each,
-    the_fleet_rows_count_conformance_and_states,
-    keeps_every_send_and_a_warning_with_the_command,
-    keeps_each_commands_trace_context,
-    a_batch_of_acks_is_applied_as_each_would_be_alone,
-    a_lease_has_one_holder_until_it_expires_or_is_released,
-);
+contract!(sqlite, super::sqlite());
+
+#[cfg(feature = "aws")]
+contract!(dynamodb, super::dynamodb().await, {
+    /// Two cloud instances (two clients) get the same ack at once: one applies it.
+    #[tokio::test]
+    async fn two_instances_racing_on_one_ack_apply_it_once() {
+        let (moto, a) = super::dynamodb().await;
+        let b = super::second_client(&moto);
+        let (id, _) = super::create(&*a, "d1", 10).await;
+        a.mark_sent(std::slice::from_ref(&id), super::eve())
+            .await
+            .unwrap();
+        let sha256 = a.command(&id).await.unwrap().unwrap().sha256;
+        let mut ack = super::ack(&id, "d1", 1, 1);
+        ack.sha256 = Some(sha256.clone());
+        let (x, y) = tokio::join!(
+            a.record_ack(&ack, super::eve()),
+            b.record_ack(&ack, super::eve())
+        );
+        let mut outcomes = [x.unwrap(), y.unwrap()];
+        outcomes.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(outcomes, [Recorded::Applied, Recorded::Duplicate]);
+        let detail = b.command(&id).await.unwrap().unwrap();
+        assert_eq!(detail.summary.state, CommandState::Acknowledged);
+        assert_eq!(detail.acked_sha256, Some(sha256));
+        let acked = detail
+            .history
+            .iter()
+            .filter(|h| h.state == CommandState::Acknowledged)
+            .count();
+        assert_eq!(acked, 1, "{:?}", detail.history);
+    }
+
+    /// Both instances get every report of a day, interleaved: each is applied once, the
+    /// command completes once, and the counts see one completed command.
+    #[tokio::test]
+    async fn two_instances_racing_on_every_report_apply_each_once() {
+        let (moto, a) = super::dynamodb().await;
+        let b = super::second_client(&moto);
+        let (id, _) = super::create(&*a, "d1", 10).await;
+        a.record_ack(&super::ack(&id, "d1", 1, 1), super::eve())
+            .await
+            .unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in 1..=48 {
+            for store in [a.clone(), b.clone()] {
+                let r = super::report(Some(&id), "d1", p);
+                tasks.spawn(async move { store.record_report(&r, super::eve()).await.unwrap() });
+            }
+        }
+        let outcomes = tasks.join_all().await;
+        let applied = outcomes.iter().filter(|r| **r == Recorded::Applied).count();
+        let duplicate = outcomes
+            .iter()
+            .filter(|r| **r == Recorded::Duplicate)
+            .count();
+        assert_eq!((applied, duplicate), (48, 48));
+        let detail = a.command(&id).await.unwrap().unwrap();
+        assert_eq!(detail.summary.state, CommandState::Completed);
+        assert!(
+            detail
+                .periods
+                .iter()
+                .all(|p| p.status == PeriodStatus::Executed)
+        );
+        let completed = detail
+            .history
+            .iter()
+            .filter(|h| h.state == CommandState::Completed)
+            .count();
+        assert_eq!(completed, 1, "{:?}", detail.history);
+        assert_eq!(
+            b.command_counts().await.unwrap(),
+            [(CommandState::Completed, 1)]
+        );
+    }
+
+    /// Two instances ask for the same free lease at once: exactly one gets it.
+    #[tokio::test]
+    async fn two_instances_racing_on_one_lease_give_it_to_one() {
+        let (moto, a) = super::dynamodb().await;
+        let b = super::second_client(&moto);
+        let until = super::eve() + jiff::SignedDuration::from_secs(60);
+        let (x, y) = tokio::join!(
+            a.lease("sweeper", "a", until, super::eve()),
+            b.lease("sweeper", "b", until, super::eve())
+        );
+        assert!(x.unwrap() ^ y.unwrap(), "exactly one holder");
+    }
+
+    /// Late news never moves a command back: an ack that arrives after every period was
+    /// reported, raced by a sweep an hour after the end, leaves it completed.
+    #[tokio::test]
+    async fn a_late_ack_racing_a_sweep_leaves_a_completed_command_completed() {
+        let (moto, a) = super::dynamodb().await;
+        let b = super::second_client(&moto);
+        let (id, _) = super::create(&*a, "d1", 10).await;
+        a.mark_sent(std::slice::from_ref(&id), super::eve())
+            .await
+            .unwrap();
+        for p in 1..=48 {
+            a.record_report(&super::report(Some(&id), "d1", p), super::eve())
+                .await
+                .unwrap();
+        }
+        assert_eq!(super::state(&*a, &id).await, CommandState::Completed);
+        let hour_after = super::day().end() + jiff::SignedDuration::from_hours(1);
+        let late_ack = super::ack(&id, "d1", 1, 1);
+        let (acked, swept) = tokio::join!(b.record_ack(&late_ack, hour_after), a.sweep(hour_after));
+        assert_eq!(acked.unwrap(), Recorded::Applied);
+        assert!(swept.unwrap().is_empty());
+        let detail = b.command(&id).await.unwrap().unwrap();
+        assert_eq!(detail.summary.state, CommandState::Completed);
+        assert_eq!(
+            detail.history.last().map(|h| h.state),
+            Some(CommandState::Completed)
+        );
+        assert_eq!(
+            b.cancel(&id, MessageId::generate(super::eve()), hour_after)
+                .await
+                .unwrap(),
+            Cancel::AlreadyEnded(CommandState::Completed)
+        );
+    }
+});
+
+/// A second store on the same table through its own client: another cloud instance.
+#[cfg(feature = "aws")]
+fn second_client(moto: &crate::moto::Moto) -> Arc<dyn CommandStore> {
+    Arc::new(max300_cloud::store::DynamoStore::from_client(
+        moto.dynamodb(),
+        "max300",
+    ))
+}
 
 #[tokio::test]
 async fn a_store_file_from_before_trace_contexts_still_opens_and_gains_them() {
