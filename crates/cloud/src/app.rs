@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::SignedDuration;
+use jiff::tz::TimeZone;
 use max300_mqtt::{BrokerUrl, Session, SessionConfig};
 use max300_protocol::day::time_zone;
 use max300_protocol::{Clock, RateKw, Topics};
@@ -16,12 +17,12 @@ use tracing::{info, warn};
 use crate::api::fleet::AlertRules;
 use crate::api::{ApiState, router};
 use crate::audit::Audit;
-use crate::daily::DailyFetch;
+use crate::daily::{DailyFetch, replay_interrupted};
 use crate::feedback::Feedback;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
-use crate::publish::Publisher;
+use crate::publish::{Publisher, Transport};
 use crate::sweeper::Sweeper;
 use crate::{CloudConfig, CloudError, CommandStore, SqliteStore};
 
@@ -50,16 +51,7 @@ impl Cloud {
         shutdown: CancellationToken,
     ) -> Result<Cloud, CloudError> {
         config.validate()?;
-        let timezone = time_zone(&config.timezone)
-            .map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
-        let store = open_store(&config.store_url())?;
-        let audit = Audit::open(&config.audit_url())?;
-        let now = clock.now();
-        for d in &config.devices {
-            let max = d.max_rate_kw.map(RateKw::try_from).transpose()?;
-            store.register_device(&d.device_id, max, now).await?;
-        }
-
+        let store = open_store(&config.store_url()).await?;
         let topics = Topics::new(config.topic_root.clone());
         let url: BrokerUrl = config
             .mqtt
@@ -69,46 +61,29 @@ impl Cloud {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("max300-cloud-{:08x}", fastrand::u32(..)));
-        let mut session_config =
-            SessionConfig::new(url.clone(), client_id.clone(), topics.cloud_filters());
-        session_config.topics = topics.clone();
+        let filters = topics
+            .cloud_filters()
+            .into_iter()
+            .map(|f| match &config.shared_group {
+                // The broker hands each message to one member of the group.
+                Some(group) => format!("$share/{group}/{f}"),
+                None => f,
+            })
+            .collect();
+        let mut session_config = SessionConfig::new(url.clone(), client_id.clone(), filters);
+        session_config.topics = topics;
         session_config.channel_capacity = 4096;
         session_config.tls = config.tls();
         let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
-        let metrics = Arc::new(Metrics::new());
-        let publisher = Publisher::new(
-            session.clone(),
-            topics,
-            store.clone(),
-            clock.clone(),
-            metrics.clone(),
-        );
-
-        let max_bytes = usize::try_from(config.max_document_mib * 1024 * 1024)
-            .map_err(|_| CloudError::Config("max_document_mib: too large".into()))?;
-        let provider = config
-            .provider
-            .as_deref()
-            .map(|url| {
-                ProviderClient::new(
-                    url,
-                    max_bytes,
-                    Duration::from_secs(config.provider_timeout_s),
-                )
-            })
-            .transpose()?;
-        let ingestor = Arc::new(Ingestor::new(
-            store.clone(),
-            audit,
-            publisher.clone(),
-            clock.clone(),
-            timezone.clone(),
-            config.default_max_rate()?,
+        let Core {
+            store,
+            publisher,
+            ingestor,
+            metrics,
+            timezone,
+            state,
             max_bytes,
-            provider,
-            config.pack()?,
-            metrics.clone(),
-        ));
+        } = Core::build(&config, &clock, Arc::new(session.clone()), store).await?;
 
         let listener = tokio::net::TcpListener::bind(config.http_addr()?)
             .await
@@ -116,23 +91,6 @@ impl Cloud {
         let addr = listener
             .local_addr()
             .map_err(|e| CloudError::Io(e.to_string()))?;
-        let state = Arc::new(ApiState {
-            store: store.clone(),
-            ingestor: ingestor.clone(),
-            session: session.clone(),
-            publisher: publisher.clone(),
-            clock: clock.clone(),
-            timezone: timezone.clone(),
-            token: config.api_token.clone(),
-            protect_reads: config.protect_reads,
-            alerts: AlertRules {
-                heartbeat_interval_s: config.heartbeat_interval_s,
-                offline_alert_s: config.offline_alert_s,
-                plan_due_at: config.plan_due_time()?,
-            },
-            metrics: metrics.clone(),
-        });
-
         let mut tasks = JoinSet::new();
         let app = router(state, max_bytes);
         let http_shutdown = shutdown.clone();
@@ -161,25 +119,21 @@ impl Cloud {
                 i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
             ),
             metrics: metrics.clone(),
+            owner: client_id.clone(),
         };
         tasks.spawn(sweeper.run(shutdown.clone()));
         // Runs interrupted by a crash are run again, from their raw documents.
-        let interrupted = store.interrupted_ingestions().await?;
-        if !interrupted.is_empty() {
-            let replay = ingestor.clone();
-            tasks.spawn(async move {
-                for run in interrupted {
-                    info!(schedule_date = %run.schedule_date, audit_key = %run.audit_key, "replaying an interrupted ingestion");
-                    if let Err(e) = replay.replay(&run).await {
-                        warn!(schedule_date = %run.schedule_date, error = %e, "replay failed");
-                    }
-                }
-            });
-        }
+        tasks.spawn(replay_interrupted(
+            ingestor.clone(),
+            store.clone(),
+            clock.clone(),
+            client_id.clone(),
+        ));
         if ingestor.can_fetch() && config.daily_fetch {
             let daily = DailyFetch {
                 timezone,
                 at: config.fetch_time()?,
+                owner: client_id.clone(),
             };
             tasks.spawn(daily.run(ingestor.clone(), store.clone(), clock, shutdown.clone()));
         }
@@ -200,11 +154,108 @@ impl Cloud {
     }
 }
 
-fn open_store(url: &str) -> Result<Arc<dyn CommandStore>, CloudError> {
+/// What the long-running service and the Lambda function share: the stores, publishing,
+/// ingestion and the API's state, built from one config.
+pub(crate) struct Core {
+    pub store: Arc<dyn CommandStore>,
+    pub publisher: Publisher,
+    pub ingestor: Arc<Ingestor>,
+    pub metrics: Arc<Metrics>,
+    pub timezone: TimeZone,
+    pub state: Arc<ApiState>,
+    pub max_bytes: usize,
+}
+
+impl Core {
+    /// Registers the config's devices in `store` and builds the rest around it.
+    pub async fn build(
+        config: &CloudConfig,
+        clock: &Arc<dyn Clock>,
+        transport: Arc<dyn Transport>,
+        store: Arc<dyn CommandStore>,
+    ) -> Result<Core, CloudError> {
+        let timezone = time_zone(&config.timezone)
+            .map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
+        let audit = Audit::open(&config.audit_url())?;
+        let now = clock.now();
+        for d in &config.devices {
+            let max = d.max_rate_kw.map(RateKw::try_from).transpose()?;
+            store.register_device(&d.device_id, max, now).await?;
+        }
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(
+            transport,
+            Topics::new(config.topic_root.clone()),
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+        );
+        let max_bytes = usize::try_from(config.max_document_mib * 1024 * 1024)
+            .map_err(|_| CloudError::Config("max_document_mib: too large".into()))?;
+        let provider = config
+            .provider
+            .as_deref()
+            .map(|url| {
+                ProviderClient::new(
+                    url,
+                    max_bytes,
+                    Duration::from_secs(config.provider_timeout_s),
+                )
+            })
+            .transpose()?;
+        let ingestor = Arc::new(Ingestor::new(
+            store.clone(),
+            audit,
+            publisher.clone(),
+            clock.clone(),
+            timezone.clone(),
+            config.default_max_rate()?,
+            max_bytes,
+            provider,
+            config.pack()?,
+            metrics.clone(),
+        ));
+        let state = Arc::new(ApiState {
+            store: store.clone(),
+            ingestor: ingestor.clone(),
+            publisher: publisher.clone(),
+            clock: clock.clone(),
+            timezone: timezone.clone(),
+            token: config.api_token.clone(),
+            protect_reads: config.protect_reads,
+            alerts: AlertRules {
+                heartbeat_interval_s: config.heartbeat_interval_s,
+                offline_alert_s: config.offline_alert_s,
+                plan_due_at: config.plan_due_time()?,
+            },
+            metrics: metrics.clone(),
+        });
+        Ok(Core {
+            store,
+            publisher,
+            ingestor,
+            metrics,
+            timezone,
+            state,
+            max_bytes,
+        })
+    }
+}
+
+/// Opens the command store its URL names: `sqlite://PATH`, or `dynamodb://TABLE` with the
+/// `aws` feature.
+pub async fn open_store(url: &str) -> Result<Arc<dyn CommandStore>, CloudError> {
     match url.split_once("://") {
         Some(("sqlite", path)) => Ok(Arc::new(SqliteStore::open(&PathBuf::from(path))?)),
+        #[cfg(feature = "aws")]
+        Some(("dynamodb", _)) => Ok(Arc::new(crate::store::DynamoStore::open(url).await?)),
         _ => Err(CloudError::Config(format!(
-            "store: {url:?} is not supported by this build; use sqlite://PATH"
+            "store: {url:?} is not supported by this build; use sqlite://PATH{}",
+            if cfg!(feature = "aws") {
+                " or dynamodb://TABLE"
+            } else {
+                ""
+            }
         ))),
     }
 }

@@ -26,14 +26,22 @@ impl Audit {
         Audit { store }
     }
 
-    /// Opens an audit store from its URL: `file://DIR` (the default) or a bare path.
+    /// Opens an audit store from its URL: `file://DIR` (the default), a bare path, or
+    /// `s3://BUCKET[/PREFIX][?endpoint=URL&region=REGION]` (with the `aws` feature).
     pub fn open(url: &str) -> Result<Audit, CloudError> {
         let dir = match url.split_once("://") {
             None => url,
             Some(("file", dir)) => dir,
+            #[cfg(feature = "aws")]
+            Some(("s3", rest)) => return s3(rest),
             Some((scheme, _)) => {
                 return Err(CloudError::Config(format!(
-                    "audit: {scheme}:// is not supported by this build; use file://DIR"
+                    "audit: {scheme}:// is not supported by this build; use file://DIR{}",
+                    if cfg!(feature = "aws") {
+                        " or s3://BUCKET/PREFIX"
+                    } else {
+                        ""
+                    }
                 )));
             }
         };
@@ -99,6 +107,49 @@ impl Audit {
             .map_err(|e| CloudError::Audit(format!("{key}: {e}")))?;
         Ok(())
     }
+}
+
+/// An S3 bucket, under a prefix, with the usual AWS credential chain (object_store reads the
+/// `AWS_*` variables, web identity, ECS and instance credentials). The keys below the prefix
+/// are the same as in a local folder.
+#[cfg(feature = "aws")]
+fn s3(rest: &str) -> Result<Audit, CloudError> {
+    use object_store::aws::AmazonS3Builder;
+    use object_store::prefix::PrefixStore;
+
+    let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+    if bucket.is_empty() {
+        return Err(CloudError::Config(format!(
+            "audit: s3://{rest}: no bucket; use s3://BUCKET/PREFIX"
+        )));
+    }
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("endpoint", url)) => {
+                builder = builder
+                    .with_endpoint(url)
+                    .with_allow_http(url.starts_with("http://"))
+                    .with_virtual_hosted_style_request(false);
+            }
+            Some(("region", region)) => builder = builder.with_region(region),
+            _ => {
+                return Err(CloudError::Config(format!(
+                    "audit: s3://{rest}: unknown parameter {pair:?}; expected endpoint= or region="
+                )));
+            }
+        }
+    }
+    let store = builder
+        .build()
+        .map_err(|e| CloudError::Config(format!("audit: s3://{rest}: {e}")))?;
+    let prefix = prefix.trim_matches('/');
+    Ok(if prefix.is_empty() {
+        Audit::new(Arc::new(store))
+    } else {
+        Audit::new(Arc::new(PrefixStore::new(store, prefix)))
+    })
 }
 
 /// A content hash plus a random part: two documents received in the same millisecond, even

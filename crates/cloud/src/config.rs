@@ -79,9 +79,15 @@ pub struct CloudConfig {
     /// Local time, `HH:MM`, by which tomorrow's plan must be acknowledged, or it is a
     /// `plan_missing` alert.
     pub plan_due_at: String,
-    /// MQTT client id.
+    /// MQTT client id; also names this instance as a lease holder.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// MQTT shared-subscription group for device feedback, when several instances share it.
+    #[serde(default)]
+    pub shared_group: Option<String>,
+    /// The IoT data-plane endpoint a Lambda function publishes through.
+    #[serde(default)]
+    pub iot_data_endpoint: Option<String>,
     /// The CA that signed the broker's certificate (PEM), for `mqtts://`.
     #[serde(default)]
     pub ca: Option<PathBuf>,
@@ -157,6 +163,8 @@ impl CloudConfig {
             "offline_alert_s",
             "plan_due_at",
             "client_id",
+            "shared_group",
+            "iot_data_endpoint",
             "ca",
             "cert",
             "key",
@@ -201,6 +209,14 @@ impl CloudConfig {
                     "{http} is not a loopback address and no api_token is set: writes would be \
                      open to the network. Set api_token (or MAX300_API_TOKEN), or listen on 127.0.0.1"
                 ),
+            );
+        }
+        if let Some(group) = &self.shared_group
+            && (group.is_empty() || group.contains(['/', '+', '#']))
+        {
+            return bad(
+                "shared_group",
+                format!("{group:?} must be a non-empty name without '/', '+' or '#'"),
             );
         }
         for d in &self.devices {
@@ -355,6 +371,19 @@ mod tests {
         let mut c = CloudConfig::load(None, &[]).unwrap();
         c.fetch_at = "25:99".into();
         assert!(c.validate().unwrap_err().to_string().contains("fetch_at"));
+    }
+
+    #[test]
+    fn a_shared_group_is_one_topic_level() {
+        let mut c =
+            CloudConfig::load(None, &env(&[("MAX300_SHARED_GROUP", "max300-cloud")])).unwrap();
+        assert_eq!(c.shared_group.as_deref(), Some("max300-cloud"));
+        c.validate().unwrap();
+        for bad in ["", "a/b", "a+", "#"] {
+            c.shared_group = Some(bad.into());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("shared_group"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The daily fetch: at a configured local time, fetch tomorrow's plan; retry with backoff
 //! until it succeeds or the date begins; and run at start-up when tomorrow has no finished
 //! ingestion. Runs on clock time, so a scaled clock plays it too.
+//!
+//! Several instances on one store run each date's fetch once: the one that takes the date's
+//! lease fetches, the others look again a little later and find it done.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +18,11 @@ use tracing::{info, warn};
 use crate::ingest::Ingestor;
 use crate::{CloudError, CommandStore};
 
+/// How long, in real time, a date's fetch is held by the instance that took it. A fetch that
+/// takes longer may be run again by another instance, which is safe (the same content
+/// creates no new commands), only wasteful; an instance that died gives it up after this.
+const LEASE: Duration = Duration::from_secs(120);
+
 /// When to fetch.
 #[derive(Clone, Debug)]
 pub struct DailyFetch {
@@ -22,6 +30,19 @@ pub struct DailyFetch {
     pub timezone: TimeZone,
     /// Local time of the fetch.
     pub at: Time,
+    /// This instance, as a lease holder.
+    pub owner: String,
+}
+
+/// What one look at the daily fetch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Tomorrow's plan was fetched now.
+    Done,
+    /// Not due, or already done.
+    NotYet,
+    /// Another instance holds the date's lease: look again soon.
+    Held,
 }
 
 impl DailyFetch {
@@ -47,12 +68,17 @@ impl DailyFetch {
         let mut backoff = SignedDuration::from_secs(30);
         loop {
             let now = clock.now();
-            let wake = match self.step(now, startup, &ingestor, &store).await {
+            let lease_until = now + clock.clock_duration(LEASE);
+            let wake = match self
+                .step(now, startup, lease_until, &ingestor, &store)
+                .await
+            {
                 Ok(Step::Done) => {
                     backoff = SignedDuration::from_secs(30);
                     None
                 }
                 Ok(Step::NotYet) => None,
+                Ok(Step::Held) => Some(now + SignedDuration::from_secs(30)),
                 Err(e) => {
                     warn!(error = %e, retry_in_s = backoff.as_secs(), "daily fetch failed");
                     let at = now + backoff;
@@ -80,10 +106,13 @@ impl DailyFetch {
         }
     }
 
-    async fn step(
+    /// Fetches tomorrow's plan if it is due at `now` (or `early`, at start-up) and no
+    /// instance has fetched it yet, holding the date's lease until `lease_until`.
+    pub async fn step(
         &self,
         now: Timestamp,
-        startup: bool,
+        early: bool,
+        lease_until: Timestamp,
         ingestor: &Ingestor,
         store: &Arc<dyn CommandStore>,
     ) -> Result<Step, CloudError> {
@@ -91,11 +120,21 @@ impl DailyFetch {
         let tomorrow = today
             .tomorrow()
             .map_err(|e| CloudError::Config(e.to_string()))?;
-        if !(startup || now >= self.fetch_instant(now)?) || store.ingested(tomorrow).await? {
+        if !(early || now >= self.fetch_instant(now)?) || store.ingested(tomorrow).await? {
             return Ok(Step::NotYet);
         }
+        let lease = ingest_lease(tomorrow);
+        if !store.lease(&lease, &self.owner, lease_until, now).await? {
+            info!(schedule_date = %tomorrow, "daily fetch: another instance holds it");
+            return Ok(Step::Held);
+        }
         info!(schedule_date = %tomorrow, "daily fetch");
-        ingestor.fetch(tomorrow).await?;
+        let fetched = ingestor.fetch(tomorrow).await;
+        // Given back either way: after a failure any instance may retry at once.
+        if let Err(e) = store.release(&lease, &self.owner).await {
+            warn!(error = %e, "daily fetch lease not released; it expires");
+        }
+        fetched?;
         Ok(Step::Done)
     }
 
@@ -119,9 +158,52 @@ impl DailyFetch {
     }
 }
 
-enum Step {
-    Done,
-    NotYet,
+/// The lease a date's ingestion is run under, fetched or replayed.
+fn ingest_lease(date: jiff::civil::Date) -> String {
+    format!("ingest:{date}")
+}
+
+/// Runs again, from their raw documents, the ingestions that started and never finished (the
+/// service stopped in the middle). A run that another instance is in the middle of is under
+/// its date's lease, and left to it.
+pub async fn replay_interrupted(
+    ingestor: Arc<Ingestor>,
+    store: Arc<dyn CommandStore>,
+    clock: Arc<dyn Clock>,
+    owner: String,
+) {
+    let interrupted = match store.interrupted_ingestions().await {
+        Ok(runs) => runs,
+        Err(e) => {
+            warn!(error = %e, "cannot list interrupted ingestions");
+            return;
+        }
+    };
+    for run in interrupted {
+        let lease = ingest_lease(run.schedule_date);
+        let now = clock.now();
+        match store
+            .lease(&lease, &owner, now + clock.clock_duration(LEASE), now)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(schedule_date = %run.schedule_date, "interrupted ingestion held by another instance");
+                continue;
+            }
+            Err(e) => {
+                warn!(schedule_date = %run.schedule_date, error = %e, "replay not started");
+                continue;
+            }
+        }
+        info!(schedule_date = %run.schedule_date, audit_key = %run.audit_key, "replaying an interrupted ingestion");
+        if let Err(e) = ingestor.replay(&run).await {
+            warn!(schedule_date = %run.schedule_date, error = %e, "replay failed");
+        }
+        if let Err(e) = store.release(&lease, &owner).await {
+            warn!(error = %e, "replay lease not released; it expires");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +214,7 @@ mod tests {
         DailyFetch {
             timezone: TimeZone::get("Europe/London").unwrap(),
             at: Time::constant(16, 0, 0, 0),
+            owner: "test".into(),
         }
     }
 

@@ -23,6 +23,12 @@ pub enum CloudError {
     /// Another ingestion for the same service is running.
     #[error("an ingestion run is already in progress")]
     Busy,
+    /// A message could not be published (the IoT data plane refused or was unreachable).
+    #[error("publish: {0}")]
+    Publish(String),
+    /// A Lambda event of no known shape, or broken.
+    #[error("lambda event: {0}")]
+    Event(String),
     /// MQTT failed.
     #[error(transparent)]
     Mqtt(#[from] max300_mqtt::MqttError),

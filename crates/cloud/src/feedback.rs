@@ -12,7 +12,9 @@ use jiff::tz::TimeZone;
 use max300_mqtt::trace;
 use max300_mqtt::{Event, Inbound};
 use max300_protocol::message::{AckMsg, ReportMsg, SyncMsg};
-use max300_protocol::{Clock, DeviceId, Message, MessageId, TraceParent, day::Day};
+use max300_protocol::{
+    Channel, Clock, DeviceId, Message, MessageId, ProtocolError, Topics, TraceParent, day::Day,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
@@ -70,6 +72,53 @@ impl RateLimit {
 enum Outbound {
     Receipt(DeviceId, max300_protocol::StoreId, u64),
     Stored(Vec<max300_protocol::MessageId>),
+}
+
+/// One device message as received: from an MQTT session, or from an IoT rule's event.
+#[derive(Clone, Copy, Debug)]
+struct Received<'a> {
+    topic: &'a str,
+    route: Option<&'a (DeviceId, Channel)>,
+    message: Result<&'a Message, &'a ProtocolError>,
+}
+
+impl<'a> From<&'a Inbound> for Received<'a> {
+    fn from(inbound: &'a Inbound) -> Received<'a> {
+        Received {
+            topic: &inbound.topic,
+            route: inbound.route.as_ref(),
+            message: inbound.message.as_ref(),
+        }
+    }
+}
+
+/// A message delivered without a session (an IoT rule's event), decoded as the session would.
+#[derive(Debug)]
+pub struct Delivered {
+    topic: String,
+    route: Option<(DeviceId, Channel)>,
+    message: Result<Message, ProtocolError>,
+}
+
+impl Delivered {
+    /// Decodes `payload`, received on `topic`.
+    pub fn new(topics: &Topics, topic: String, payload: &[u8]) -> Delivered {
+        Delivered {
+            route: topics.parse(&topic),
+            message: Message::decode(payload),
+            topic,
+        }
+    }
+}
+
+impl<'a> From<&'a Delivered> for Received<'a> {
+    fn from(d: &'a Delivered) -> Received<'a> {
+        Received {
+            topic: &d.topic,
+            route: d.route.as_ref(),
+            message: d.message.as_ref(),
+        }
+    }
 }
 
 /// The most queued device messages handled (and their acks committed) together.
@@ -139,21 +188,9 @@ impl Feedback {
                             None => break,
                         },
                     };
-                    let publish = async {
-                        match out {
-                            Outbound::Receipt(device, store_id, seq) => {
-                                publisher.receipt(&device, store_id, vec![seq]).await;
-                            }
-                            Outbound::Stored(ids) => {
-                                if let Err(e) = publisher.stored(&ids).await {
-                                    warn!(error = %e, "commands not published");
-                                }
-                            }
-                        }
-                    };
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = publish => {}
+                        _ = deliver(&publisher, out) => {}
                     }
                 }
             })
@@ -208,16 +245,40 @@ impl Feedback {
         }
     }
 
-    /// Handles queued messages in order, deferring their acks to one store transaction.
+    /// Handles messages delivered without a session (a Lambda function's IoT-rule events),
+    /// then publishes their receipts and answers before returning: a function may be frozen
+    /// as soon as it returns, so nothing is left queued.
+    pub async fn handle_delivered(&mut self, batch: &[Delivered]) {
+        self.apply(batch.iter().map(Received::from).collect()).await;
+        if let Some(rx) = self.outbound_rx.as_mut() {
+            let mut queued = Vec::new();
+            while let Ok(out) = rx.try_recv() {
+                queued.push(out);
+            }
+            for out in queued {
+                deliver(&self.publisher, out).await;
+            }
+        }
+    }
+
+    /// Handles queued messages in order, then PUBACKs them.
     async fn handle_batch(&mut self, batch: Vec<Inbound>) {
+        self.apply(batch.iter().map(Received::from).collect()).await;
+        for inbound in batch {
+            inbound.ack().await;
+        }
+    }
+
+    /// Handles messages in order, deferring their acks to one store call.
+    async fn apply(&mut self, batch: Vec<Received<'_>>) {
         let mut acks = Vec::new();
-        for inbound in &batch {
-            match self.handle(inbound).await {
+        for received in batch {
+            match self.handle(received).await {
                 Ok(Some(ack)) => acks.push(ack),
                 Ok(None) => {}
                 // A store failure. No receipt went out, so the device resends from its
                 // outbox; PUBACK anyway, so this message can't hold up the others.
-                Err(e) => warn!(topic = %inbound.topic, error = %e, "message not handled"),
+                Err(e) => warn!(topic = %received.topic, error = %e, "message not handled"),
             }
         }
         if !acks.is_empty() {
@@ -235,16 +296,16 @@ impl Feedback {
                 }
             }
         }
-        for inbound in batch {
-            inbound.ack().await;
-        }
     }
 
     /// Checks one message and applies it, except an ack, which is returned (with its span)
     /// to be recorded with the rest of its batch.
-    async fn handle(&mut self, inbound: &Inbound) -> Result<Option<(AckMsg, Span)>, CloudError> {
-        let kind = inbound.message.as_ref().map_or("unknown", kind);
-        if let Some((device, _)) = &inbound.route
+    async fn handle(
+        &mut self,
+        inbound: Received<'_>,
+    ) -> Result<Option<(AckMsg, Span)>, CloudError> {
+        let kind = inbound.message.map_or("unknown", kind);
+        if let Some((device, _)) = inbound.route
             && !self
                 .limit
                 .allow(device, max300_protocol::clock::monotonic())
@@ -257,7 +318,7 @@ impl Feedback {
             self.throttled += 1;
             return Ok(None);
         }
-        let message = match &inbound.message {
+        let message = match inbound.message {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.inbound(kind, Outcome::Invalid);
@@ -265,7 +326,7 @@ impl Feedback {
                 return Ok(None);
             }
         };
-        let Some((topic_device, channel)) = &inbound.route else {
+        let Some((topic_device, channel)) = inbound.route else {
             self.metrics.inbound(kind, Outcome::Invalid);
             warn!(topic = %inbound.topic, "message on a foreign topic dropped");
             return Ok(None);
@@ -443,6 +504,19 @@ impl Feedback {
         if let Err(e) = self.outbound.try_send(out) {
             // The device sends again (no receipt) or syncs again; nothing is lost.
             warn!(error = %e, "outbound queue full: dropped");
+        }
+    }
+}
+
+async fn deliver(publisher: &Publisher, out: Outbound) {
+    match out {
+        Outbound::Receipt(device, store_id, seq) => {
+            publisher.receipt(&device, store_id, vec![seq]).await;
+        }
+        Outbound::Stored(ids) => {
+            if let Err(e) = publisher.stored(&ids).await {
+                warn!(error = %e, "commands not published");
+            }
         }
     }
 }

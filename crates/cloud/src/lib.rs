@@ -18,6 +18,7 @@
 //! - [`sweeper`]: resends with backoff, and the clock-driven `late`/`expired`/`incomplete`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`api`]: the HTTP API, and the dashboard's JSON.
+//! - `lambda` (feature `aws`): the service as one AWS Lambda handler.
 
 pub mod api;
 pub mod app;
@@ -27,6 +28,8 @@ pub mod daily;
 pub mod feasibility;
 pub mod feedback;
 pub mod ingest;
+#[cfg(feature = "aws")]
+pub mod lambda;
 pub mod lifecycle;
 pub mod metrics;
 pub mod provider;

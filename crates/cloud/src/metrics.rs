@@ -55,6 +55,50 @@ impl Outcome {
     }
 }
 
+/// Counter totals, for metrics that are pushed rather than scraped (Lambda's EMF lines).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Commands flagged late.
+    pub late: u64,
+    /// Commands expired.
+    pub expired: u64,
+    /// Ingestion runs that failed.
+    pub ingestion_failed: u64,
+    /// Ingestion runs that succeeded.
+    pub ingestion_succeeded: u64,
+    /// Messages published again.
+    pub resends: u64,
+    /// Messages published.
+    pub published: u64,
+    /// Device messages refused (undecodable, foreign, unknown device, throttled).
+    pub feedback_rejected: u64,
+}
+
+impl Totals {
+    /// The CloudWatch names and counts of what happened between `before` and `self`.
+    pub fn since(&self, before: &Totals) -> [(&'static str, u64); 7] {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        [
+            ("CommandsLate", d(self.late, before.late)),
+            ("CommandsExpired", d(self.expired, before.expired)),
+            (
+                "IngestionFailed",
+                d(self.ingestion_failed, before.ingestion_failed),
+            ),
+            (
+                "IngestionSucceeded",
+                d(self.ingestion_succeeded, before.ingestion_succeeded),
+            ),
+            ("Resends", d(self.resends, before.resends)),
+            ("Published", d(self.published, before.published)),
+            (
+                "FeedbackRejected",
+                d(self.feedback_rejected, before.feedback_rejected),
+            ),
+        ]
+    }
+}
+
 /// Commands whose first publish this process has seen but whose ack it has not; bounded so
 /// that a fleet that never answers can't grow it without end.
 const MAX_PENDING_ACKS: usize = 1_000_000;
@@ -287,6 +331,48 @@ impl Metrics {
     /// A command expired by the clock.
     pub fn expired(&self) {
         self.expired.inc();
+    }
+
+    /// The counts a CloudWatch Embedded Metric Format line reports, as totals so far.
+    pub fn totals(&self) -> Totals {
+        let ingestions = |outcome: &str| -> u64 {
+            ["fetch", "post"]
+                .iter()
+                .map(|source| {
+                    self.ingestions
+                        .get_or_create(&labels(&[("source", source), ("outcome", outcome)]))
+                        .get()
+                })
+                .sum()
+        };
+        let rejected = ["ack", "report", "heartbeat", "sync", "other", "unknown"]
+            .iter()
+            .flat_map(|kind| {
+                [Outcome::Invalid, Outcome::UnknownDevice, Outcome::Throttled]
+                    .map(|o| (*kind, o.as_str()))
+            })
+            .map(|(kind, outcome)| {
+                self.inbound
+                    .get_or_create(&labels(&[("type", kind), ("outcome", outcome)]))
+                    .get()
+            })
+            .sum();
+        Totals {
+            late: self.late.get(),
+            expired: self.expired.get(),
+            ingestion_failed: ingestions("failed"),
+            ingestion_succeeded: ingestions("ok"),
+            resends: self.resends.get(),
+            published: ["command", "control", "receipt"]
+                .iter()
+                .map(|kind| {
+                    self.publishes
+                        .get_or_create(&labels(&[("kind", kind)]))
+                        .get()
+                })
+                .sum(),
+            feedback_rejected: rejected,
+        }
     }
 
     /// Brings the dropped-message counter up to the session's count.

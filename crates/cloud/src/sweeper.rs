@@ -21,6 +21,11 @@ use crate::{CloudError, CommandStore};
 const TICK: Duration = Duration::from_secs(1);
 /// No resend comes sooner than this much real time after the last publish.
 const REAL_FLOOR: Duration = Duration::from_secs(2);
+/// Instances on one store take turns by a lease: one sweeps (and resends) at a time, and if
+/// it dies another takes over once this much real time has passed.
+const LEASE: Duration = Duration::from_secs(10);
+/// The lease's name in the store.
+const LEASE_NAME: &str = "sweeper";
 
 /// Runs the sweeps.
 #[derive(Debug)]
@@ -35,6 +40,8 @@ pub struct Sweeper {
     pub ack_timeout: SignedDuration,
     /// Counts late and expired commands, and resends.
     pub metrics: Arc<Metrics>,
+    /// This instance, as a lease holder.
+    pub owner: String,
 }
 
 impl Sweeper {
@@ -53,9 +60,17 @@ impl Sweeper {
         }
     }
 
-    /// One sweep: transitions, then resends.
+    /// One sweep: transitions, then resends; nothing when another instance holds the lease.
     pub async fn sweep_once(&self) -> Result<(), CloudError> {
         let now = self.clock.now();
+        let until = now + self.clock.clock_duration(LEASE);
+        if !self
+            .store
+            .lease(LEASE_NAME, &self.owner, until, now)
+            .await?
+        {
+            return Ok(());
+        }
         for s in self.store.sweep(now).await? {
             match s.state {
                 Some(state) => {
@@ -70,8 +85,7 @@ impl Sweeper {
                 }
             }
         }
-        let floor = SignedDuration::try_from(REAL_FLOOR.mul_f64(self.clock.speed()))
-            .unwrap_or(SignedDuration::MAX);
+        let floor = self.clock.clock_duration(REAL_FLOOR);
         let due: Vec<_> = self
             .store
             .awaiting_ack(now)
@@ -88,5 +102,100 @@ impl Sweeper {
             self.publisher.stored(&ids).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use jiff::Timestamp;
+    use max300_protocol::{
+        Day, DeviceId, ManualClock, Message, MessageId, Schedule, Setpoint, Topics,
+    };
+
+    use super::*;
+    use crate::SqliteStore;
+    use crate::publish::{Publisher, Transport};
+    use crate::store::NewCommand;
+
+    /// The broker's side of publishing, recorded.
+    #[derive(Debug, Default)]
+    struct Recorded(Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Transport for Recorded {
+        async fn publish(&self, topic: String, _: &Message) -> Result<(), CloudError> {
+            self.0.lock().unwrap().push(topic);
+            Ok(())
+        }
+
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn two_instances_take_turns_and_the_second_takes_over_when_the_first_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn CommandStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap());
+        let t0: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
+        let clock = Arc::new(ManualClock::new(t0));
+        let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+        let device = DeviceId::parse("d1").unwrap();
+        let id = MessageId::generate(t0);
+        let schedule = Schedule::new(device, day, vec![Setpoint::IDLE; 48]).unwrap();
+        store
+            .insert_commands(
+                &[NewCommand {
+                    message_id: id.clone(),
+                    schedule,
+                    traceparent: None,
+                }],
+                t0,
+            )
+            .await
+            .unwrap();
+        store.mark_sent(&[id], t0).await.unwrap();
+
+        let sent = Arc::new(Recorded::default());
+        let sweeper = |owner: &str| Sweeper {
+            store: store.clone(),
+            publisher: Publisher::new(
+                sent.clone(),
+                Topics::new("max300"),
+                store.clone(),
+                clock.clone(),
+                Arc::new(Metrics::new()),
+            ),
+            clock: clock.clone(),
+            ack_timeout: SignedDuration::from_secs(5),
+            metrics: Arc::new(Metrics::new()),
+            owner: owner.into(),
+        };
+        let (a, b) = (sweeper("a"), sweeper("b"));
+        let resends = || sent.0.lock().unwrap().len();
+
+        // `a` sweeps first, with nothing due yet, and holds the lease for 10 s.
+        clock.advance(SignedDuration::from_secs(1));
+        a.sweep_once().await.unwrap();
+        // Due now (5 s without an ack), but `b` does not hold the lease: it leaves it.
+        clock.advance(SignedDuration::from_secs(5));
+        b.sweep_once().await.unwrap();
+        assert_eq!(resends(), 0, "only the lease holder resends");
+        a.sweep_once().await.unwrap();
+        assert_eq!(resends(), 1);
+
+        // `a` stops. Its lease ends 10 s after its last sweep, and `b` takes over the next
+        // resend (due 10 s after the last, by backoff).
+        clock.advance(SignedDuration::from_secs(9));
+        b.sweep_once().await.unwrap();
+        assert_eq!(resends(), 1, "a's lease still holds");
+        clock.advance(SignedDuration::from_secs(2));
+        b.sweep_once().await.unwrap();
+        assert_eq!(resends(), 2);
+        assert_eq!(sent.0.lock().unwrap()[1], "max300/d1/schedule");
     }
 }

@@ -86,6 +86,10 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// The cloud service as an AWS Lambda function (packaged as `bootstrap`): scheduled
+    /// ticks, the HTTP API behind API Gateway, and device feedback from IoT rules.
+    #[cfg(feature = "aws")]
+    Lambda(crate::lambda::LambdaArgs),
     /// Configuration helpers.
     Config {
         /// What to do.
@@ -198,12 +202,18 @@ pub struct CloudArgs {
     /// Bearer token for writes (prefer MAX300_API_TOKEN).
     #[arg(long)]
     pub api_token: Option<String>,
-    /// The command store: sqlite://PATH.
+    /// The command store: sqlite://PATH or dynamodb://TABLE.
     #[arg(long)]
     pub store: Option<String>,
-    /// The audit store: file://DIR.
+    /// The audit store: file://DIR or s3://BUCKET/PREFIX.
     #[arg(long)]
     pub audit: Option<String>,
+    /// Share device feedback with other instances: subscribe as $share/GROUP/....
+    #[arg(long)]
+    pub shared_group: Option<String>,
+    /// This instance's MQTT client id (and lease holder name).
+    #[arg(long)]
+    pub client_id: Option<String>,
     /// Register devices on their first message.
     #[arg(long)]
     pub auto_register: bool,
@@ -356,6 +366,8 @@ impl Command {
         match self {
             #[cfg(feature = "cloud")]
             Command::Cloud(_) | Command::Ingest(_) => "max300-cloud",
+            #[cfg(feature = "aws")]
+            Command::Lambda(_) => "max300-cloud",
             #[cfg(feature = "agent")]
             Command::Agent(_) => "max300-agent",
             _ => "max300",
@@ -382,6 +394,8 @@ impl Command {
             Command::Validate(args) => validate::run(args),
             #[cfg(feature = "fleet")]
             Command::Fleet(args) => crate::fleet::run(args).await,
+            #[cfg(feature = "aws")]
+            Command::Lambda(args) => crate::lambda::run(args).await,
             #[cfg(all(feature = "cloud", feature = "broker"))]
             Command::Bench { what } => what.run().await,
             #[cfg(feature = "cloud")]
@@ -500,6 +514,8 @@ pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
         ("MAX300_API_TOKEN", args.api_token.clone()),
         ("MAX300_STORE", args.store.clone()),
         ("MAX300_AUDIT", args.audit.clone()),
+        ("MAX300_SHARED_GROUP", args.shared_group.clone()),
+        ("MAX300_CLIENT_ID", args.client_id.clone()),
         (
             "MAX300_AUTO_REGISTER",
             args.auto_register.then(|| "true".to_owned()),

@@ -12,6 +12,7 @@
 //! - `certs`: a development CA and the broker, cloud and device certificates.
 //! - `fleet`: simulated devices, one MQTT connection each, that ack every schedule.
 //! - `fds`: the open-file limit, raised and checked for runs with many connections.
+//! - `lambda`: the Lambda Runtime API client around the cloud's Lambda handler.
 
 #[cfg(all(feature = "cloud", feature = "broker"))]
 mod bench;
@@ -25,6 +26,8 @@ mod clock;
 mod fds;
 #[cfg(feature = "fleet")]
 mod fleet;
+#[cfg(feature = "aws")]
+mod lambda;
 #[cfg(feature = "cloud")]
 mod sample;
 #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
@@ -47,7 +50,15 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Lambda starts its `bootstrap` with no arguments: that is `max300 lambda`.
+    if cfg!(feature = "aws")
+        && args.len() == 1
+        && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
+    {
+        args.push("lambda".into());
+    }
+    let cli = cli::Cli::parse_from(args);
     // Built before the async runtime: the exporter's blocking HTTP client must not be made
     // (or dropped) inside it.
     let traces = match init_tracing(

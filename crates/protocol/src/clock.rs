@@ -29,6 +29,11 @@ pub trait Clock: Send + Sync + Debug {
         }
     }
 
+    /// How much clock time passes in a span of real time (saturating).
+    fn clock_duration(&self, real: Duration) -> SignedDuration {
+        SignedDuration::try_from(real.mul_f64(self.speed())).unwrap_or(SignedDuration::MAX)
+    }
+
     /// How long, in real time, until the clock reads `instant`.
     fn real_until(&self, instant: Timestamp) -> Duration {
         self.real_duration(instant.duration_since(self.now()))

@@ -20,7 +20,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use jiff::civil::Date;
-use max300_mqtt::Session;
 use max300_protocol::{Clock, DeviceId, MessageId, RateKw};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -38,9 +37,7 @@ pub struct ApiState {
     pub store: Arc<dyn CommandStore>,
     /// Ingestion.
     pub ingestor: Arc<Ingestor>,
-    /// The MQTT session, for readiness.
-    pub session: Session,
-    /// Publishes control messages.
+    /// Publishes control messages; its transport tells readiness.
     pub publisher: Publisher,
     /// Plan time.
     pub clock: Arc<dyn Clock>,
@@ -177,7 +174,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     let store = state.store.ping().await;
-    let broker = state.session.is_connected();
+    let broker = state.publisher.transport().is_connected();
     let body = json!({
         "store": if store.is_ok() { "ok" } else { "unavailable" },
         "broker": if broker { "connected" } else { "disconnected" },
@@ -195,7 +192,7 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     use crate::metrics::Metrics;
     let m = &state.metrics;
-    m.set_mqtt_dropped(state.session.dropped());
+    m.set_mqtt_dropped(state.publisher.transport().dropped());
     let by_state: std::collections::HashMap<_, _> =
         state.store.command_counts().await?.into_iter().collect();
     for st in crate::CommandState::ALL {

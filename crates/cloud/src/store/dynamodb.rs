@@ -477,9 +477,12 @@ impl DynamoStore {
                 .client
                 .scan()
                 .table_name(&*self.table)
-                .filter_expression("#k = :k")
+                // Message-id pointers say `kind = command` too; only command items sit
+                // under a `C#` sort key.
+                .filter_expression("#k = :k AND begins_with(sk, :c)")
                 .expression_attribute_names("#k", "kind")
                 .expression_attribute_values(":k", s("command"))
+                .expression_attribute_values(":c", s("C#"))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await

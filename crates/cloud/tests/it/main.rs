@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod audit;
 mod dashboard;
 #[cfg(feature = "aws")]
 pub mod moto;

@@ -3,9 +3,11 @@
 // Test helpers unwrap too: a panic there is the failure message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod aws;
 mod browser;
 mod cli;
 mod faults;
+mod lambda;
 mod modbus;
 mod mosquitto;
 mod processes;

@@ -60,7 +60,15 @@ async fn play_a_day_on_the_embedded_broker(flood: u32) {
         dir.path(),
     );
     broker.expect_line("listening on");
-    play_a_day(dir.path(), &mqtt, None, flood).await;
+    play_a_day(
+        dir.path(),
+        &mqtt,
+        Day {
+            flood,
+            ..Day::default()
+        },
+    )
+    .await;
     broker.stop();
 }
 
@@ -84,13 +92,37 @@ impl Tls<'_> {
     }
 }
 
+/// How [`play_a_day`] plays.
+#[derive(Default)]
+pub struct Day<'a> {
+    /// Certificates, for `mqtts://`.
+    pub tls: Option<Tls<'a>>,
+    /// Malformed messages published on unit-a's report topic while the day plays.
+    pub flood: u32,
+    /// Extra environment for each cloud (e.g. the AWS backends).
+    pub cloud_env: Vec<(String, String)>,
+    /// Cloud instances sharing the feedback (`--shared-group`); 0 means 1.
+    pub clouds: usize,
+    /// Kill (SIGKILL) the first cloud once the day is under way; the API is followed
+    /// through the next.
+    pub kill_one_mid_day: bool,
+}
+
 /// Runs the provider, the cloud and two agents (`unit-a`, `unit-b`) as processes against the
 /// broker at `mqtt`, and follows one day through the API to the end.
 ///
 /// With `flood > 0`, a client on unit-a's report topic publishes that many malformed messages
 /// while the day plays; every unit's periods must still run on time, and the cloud's metrics
-/// must count the flood.
-pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>, flood: u32) {
+/// must count the flood. With several clouds, each takes a share of the feedback, and the
+/// counts that depend on which one handled what are not checked.
+pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, day: Day<'_>) {
+    let Day {
+        tls,
+        flood,
+        cloud_env,
+        clouds,
+        kill_one_mid_day,
+    } = day;
     let dir = logs;
     // One hour of plan time before the day starts, for fetching and delivery.
     let start = "2026-11-29T23:00:00Z";
@@ -116,26 +148,40 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     );
     let provider_url = provider.expect_line("listening on");
 
-    let cloud_dir = dir.join("cloud").display().to_string();
-    let mut cloud = Proc::start(
-        "cloud",
-        &args(
-            &[
-                "cloud",
-                "--mqtt",
-                mqtt,
-                "--http",
-                "127.0.0.1:0",
-                "--provider",
-                &provider_url,
-                "--data-dir",
-                &cloud_dir,
-            ],
-            &[clock.clone(), tls_flags("cloud")].concat(),
-        ),
-        logs,
-    );
-    let api = cloud.expect_line("listening on");
+    let shared = clouds > 1;
+    let mut cloud_procs = Vec::new();
+    let mut apis = Vec::new();
+    for i in 0..clouds.max(1) {
+        let name = if shared {
+            format!("cloud-{i}")
+        } else {
+            "cloud".into()
+        };
+        let cloud_dir = dir.join(&name).display().to_string();
+        let mut flags = vec![
+            "cloud",
+            "--mqtt",
+            mqtt,
+            "--http",
+            "127.0.0.1:0",
+            "--provider",
+            &provider_url,
+            "--data-dir",
+            &cloud_dir,
+        ];
+        if shared {
+            flags.extend(["--shared-group", "max300-cloud", "--client-id", &name]);
+        }
+        let mut cloud = Proc::start_with_env(
+            &name,
+            &args(&flags, &[clock.clone(), tls_flags("cloud")].concat()),
+            &cloud_env,
+            logs,
+        );
+        apis.push(cloud.expect_line("listening on"));
+        cloud_procs.push(cloud);
+    }
+    let mut api = apis[0].clone();
     let flooder = (flood > 0).then(|| {
         let url = mqtt.parse().unwrap();
         let api = api.clone();
@@ -227,6 +273,23 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
                 "no period failed or was skipped: {detail}"
             );
             if executed > 0 && pending > 0 {
+                if kill_one_mid_day && api == apis[0] {
+                    // The broker shares the feedback out: each instance has applied some.
+                    for a in &apis {
+                        let text = scrape(&format!("{a}/metrics")).await;
+                        let applied = metric(
+                            &text,
+                            "max300_inbound_messages_total",
+                            &[r#"outcome="applied""#],
+                        );
+                        assert!(applied > 0.0, "{a} handled no feedback: {text}");
+                    }
+                    // Mid-day, with acks, reports and receipts in flight.
+                    cloud_procs[0].child.kill().unwrap();
+                    cloud_procs[0].child.wait().unwrap();
+                    api = apis[1].clone();
+                    continue;
+                }
                 assert_eq!(detail["state"], "acknowledged", "{detail}");
                 assert!(detail["history"].as_array().unwrap().len() >= 3, "{detail}");
                 seen_mid_day = true;
@@ -259,57 +322,60 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     );
     assert!(done, "the commands did not complete; {logs_hint}");
 
-    // The metrics were scraped mid-day, and they moved with the day.
-    let mid = mid_day_metrics.unwrap();
-    let end = scrape(&format!("{api}/metrics")).await;
-    for name in [
-        "max300_commands",
-        "max300_inbound_messages",
-        "max300_mqtt_dropped",
-        "max300_ingestion_runs",
-        "max300_ingestion_rejections",
-        "max300_publishes",
-        "max300_resends",
-        "max300_ack_latency_seconds",
-        "max300_period_results",
-        "max300_commands_late",
-        "max300_commands_expired",
-        "max300_alerts",
-        "max300_devices",
-        "max300_heartbeat_age_seconds",
-    ] {
+    // One service's counts follow the day; shared between several, each has a part.
+    if !shared {
+        // The metrics were scraped mid-day, and they moved with the day.
+        let mid = mid_day_metrics.unwrap();
+        let end = scrape(&format!("{api}/metrics")).await;
+        for name in [
+            "max300_commands",
+            "max300_inbound_messages",
+            "max300_mqtt_dropped",
+            "max300_ingestion_runs",
+            "max300_ingestion_rejections",
+            "max300_publishes",
+            "max300_resends",
+            "max300_ack_latency_seconds",
+            "max300_period_results",
+            "max300_commands_late",
+            "max300_commands_expired",
+            "max300_alerts",
+            "max300_devices",
+            "max300_heartbeat_age_seconds",
+        ] {
+            assert!(
+                end.contains(&format!("# TYPE {name} ")),
+                "{name} is missing: {end}"
+            );
+        }
+        assert!(executed(&mid) >= 1.0, "{mid}");
         assert!(
-            end.contains(&format!("# TYPE {name} ")),
-            "{name} is missing: {end}"
+            executed(&end) >= 96.0 && executed(&end) > executed(&mid),
+            "period results moved from {} to {}",
+            executed(&mid),
+            executed(&end)
+        );
+        assert_eq!(
+            metric(&end, "max300_commands", &[r#"state="completed""#]),
+            2.0,
+            "{end}"
+        );
+        // Each day's fetch (the day's and, from 16:00, the next day's) and its acks.
+        assert!(metric(&end, "max300_ack_latency_seconds_count", &[]) >= 2.0);
+        assert!(metric(&end, "max300_ingestion_runs_total", &[r#"outcome="ok""#]) >= 1.0);
+        assert!(metric(&end, "max300_publishes_total", &[r#"kind="receipt""#]) >= 90.0);
+        assert_eq!(metric(&end, "max300_devices", &[r#"status="online""#]), 2.0);
+        let agent = scrape(&format!("http://{agent_metrics}/metrics")).await;
+        assert!(
+            metric(&agent, "max300_agent_boundary_lateness_seconds_count", &[]) >= 48.0,
+            "{agent}"
+        );
+        assert!(metric(&agent, "max300_agent_battery_write_seconds_count", &[]) >= 1.0);
+        assert!(
+            agent.contains("# TYPE max300_agent_outbox_depth gauge"),
+            "{agent}"
         );
     }
-    assert!(executed(&mid) >= 1.0, "{mid}");
-    assert!(
-        executed(&end) >= 96.0 && executed(&end) > executed(&mid),
-        "period results moved from {} to {}",
-        executed(&mid),
-        executed(&end)
-    );
-    assert_eq!(
-        metric(&end, "max300_commands", &[r#"state="completed""#]),
-        2.0,
-        "{end}"
-    );
-    // Each day's fetch (the day's and, from 16:00, the next day's) and its acks.
-    assert!(metric(&end, "max300_ack_latency_seconds_count", &[]) >= 2.0);
-    assert!(metric(&end, "max300_ingestion_runs_total", &[r#"outcome="ok""#]) >= 1.0);
-    assert!(metric(&end, "max300_publishes_total", &[r#"kind="receipt""#]) >= 90.0);
-    assert_eq!(metric(&end, "max300_devices", &[r#"status="online""#]), 2.0);
-    let agent = scrape(&format!("http://{agent_metrics}/metrics")).await;
-    assert!(
-        metric(&agent, "max300_agent_boundary_lateness_seconds_count", &[]) >= 48.0,
-        "{agent}"
-    );
-    assert!(metric(&agent, "max300_agent_battery_write_seconds_count", &[]) >= 1.0);
-    assert!(
-        agent.contains("# TYPE max300_agent_outbox_depth gauge"),
-        "{agent}"
-    );
 
     // Every period ran on time: reported within 15 minutes of plan time (under half a
     // second of real time) of its start.
@@ -362,7 +428,8 @@ pub async fn play_a_day(logs: &std::path::Path, mqtt: &str, tls: Option<Tls<'_>>
     assert_eq!(ids, ["unit-a", "unit-b"]);
 
     // Every service stops cleanly on SIGTERM.
-    for p in agents.iter_mut().chain([&mut cloud, &mut provider]) {
+    let living = cloud_procs.iter_mut().skip(usize::from(kill_one_mid_day));
+    for p in agents.iter_mut().chain(living).chain([&mut provider]) {
         let status = p.stop();
         assert!(status.success(), "{} exited with {status}", p.name);
     }

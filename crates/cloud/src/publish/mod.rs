@@ -1,7 +1,18 @@
 //! Publishing to devices: commands, and receipts for what was handled.
+//!
+//! [`Transport`] is the seam between what is published and how: a long-running service holds
+//! an MQTT session; a Lambda function has no long-lived connection and publishes through the
+//! AWS IoT data-plane HTTPS API ([`IotDataPlane`]).
+
+#[cfg(feature = "aws")]
+mod iot;
+
+#[cfg(feature = "aws")]
+pub use iot::IotDataPlane;
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use max300_mqtt::trace;
 use max300_mqtt::{Qos, Session};
 use max300_protocol::message::{ControlMsg, ReceiptMsg, ScheduleMsg, V1};
@@ -11,10 +22,41 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::metrics::Metrics;
 use crate::{CloudError, CommandStore};
 
+/// How messages reach devices. Every publish is at least once (QoS 1): devices apply each
+/// message once by its id.
+#[async_trait]
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    /// Publishes `message` on `topic`; `Ok` once the broker has taken it.
+    async fn publish(&self, topic: String, message: &Message) -> Result<(), CloudError>;
+
+    /// Whether publishing can work now, for readiness.
+    fn is_connected(&self) -> bool;
+
+    /// Inbound messages dropped for want of room (only a session receives).
+    fn dropped(&self) -> u64 {
+        0
+    }
+}
+
+#[async_trait]
+impl Transport for Session {
+    async fn publish(&self, topic: String, message: &Message) -> Result<(), CloudError> {
+        Ok(self.send(topic, message, Qos::AtLeastOnce).await?)
+    }
+
+    fn is_connected(&self) -> bool {
+        Session::is_connected(self)
+    }
+
+    fn dropped(&self) -> u64 {
+        Session::dropped(self)
+    }
+}
+
 /// Sends commands and receipts, and records what was sent.
 #[derive(Clone, Debug)]
 pub struct Publisher {
-    session: Session,
+    transport: Arc<dyn Transport>,
     topics: Topics,
     store: Arc<dyn CommandStore>,
     clock: Arc<dyn Clock>,
@@ -22,16 +64,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher over an MQTT session.
+    /// A publisher over `transport`.
     pub fn new(
-        session: Session,
+        transport: Arc<dyn Transport>,
         topics: Topics,
         store: Arc<dyn CommandStore>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Publisher {
         Publisher {
-            session,
+            transport,
             topics,
             store,
             clock,
@@ -39,9 +81,9 @@ impl Publisher {
         }
     }
 
-    /// The MQTT session.
-    pub fn session(&self) -> &Session {
-        &self.session
+    /// How it publishes.
+    pub fn transport(&self) -> &dyn Transport {
+        &*self.transport
     }
 
     /// Publishes committed commands, then marks them sent. The commit came first, so a crash
@@ -58,8 +100,8 @@ impl Publisher {
             trace::set_parent(&span, msg.traceparent.as_ref());
             msg.traceparent = trace::of(&span).or(msg.traceparent);
             match self
-                .session
-                .send(topic, &Message::Schedule(msg), Qos::AtLeastOnce)
+                .transport
+                .publish(topic, &Message::Schedule(msg))
                 .instrument(span)
                 .await
             {
@@ -102,8 +144,8 @@ impl Publisher {
             trace::set_parent(&span, msg.traceparent.as_ref());
             msg.traceparent = trace::of(&span).or(msg.traceparent);
             match self
-                .session
-                .send(topic, &Message::Control(msg), Qos::AtLeastOnce)
+                .transport
+                .publish(topic, &Message::Control(msg))
                 .instrument(span)
                 .await
             {
@@ -129,7 +171,7 @@ impl Publisher {
             seqs,
         });
         let topic = self.topics.topic(device, Channel::Receipt);
-        match self.session.send(topic, &msg, Qos::AtLeastOnce).await {
+        match self.transport.publish(topic, &msg).await {
             Ok(()) => self.metrics.published("receipt", None),
             Err(e) => warn!(device_id = %device, error = %e, "receipt not published"),
         }
