@@ -75,6 +75,8 @@ impl Cloud {
         session_config.channel_capacity = 4096;
         session_config.tls = config.tls();
         let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
+        let core = Core::build(&config, &clock, Arc::new(session.clone()), store).await?;
+        let sweeper = core.sweeper(&config, &clock, client_id.clone());
         let Core {
             store,
             publisher,
@@ -83,7 +85,7 @@ impl Cloud {
             timezone,
             state,
             max_bytes,
-        } = Core::build(&config, &clock, Arc::new(session.clone()), store).await?;
+        } = core;
 
         let listener = tokio::net::TcpListener::bind(config.http_addr()?)
             .await
@@ -111,16 +113,6 @@ impl Cloud {
             metrics.clone(),
         );
         tasks.spawn(feedback.run(events, shutdown.clone()));
-        let sweeper = Sweeper {
-            store: store.clone(),
-            publisher: publisher.clone(),
-            clock: clock.clone(),
-            ack_timeout: SignedDuration::from_secs(
-                i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
-            ),
-            metrics: metrics.clone(),
-            owner: client_id.clone(),
-        };
         tasks.spawn(sweeper.run(shutdown.clone()));
         // Runs interrupted by a crash are run again, from their raw documents.
         tasks.spawn(replay_interrupted(
@@ -239,6 +231,20 @@ impl Core {
             state,
             max_bytes,
         })
+    }
+
+    /// The sweeper over these parts, holding its lease as `owner`.
+    pub fn sweeper(&self, config: &CloudConfig, clock: &Arc<dyn Clock>, owner: String) -> Sweeper {
+        Sweeper {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            clock: clock.clone(),
+            ack_timeout: SignedDuration::from_secs(
+                i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
+            ),
+            metrics: self.metrics.clone(),
+            owner,
+        }
     }
 }
 

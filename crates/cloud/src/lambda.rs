@@ -201,16 +201,7 @@ impl LambdaService {
         let transport = Arc::new(IotDataPlane::connect(endpoint).await?);
         let store = open_store(&config.store_url()).await?;
         let core = Core::build(&config, &clock, transport, store).await?;
-        let sweeper = Sweeper {
-            store: core.store.clone(),
-            publisher: core.publisher.clone(),
-            clock: clock.clone(),
-            ack_timeout: jiff::SignedDuration::from_secs(
-                i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
-            ),
-            metrics: core.metrics.clone(),
-            owner: owner.clone(),
-        };
+        let sweeper = core.sweeper(&config, &clock, owner.clone());
         let daily = (core.ingestor.can_fetch() && config.daily_fetch)
             .then(|| -> Result<_, CloudError> {
                 Ok((
