@@ -31,7 +31,7 @@ use max300_protocol::message::{
 };
 use max300_protocol::{Day, DeviceId, MessageId, RateKw, Schedule, Setpoint, TraceParent};
 use tokio::task::JoinSet;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::sqlite::{decode_plan, encode_plan, plan_len, text};
 use super::{
@@ -697,6 +697,7 @@ impl DynamoStore {
             if self.get(&message_pk(id), "ACK").await?.is_some() {
                 return Ok(Recorded::Duplicate);
             }
+            debug!(message_id = %id, device_id = %ack.device_id, attempt, "ack lost a race; reading again");
             backoff(attempt).await;
         }
         Err(self.err(
@@ -875,6 +876,7 @@ impl DynamoStore {
             if self.get(&device_pk(device), &report_sk).await?.is_some() {
                 return Ok(Recorded::Duplicate);
             }
+            debug!(message_id = %id, device_id = %device, attempt, "report lost a race; reading again");
             backoff(attempt).await;
         }
         Err(self.err(
@@ -2438,21 +2440,32 @@ impl CommandStore for DynamoStore {
                 unreported: true,
             })
         }
-        for row in unacked.iter_mut() {
-            if let Some((fresh, state)) = self.sweep_one(row.clone(), now, late).await? {
+        // Each phase runs over all its commands concurrently (a fleet whose broker was down
+        // can have thousands to expire at once); the phases run in SQLite's order, and a
+        // command flagged late carries its new revision into the next phase.
+        let flagged = self
+            .concurrently(unacked.clone(), move |store, row| async move {
+                store.sweep_one(row, now, late).await
+            })
+            .await?;
+        for (row, result) in unacked.iter_mut().zip(flagged) {
+            if let Some((fresh, state)) = result {
                 out.push(swept(&fresh, state)?);
                 *row = fresh;
             }
         }
-        for row in &unacked {
-            if let Some((fresh, state)) = self.sweep_one(row.clone(), now, expire).await? {
-                out.push(swept(&fresh, state)?);
-            }
-        }
-        for row in acked {
-            if let Some((fresh, state)) = self.sweep_one(row, now, incomplete).await? {
-                out.push(swept(&fresh, state)?);
-            }
+        let expired = self
+            .concurrently(unacked, move |store, row| async move {
+                store.sweep_one(row, now, expire).await
+            })
+            .await?;
+        let ended = self
+            .concurrently(acked, move |store, row| async move {
+                store.sweep_one(row, now, incomplete).await
+            })
+            .await?;
+        for (fresh, state) in expired.into_iter().chain(ended).flatten() {
+            out.push(swept(&fresh, state)?);
         }
         Ok(out)
     }

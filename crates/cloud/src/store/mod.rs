@@ -348,7 +348,9 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Keeps a feasibility warning with each command.
     async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError>;
 
-    /// How many commands are in each state (states with none are left out).
+    /// How many commands are in each state (states with none are left out). DynamoDB keeps
+    /// sharded counters, moved right after each transition rather than inside it, so a crash
+    /// between the two can leave a count one off.
     async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError>;
 
     /// Every device, in id order, with its latest commands for `today` and `tomorrow` and its

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// A running `moto_server`, killed when dropped.
+/// A running `moto_server`, killed when dropped. The same endpoint serves S3: point an S3
+/// client (e.g. `object_store`'s `with_endpoint(&moto.endpoint).with_allow_http(true)`) at it
+/// and create a bucket with a plain `PUT {endpoint}/{bucket}`.
 pub struct Moto {
     /// `http://127.0.0.1:PORT`: the endpoint URL for any AWS client (DynamoDB, S3).
     pub endpoint: String,
