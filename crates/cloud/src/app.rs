@@ -76,7 +76,9 @@ impl Cloud {
         session_config.tls = config.tls();
         let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
         let core = Core::build(&config, &clock, Arc::new(session.clone()), store).await?;
-        let sweeper = core.sweeper(&config, &clock, client_id.clone());
+        // Leases only matter between instances that share the work.
+        let owner = config.shared_group.is_some().then(|| client_id.clone());
+        let sweeper = core.sweeper(&config, &clock, owner.clone());
         let Core {
             store,
             publisher,
@@ -119,13 +121,13 @@ impl Cloud {
             ingestor.clone(),
             store.clone(),
             clock.clone(),
-            client_id.clone(),
+            owner.clone(),
         ));
         if ingestor.can_fetch() && config.daily_fetch {
             let daily = DailyFetch {
                 timezone,
                 at: config.fetch_time()?,
-                owner: client_id.clone(),
+                owner: owner.clone(),
             };
             tasks.spawn(daily.run(ingestor.clone(), store.clone(), clock, shutdown.clone()));
         }
@@ -233,8 +235,13 @@ impl Core {
         })
     }
 
-    /// The sweeper over these parts, holding its lease as `owner`.
-    pub fn sweeper(&self, config: &CloudConfig, clock: &Arc<dyn Clock>, owner: String) -> Sweeper {
+    /// The sweeper over these parts, holding its lease as `owner` (if it shares the work).
+    pub fn sweeper(
+        &self,
+        config: &CloudConfig,
+        clock: &Arc<dyn Clock>,
+        owner: Option<String>,
+    ) -> Sweeper {
         Sweeper {
             store: self.store.clone(),
             publisher: self.publisher.clone(),

@@ -30,8 +30,8 @@ pub struct DailyFetch {
     pub timezone: TimeZone,
     /// Local time of the fetch.
     pub at: Time,
-    /// This instance, as a lease holder.
-    pub owner: String,
+    /// This instance, as a lease holder; `None` when it runs alone.
+    pub owner: Option<String>,
 }
 
 /// What one look at the daily fetch did.
@@ -124,14 +124,18 @@ impl DailyFetch {
             return Ok(Step::NotYet);
         }
         let lease = ingest_lease(tomorrow);
-        if !store.lease(&lease, &self.owner, lease_until, now).await? {
+        if let Some(owner) = &self.owner
+            && !store.lease(&lease, owner, lease_until, now).await?
+        {
             info!(schedule_date = %tomorrow, "daily fetch: another instance holds it");
             return Ok(Step::Held);
         }
         info!(schedule_date = %tomorrow, "daily fetch");
         let fetched = ingestor.fetch(tomorrow).await;
         // Given back either way: after a failure any instance may retry at once.
-        if let Err(e) = store.release(&lease, &self.owner).await {
+        if let Some(owner) = &self.owner
+            && let Err(e) = store.release(&lease, owner).await
+        {
             warn!(error = %e, "daily fetch lease not released; it expires");
         }
         fetched?;
@@ -170,7 +174,7 @@ pub async fn replay_interrupted(
     ingestor: Arc<Ingestor>,
     store: Arc<dyn CommandStore>,
     clock: Arc<dyn Clock>,
-    owner: String,
+    owner: Option<String>,
 ) {
     let interrupted = match store.interrupted_ingestions().await {
         Ok(runs) => runs,
@@ -182,10 +186,15 @@ pub async fn replay_interrupted(
     for run in interrupted {
         let lease = ingest_lease(run.schedule_date);
         let now = clock.now();
-        match store
-            .lease(&lease, &owner, now + clock.clock_duration(LEASE), now)
-            .await
-        {
+        let held = match &owner {
+            Some(owner) => {
+                store
+                    .lease(&lease, owner, now + clock.clock_duration(LEASE), now)
+                    .await
+            }
+            None => Ok(true),
+        };
+        match held {
             Ok(true) => {}
             Ok(false) => {
                 info!(schedule_date = %run.schedule_date, "interrupted ingestion held by another instance");
@@ -200,7 +209,9 @@ pub async fn replay_interrupted(
         if let Err(e) = ingestor.replay(&run).await {
             warn!(schedule_date = %run.schedule_date, error = %e, "replay failed");
         }
-        if let Err(e) = store.release(&lease, &owner).await {
+        if let Some(owner) = &owner
+            && let Err(e) = store.release(&lease, owner).await
+        {
             warn!(error = %e, "replay lease not released; it expires");
         }
     }
@@ -214,7 +225,7 @@ mod tests {
         DailyFetch {
             timezone: TimeZone::get("Europe/London").unwrap(),
             at: Time::constant(16, 0, 0, 0),
-            owner: "test".into(),
+            owner: None,
         }
     }
 

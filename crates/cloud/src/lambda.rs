@@ -201,14 +201,15 @@ impl LambdaService {
         let transport = Arc::new(IotDataPlane::connect(endpoint).await?);
         let store = open_store(&config.store_url()).await?;
         let core = Core::build(&config, &clock, transport, store).await?;
-        let sweeper = core.sweeper(&config, &clock, owner.clone());
+        // Concurrent invocations are instances that share the work.
+        let sweeper = core.sweeper(&config, &clock, Some(owner.clone()));
         let daily = (core.ingestor.can_fetch() && config.daily_fetch)
             .then(|| -> Result<_, CloudError> {
                 Ok((
                     DailyFetch {
                         timezone: core.timezone.clone(),
                         at: config.fetch_time()?,
-                        owner,
+                        owner: Some(owner),
                     },
                     core.ingestor.clone(),
                 ))

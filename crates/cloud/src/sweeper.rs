@@ -40,8 +40,9 @@ pub struct Sweeper {
     pub ack_timeout: SignedDuration,
     /// Counts late and expired commands, and resends.
     pub metrics: Arc<Metrics>,
-    /// This instance, as a lease holder.
-    pub owner: String,
+    /// This instance, as a lease holder; `None` when it runs alone and needs no lease
+    /// (restarted under a new name, it would otherwise wait out its own old one).
+    pub owner: Option<String>,
 }
 
 impl Sweeper {
@@ -64,10 +65,8 @@ impl Sweeper {
     pub async fn sweep_once(&self) -> Result<(), CloudError> {
         let now = self.clock.now();
         let until = now + self.clock.clock_duration(LEASE);
-        if !self
-            .store
-            .lease(LEASE_NAME, &self.owner, until, now)
-            .await?
+        if let Some(owner) = &self.owner
+            && !self.store.lease(LEASE_NAME, owner, until, now).await?
         {
             return Ok(());
         }
@@ -173,7 +172,7 @@ mod tests {
             clock: clock.clone(),
             ack_timeout: SignedDuration::from_secs(5),
             metrics: Arc::new(Metrics::new()),
-            owner: owner.into(),
+            owner: Some(owner.into()),
         };
         let (a, b) = (sweeper("a"), sweeper("b"));
         let resends = || sent.0.lock().unwrap().len();

@@ -154,6 +154,29 @@ async fn versions_by_content(store: &dyn CommandStore) {
     assert!(matches!(other, Insert::Created { version: 1, .. }));
 }
 
+async fn lists_commands_by_device_by_date_or_all(store: &dyn CommandStore) {
+    let (a1, _) = create(store, "d1", 10).await;
+    let (a2, _) = create(store, "d1", 20).await;
+    let (b1, _) = create(store, "d2", 10).await;
+    let ids = |list: Vec<max300_cloud::store::CommandSummary>| {
+        let mut ids: Vec<MessageId> = list.into_iter().map(|c| c.message_id).collect();
+        ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+        ids
+    };
+    let mut all = vec![a1.clone(), a2.clone(), b1];
+    all.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    // Every command once, and nothing that is not a command.
+    assert_eq!(ids(store.commands(None, None).await.unwrap()), all);
+    let date = crate::day().date();
+    assert_eq!(ids(store.commands(None, Some(date)).await.unwrap()), all);
+    let d1 = DeviceId::parse("d1").unwrap();
+    let mut mine = vec![a1, a2];
+    mine.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(ids(store.commands(Some(&d1), None).await.unwrap()), mine);
+    let other_day = date.tomorrow().unwrap();
+    assert_eq!(store.commands(None, Some(other_day)).await.unwrap(), []);
+}
+
 async fn rebuilds_the_published_message(store: &dyn CommandStore) {
     let (id, _) = create(store, "d1", 10).await;
     let msg = store.schedule_message(&id).await.unwrap().unwrap();
@@ -775,6 +798,7 @@ macro_rules! contract {
     ($module:ident, $store:expr $(, { $($extra:item)* })?) => {
         contract!(@rules $module, $store, [$($($extra)*)?], [
             versions_by_content,
+            lists_commands_by_device_by_date_or_all,
             rebuilds_the_published_message,
             walks_the_lifecycle_and_applies_each_message_once,
             a_report_implies_the_ack,
