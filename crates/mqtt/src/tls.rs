@@ -110,6 +110,70 @@ pub fn explain(error: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    /// A TLS server on a loopback port that completes one handshake and tells which ALPN
+    /// protocol was agreed: AWS IoT Core on port 443 takes MQTT only with `x-amzn-mqtt-ca`.
+    fn alpn_seen_by_a_server(alpn: Option<&str>) -> Option<Vec<u8>> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        use rustls::pki_types::PrivatePkcs8KeyDer;
+
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            )
+            .unwrap();
+        server.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        let files = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            alpn: alpn.into_iter().map(String::from).collect(),
+            ..TlsFiles::default()
+        };
+        let client = std::thread::spawn(move || {
+            let mut conn =
+                rustls::ClientConnection::new(files.client_config().unwrap(), addr.ip().into())
+                    .unwrap();
+            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+            while conn.is_handshaking() {
+                conn.complete_io(&mut tcp).unwrap();
+            }
+        });
+        let (mut tcp, _) = listener.accept().unwrap();
+        let mut conn = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        client.join().unwrap();
+        conn.alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    #[test]
+    fn offers_the_configured_alpn_protocol_in_the_handshake() {
+        assert_eq!(
+            alpn_seen_by_a_server(Some("x-amzn-mqtt-ca")),
+            Some(b"x-amzn-mqtt-ca".to_vec())
+        );
+        assert_eq!(alpn_seen_by_a_server(None), None);
+    }
+
     #[test]
     fn a_missing_ca_file_is_named() {
         let files = TlsFiles {
