@@ -121,6 +121,9 @@ impl<'a> From<&'a Delivered> for Received<'a> {
     }
 }
 
+/// Receipts and answers published at once for messages delivered without a session.
+const DELIVERED_AT_ONCE: usize = 16;
+
 /// The most queued device messages handled (and their acks committed) together.
 const FEEDBACK_BATCH: usize = 256;
 
@@ -251,13 +254,17 @@ impl Feedback {
     pub async fn handle_delivered(&mut self, batch: &[Delivered]) {
         self.apply(batch.iter().map(Received::from).collect()).await;
         if let Some(rx) = self.outbound_rx.as_mut() {
-            let mut queued = Vec::new();
+            // Each is an HTTPS request of its own: a batch's receipts go out a few at a time,
+            // not one after another.
+            let mut sending = tokio::task::JoinSet::new();
             while let Ok(out) = rx.try_recv() {
-                queued.push(out);
+                if sending.len() >= DELIVERED_AT_ONCE {
+                    sending.join_next().await;
+                }
+                let publisher = self.publisher.clone();
+                sending.spawn(async move { deliver(&publisher, out).await });
             }
-            for out in queued {
-                deliver(&self.publisher, out).await;
-            }
+            sending.join_all().await;
         }
     }
 
