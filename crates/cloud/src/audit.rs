@@ -130,8 +130,7 @@ fn s3(rest: &str) -> Result<Audit, CloudError> {
             Some(("endpoint", url)) => {
                 builder = builder
                     .with_endpoint(url)
-                    .with_allow_http(url.starts_with("http://"))
-                    .with_virtual_hosted_style_request(false);
+                    .with_allow_http(url.starts_with("http://"));
             }
             Some(("region", region)) => builder = builder.with_region(region),
             _ => {

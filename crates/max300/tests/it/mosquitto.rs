@@ -317,21 +317,7 @@ async fn the_day_runs_over_mosquitto_with_mutual_tls() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs mosquitto and moto_server; .ci/run installs them"]
 async fn the_day_runs_on_dynamodb_and_s3_over_mosquitto_with_mutual_tls() {
-    let m = Mosquitto::start();
-    let aws = Aws::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let mqtt = format!("mqtts://127.0.0.1:{}", m.port);
-    play_a_day(
-        logs.path(),
-        &mqtt,
-        Day {
-            tls: Some(Tls { dir: &m.pki }),
-            cloud_env: aws.env(),
-            ..Day::default()
-        },
-    )
-    .await;
-    check_the_day_in_aws(&aws).await;
+    play_a_day_on_aws(1, false).await;
 }
 
 /// Two cloud instances on one table and one broker, sharing the feedback; one is killed
@@ -340,6 +326,11 @@ async fn the_day_runs_on_dynamodb_and_s3_over_mosquitto_with_mutual_tls() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs mosquitto and moto_server; .ci/run installs them"]
 async fn two_cloud_instances_share_a_day_and_one_dies_mid_day() {
+    play_a_day_on_aws(2, true).await;
+}
+
+/// A day over mosquitto with mutual TLS, with `clouds` instances on DynamoDB and S3.
+async fn play_a_day_on_aws(clouds: usize, kill_one_mid_day: bool) {
     let m = Mosquitto::start();
     let aws = Aws::start().await;
     let logs = tempfile::tempdir().unwrap();
@@ -350,8 +341,8 @@ async fn two_cloud_instances_share_a_day_and_one_dies_mid_day() {
         Day {
             tls: Some(Tls { dir: &m.pki }),
             cloud_env: aws.env(),
-            clouds: 2,
-            kill_one_mid_day: true,
+            clouds,
+            kill_one_mid_day,
             ..Day::default()
         },
     )
