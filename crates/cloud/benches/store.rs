@@ -11,8 +11,10 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use jiff::civil::{Date, date};
 use jiff::{SignedDuration, Timestamp, ToSpan};
-use max300_cloud::SqliteStore;
+use std::sync::Arc;
+
 use max300_cloud::store::{CommandStore, Insert, NewCommand, Recorded};
+use max300_cloud::{Ledger, Policy, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
 use max300_protocol::{
     DEFAULT_TIMEZONE, Day, DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint, StoreId,
@@ -33,6 +35,12 @@ fn noon() -> Timestamp {
     "2026-11-30T12:00:00Z".parse().unwrap()
 }
 
+/// Records a publish of each.
+async fn mark_sent(ledger: &Ledger, ids: &[MessageId]) {
+    let loaded = ledger.publishable(ids, eve()).await.unwrap();
+    ledger.published(loaded, eve()).await.unwrap();
+}
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -42,7 +50,7 @@ fn runtime() -> Runtime {
 
 /// A store in its own temp dir with [`DEVICES`] registered devices.
 struct Fixture {
-    store: SqliteStore,
+    store: Ledger,
     devices: Vec<DeviceId>,
     _dir: TempDir,
 }
@@ -65,7 +73,7 @@ impl Fixture {
         rt.block_on(store.register_devices(&devices, eve()))
             .unwrap();
         Fixture {
-            store,
+            store: Ledger::new(Arc::new(store), Policy::default()),
             devices,
             _dir: dir,
         }
@@ -77,13 +85,10 @@ impl Fixture {
         rt.block_on(async {
             let inserted = self
                 .store
-                .insert_commands(std::slice::from_ref(&command), eve())
+                .insert_commands(std::slice::from_ref(&command), eve(), None)
                 .await;
             assert!(matches!(inserted.unwrap()[..], [Insert::Created { .. }]));
-            self.store
-                .mark_sent(std::slice::from_ref(&command.message_id), eve())
-                .await
-                .unwrap();
+            mark_sent(&self.store, std::slice::from_ref(&command.message_id)).await;
         });
         command
     }
@@ -179,7 +184,8 @@ fn insert(c: &mut Criterion) {
                         .collect::<Vec<_>>()
                 },
                 |commands| {
-                    let inserted = rt.block_on(fixture.store.insert_commands(&commands, eve()));
+                    let inserted =
+                        rt.block_on(fixture.store.insert_commands(&commands, eve(), None));
                     assert_eq!(inserted.unwrap().len(), DEVICES);
                 },
                 BatchSize::PerIteration,
@@ -267,11 +273,11 @@ fn reads(c: &mut Criterion) {
                 .collect();
             fixture
                 .store
-                .insert_commands(&commands, eve())
+                .insert_commands(&commands, eve(), None)
                 .await
                 .unwrap();
             let ids: Vec<MessageId> = commands.iter().map(|c| c.message_id.clone()).collect();
-            fixture.store.mark_sent(&ids, eve()).await.unwrap();
+            mark_sent(&fixture.store, &ids).await;
             for command in &commands {
                 fixture
                     .store

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::SignedDuration;
 use jiff::tz::TimeZone;
 use max300_mqtt::{BrokerUrl, Session, SessionConfig};
 use max300_protocol::day::time_zone;
@@ -20,6 +19,7 @@ use crate::audit::Audit;
 use crate::daily::{DailyFetch, replay_interrupted};
 use crate::feedback::Feedback;
 use crate::ingest::Ingestor;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::{Publisher, Transport};
@@ -75,12 +75,19 @@ impl Cloud {
         session_config.channel_capacity = 4096;
         session_config.tls = config.tls();
         let (session, events) = max300_mqtt::connect(session_config, shutdown.clone())?;
-        let core = Core::build(&config, &clock, Arc::new(session.clone()), store).await?;
         // Leases only matter between instances that share the work.
         let owner = config.shared_group.is_some().then(|| client_id.clone());
-        let sweeper = core.sweeper(&config, &clock, owner.clone());
-        let Core {
+        let core = Core::build(
+            &config,
+            &clock,
+            Arc::new(session.clone()),
             store,
+            owner.clone(),
+        )
+        .await?;
+        let sweeper = core.sweeper(&clock, owner.clone());
+        let Core {
+            ledger,
             publisher,
             ingestor,
             metrics,
@@ -88,6 +95,7 @@ impl Cloud {
             state,
             max_bytes,
         } = core;
+        let store = ledger.store().clone();
 
         let listener = tokio::net::TcpListener::bind(config.http_addr()?)
             .await
@@ -107,7 +115,7 @@ impl Cloud {
             }
         });
         let feedback = Feedback::new(
-            store.clone(),
+            ledger.clone(),
             publisher.clone(),
             clock.clone(),
             timezone.clone(),
@@ -117,12 +125,26 @@ impl Cloud {
         tasks.spawn(feedback.run(events, shutdown.clone()));
         tasks.spawn(sweeper.run(shutdown.clone()));
         // Runs interrupted by a crash are run again, from their raw documents.
-        tasks.spawn(replay_interrupted(
+        let (replayer, replay_store, replay_clock, replay_zone, replay_owner) = (
             ingestor.clone(),
             store.clone(),
             clock.clone(),
+            timezone.clone(),
             owner.clone(),
-        ));
+        );
+        tasks.spawn(async move {
+            let replayed = replay_interrupted(
+                &replayer,
+                &replay_store,
+                &replay_clock,
+                &replay_zone,
+                replay_owner.as_deref(),
+            )
+            .await;
+            if let Err(e) = replayed {
+                warn!(error = %e, "interrupted ingestions not replayed");
+            }
+        });
         if ingestor.can_fetch() && config.daily_fetch {
             let daily = DailyFetch {
                 timezone,
@@ -151,7 +173,7 @@ impl Cloud {
 /// What the long-running service and the Lambda function share: the stores, publishing,
 /// ingestion and the API's state, built from one config.
 pub(crate) struct Core {
-    pub store: Arc<dyn CommandStore>,
+    pub ledger: Ledger,
     pub publisher: Publisher,
     pub ingestor: Arc<Ingestor>,
     pub metrics: Arc<Metrics>,
@@ -161,12 +183,14 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Registers the config's devices in `store` and builds the rest around it.
+    /// Registers the config's devices in `store` and builds the rest around it; `owner` is
+    /// this instance as a lease holder, when several share the work.
     pub async fn build(
         config: &CloudConfig,
         clock: &Arc<dyn Clock>,
         transport: Arc<dyn Transport>,
         store: Arc<dyn CommandStore>,
+        owner: Option<String>,
     ) -> Result<Core, CloudError> {
         let timezone = time_zone(&config.timezone)
             .map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
@@ -177,10 +201,11 @@ impl Core {
             store.register_device(&d.device_id, max, now).await?;
         }
         let metrics = Arc::new(Metrics::new());
+        let ledger = Ledger::new(store.clone(), config.policy(&**clock));
         let publisher = Publisher::new(
             transport,
             Topics::new(config.topic_root.clone()),
-            store.clone(),
+            ledger.clone(),
             clock.clone(),
             metrics.clone(),
         );
@@ -198,7 +223,7 @@ impl Core {
             })
             .transpose()?;
         let ingestor = Arc::new(Ingestor::new(
-            store.clone(),
+            ledger.clone(),
             audit,
             publisher.clone(),
             clock.clone(),
@@ -208,9 +233,11 @@ impl Core {
             provider,
             config.pack()?,
             metrics.clone(),
+            owner,
         ));
         let state = Arc::new(ApiState {
             store: store.clone(),
+            ledger: ledger.clone(),
             ingestor: ingestor.clone(),
             publisher: publisher.clone(),
             clock: clock.clone(),
@@ -225,7 +252,7 @@ impl Core {
             metrics: metrics.clone(),
         });
         Ok(Core {
-            store,
+            ledger,
             publisher,
             ingestor,
             metrics,
@@ -236,19 +263,11 @@ impl Core {
     }
 
     /// The sweeper over these parts, holding its lease as `owner` (if it shares the work).
-    pub fn sweeper(
-        &self,
-        config: &CloudConfig,
-        clock: &Arc<dyn Clock>,
-        owner: Option<String>,
-    ) -> Sweeper {
+    pub fn sweeper(&self, clock: &Arc<dyn Clock>, owner: Option<String>) -> Sweeper {
         Sweeper {
-            store: self.store.clone(),
+            ledger: self.ledger.clone(),
             publisher: self.publisher.clone(),
             clock: clock.clone(),
-            ack_timeout: SignedDuration::from_secs(
-                i64::try_from(config.ack_timeout_s).unwrap_or(i64::MAX),
-            ),
             metrics: self.metrics.clone(),
             owner,
         }

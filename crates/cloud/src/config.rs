@@ -66,6 +66,9 @@ pub struct CloudConfig {
     pub heartbeat_interval_s: u64,
     /// First resend delay for an unacknowledged command, clock seconds.
     pub ack_timeout_s: u64,
+    /// How long reports are kept, in days of clock time: a report of a period older than
+    /// this is refused.
+    pub retention_days: u64,
     /// Usable capacity of a unit, kWh, for the feasibility estimate at ingestion.
     pub capacity_kwh: f64,
     /// The units' lower SoC limit, percent (as the agents' `soc_min_pct`).
@@ -156,6 +159,7 @@ impl CloudConfig {
             "auto_register",
             "heartbeat_interval_s",
             "ack_timeout_s",
+            "retention_days",
             "capacity_kwh",
             "soc_min_pct",
             "soc_max_pct",
@@ -193,6 +197,12 @@ impl CloudConfig {
         }
         if self.ack_timeout_s == 0 {
             return bad("ack_timeout_s", "must be at least 1".into());
+        }
+        if !(1..=36_500).contains(&self.retention_days) {
+            return bad(
+                "retention_days",
+                format!("{} is not within 1..=36500", self.retention_days),
+            );
         }
         if self.heartbeat_interval_s == 0 {
             return bad("heartbeat_interval_s", "must be at least 1".into());
@@ -306,6 +316,17 @@ impl CloudConfig {
         self.store
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("cloud.sqlite").display()))
+    }
+
+    /// The lifecycle's timing: the resend backoff from `ack_timeout_s` (never under 2 s of
+    /// real time at the clock's speed) and the report retention window.
+    pub fn policy(&self, clock: &dyn max300_protocol::Clock) -> crate::Policy {
+        let secs = |s: u64| jiff::SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
+        crate::Policy {
+            ack_timeout: secs(self.ack_timeout_s),
+            floor: clock.clock_duration(std::time::Duration::from_secs(2)),
+            retention: secs(self.retention_days.saturating_mul(86_400)),
+        }
     }
 
     /// The audit URL, defaulting into the data dir.

@@ -15,13 +15,9 @@ use max300_protocol::Clock;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::ingest::Ingestor;
+use crate::ingest::{Ingestor, LEASE, ingest_lease};
+use crate::store::{Fence, Interrupted};
 use crate::{CloudError, CommandStore};
-
-/// How long, in real time, a date's fetch is held by the instance that took it. A fetch that
-/// takes longer may be run again by another instance, which is safe (the same content
-/// creates no new commands), only wasteful; an instance that died gives it up after this.
-const LEASE: Duration = Duration::from_secs(120);
 
 /// When to fetch.
 #[derive(Clone, Debug)]
@@ -124,14 +120,22 @@ impl DailyFetch {
             return Ok(Step::NotYet);
         }
         let lease = ingest_lease(tomorrow);
-        if let Some(owner) = &self.owner
-            && !store.lease(&lease, owner, lease_until, now).await?
-        {
-            info!(schedule_date = %tomorrow, "daily fetch: another instance holds it");
-            return Ok(Step::Held);
-        }
+        let fence = match &self.owner {
+            Some(owner) => match store.lease(&lease, owner, lease_until, now).await? {
+                Some(token) => Some(Fence {
+                    name: lease.clone(),
+                    owner: owner.clone(),
+                    token,
+                }),
+                None => {
+                    info!(schedule_date = %tomorrow, "daily fetch: another instance holds it");
+                    return Ok(Step::Held);
+                }
+            },
+            None => None,
+        };
         info!(schedule_date = %tomorrow, "daily fetch");
-        let fetched = ingestor.fetch(tomorrow).await;
+        let fetched = ingestor.fetch(tomorrow, fence).await;
         // Given back either way: after a failure any instance may retry at once.
         if let Some(owner) = &self.owner
             && let Err(e) = store.release(&lease, owner).await
@@ -162,59 +166,71 @@ impl DailyFetch {
     }
 }
 
-/// The lease a date's ingestion is run under, fetched or replayed.
-fn ingest_lease(date: jiff::civil::Date) -> String {
-    format!("ingest:{date}")
-}
-
 /// Runs again, from their raw documents, the ingestions that started and never finished (the
-/// service stopped in the middle). A run that another instance is in the middle of is under
-/// its date's lease, and left to it.
+/// service stopped in the middle); says how many it settled (replayed or closed). A run that a later run of its date has overtaken, or
+/// whose date is over, is closed instead: replaying it could only put an older document over
+/// a newer one. A run another instance is in the middle of is under its date's lease, and
+/// left to it; a replay holds the lease, fenced, so it never commits over a newer holder.
 pub async fn replay_interrupted(
-    ingestor: Arc<Ingestor>,
-    store: Arc<dyn CommandStore>,
-    clock: Arc<dyn Clock>,
-    owner: Option<String>,
-) {
-    let interrupted = match store.interrupted_ingestions().await {
-        Ok(runs) => runs,
-        Err(e) => {
-            warn!(error = %e, "cannot list interrupted ingestions");
-            return;
-        }
-    };
-    for run in interrupted {
-        let lease = ingest_lease(run.schedule_date);
+    ingestor: &Ingestor,
+    store: &Arc<dyn CommandStore>,
+    clock: &Arc<dyn Clock>,
+    timezone: &TimeZone,
+    owner: Option<&str>,
+) -> Result<usize, CloudError> {
+    let mut settled = 0;
+    for run in store.interrupted_ingestions().await? {
         let now = clock.now();
-        let held = match &owner {
+        if let Some(why) = stale(&run, now, timezone)? {
+            info!(schedule_date = %run.schedule_date, audit_key = %run.audit_key, reason = %why, "interrupted ingestion closed, not replayed");
+            store
+                .finish_ingestion(run.id, Err(format!("not replayed: {why}")), now)
+                .await?;
+            settled += 1;
+            continue;
+        }
+        let lease = ingest_lease(run.schedule_date);
+        let fence = match owner {
             Some(owner) => {
-                store
-                    .lease(&lease, owner, now + clock.clock_duration(LEASE), now)
-                    .await
+                let until = now + clock.clock_duration(LEASE);
+                match store.lease(&lease, owner, until, now).await? {
+                    Some(token) => Some(Fence {
+                        name: lease.clone(),
+                        owner: owner.to_owned(),
+                        token,
+                    }),
+                    None => {
+                        info!(schedule_date = %run.schedule_date, "interrupted ingestion held by another instance");
+                        continue;
+                    }
+                }
             }
-            None => Ok(true),
+            None => None,
         };
-        match held {
-            Ok(true) => {}
-            Ok(false) => {
-                info!(schedule_date = %run.schedule_date, "interrupted ingestion held by another instance");
-                continue;
-            }
-            Err(e) => {
-                warn!(schedule_date = %run.schedule_date, error = %e, "replay not started");
-                continue;
-            }
-        }
         info!(schedule_date = %run.schedule_date, audit_key = %run.audit_key, "replaying an interrupted ingestion");
-        if let Err(e) = ingestor.replay(&run).await {
-            warn!(schedule_date = %run.schedule_date, error = %e, "replay failed");
+        match ingestor.replay(&run, fence).await {
+            Ok(_) => settled += 1,
+            Err(e) => warn!(schedule_date = %run.schedule_date, error = %e, "replay failed"),
         }
-        if let Some(owner) = &owner
+        if let Some(owner) = owner
             && let Err(e) = store.release(&lease, owner).await
         {
             warn!(error = %e, "replay lease not released; it expires");
         }
     }
+    Ok(settled)
+}
+
+/// Why an interrupted run must not be replayed at `now`, if so.
+fn stale(run: &Interrupted, now: Timestamp, tz: &TimeZone) -> Result<Option<String>, CloudError> {
+    if run.overtaken {
+        return Ok(Some(format!(
+            "a later ingestion of {} has finished",
+            run.schedule_date
+        )));
+    }
+    let day = max300_protocol::Day::new(run.schedule_date, tz.clone())?;
+    Ok((now >= day.end()).then(|| format!("{} is over", run.schedule_date)))
 }
 
 #[cfg(test)]

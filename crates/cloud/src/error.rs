@@ -20,6 +20,9 @@ pub enum CloudError {
     /// A document was rejected whole.
     #[error(transparent)]
     Document(#[from] max300_protocol::ProtocolError),
+    /// A write under a lease that another holder has taken since: refused, nothing written.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// Another ingestion for the same service is running.
     #[error("an ingestion run is already in progress")]
     Busy,

@@ -17,12 +17,13 @@ use max300_protocol::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug, info, info_span, warn};
+use tracing::{Span, debug, info, info_span, warn};
 
+use crate::CloudError;
+use crate::ledger::Ledger;
 use crate::metrics::{Metrics, Outcome};
 use crate::publish::Publisher;
 use crate::store::Recorded;
-use crate::{CloudError, CommandStore};
 
 /// A per-device token bucket on inbound messages (real time), so one flooding device is
 /// throttled and counted while the others go on. Pure: the caller passes the instant.
@@ -131,10 +132,22 @@ const FEEDBACK_BATCH: usize = 256;
 /// dropped receipt only means the device sends again.
 const OUTBOUND_CAPACITY: usize = 20_000;
 
+/// How long a device found unregistered is refused without asking the store again (real
+/// time). Its messages are not receipted, so its outbox keeps them: a device that an
+/// ingestion or an operator registers meanwhile is heard from at most this much later, and
+/// loses nothing.
+const STRANGER_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A device message applied with the rest of its batch, with its span.
+enum Batched {
+    Ack(AckMsg, Span),
+    Report(ReportMsg, Span),
+}
+
 /// Handles device messages.
 #[derive(Debug)]
 pub struct Feedback {
-    store: Arc<dyn CommandStore>,
+    ledger: Ledger,
     publisher: Publisher,
     outbound: mpsc::Sender<Outbound>,
     outbound_rx: Option<mpsc::Receiver<Outbound>>,
@@ -144,6 +157,8 @@ pub struct Feedback {
     known: HashSet<DeviceId>,
     /// Whether `known` was filled from the store yet.
     known_loaded: bool,
+    /// Devices found unregistered, refused until the instant given.
+    strangers: HashMap<DeviceId, Instant>,
     metrics: Arc<Metrics>,
     limit: RateLimit,
     throttled: u64,
@@ -152,7 +167,7 @@ pub struct Feedback {
 impl Feedback {
     /// A consumer.
     pub fn new(
-        store: Arc<dyn CommandStore>,
+        ledger: Ledger,
         publisher: Publisher,
         clock: Arc<dyn Clock>,
         timezone: TimeZone,
@@ -161,7 +176,7 @@ impl Feedback {
     ) -> Feedback {
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         Feedback {
-            store,
+            ledger,
             publisher,
             outbound,
             outbound_rx: Some(outbound_rx),
@@ -170,6 +185,7 @@ impl Feedback {
             auto_register,
             known: HashSet::new(),
             known_loaded: false,
+            strangers: HashMap::new(),
             metrics,
             limit: RateLimit::new(200.0, 1000.0),
             throttled: 0,
@@ -216,18 +232,9 @@ impl Feedback {
                 },
             };
             match event {
-                Event::Connected => {
-                    // Commands committed but never published (a crash between commit and
-                    // publish) go out now.
-                    match self.store.unsent().await {
-                        Ok(ids) if !ids.is_empty() => {
-                            info!(count = ids.len(), "publishing commands left unsent");
-                            self.send(Outbound::Stored(ids));
-                        }
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %e, "cannot list unsent commands"),
-                    }
-                }
+                // Commands left unpublished go out with the sweeper's next round, and each
+                // device sends `sync` on its own reconnect: nothing to do here.
+                Event::Connected => {}
                 Event::Disconnected(_) => {}
                 Event::Message(inbound) => {
                     // Whatever else is already queued is handled with it, so its acks are
@@ -236,8 +243,7 @@ impl Feedback {
                     while batch.len() < FEEDBACK_BATCH {
                         match events.try_recv() {
                             Ok(Event::Message(more)) => batch.push(*more),
-                            // Connection events mean nothing to a batch: the next Connected
-                            // lists what is unsent anyway.
+                            // Connection events mean nothing to a batch.
                             Ok(_) => {}
                             Err(_) => break,
                         }
@@ -250,9 +256,10 @@ impl Feedback {
 
     /// Handles messages delivered without a session (a Lambda function's IoT-rule events),
     /// then publishes their receipts and answers before returning: a function may be frozen
-    /// as soon as it returns, so nothing is left queued.
-    pub async fn handle_delivered(&mut self, batch: &[Delivered]) {
-        self.apply(batch.iter().map(Received::from).collect()).await;
+    /// as soon as it returns, so nothing is left queued. Says, in order, which were handled
+    /// (applied or refused for good); the others met a store failure and are worth a retry.
+    pub async fn handle_delivered(&mut self, batch: &[Delivered]) -> Vec<bool> {
+        let handled = self.apply(batch.iter().map(Received::from).collect()).await;
         if let Some(rx) = self.outbound_rx.as_mut() {
             // Each is an HTTPS request of its own: a batch's receipts go out a few at a time,
             // not one after another.
@@ -266,6 +273,7 @@ impl Feedback {
             }
             sending.join_all().await;
         }
+        handled
     }
 
     /// Handles queued messages in order, then PUBACKs them.
@@ -276,41 +284,62 @@ impl Feedback {
         }
     }
 
-    /// Handles messages in order, deferring their acks to one store call.
-    async fn apply(&mut self, batch: Vec<Received<'_>>) {
+    /// Handles messages in order, deferring acks and reports to one store call each. Says, in
+    /// order, which were handled; a store failure leaves the rest to the devices' resends.
+    async fn apply(&mut self, batch: Vec<Received<'_>>) -> Vec<bool> {
+        let mut handled = vec![true; batch.len()];
         let mut acks = Vec::new();
-        for received in batch {
+        let mut reports = Vec::new();
+        for (i, received) in batch.into_iter().enumerate() {
             match self.handle(received).await {
-                Ok(Some(ack)) => acks.push(ack),
+                Ok(Some(Batched::Ack(ack, span))) => acks.push((i, ack, span)),
+                Ok(Some(Batched::Report(report, span))) => reports.push((i, report, span)),
                 Ok(None) => {}
                 // A store failure. No receipt went out, so the device resends from its
                 // outbox; PUBACK anyway, so this message can't hold up the others.
-                Err(e) => warn!(topic = %received.topic, error = %e, "message not handled"),
+                Err(e) => {
+                    handled[i] = false;
+                    warn!(topic = %received.topic, error = %e, "message not handled");
+                }
             }
         }
+        let now = self.clock.now();
         if !acks.is_empty() {
-            let now = self.clock.now();
-            let msgs: Vec<AckMsg> = acks.iter().map(|(ack, _)| ack.clone()).collect();
-            match self.store.record_acks(&msgs, now).await {
+            let msgs: Vec<AckMsg> = acks.iter().map(|(_, ack, _)| ack.clone()).collect();
+            match self.ledger.record_acks(&msgs, now).await {
                 Ok(outcomes) => {
-                    for ((ack, span), outcome) in acks.iter().zip(outcomes) {
+                    for ((_, ack, span), outcome) in acks.iter().zip(outcomes) {
                         let _entered = span.enter();
                         self.acked(ack, outcome);
                     }
                 }
                 Err(e) => {
+                    acks.iter().for_each(|(i, _, _)| handled[*i] = false);
                     warn!(count = acks.len(), error = %e, "acks not recorded: the devices will resend")
                 }
             }
         }
+        if !reports.is_empty() {
+            let msgs: Vec<ReportMsg> = reports.iter().map(|(_, r, _)| r.clone()).collect();
+            match self.ledger.record_reports(&msgs, now).await {
+                Ok(outcomes) => {
+                    for ((_, report, span), outcome) in reports.iter().zip(outcomes) {
+                        let _entered = span.enter();
+                        self.reported(report, outcome);
+                    }
+                }
+                Err(e) => {
+                    reports.iter().for_each(|(i, _, _)| handled[*i] = false);
+                    warn!(count = reports.len(), error = %e, "reports not recorded: the devices will resend")
+                }
+            }
+        }
+        handled
     }
 
-    /// Checks one message and applies it, except an ack, which is returned (with its span)
-    /// to be recorded with the rest of its batch.
-    async fn handle(
-        &mut self,
-        inbound: Received<'_>,
-    ) -> Result<Option<(AckMsg, Span)>, CloudError> {
+    /// Checks one message and applies it, except an ack or a report, which is returned (with
+    /// its span) to be recorded with the rest of its batch.
+    async fn handle(&mut self, inbound: Received<'_>) -> Result<Option<Batched>, CloudError> {
         let kind = inbound.message.map_or("unknown", kind);
         if let Some((device, _)) = inbound.route
             && !self
@@ -353,8 +382,10 @@ impl Feedback {
             return Ok(None);
         }
         if !self.admit(topic_device).await? {
+            // Not receipted: the device may be registered any moment (by the ingestion that
+            // names it), and its outbox keeps what it sent until then. The refusal is cheap
+            // (no store lookup while the miss is cached), counted, and logged once per window.
             self.metrics.inbound(kind, Outcome::UnknownDevice);
-            warn!(device_id = %topic_device, "message from an unregistered device dropped");
             return Ok(None);
         }
         let now = self.clock.now();
@@ -363,7 +394,7 @@ impl Feedback {
                 let span = info_span!(parent: None, "ack", device_id = %ack.device_id, message_id = %ack.message_id, status = ?ack.status);
                 self.continue_trace(&span, ack.traceparent.as_ref(), Some(&ack.message_id))
                     .await;
-                Ok(Some((ack.clone(), span)))
+                Ok(Some(Batched::Ack(ack.clone(), span)))
             }
             Message::Report(report) => {
                 let span = info_span!(
@@ -380,11 +411,10 @@ impl Feedback {
                     report.message_id.as_ref(),
                 )
                 .await;
-                self.report(report, now).instrument(span).await?;
-                Ok(None)
+                Ok(Some(Batched::Report(report.clone(), span)))
             }
             Message::Heartbeat(hb) => {
-                self.store.record_heartbeat(hb, now).await?;
+                self.ledger.store().record_heartbeat(hb, now).await?;
                 self.metrics.inbound(kind, Outcome::Applied);
                 Ok(None)
             }
@@ -403,7 +433,7 @@ impl Feedback {
     ) {
         let traced = trace::set_parent(span, carried);
         if let (true, None, Some(id)) = (traced, carried, command) {
-            match self.store.command_traceparent(id).await {
+            match self.ledger.store().command_traceparent(id).await {
                 Ok(stored) => {
                     trace::set_parent(span, stored.as_ref());
                 }
@@ -416,36 +446,56 @@ impl Feedback {
         if self.known.contains(device) {
             return Ok(true);
         }
+        let store = self.ledger.store().clone();
         if !self.known_loaded {
             // Once, the whole fleet in one query: asked one by one, the first message of each
             // of 10,000 devices would be a store round trip each, in the middle of a burst.
             self.known_loaded = true;
             self.known
-                .extend(self.store.devices().await?.into_iter().map(|d| d.device_id));
+                .extend(store.devices().await?.into_iter().map(|d| d.device_id));
             if self.known.contains(device) {
                 return Ok(true);
             }
         }
-        if self.store.device(device).await?.is_some() {
+        let now = max300_protocol::clock::monotonic();
+        if self.strangers.get(device).is_some_and(|until| now < *until) {
+            // Refused without a store round trip: a stranger can't load the store.
+            return Ok(false);
+        }
+        if store.device(device).await?.is_some() {
             self.known.insert(device.clone());
+            self.strangers.remove(device);
             return Ok(true);
         }
         if self.auto_register {
-            self.store
+            store
                 .register_device(device, None, self.clock.now())
                 .await?;
             info!(device_id = %device, "device registered on its first message");
             self.known.insert(device.clone());
             return Ok(true);
         }
+        // Topic ids come from anyone who can publish: keep the map from growing without end.
+        if self.strangers.len() > 100_000 {
+            self.strangers.clear();
+        }
+        self.strangers.insert(device.clone(), now + STRANGER_TTL);
+        warn!(device_id = %device, not_asked_again_for_s = STRANGER_TTL.as_secs(), "messages from an unregistered device dropped, not receipted: its outbox keeps them");
         Ok(false)
     }
 
     /// What follows a recorded ack: its metrics, its log line and its receipt.
     fn acked(&self, ack: &AckMsg, outcome: Recorded) {
-        self.metrics.inbound("ack", recorded(outcome));
-        if outcome == Recorded::Applied {
-            self.metrics.acked(&ack.message_id);
+        self.metrics.inbound("ack", recorded(&outcome));
+        match &outcome {
+            Recorded::Applied => self.metrics.acked(&ack.message_id),
+            Recorded::Refused(why) => {
+                warn!(device_id = %ack.device_id, message_id = %ack.message_id, reason = %why, "ack refused: nothing changed")
+            }
+            Recorded::UnknownCommand => {
+                warn!(device_id = %ack.device_id, message_id = %ack.message_id, "ack of no command of this device: not kept")
+            }
+            Recorded::Duplicate => {}
         }
         info!(
             device_id = %ack.device_id,
@@ -456,18 +506,20 @@ impl Feedback {
             outcome = ?outcome,
             "ack"
         );
-        self.send(Outbound::Receipt(
-            ack.device_id.clone(),
-            ack.store_id.clone(),
-            ack.seq,
-        ));
+        self.receipt(&ack.device_id, &ack.store_id, ack.seq);
     }
 
-    async fn report(&self, report: &ReportMsg, now: jiff::Timestamp) -> Result<(), CloudError> {
-        let outcome = self.store.record_report(report, now).await?;
-        self.metrics.inbound("report", recorded(outcome));
-        if outcome != Recorded::Duplicate {
-            self.metrics.period_result(report.status.as_str());
+    /// What follows a recorded report: its metrics, its log line and its receipt.
+    fn reported(&self, report: &ReportMsg, outcome: Recorded) {
+        self.metrics.inbound("report", recorded(&outcome));
+        match &outcome {
+            Recorded::Applied | Recorded::UnknownCommand => {
+                self.metrics.period_result(report.status.as_str())
+            }
+            Recorded::Refused(why) => {
+                warn!(device_id = %report.device_id, period = report.period, interval_start = %report.interval_start, reason = %why, "report refused: nothing kept")
+            }
+            Recorded::Duplicate => {}
         }
         debug!(
             device_id = %report.device_id,
@@ -477,17 +529,20 @@ impl Feedback {
             outcome = ?outcome,
             "report"
         );
-        self.send(Outbound::Receipt(
-            report.device_id.clone(),
-            report.store_id.clone(),
-            report.seq,
-        ));
-        Ok(())
+        self.receipt(&report.device_id, &report.store_id, report.seq);
+    }
+
+    fn receipt(&self, device: &DeviceId, store_id: &max300_protocol::StoreId, seq: u64) {
+        self.send(Outbound::Receipt(device.clone(), store_id.clone(), seq));
     }
 
     async fn sync(&self, sync: &SyncMsg) -> Result<(), CloudError> {
         let today = Day::containing(self.clock.now(), &self.timezone)?.date();
-        let current = self.store.current_commands(&sync.device_id, today).await?;
+        let current = self
+            .ledger
+            .store()
+            .current_commands(&sync.device_id, today)
+            .await?;
         let lacking: Vec<_> = current
             .into_iter()
             .filter(|c| {
@@ -521,7 +576,7 @@ async fn deliver(publisher: &Publisher, out: Outbound) {
             publisher.receipt(&device, store_id, vec![seq]).await;
         }
         Outbound::Stored(ids) => {
-            if let Err(e) = publisher.stored(&ids).await {
+            if let Err(e) = publisher.publish(&ids).await {
                 warn!(error = %e, "commands not published");
             }
         }
@@ -539,11 +594,12 @@ fn kind(message: &Message) -> &'static str {
     }
 }
 
-fn recorded(outcome: Recorded) -> Outcome {
+fn recorded(outcome: &Recorded) -> Outcome {
     match outcome {
         Recorded::Applied => Outcome::Applied,
         Recorded::Duplicate => Outcome::Duplicate,
         Recorded::UnknownCommand => Outcome::UnknownCommand,
+        Recorded::Refused(_) => Outcome::Refused,
     }
 }
 

@@ -10,8 +10,7 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use max300_mqtt::trace;
 use max300_protocol::day::period_start_at;
-use max300_protocol::document::{Fleet, normalize};
-use max300_protocol::message::ScheduleMsg;
+use max300_protocol::document::{Fleet, Normalized, normalize};
 use max300_protocol::{Clock, Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -20,18 +19,27 @@ use tracing::{Span, info, info_span, instrument, warn};
 
 use crate::audit::Audit;
 use crate::feasibility::Pack;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::Publisher;
-use crate::store::{IngestionCounts, Insert, Interrupted, NewCommand};
+use crate::store::{Fence, IngestionCounts, Insert, Interrupted, NewCommand};
 use crate::{CloudError, CommandStore};
 
 /// A command this ingestion created, until it is published.
 struct Created {
     message_id: MessageId,
-    version: u32,
     schedule: Schedule,
-    traceparent: Option<max300_protocol::TraceParent>,
+}
+
+/// How long, in real time, a date's ingestion holds the date's lease (several instances on
+/// one store). One that takes longer loses its fence, and its commit is refused rather than
+/// made over a newer one.
+pub(crate) const LEASE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The lease a date's ingestion runs under: fetched, posted or replayed.
+pub(crate) fn ingest_lease(date: Date) -> String {
+    format!("ingest:{date}")
 }
 
 /// One device's command in an ingestion result.
@@ -110,6 +118,7 @@ const PUBLISH_BATCH: usize = 500;
 /// Runs ingestions.
 #[derive(Debug)]
 pub struct Ingestor {
+    ledger: Ledger,
     store: Arc<dyn CommandStore>,
     audit: Audit,
     publisher: Publisher,
@@ -122,13 +131,15 @@ pub struct Ingestor {
     pack: Pack,
     metrics: Arc<Metrics>,
     stage: tokio::sync::watch::Sender<Stage>,
+    /// This instance, as a lease holder, when several share the store.
+    owner: Option<String>,
 }
 
 impl Ingestor {
     /// An ingestor; `provider` enables fetching.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        store: Arc<dyn CommandStore>,
+        ledger: Ledger,
         audit: Audit,
         publisher: Publisher,
         clock: Arc<dyn Clock>,
@@ -138,9 +149,11 @@ impl Ingestor {
         provider: Option<ProviderClient>,
         pack: Pack,
         metrics: Arc<Metrics>,
+        owner: Option<String>,
     ) -> Ingestor {
         Ingestor {
-            store,
+            store: ledger.store().clone(),
+            ledger,
             audit,
             publisher,
             clock,
@@ -152,6 +165,7 @@ impl Ingestor {
             pack,
             metrics,
             stage: tokio::sync::watch::Sender::new(Stage::Idle),
+            owner,
         }
     }
 
@@ -165,9 +179,14 @@ impl Ingestor {
         self.provider.is_some()
     }
 
-    /// Fetches the document for `date` from the provider and ingests it.
+    /// Fetches the document for `date` from the provider and ingests it; under `fence`, the
+    /// date's lease taken before the fetch, when several instances share the store.
     #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %date, source = "fetch"))]
-    pub async fn fetch(&self, date: Date) -> Result<IngestReport, CloudError> {
+    pub async fn fetch(
+        &self,
+        date: Date,
+        fence: Option<Fence>,
+    ) -> Result<IngestReport, CloudError> {
         let provider = self.provider.as_ref().ok_or_else(|| {
             CloudError::Config("provider: not configured, so there is nothing to fetch".into())
         })?;
@@ -176,27 +195,40 @@ impl Ingestor {
         let body = provider.fetch(date).await?;
         let received = self.clock.now();
         let audit_key = self.audit.put_raw(body.clone(), "fetch", received).await?;
-        self.run(body, "fetch", audit_key, Some(date)).await
+        self.run(body, "fetch", audit_key, Some(date), fence).await
     }
 
-    /// Runs an interrupted ingestion again from its raw document. Safe to repeat: content
-    /// already committed is `unchanged`, and commands left `created` are published.
+    /// Runs an interrupted ingestion again from its raw document (under `fence`, as
+    /// [`Ingestor::fetch`]). Safe to repeat: content already committed is `unchanged`, and
+    /// commands left `created` are published by the sweeper. The caller has checked that no
+    /// later run of the date has finished and the date is not over.
     #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %run.schedule_date, source = %run.source, replay = true))]
-    pub async fn replay(&self, run: &Interrupted) -> Result<IngestReport, CloudError> {
+    pub async fn replay(
+        &self,
+        run: &Interrupted,
+        fence: Option<Fence>,
+    ) -> Result<IngestReport, CloudError> {
         let _guard = self.running.lock().await;
-        let body = self.audit.get(&run.audit_key).await?;
-        let report = self
-            .run(
-                body,
-                &run.source,
-                run.audit_key.clone(),
-                Some(run.schedule_date),
-            )
-            .await;
+        let report = match self.audit.get(&run.audit_key).await {
+            Ok(body) => {
+                self.run(
+                    body,
+                    &run.source,
+                    run.audit_key.clone(),
+                    Some(run.schedule_date),
+                    fence,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         // The replay recorded its own run; close the interrupted one either way.
-        let counts = report.as_ref().map(counts).unwrap_or_default();
+        let outcome = match &report {
+            Ok(r) => Ok(counts(r)),
+            Err(e) => Err(format!("replay failed: {e}")),
+        };
         self.store
-            .finish_ingestion(run.id, counts, self.clock.now())
+            .finish_ingestion(run.id, outcome, self.clock.now())
             .await?;
         report
     }
@@ -207,7 +239,7 @@ impl Ingestor {
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         let received = self.clock.now();
         let audit_key = self.audit.put_raw(body.clone(), "post", received).await?;
-        self.run(body, "post", audit_key, None).await
+        self.run(body, "post", audit_key, None, None).await
     }
 
     async fn run(
@@ -216,9 +248,10 @@ impl Ingestor {
         source: &str,
         audit_key: String,
         want: Option<Date>,
+        fence: Option<Fence>,
     ) -> Result<IngestReport, CloudError> {
         self.stage.send_replace(Stage::Normalizing);
-        let report = self.run_once(body, source, audit_key, want).await;
+        let report = self.run_once(body, source, audit_key, want, fence).await;
         self.stage.send_replace(Stage::Done);
         match &report {
             Ok(_) => self.metrics.ingestion(source, "ok"),
@@ -233,6 +266,7 @@ impl Ingestor {
         source: &str,
         audit_key: String,
         want: Option<Date>,
+        fence: Option<Fence>,
     ) -> Result<IngestReport, CloudError> {
         let received = self.clock.now();
         let fleet = self.fleet().await?;
@@ -258,12 +292,73 @@ impl Ingestor {
             )));
         }
         drop(body);
-        // From here a crash leaves the run open; it is replayed at start-up.
+        // A POST takes the date's lease here, as the daily fetch did before fetching: of
+        // several instances, one ingests a date at a time.
+        let (fence, taken) = match (fence, &self.owner) {
+            (Some(fence), _) => (Some(fence), false),
+            (None, Some(owner)) => {
+                let name = ingest_lease(date);
+                let until = received + self.clock.clock_duration(LEASE);
+                match self.store.lease(&name, owner, until, received).await? {
+                    Some(token) => (
+                        Some(Fence {
+                            name,
+                            owner: owner.clone(),
+                            token,
+                        }),
+                        true,
+                    ),
+                    None => return Err(CloudError::Busy),
+                }
+            }
+            (None, None) => (None, false),
+        };
+        // From here a crash leaves the run open (it is replayed at start-up), and any error
+        // closes it as failed, so a replay can never bring back what a later run replaced.
         let run_id = self
             .store
             .begin_ingestion(date, source, &audit_key, received)
             .await?;
+        let result = self
+            .commit_and_publish(normalized, &fleet, received, fence.as_ref())
+            .await;
+        let outcome = match &result {
+            Ok(report) => Ok(counts(report)),
+            Err(e) => Err(e.to_string()),
+        };
+        let closed = self
+            .store
+            .finish_ingestion(run_id, outcome, self.clock.now())
+            .await;
+        if let (true, Some(fence)) = (taken, &fence)
+            && let Err(e) = self.store.release(&fence.name, &fence.owner).await
+        {
+            warn!(error = %e, "ingestion lease not released; it expires");
+        }
+        let report = result?;
+        closed?;
+        info!(
+            schedule_date = %date,
+            source,
+            audit_key = %audit_key,
+            accepted = report.accepted.len(),
+            unchanged = report.unchanged.len(),
+            rejected = report.rejected.len(),
+            "ingestion finished"
+        );
+        Ok(report)
+    }
 
+    /// Everything an ingestion does once its run is recorded: commit, keep the rejections,
+    /// publish.
+    async fn commit_and_publish(
+        &self,
+        normalized: Normalized,
+        fleet: &Fleet,
+        received: Timestamp,
+        fence: Option<&Fence>,
+    ) -> Result<IngestReport, CloudError> {
+        let date = normalized.day.date();
         let newcomers: Vec<DeviceId> = normalized
             .schedules
             .iter()
@@ -298,7 +393,10 @@ impl Ingestor {
             })
             .collect();
         self.stage.send_replace(Stage::Committing);
-        let inserts = self.store.insert_commands(&commands, received).await?;
+        let inserts = self
+            .ledger
+            .insert_commands(&commands, received, fence)
+            .await?;
 
         let mut report = IngestReport {
             schedule_date: date,
@@ -332,9 +430,7 @@ impl Ingestor {
                     });
                     created.push(Created {
                         message_id: message_id.clone(),
-                        version,
                         schedule: cmd.schedule,
-                        traceparent: cmd.traceparent,
                     });
                     report.accepted.push(CommandRef {
                         device_id,
@@ -379,29 +475,9 @@ impl Ingestor {
                 done: i * PUBLISH_BATCH,
                 total,
             });
-            let messages = batch
-                .iter()
-                .map(|c| {
-                    let mut msg =
-                        ScheduleMsg::new(&c.schedule, c.message_id.clone(), c.version, received);
-                    msg.traceparent = c.traceparent.clone();
-                    msg
-                })
-                .collect();
-            self.publisher.commands(messages).await?;
+            let ids: Vec<MessageId> = batch.iter().map(|c| c.message_id.clone()).collect();
+            self.publisher.publish(&ids).await?;
         }
-        self.store
-            .finish_ingestion(run_id, counts(&report), self.clock.now())
-            .await?;
-        info!(
-            schedule_date = %date,
-            source,
-            audit_key = %audit_key,
-            accepted = report.accepted.len(),
-            unchanged = report.unchanged.len(),
-            rejected = report.rejected.len(),
-            "ingestion finished"
-        );
         Ok(report)
     }
 

@@ -22,18 +22,20 @@ use axum::http::{HeaderName, HeaderValue, Method, Request};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use max300_protocol::{Clock, Topics};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tower::ServiceExt;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::api::router;
 use crate::app::{Core, open_store};
-use crate::daily::{DailyFetch, Step};
+use crate::daily::{DailyFetch, Step, replay_interrupted};
 use crate::feedback::{Delivered, Feedback};
+use crate::ingest::Ingestor;
 use crate::metrics::{Metrics, Totals};
-use crate::publish::{IotDataPlane, Publisher};
+use crate::publish::IotDataPlane;
 use crate::sweeper::Sweeper;
 use crate::{CloudConfig, CloudError, CommandStore};
 
@@ -47,8 +49,18 @@ pub enum Invocation {
     Tick,
     /// An HTTP API request.
     Http(HttpRequest),
-    /// Device messages: (topic, payload) each, from an IoT rule directly or through SQS.
-    Feedback(Vec<(String, Vec<u8>)>),
+    /// Device messages, from an IoT rule directly or through SQS.
+    Feedback(Vec<RuleRecord>),
+}
+
+/// One device message as an IoT rule forwarded it.
+#[derive(Debug, PartialEq)]
+pub struct RuleRecord {
+    /// Its SQS message id (`itemIdentifier` in `batchItemFailures`); none when the rule
+    /// invoked the function directly.
+    pub id: Option<String>,
+    /// The topic and payload, or why the record is unusable.
+    pub message: Result<(String, Vec<u8>), String>,
 }
 
 /// An API Gateway HTTP API request, payload format 2.0.
@@ -125,25 +137,37 @@ impl Invocation {
             }));
         }
         if let Some(records) = event.get("Records").and_then(Value::as_array) {
-            let mut messages = Vec::with_capacity(records.len());
-            for (i, record) in records.iter().enumerate() {
-                if record.get("eventSource").and_then(Value::as_str) != Some("aws:sqs") {
-                    return bad(format!("Records[{i}]: not an SQS record"));
-                }
-                let body = record.get("body").and_then(Value::as_str).unwrap_or("");
-                let inner: Value = serde_json::from_str(body)
-                    .map_err(|e| CloudError::Event(format!("Records[{i}].body: {e}")))?;
-                messages.push(
-                    rule_message(&inner)
-                        .map_err(|why| CloudError::Event(format!("Records[{i}].body: {why}")))?,
-                );
-            }
+            // One bad record fails only itself: it goes back to the queue (and in the end to
+            // the dead-letter queue), never its batch.
+            let messages = records
+                .iter()
+                .enumerate()
+                .map(|(i, record)| {
+                    let id = record
+                        .get("messageId")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    let message =
+                        if record.get("eventSource").and_then(Value::as_str) != Some("aws:sqs") {
+                            Err(format!("Records[{i}]: not an SQS record"))
+                        } else {
+                            let body = record.get("body").and_then(Value::as_str).unwrap_or("");
+                            serde_json::from_str::<Value>(body)
+                                .map_err(|e| e.to_string())
+                                .and_then(|inner| rule_message(&inner))
+                                .map_err(|why| format!("Records[{i}].body: {why}"))
+                        };
+                    RuleRecord { id, message }
+                })
+                .collect();
             return Ok(Invocation::Feedback(messages));
         }
         if event.get("topic").is_some() {
-            return rule_message(event)
-                .map(|m| Invocation::Feedback(vec![m]))
-                .map_err(CloudError::Event);
+            let message = rule_message(event).map_err(CloudError::Event)?;
+            return Ok(Invocation::Feedback(vec![RuleRecord {
+                id: None,
+                message: Ok(message),
+            }]));
         }
         bad(
             "not a Scheduled Event, an HTTP API request, an IoT rule message or an SQS batch"
@@ -172,12 +196,14 @@ fn rule_message(event: &Value) -> Result<(String, Vec<u8>), String> {
 #[derive(Debug)]
 pub struct LambdaService {
     store: Arc<dyn CommandStore>,
-    publisher: Publisher,
     router: Router,
     sweeper: Sweeper,
-    daily: Option<(DailyFetch, Arc<crate::ingest::Ingestor>)>,
+    ingestor: Arc<Ingestor>,
+    daily: Option<DailyFetch>,
     feedback: Mutex<Feedback>,
     topics: Topics,
+    timezone: TimeZone,
+    owner: String,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
@@ -200,23 +226,20 @@ impl LambdaService {
         })?;
         let transport = Arc::new(IotDataPlane::connect(endpoint).await?);
         let store = open_store(&config.store_url()).await?;
-        let core = Core::build(&config, &clock, transport, store).await?;
         // Concurrent invocations are instances that share the work.
-        let sweeper = core.sweeper(&config, &clock, Some(owner.clone()));
+        let core = Core::build(&config, &clock, transport, store, Some(owner.clone())).await?;
+        let sweeper = core.sweeper(&clock, Some(owner.clone()));
         let daily = (core.ingestor.can_fetch() && config.daily_fetch)
             .then(|| -> Result<_, CloudError> {
-                Ok((
-                    DailyFetch {
-                        timezone: core.timezone.clone(),
-                        at: config.fetch_time()?,
-                        owner: Some(owner),
-                    },
-                    core.ingestor.clone(),
-                ))
+                Ok(DailyFetch {
+                    timezone: core.timezone.clone(),
+                    at: config.fetch_time()?,
+                    owner: Some(owner.clone()),
+                })
             })
             .transpose()?;
         let feedback = Feedback::new(
-            core.store.clone(),
+            core.ledger.clone(),
             core.publisher.clone(),
             clock.clone(),
             core.timezone.clone(),
@@ -224,13 +247,15 @@ impl LambdaService {
             core.metrics.clone(),
         );
         Ok(LambdaService {
-            store: core.store,
-            publisher: core.publisher,
+            store: core.ledger.store().clone(),
             router: router(core.state, core.max_bytes),
             sweeper,
+            ingestor: core.ingestor,
             daily,
             feedback: Mutex::new(feedback),
             topics: Topics::new(config.topic_root),
+            timezone: core.timezone,
+            owner,
             clock,
             metrics: core.metrics,
         })
@@ -243,20 +268,36 @@ impl LambdaService {
         let response = match Invocation::parse(event)? {
             Invocation::Tick => self.tick().await?,
             Invocation::Http(request) => self.http(request).await?,
-            Invocation::Feedback(messages) => {
-                let delivered: Vec<Delivered> = messages
+            Invocation::Feedback(records) => {
+                let mut failures = Vec::new();
+                let mut delivered = Vec::with_capacity(records.len());
+                for record in records {
+                    match record.message {
+                        Ok((topic, payload)) => delivered
+                            .push((record.id, Delivered::new(&self.topics, topic, &payload))),
+                        Err(why) => {
+                            warn!(sqs_message_id = ?record.id, error = %why, "feedback record unusable: handed back");
+                            failures.extend(record.id);
+                        }
+                    }
+                }
+                let (ids, batch): (Vec<_>, Vec<_>) = delivered.into_iter().unzip();
+                let handled = self.feedback.lock().await.handle_delivered(&batch).await;
+                // A record the store could not take goes back to the queue for a retry;
+                // one that was handled or refused (and receipted) does not.
+                let mut count = 0;
+                for (id, ok) in ids.into_iter().zip(handled) {
+                    if ok {
+                        count += 1;
+                    } else {
+                        failures.extend(id);
+                    }
+                }
+                let failures: Vec<Value> = failures
                     .into_iter()
-                    .map(|(topic, payload)| Delivered::new(&self.topics, topic, &payload))
+                    .map(|id| json!({ "itemIdentifier": id }))
                     .collect();
-                let count = delivered.len();
-                self.feedback
-                    .lock()
-                    .await
-                    .handle_delivered(&delivered)
-                    .await;
-                // Failures are logged and counted; the devices resend what got no receipt,
-                // so no SQS record is handed back for a retry.
-                json!({ "handled": count, "batchItemFailures": [] })
+                json!({ "handled": count, "batchItemFailures": failures })
             }
         };
         let line = emf(&self.metrics.totals(), &before, self.clock.now());
@@ -264,23 +305,26 @@ impl LambdaService {
     }
 
     async fn tick(&self) -> Result<Value, CloudError> {
+        // The sweep also publishes what was committed and never published: the function
+        // that made it stopped first.
         let swept = self.sweeper.sweep_once().await;
-        // Committed and never published: the function that created them stopped first.
-        let unsent = match self.store.unsent().await {
-            Ok(ids) if !ids.is_empty() => {
-                info!(count = ids.len(), "publishing commands left unsent");
-                self.publisher.stored(&ids).await.map(|()| ids.len())
-            }
-            Ok(_) => Ok(0),
-            Err(e) => Err(e),
-        };
+        // Runs interrupted by a stopped function, under their date's lease and fence; stale
+        // ones are closed, not replayed.
+        let replayed = replay_interrupted(
+            &self.ingestor,
+            &self.store,
+            &self.clock,
+            &self.timezone,
+            Some(&self.owner),
+        )
+        .await;
         let fetch = match &self.daily {
             None => Ok("off"),
-            Some((daily, ingestor)) => {
+            Some(daily) => {
                 let now = self.clock.now();
                 let until = now + self.clock.clock_duration(FETCH_LEASE);
                 daily
-                    .step(now, false, until, ingestor, &self.store)
+                    .step(now, false, until, &self.ingestor, &self.store)
                     .await
                     .map(|step| match step {
                         Step::Done => "done",
@@ -290,9 +334,10 @@ impl LambdaService {
             }
         };
         // Each part ran; any failure fails the invocation, so it is counted and retried.
-        let (unsent, fetch) = (unsent?, fetch?);
+        let fetch = fetch?;
         swept?;
-        Ok(json!({ "sweep": "ok", "unsent": unsent, "fetch": fetch }))
+        let replayed = replayed?;
+        Ok(json!({ "sweep": "ok", "replayed": replayed, "fetch": fetch }))
     }
 
     async fn http(&self, request: HttpRequest) -> Result<Value, CloudError> {
@@ -395,14 +440,35 @@ mod tests {
         assert_eq!(req.body, b"{}");
 
         let rule = json!({"topic": "max300/d1/ack", "payload": STANDARD.encode(b"{\"x\":1}")});
+        let message = Ok(("max300/d1/ack".into(), b"{\"x\":1}".to_vec()));
         assert_eq!(
             Invocation::parse(&rule).unwrap(),
-            Invocation::Feedback(vec![("max300/d1/ack".into(), b"{\"x\":1}".to_vec())])
+            Invocation::Feedback(vec![RuleRecord {
+                id: None,
+                message: message.clone()
+            }])
         );
-        let sqs = json!({"Records": [{"eventSource": "aws:sqs", "body": rule.to_string()}]});
+        let sqs = json!({"Records": [
+            {"eventSource": "aws:sqs", "messageId": "m1", "body": rule.to_string()},
+            {"eventSource": "aws:sqs", "messageId": "m2", "body": "{not json"},
+        ]});
+        let Invocation::Feedback(records) = Invocation::parse(&sqs).unwrap() else {
+            panic!("not feedback")
+        };
         assert_eq!(
-            Invocation::parse(&sqs).unwrap(),
-            Invocation::parse(&rule).unwrap()
+            records[0],
+            RuleRecord {
+                id: Some("m1".into()),
+                message
+            }
+        );
+        assert_eq!(records[1].id.as_deref(), Some("m2"));
+        assert!(
+            records[1]
+                .message
+                .as_ref()
+                .unwrap_err()
+                .starts_with("Records[1].body")
         );
     }
 

@@ -5,9 +5,11 @@
 //! # Layout
 //! - [`config`]: the service's settings, layered from an embedded default, a file and env.
 //! - [`app`]: composition: builds the parts, runs them until shutdown.
-//! - [`lifecycle`]: the command and period state machine (pure).
-//! - [`store`]: the [`CommandStore`] seam, its SQLite implementation and (feature `aws`) its
-//!   DynamoDB one.
+//! - [`lifecycle`]: the command lifecycle as one state machine (pure): every rule of
+//!   DESIGN §6, and what each ack, report, publish, tick and cancel does.
+//! - [`store`]: the [`CommandStore`] seam, which loads what the lifecycle decides on and
+//!   writes what it decided; SQLite, and (feature `aws`) DynamoDB.
+//! - [`ledger`]: the load, decide, write loop over a store.
 //! - [`audit`]: raw documents and rejections, kept in an `object_store`.
 //! - [`provider`]: the HTTP client for the schedule provider.
 //! - [`ingest`]: document → audit → normalize → commit → publish.
@@ -30,6 +32,7 @@ pub mod feedback;
 pub mod ingest;
 #[cfg(feature = "aws")]
 pub mod lambda;
+pub mod ledger;
 pub mod lifecycle;
 pub mod metrics;
 pub mod provider;
@@ -43,5 +46,6 @@ pub use app::Cloud;
 pub use config::CloudConfig;
 pub use error::CloudError;
 pub use ingest::IngestReport;
-pub use lifecycle::{CommandState, PeriodStatus};
+pub use ledger::Ledger;
+pub use lifecycle::{CommandState, PeriodStatus, Policy};
 pub use store::{CommandStore, SqliteStore};

@@ -36,6 +36,9 @@ pub enum Outcome {
     UnknownCommand,
     /// Undecodable, or at odds with its topic.
     Invalid,
+    /// Decoded, but refused by the lifecycle (an ack's effective period outside its plan, a
+    /// report off its device's days): it changed nothing.
+    Refused,
     /// From a device that is not registered.
     UnknownDevice,
     /// Over its device's message rate.
@@ -49,6 +52,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::UnknownCommand => "unknown_command",
             Outcome::Invalid => "invalid",
+            Outcome::Refused => "refused",
             Outcome::UnknownDevice => "unknown_device",
             Outcome::Throttled => "throttled",
         }
@@ -70,7 +74,7 @@ pub struct Totals {
     pub resends: u64,
     /// Messages published.
     pub published: u64,
-    /// Device messages refused (undecodable, foreign, unknown device, throttled).
+    /// Device messages refused (undecodable, foreign, refused, unknown device, throttled).
     pub feedback_rejected: u64,
 }
 
@@ -229,6 +233,7 @@ impl Metrics {
                 Outcome::Applied,
                 Outcome::Duplicate,
                 Outcome::Invalid,
+                Outcome::Refused,
                 Outcome::UnknownDevice,
                 Outcome::Throttled,
             ] {
@@ -348,8 +353,13 @@ impl Metrics {
         let rejected = ["ack", "report", "heartbeat", "sync", "other", "unknown"]
             .iter()
             .flat_map(|kind| {
-                [Outcome::Invalid, Outcome::UnknownDevice, Outcome::Throttled]
-                    .map(|o| (*kind, o.as_str()))
+                [
+                    Outcome::Invalid,
+                    Outcome::Refused,
+                    Outcome::UnknownDevice,
+                    Outcome::Throttled,
+                ]
+                .map(|o| (*kind, o.as_str()))
             })
             .map(|(kind, outcome)| {
                 self.inbound

@@ -5,22 +5,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::SignedDuration;
 use max300_protocol::Clock;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::CloudError;
 use crate::CommandState;
-use crate::lifecycle::resend_due;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::{CloudError, CommandStore};
 
 /// Real time between sweeps.
 const TICK: Duration = Duration::from_secs(1);
-/// No resend comes sooner than this much real time after the last publish.
-const REAL_FLOOR: Duration = Duration::from_secs(2);
 /// Instances on one store take turns by a lease: one sweeps (and resends) at a time, and if
 /// it dies another takes over once this much real time has passed.
 const LEASE: Duration = Duration::from_secs(10);
@@ -30,14 +27,12 @@ const LEASE_NAME: &str = "sweeper";
 /// Runs the sweeps.
 #[derive(Debug)]
 pub struct Sweeper {
-    /// The command store.
-    pub store: Arc<dyn CommandStore>,
-    /// Publishes resends.
+    /// The commands.
+    pub ledger: Ledger,
+    /// Publishes what is due again.
     pub publisher: Publisher,
     /// Plan time.
     pub clock: Arc<dyn Clock>,
-    /// First resend delay, in clock time.
-    pub ack_timeout: SignedDuration,
     /// Counts late and expired commands, and resends.
     pub metrics: Arc<Metrics>,
     /// This instance, as a lease holder; `None` when it runs alone and needs no lease
@@ -61,44 +56,41 @@ impl Sweeper {
         }
     }
 
-    /// One sweep: transitions, then resends; nothing when another instance holds the lease.
+    /// One sweep: the clock's transitions, then the publishes due again (commands and
+    /// control messages never published included); nothing when another instance holds the
+    /// lease.
     pub async fn sweep_once(&self) -> Result<(), CloudError> {
         let now = self.clock.now();
         let until = now + self.clock.clock_duration(LEASE);
         if let Some(owner) = &self.owner
-            && !self.store.lease(LEASE_NAME, owner, until, now).await?
+            && self
+                .ledger
+                .store()
+                .lease(LEASE_NAME, owner, until, now)
+                .await?
+                .is_none()
         {
             return Ok(());
         }
-        for s in self.store.sweep(now).await? {
-            match s.state {
-                Some(state) => {
-                    if state == CommandState::Expired {
-                        self.metrics.expired();
-                    }
-                    info!(device_id = %s.device_id, message_id = %s.message_id, state = %state, "command state changed by the clock")
+        let sweep = self.ledger.sweep(now).await?;
+        for s in &sweep.swept {
+            if s.late {
+                self.metrics.late();
+                warn!(device_id = %s.device_id, message_id = %s.message_id, "command late: not acknowledged when its first period started");
+            }
+            if let Some(state) = s.state {
+                if state == CommandState::Expired {
+                    self.metrics.expired();
                 }
-                None => {
-                    self.metrics.late();
-                    warn!(device_id = %s.device_id, message_id = %s.message_id, "command late: not acknowledged when its first period started")
-                }
+                info!(device_id = %s.device_id, message_id = %s.message_id, state = %state, "command state changed by the clock");
             }
         }
-        let floor = self.clock.clock_duration(REAL_FLOOR);
-        let due: Vec<_> = self
-            .store
-            .awaiting_ack(now)
-            .await?
-            .into_iter()
-            .filter(|u| resend_due(u.publishes, u.last_sent_at, now, self.ack_timeout, floor))
-            .collect();
-        if !due.is_empty() {
-            for u in &due {
-                info!(device_id = %u.device_id, message_id = %u.message_id, publishes = u.publishes, "no ack yet: publishing again");
+        if !sweep.resend.is_empty() {
+            for s in &sweep.resend {
+                info!(device_id = %s.device_id(), message_id = %s.message_id(), "no ack yet: publishing again");
             }
-            self.metrics.resent(due.len() as u64);
-            let ids: Vec<_> = due.into_iter().map(|u| u.message_id).collect();
-            self.publisher.stored(&ids).await?;
+            self.metrics.resent(sweep.resend.len() as u64);
+            self.publisher.publish_loaded(sweep.resend).await?;
         }
         Ok(())
     }
@@ -115,9 +107,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::SqliteStore;
     use crate::publish::{Publisher, Transport};
     use crate::store::NewCommand;
+    use crate::{CommandStore, Policy, SqliteStore};
+    use jiff::SignedDuration;
 
     /// The broker's side of publishing, recorded.
     #[derive(Debug, Default)]
@@ -146,7 +139,14 @@ mod tests {
         let device = DeviceId::parse("d1").unwrap();
         let id = MessageId::generate(t0);
         let schedule = Schedule::new(device, day, vec![Setpoint::IDLE; 48]).unwrap();
-        store
+        let ledger = Ledger::new(
+            store.clone(),
+            Policy {
+                ack_timeout: SignedDuration::from_secs(5),
+                ..Policy::default()
+            },
+        );
+        ledger
             .insert_commands(
                 &[NewCommand {
                     message_id: id.clone(),
@@ -154,23 +154,24 @@ mod tests {
                     traceparent: None,
                 }],
                 t0,
+                None,
             )
             .await
             .unwrap();
-        store.mark_sent(&[id], t0).await.unwrap();
+        let loaded = ledger.publishable(&[id], t0).await.unwrap();
+        ledger.published(loaded, t0).await.unwrap();
 
         let sent = Arc::new(Recorded::default());
         let sweeper = |owner: &str| Sweeper {
-            store: store.clone(),
+            ledger: ledger.clone(),
             publisher: Publisher::new(
                 sent.clone(),
                 Topics::new("max300"),
-                store.clone(),
+                ledger.clone(),
                 clock.clone(),
                 Arc::new(Metrics::new()),
             ),
             clock: clock.clone(),
-            ack_timeout: SignedDuration::from_secs(5),
             metrics: Arc::new(Metrics::new()),
             owner: Some(owner.into()),
         };

@@ -252,7 +252,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     // Linux: start the peak over from here, so it measures the ingestion, not the set-up.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let t0 = monotonic();
-    let report = cloud.ingestor.fetch(DATE).await?;
+    let report = cloud.ingestor.fetch(DATE, None).await?;
     let took = t0.elapsed();
     let peak = peak_memory_kb().unwrap_or(0);
     use max300_cloud::CommandState::{Acknowledged, Sent};
@@ -457,6 +457,10 @@ async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<(usize, Durati
 /// number of reports.
 async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow::Result<usize> {
     let store = SqliteStore::open_unsynced(path)?;
+    let ledger = max300_cloud::Ledger::new(
+        std::sync::Arc::new(store.clone()),
+        max300_cloud::Policy::default(),
+    );
     let tz = time_zone(DEFAULT_TIMEZONE)?;
     let default_max_rate = RateKw::try_from(150.0)?;
     let mut devices = BTreeMap::new();
@@ -490,9 +494,10 @@ async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow:
                 traceparent: None,
             })
             .collect();
-        store.insert_commands(&commands, now).await?;
+        ledger.insert_commands(&commands, now, None).await?;
         let sent: Vec<MessageId> = commands.iter().map(|c| c.message_id.clone()).collect();
-        store.mark_sent(&sent, now).await?;
+        let loaded = ledger.publishable(&sent, now).await?;
+        ledger.published(loaded, now).await?;
         for (i, c) in commands.iter().enumerate() {
             let device = c.schedule.device_id().clone();
             let ack = AckMsg {
@@ -509,7 +514,7 @@ async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow:
                 at: now,
                 traceparent: None,
             };
-            store.record_ack(&ack, now).await?;
+            ledger.record_ack(&ack, now).await?;
             if !reported {
                 continue;
             }
@@ -546,7 +551,7 @@ async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow:
                     at: start,
                     traceparent: None,
                 };
-                store.record_report(&report, start).await?;
+                ledger.record_report(&report, start).await?;
                 reports += 1;
             }
             let silent = i % 100 == 3;

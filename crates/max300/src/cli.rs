@@ -725,7 +725,7 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("the broker did not answer within 30 s")?;
     let progress = show_progress(cloud.ingestor.progress(), args.date);
-    let report = cloud.ingestor.fetch(args.date).await;
+    let report = cloud.ingestor.fetch(args.date, None).await;
     progress.abort();
     shutdown.cancel();
     cloud.wait().await;

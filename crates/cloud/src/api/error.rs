@@ -47,7 +47,7 @@ impl From<CloudError> for ApiError {
     fn from(e: CloudError) -> ApiError {
         let status = match &e {
             CloudError::Document(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            CloudError::Busy => StatusCode::CONFLICT,
+            CloudError::Busy | CloudError::Fenced(_) => StatusCode::CONFLICT,
             CloudError::Provider(_) => StatusCode::BAD_GATEWAY,
             CloudError::Config(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

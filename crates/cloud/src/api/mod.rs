@@ -35,6 +35,8 @@ use crate::store::DeviceRecord;
 pub struct ApiState {
     /// The command store.
     pub store: Arc<dyn CommandStore>,
+    /// The commands' lifecycle over the store (an operator's cancel).
+    pub ledger: crate::ledger::Ledger,
     /// Ingestion.
     pub ingestor: Arc<Ingestor>,
     /// Publishes control messages; its transport tells readiness.
@@ -273,7 +275,7 @@ async fn ingest(
             "no provider is configured (--provider); POST the document to /api/schedules",
         ));
     }
-    Ok(Json(state.ingestor.fetch(date).await?))
+    Ok(Json(state.ingestor.fetch(date, None).await?))
 }
 
 async fn schedules(
@@ -419,7 +421,7 @@ async fn cancel(
     let id = MessageId::parse(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let now = state.clock.now();
     match state
-        .store
+        .ledger
         .cancel(&id, MessageId::generate(now), now)
         .await?
     {
@@ -427,7 +429,10 @@ async fn cancel(
             let control_id = control.message_id.clone();
             tracing::info!(device_id = %control.device_id, message_id = %id, control_message_id = %control_id, "command cancelled by an operator");
             // Committed first: if this publish fails, the sweeper sends it again.
-            state.publisher.controls(vec![control]).await?;
+            state
+                .publisher
+                .publish(std::slice::from_ref(&control_id))
+                .await?;
             Ok(Json(json!({
                 "message_id": id,
                 "state": "cancelled",

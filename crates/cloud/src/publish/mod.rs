@@ -19,8 +19,10 @@ use max300_protocol::message::{ControlMsg, ReceiptMsg, ScheduleMsg, V1};
 use max300_protocol::{Channel, Clock, DeviceId, Message, MessageId, StoreId, Topics};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::CloudError;
+use crate::ledger::Ledger;
+use crate::lifecycle::Subject;
 use crate::metrics::Metrics;
-use crate::{CloudError, CommandStore};
 
 /// How messages reach devices. Every publish is at least once (QoS 1): devices apply each
 /// message once by its id.
@@ -58,7 +60,7 @@ impl Transport for Session {
 pub struct Publisher {
     transport: Arc<dyn Transport>,
     topics: Topics,
-    store: Arc<dyn CommandStore>,
+    ledger: Ledger,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
@@ -68,14 +70,14 @@ impl Publisher {
     pub fn new(
         transport: Arc<dyn Transport>,
         topics: Topics,
-        store: Arc<dyn CommandStore>,
+        ledger: Ledger,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Publisher {
         Publisher {
             transport,
             topics,
-            store,
+            ledger,
             clock,
             metrics,
         }
@@ -86,80 +88,80 @@ impl Publisher {
         &*self.transport
     }
 
-    /// Publishes committed commands, then marks them sent. The commit came first, so a crash
-    /// in between leaves them `created`, and they are published again at start-up.
-    pub async fn commands(&self, messages: Vec<ScheduleMsg>) -> Result<(), CloudError> {
-        let mut sent = Vec::with_capacity(messages.len());
-        for mut msg in messages {
-            let topic = self.topics.topic(&msg.device_id, Channel::Schedule);
-            let (device_id, message_id, version) =
-                (msg.device_id.clone(), msg.message_id.clone(), msg.version);
-            // A child of the command's span (its stored context), on every publish and resend;
-            // the device continues the trace from this span.
-            let span = info_span!(parent: None, "publish", device_id = %device_id, message_id = %message_id, version);
-            trace::set_parent(&span, msg.traceparent.as_ref());
-            msg.traceparent = trace::of(&span).or(msg.traceparent);
-            match self
-                .transport
-                .publish(topic, &Message::Schedule(msg))
-                .instrument(span)
-                .await
-            {
-                Ok(()) => {
-                    info!(device_id = %device_id, message_id = %message_id, version, "command published");
-                    self.metrics.published("command", Some(&message_id));
-                    sent.push(message_id);
-                }
-                Err(e) => {
-                    warn!(device_id = %device_id, message_id = %message_id, error = %e, "command not published");
-                }
-            }
-        }
-        self.store.mark_sent(&sent, self.clock.now()).await
+    /// Publishes the stored commands and control messages these ids name (an ingestion's,
+    /// sync answers), then records the publishes. Each is read again first, so one cancelled,
+    /// superseded or rejected since is never sent. The commit came before, so a crash before
+    /// the publish leaves them `created`, and the sweeper publishes them.
+    pub async fn publish(&self, ids: &[MessageId]) -> Result<(), CloudError> {
+        let subjects = self.ledger.publishable(ids, self.clock.now()).await?;
+        self.publish_loaded(subjects).await
     }
 
-    /// Publishes stored commands and control messages by id (start-up outbox, resends,
-    /// sync answers).
-    pub async fn stored(&self, ids: &[MessageId]) -> Result<(), CloudError> {
-        let mut messages = Vec::with_capacity(ids.len());
-        let mut controls = Vec::new();
-        for id in ids {
-            if let Some(msg) = self.store.schedule_message(id).await? {
-                messages.push(msg);
-            } else if let Some(msg) = self.store.control_message(id).await? {
-                controls.push(msg);
+    /// Publishes what was just read and found publishable (the sweeper's resends), then
+    /// records the publishes.
+    pub async fn publish_loaded(&self, subjects: Vec<Subject>) -> Result<(), CloudError> {
+        let mut sent = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            let published = match &subject {
+                Subject::Command(c) => self.command(c.message()).await,
+                Subject::Control(c) => self.control(c.message()).await,
+            };
+            if published {
+                sent.push(subject);
             }
         }
-        self.commands(messages).await?;
-        self.controls(controls).await
+        self.ledger.published(sent, self.clock.now()).await
     }
 
-    /// Publishes control messages, then marks them sent.
-    pub async fn controls(&self, messages: Vec<ControlMsg>) -> Result<(), CloudError> {
-        let mut sent = Vec::with_capacity(messages.len());
-        for mut msg in messages {
-            let topic = self.topics.topic(&msg.device_id, Channel::Control);
-            let (device_id, message_id) = (msg.device_id.clone(), msg.message_id.clone());
-            let span = info_span!(parent: None, "publish", device_id = %device_id, message_id = %message_id, target_message_id = %msg.target_message_id);
-            trace::set_parent(&span, msg.traceparent.as_ref());
-            msg.traceparent = trace::of(&span).or(msg.traceparent);
-            match self
-                .transport
-                .publish(topic, &Message::Control(msg))
-                .instrument(span)
-                .await
-            {
-                Ok(()) => {
-                    info!(device_id = %device_id, message_id = %message_id, "control published");
-                    self.metrics.published("control", None);
-                    sent.push(message_id);
-                }
-                Err(e) => {
-                    warn!(device_id = %device_id, message_id = %message_id, error = %e, "control not published");
-                }
+    async fn command(&self, mut msg: ScheduleMsg) -> bool {
+        let topic = self.topics.topic(&msg.device_id, Channel::Schedule);
+        let (device_id, message_id, version) =
+            (msg.device_id.clone(), msg.message_id.clone(), msg.version);
+        // A child of the command's span (its stored context), on every publish and resend;
+        // the device continues the trace from this span.
+        let span = info_span!(parent: None, "publish", device_id = %device_id, message_id = %message_id, version);
+        trace::set_parent(&span, msg.traceparent.as_ref());
+        msg.traceparent = trace::of(&span).or(msg.traceparent);
+        match self
+            .transport
+            .publish(topic, &Message::Schedule(msg))
+            .instrument(span)
+            .await
+        {
+            Ok(()) => {
+                info!(device_id = %device_id, message_id = %message_id, version, "command published");
+                self.metrics.published("command", Some(&message_id));
+                true
+            }
+            Err(e) => {
+                warn!(device_id = %device_id, message_id = %message_id, error = %e, "command not published: tried again later");
+                false
             }
         }
-        self.store.mark_sent(&sent, self.clock.now()).await
+    }
+
+    async fn control(&self, mut msg: ControlMsg) -> bool {
+        let topic = self.topics.topic(&msg.device_id, Channel::Control);
+        let (device_id, message_id) = (msg.device_id.clone(), msg.message_id.clone());
+        let span = info_span!(parent: None, "publish", device_id = %device_id, message_id = %message_id, target_message_id = %msg.target_message_id);
+        trace::set_parent(&span, msg.traceparent.as_ref());
+        msg.traceparent = trace::of(&span).or(msg.traceparent);
+        match self
+            .transport
+            .publish(topic, &Message::Control(msg))
+            .instrument(span)
+            .await
+        {
+            Ok(()) => {
+                info!(device_id = %device_id, message_id = %message_id, "control published");
+                self.metrics.published("control", None);
+                true
+            }
+            Err(e) => {
+                warn!(device_id = %device_id, message_id = %message_id, error = %e, "control not published: tried again later");
+                false
+            }
+        }
     }
 
     /// Tells a device which of its seqs were handled.

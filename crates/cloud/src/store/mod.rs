@@ -1,16 +1,29 @@
 //! The command store: devices, commands, their periods, acks and reports.
 //!
 //! [`CommandStore`] is the seam between the service and its database: SQLite here, DynamoDB
-//! for AWS (feature `aws`). Its methods speak the domain (`record_ack`, `record_report`), so
-//! either backend can make each one atomic in its own way.
+//! for AWS (feature `aws`). A backend does two things with commands: it loads what the
+//! [`lifecycle`](crate::lifecycle) needs to decide an event (a [`Command`], an [`AckContext`],
+//! the commands that are [`Due`]), and it writes what was decided as one atomic [`Unit`],
+//! guarded by the revisions the decision read. It decides nothing: every rule of DESIGN §6 is
+//! in the lifecycle, and [`Ledger`](crate::ledger::Ledger) runs the load, decide, write loop.
+//! The read-side views that follow from what is stored (a command's detail, the fleet, what a
+//! device should hold) are written once, here, over the same loads.
+//!
+//! # Layout
+//! - `text`: the text forms both backends store (instants, plans).
+//! - `sqlite`: [`SqliteStore`], one file, one transaction per write.
+//! - `dynamodb` (feature `aws`): [`DynamoStore`], one table, conditional writes.
 
 #[cfg(feature = "aws")]
 mod dynamodb;
 mod sqlite;
+pub(crate) mod text;
 
 #[cfg(feature = "aws")]
 pub use dynamodb::DynamoStore;
 pub use sqlite::SqliteStore;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -19,6 +32,9 @@ use max300_protocol::message::{AckMsg, ControlMsg, HeartbeatMsg, ReportMsg, Sche
 use max300_protocol::{DeviceId, MessageId, RateKw, Schedule, Setpoint, TraceParent};
 use serde::Serialize;
 
+pub use crate::lifecycle::HistoryEntry;
+use crate::lifecycle::feedback::AckTarget;
+use crate::lifecycle::{Command, Control, Mark, Step, Subject, newest_per, standing};
 use crate::{CloudError, CommandState, PeriodStatus};
 
 /// A registered device and what its last heartbeat said.
@@ -91,15 +107,6 @@ pub struct CommandSummary {
     pub state: CommandState,
     /// Not acknowledged when its first period started.
     pub late: bool,
-}
-
-/// One state change of a command.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct HistoryEntry {
-    /// The new state.
-    pub state: CommandState,
-    /// When.
-    pub at: Timestamp,
 }
 
 /// One period of a command and how it went.
@@ -182,14 +189,18 @@ pub struct CurrentCommand {
 }
 
 /// What recording an ack or report did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recorded {
     /// First time seen: applied.
     Applied,
     /// Seen before: nothing changed.
     Duplicate,
-    /// Stored, but no command of ours matches it.
+    /// About no command of ours. A report is kept (its day has a command of the device); an
+    /// ack is not.
     UnknownCommand,
+    /// Refused, with the reason: nothing changed (it is still receipted, so the device's
+    /// outbox lets it go).
+    Refused(String),
 }
 
 /// The counts of a finished ingestion run.
@@ -203,7 +214,8 @@ pub struct IngestionCounts {
     pub rejected: u32,
 }
 
-/// An ingestion run that started but never finished (the service stopped in the middle).
+/// An ingestion run that started but never finished or failed: the service stopped in the
+/// middle.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Interrupted {
     /// Its id.
@@ -214,30 +226,9 @@ pub struct Interrupted {
     pub source: String,
     /// Where its raw document is.
     pub audit_key: String,
-}
-
-/// A command or control message published and not yet acknowledged.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Unacked {
-    /// Its id.
-    pub message_id: MessageId,
-    /// The device.
-    pub device_id: DeviceId,
-    /// Times published so far.
-    pub publishes: u32,
-    /// When it was last published.
-    pub last_sent_at: Timestamp,
-}
-
-/// A clock-driven state change made by [`CommandStore::sweep`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct Swept {
-    /// The command.
-    pub message_id: MessageId,
-    /// The device.
-    pub device_id: DeviceId,
-    /// Its new state, or `None` when only the `late` flag was set.
-    pub state: Option<CommandState>,
+    /// A run for the same date that started later has finished: replaying this one would
+    /// put an older document over a newer one.
+    pub overtaken: bool,
 }
 
 /// What an operator's cancel did.
@@ -249,6 +240,133 @@ pub enum Cancel {
     AlreadyEnded(CommandState),
     /// No such command.
     NotFound,
+}
+
+/// A lease held, as a write made under it carries it: the store refuses the write once the
+/// lease has been taken by anyone since (its token moved on), so a holder that stalled past
+/// its lease can never commit over the work of the next one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The lease.
+    pub name: String,
+    /// Its holder.
+    pub owner: String,
+    /// The token the holder got with it.
+    pub token: u64,
+}
+
+/// What an ack needs decided, as the store found it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AckContext {
+    /// What its `message_id` names.
+    pub target: AckTarget,
+    /// Whether an ack of that `message_id` is kept already.
+    pub seen: bool,
+}
+
+/// What a report needs decided, as the store found it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReportContext {
+    /// The device's commands (every version) for the local dates around the report's period:
+    /// the day before, of and after it in UTC, which covers every zone.
+    pub commands: Vec<Command>,
+    /// Whether a report of that device and period is kept already.
+    pub seen: bool,
+}
+
+/// A command or control message whose wake time has come.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Due {
+    /// A command, with the newest version of its device and date.
+    Command {
+        /// The command.
+        command: Command,
+        /// The newest version of its device and date.
+        newest: u32,
+    },
+    /// A control message.
+    Control(Control),
+}
+
+/// A control message to write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ControlWrite {
+    /// A new one (the cancel that makes it); fails if its id exists.
+    New(Control),
+    /// A change, over the revision it was decided on.
+    Update(Control),
+}
+
+/// A device message kept by its natural key (an ack by `message_id`, a report by device and
+/// `interval_start`); the write fails if one with that key is kept already.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// An ack, received at `at`.
+    Ack {
+        /// The ack.
+        ack: AckMsg,
+        /// When it was received.
+        at: Timestamp,
+    },
+    /// A report, received at `at`.
+    Report {
+        /// The report.
+        report: ReportMsg,
+        /// When it was received.
+        at: Timestamp,
+    },
+}
+
+/// What the lifecycle decided about one event, written all at once or not at all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Unit {
+    /// Commands to change, each over the revision its step was decided on.
+    pub commands: Vec<Step>,
+    /// A control message to make or change.
+    pub control: Option<ControlWrite>,
+    /// A device message to keep.
+    pub record: Option<Record>,
+}
+
+impl Unit {
+    /// The device every write of the unit is about (one unit is always one device's).
+    pub fn device(&self) -> Option<&DeviceId> {
+        self.commands
+            .first()
+            .map(|s| s.after.device_id())
+            .or(match &self.control {
+                Some(ControlWrite::New(c) | ControlWrite::Update(c)) => Some(&c.device_id),
+                None => None,
+            })
+            .or(match &self.record {
+                Some(Record::Ack { ack, .. }) => Some(&ack.device_id),
+                Some(Record::Report { report, .. }) => Some(&report.device_id),
+                None => None,
+            })
+    }
+}
+
+/// Whether a unit was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// All of it.
+    Applied,
+    /// None of it: something it was decided on changed (a revision moved, or a record with
+    /// its key was kept first). Load again and decide again.
+    Conflict,
+}
+
+/// A command with the rest of what is kept about it, for its detail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandLog {
+    /// The command.
+    pub command: Command,
+    /// State changes, oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// Every publish, oldest first.
+    pub sends: Vec<Timestamp>,
+    /// The feasibility warning, if any.
+    pub warning: Option<String>,
 }
 
 /// The store of devices, commands, periods, acks and reports.
@@ -277,46 +395,51 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// Records a heartbeat (and that the device was seen).
     async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError>;
 
-    /// Creates commands, versioning per device and date: the same content as the latest
-    /// version creates nothing; changed content is version + 1. SQLite creates them all in one
-    /// transaction; DynamoDB in transactions of up to 33 commands, each command with its
-    /// version claim, so a failure can leave some created (a repeated call then finds them
-    /// `Unchanged`).
+    /// Creates commands ([`Command::new`]), versioning per device and date by
+    /// [`crate::lifecycle::next_version`]. SQLite creates them all in one transaction;
+    /// DynamoDB in transactions of up to 33 commands, each with its version claim, so a
+    /// failure can leave some created (a repeated call then finds them `Unchanged`). Under a
+    /// `fence`, nothing is created once the lease has moved on ([`CloudError::Fenced`]).
     async fn insert_commands(
         &self,
         commands: &[NewCommand],
         at: Timestamp,
+        policy: &crate::lifecycle::Policy,
+        fence: Option<&Fence>,
     ) -> Result<Vec<Insert>, CloudError>;
 
-    /// The message to publish for a command.
-    async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError>;
+    /// The commands and control messages these ids name, in order; `None` for unknown ids.
+    async fn load(&self, ids: &[MessageId]) -> Result<Vec<Option<Subject>>, CloudError>;
 
-    /// The trace context stored with a command, for feedback that comes without one.
-    async fn command_traceparent(&self, id: &MessageId) -> Result<Option<TraceParent>, CloudError>;
+    /// What each ack needs decided, in order.
+    async fn ack_contexts(&self, acks: &[AckMsg]) -> Result<Vec<AckContext>, CloudError>;
 
-    /// Marks commands published; `created` becomes `sent`.
-    async fn mark_sent(&self, ids: &[MessageId], at: Timestamp) -> Result<(), CloudError>;
-
-    /// Applies an ack once, by its message_id.
-    async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError>;
-
-    /// Applies several acks: the outcomes, in order, are those of [`CommandStore::record_ack`]
-    /// applied to each in turn. SQLite applies the batch in one transaction (if it fails, none
-    /// is applied); DynamoDB, whose transactions hold at most 100 items, applies each ack
-    /// atomically in order, so a failure can leave the earlier ones applied. Either is safe:
-    /// each ack is idempotent, and a device sends again whatever got no receipt.
-    async fn record_acks(
+    /// What each report needs decided, in order.
+    async fn report_contexts(
         &self,
-        acks: &[AckMsg],
-        at: Timestamp,
-    ) -> Result<Vec<Recorded>, CloudError>;
+        reports: &[ReportMsg],
+    ) -> Result<Vec<ReportContext>, CloudError>;
 
-    /// Applies a report once, by (device_id, interval_start).
-    async fn record_report(
+    /// The commands and control messages whose wake time is at or before `now`.
+    async fn due(&self, now: Timestamp) -> Result<Vec<Due>, CloudError>;
+
+    /// Writes each unit atomically over the revisions it was decided on, in order (a later
+    /// unit may depend on an earlier one); says which were written.
+    async fn write(&self, units: Vec<Unit>) -> Result<Vec<Written>, CloudError>;
+
+    /// Every version of `device`'s commands for dates `from..=to`.
+    async fn versions(
         &self,
-        report: &ReportMsg,
-        at: Timestamp,
-    ) -> Result<Recorded, CloudError>;
+        device: &DeviceId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<Command>, CloudError>;
+
+    /// Every command (every version, every device) for `date`.
+    async fn on_date(&self, date: Date) -> Result<Vec<Command>, CloudError>;
+
+    /// A command with its history, sends and warning.
+    async fn command_log(&self, id: &MessageId) -> Result<Option<CommandLog>, CloudError>;
 
     /// The reports a device sent for periods starting in `from..to`, oldest first; one per
     /// period, as first received.
@@ -327,9 +450,6 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         to: Timestamp,
     ) -> Result<Vec<ReportMsg>, CloudError>;
 
-    /// One command in full.
-    async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError>;
-
     /// Commands, newest first, filtered by device and date.
     async fn commands(
         &self,
@@ -337,42 +457,13 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         date: Option<Date>,
     ) -> Result<Vec<CommandSummary>, CloudError>;
 
-    /// What the latest live command of each device plans for `date`, from the period that
-    /// starts at or after `from` on, in device and period order.
-    async fn planned_from(
-        &self,
-        date: Date,
-        from: Timestamp,
-    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError>;
-
     /// Keeps a feasibility warning with each command.
     async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError>;
 
     /// How many commands are in each state (states with none are left out). DynamoDB keeps
-    /// sharded counters, moved right after each transition rather than inside it, so a crash
+    /// sharded counters, moved right after each write rather than inside it, so a crash
     /// between the two can leave a count one off.
     async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError>;
-
-    /// Every device, in id order, with its latest commands for `today` and `tomorrow` and its
-    /// conformance so far: the periods of today's command that started before `ended_by`
-    /// (that is, ended by now), and how many of them ran as planned. A few queries for the
-    /// whole fleet, not one per device.
-    async fn fleet(
-        &self,
-        today: Date,
-        tomorrow: Date,
-        ended_by: Timestamp,
-    ) -> Result<Vec<FleetRow>, CloudError>;
-
-    /// The latest live version per date, from `from` on, for one device.
-    async fn current_commands(
-        &self,
-        device: &DeviceId,
-        from: Date,
-    ) -> Result<Vec<CurrentCommand>, CloudError>;
-
-    /// Commands still `created`: committed but never published (e.g. after a crash).
-    async fn unsent(&self) -> Result<Vec<MessageId>, CloudError>;
 
     /// Records the start of an ingestion run (its raw document is already in the audit store).
     async fn begin_ingestion(
@@ -383,56 +474,245 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         at: Timestamp,
     ) -> Result<i64, CloudError>;
 
-    /// Records the end of an ingestion run.
+    /// Records the end of an ingestion run: finished with its counts, or failed with why.
     async fn finish_ingestion(
         &self,
         id: i64,
-        counts: IngestionCounts,
+        outcome: Result<IngestionCounts, String>,
         at: Timestamp,
     ) -> Result<(), CloudError>;
 
-    /// Runs that started and never finished.
+    /// Runs that started and neither finished nor failed.
     async fn interrupted_ingestions(&self) -> Result<Vec<Interrupted>, CloudError>;
 
     /// Whether a fetch of `date` from the provider has finished (a POSTed document for one
     /// device does not stand in for the fleet's daily fetch).
     async fn ingested(&self, date: Date) -> Result<bool, CloudError>;
 
-    /// Commands and control messages published, not acknowledged, and still worth sending:
-    /// no newer version exists and their date is not over.
-    async fn awaiting_ack(&self, now: Timestamp) -> Result<Vec<Unacked>, CloudError>;
-
-    /// Applies the clock-driven transitions of DESIGN §6 at `now`: `late`, `expired`, and
-    /// `incomplete` (with its pending periods `unreported`).
-    async fn sweep(&self, now: Timestamp) -> Result<Vec<Swept>, CloudError>;
-
-    /// An operator's cancel: the command becomes `cancelled` and a control message with id
-    /// `control_id` is created for delivery.
-    async fn cancel(
-        &self,
-        id: &MessageId,
-        control_id: MessageId,
-        at: Timestamp,
-    ) -> Result<Cancel, CloudError>;
-
-    /// The message to publish for a control message.
-    async fn control_message(&self, id: &MessageId) -> Result<Option<ControlMsg>, CloudError>;
-
     /// Takes the lease `name` for `owner` until `until`, or renews it, when it is free, has
-    /// expired by `now`, or is already `owner`'s. One conditional write: of several instances
-    /// asking at once, exactly one gets it. This is how several cloud instances share one
-    /// store: one runs the daily ingestion of a date, one sweeps at a time.
+    /// expired by `now`, or is already `owner`'s; its fencing token, or `None` when another
+    /// holds it. One conditional write: of several instances asking at once, exactly one gets
+    /// it. The token counts up at every new holding (a renewal keeps it), so a [`Fence`]
+    /// tells a stale holder from the current one. This is how several cloud instances share
+    /// one store: one runs each date's ingestion, one sweeps at a time.
     async fn lease(
         &self,
         name: &str,
         owner: &str,
         until: Timestamp,
         now: Timestamp,
-    ) -> Result<bool, CloudError>;
+    ) -> Result<Option<u64>, CloudError>;
 
     /// Gives a lease back before it expires; nothing happens unless `owner` holds it.
     async fn release(&self, name: &str, owner: &str) -> Result<(), CloudError>;
 
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), CloudError>;
+
+    // What follows is read from the loads above, the same for every backend.
+
+    /// One command in full: its periods as its marks say, with each reported period's
+    /// details from the report.
+    async fn command(&self, id: &MessageId) -> Result<Option<CommandDetail>, CloudError> {
+        let Some(log) = self.command_log(id).await? else {
+            return Ok(None);
+        };
+        let day = log.command.schedule.day();
+        let reports = self
+            .reports(log.command.device_id(), day.start(), day.end())
+            .await?;
+        Ok(Some(CommandDetail::new(log, &reports)))
+    }
+
+    /// The message to publish for a command.
+    async fn schedule_message(&self, id: &MessageId) -> Result<Option<ScheduleMsg>, CloudError> {
+        let loaded = self.load(std::slice::from_ref(id)).await?;
+        Ok(match loaded.into_iter().next().flatten() {
+            Some(Subject::Command(c)) => Some(c.message()),
+            _ => None,
+        })
+    }
+
+    /// The message to publish for a control message.
+    async fn control_message(&self, id: &MessageId) -> Result<Option<ControlMsg>, CloudError> {
+        let loaded = self.load(std::slice::from_ref(id)).await?;
+        Ok(match loaded.into_iter().next().flatten() {
+            Some(Subject::Control(c)) => Some(c.message()),
+            _ => None,
+        })
+    }
+
+    /// The trace context stored with a command, for feedback that comes without one.
+    async fn command_traceparent(&self, id: &MessageId) -> Result<Option<TraceParent>, CloudError> {
+        let loaded = self.load(std::slice::from_ref(id)).await?;
+        Ok(match loaded.into_iter().next().flatten() {
+            Some(Subject::Command(c)) => c.traceparent,
+            _ => None,
+        })
+    }
+
+    /// The version that stands for each date from `from` on, for one device: what it should
+    /// hold.
+    async fn current_commands(
+        &self,
+        device: &DeviceId,
+        from: Date,
+    ) -> Result<Vec<CurrentCommand>, CloudError> {
+        let versions = self.versions(device, from, Date::MAX).await?;
+        Ok(standing(&versions)
+            .into_values()
+            .map(|c| CurrentCommand {
+                message_id: c.message_id.clone(),
+                schedule_date: c.schedule.day().date(),
+                version: c.version,
+                sha256: c.sha256(),
+            })
+            .collect())
+    }
+
+    /// What the standing command of each device plans for `date`, from the period that starts
+    /// at or after `from` on, in device and period order.
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError> {
+        let commands = self.on_date(date).await?;
+        let standing = newest_per(commands.iter().filter(|c| c.state.is_live()), |c| {
+            c.device_id().clone()
+        });
+        Ok(standing
+            .into_iter()
+            .flat_map(|(device, c)| {
+                c.schedule
+                    .periods()
+                    .filter(|p| p.start >= from)
+                    .map(move |p| (device.clone(), p.setpoint))
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
+    /// Every device, in id order, with its newest commands for `today` and `tomorrow` and its
+    /// conformance so far: the periods of today's command, from the one it governs from, that
+    /// started before `ended_by` (that is, ended by now), and how many of them ran as
+    /// planned.
+    async fn fleet(
+        &self,
+        today: Date,
+        tomorrow: Date,
+        ended_by: Timestamp,
+    ) -> Result<Vec<FleetRow>, CloudError> {
+        let (devices, on_today, on_tomorrow) =
+            tokio::try_join!(self.devices(), self.on_date(today), self.on_date(tomorrow))?;
+        let by_device = |c: &Command| c.device_id().clone();
+        let newest_today = newest_per(&on_today, by_device);
+        let newest_tomorrow = newest_per(&on_tomorrow, by_device);
+        Ok(devices
+            .into_iter()
+            .map(|device| {
+                let id = device.device_id.clone();
+                let id = &id;
+                let mut row = FleetRow {
+                    today: newest_today.get(id).map(|c| CommandSummary::of(c)),
+                    tomorrow: newest_tomorrow.get(id).map(|c| CommandSummary::of(c)),
+                    due: 0,
+                    as_planned: 0,
+                    device,
+                };
+                if let Some(c) = newest_today.get(id) {
+                    let day = c.schedule.day();
+                    let effective = c.effective_period.unwrap_or(1);
+                    let due = c
+                        .marks
+                        .iter()
+                        .filter(|(p, _)| *p >= effective && day.period_start(*p) <= ended_by);
+                    for (_, mark) in due {
+                        row.due += 1;
+                        if let Mark::Reported {
+                            as_planned: true, ..
+                        } = mark
+                        {
+                            row.as_planned += 1;
+                        }
+                    }
+                }
+                row
+            })
+            .collect())
+    }
+}
+
+impl CommandSummary {
+    /// The summary of a command.
+    pub fn of(c: &Command) -> CommandSummary {
+        CommandSummary {
+            message_id: c.message_id.clone(),
+            device_id: c.device_id().clone(),
+            schedule_date: c.schedule.day().date(),
+            version: c.version,
+            state: c.state,
+            late: c.late,
+        }
+    }
+}
+
+impl CommandDetail {
+    /// A command's detail: every planned period with its status from the marks, and the
+    /// details of each period reported for this command from its report.
+    pub fn new(log: CommandLog, reports: &[ReportMsg]) -> CommandDetail {
+        let c = &log.command;
+        let by_start: BTreeMap<Timestamp, &ReportMsg> = reports
+            .iter()
+            .filter(|r| r.message_id.as_ref() == Some(&c.message_id))
+            .map(|r| (r.interval_start, r))
+            .collect();
+        let periods = c
+            .schedule
+            .periods()
+            .map(|p| {
+                let mark = c.marks.get(p.period).unwrap_or(Mark::Pending);
+                let mut view = PeriodView {
+                    period: p.period,
+                    start: p.start,
+                    mode: p.setpoint.mode().as_str().to_owned(),
+                    rate_kw: p.setpoint.rate(),
+                    status: mark.status(),
+                    applied_kw: None,
+                    limited_by: None,
+                    reason: mark.reason().map(str::to_owned),
+                    error: None,
+                    soc_pct: None,
+                    at: None,
+                };
+                if let (Mark::Reported { .. }, Some(r)) = (mark, by_start.get(&p.start)) {
+                    view.applied_kw = r.applied_kw;
+                    view.limited_by = r.limited_by.and_then(wire_name);
+                    view.reason = r.reason.and_then(wire_name);
+                    view.error = r.error.clone();
+                    view.soc_pct = r.soc_pct;
+                    view.at = Some(r.at);
+                }
+                view
+            })
+            .collect();
+        CommandDetail {
+            summary: CommandSummary::of(c),
+            sha256: c.sha256(),
+            acked_sha256: c.acked_sha256.clone(),
+            effective_period: c.effective_period,
+            publishes: c.publishes,
+            history: log.history,
+            sends: log.sends,
+            warning: log.warning,
+            periods,
+        }
+    }
+}
+
+/// A wire enum's name (`soc_max`, `superseded`).
+fn wire_name(v: impl Serialize) -> Option<String> {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
 }

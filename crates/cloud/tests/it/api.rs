@@ -21,7 +21,8 @@ struct TestApp {
     shutdown: CancellationToken,
     http: reqwest::Client,
     clock: Arc<ManualClock>,
-    cloud: Cloud,
+    /// The service; taken when it is stopped for a restart.
+    cloud: Option<Cloud>,
 }
 
 impl TestApp {
@@ -31,8 +32,19 @@ impl TestApp {
 
     /// Starts on an existing data dir, as after a restart.
     async fn start_in(dir: tempfile::TempDir, token: Option<&str>) -> TestApp {
+        TestApp::start_with(dir, token, None).await
+    }
+
+    /// Starts with a schedule provider (no daily fetch: the test asks for each fetch).
+    async fn start_with(
+        dir: tempfile::TempDir,
+        token: Option<&str>,
+        provider: Option<String>,
+    ) -> TestApp {
         let broker = max300_mqtt::broker::start("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let mut config = CloudConfig::load(None, &[]).unwrap();
+        config.provider = provider;
+        config.daily_fetch = false;
         config.data_dir = dir.path().to_path_buf();
         config.mqtt = format!("mqtt://{broker}");
         config.http = "127.0.0.1:0".into();
@@ -52,8 +64,23 @@ impl TestApp {
             shutdown,
             http: reqwest::Client::new(),
             clock,
-            cloud,
+            cloud: Some(cloud),
         }
+    }
+
+    fn cloud(&self) -> &Cloud {
+        self.cloud.as_ref().expect("the service runs")
+    }
+
+    /// Stops the service, waits for every task of it to end, and starts it again on the
+    /// same data dir, as after a restart.
+    async fn restart(mut self, provider: Option<String>) -> TestApp {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        self.shutdown.cancel();
+        if let Some(cloud) = self.cloud.take() {
+            cloud.wait().await;
+        }
+        TestApp::start_with(dir, None, provider).await
     }
 
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
@@ -466,6 +493,81 @@ async fn an_interrupted_ingestion_is_run_again_at_start_up() {
     assert_eq!(status, 200);
 }
 
+/// Item 2: a replayed ingestion never undoes a newer plan. Fetch A fails at the audit step
+/// (and a crash, played here, left another run of A open), the retry of A succeeds, the
+/// operator posts B, the cloud restarts: the units still run B.
+#[tokio::test]
+async fn a_replay_never_brings_back_a_plan_that_a_later_one_replaced() {
+    use axum::routing::get;
+    let provider = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/tomorrow", provider.local_addr().unwrap());
+    let app = axum::Router::new().route("/tomorrow", get(|| async { document(50.0) }));
+    tokio::spawn(async move { axum::serve(provider, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    // The audit step after the commit (the rejected d2 is kept) fails: its folder is a file.
+    let blocked = dir.path().join("audit/rejections");
+    std::fs::create_dir_all(blocked.parent().unwrap()).unwrap();
+    std::fs::write(&blocked, "not a folder").unwrap();
+    let app = TestApp::start_with(dir, None, Some(url.clone())).await;
+    let store = app.cloud().store.clone();
+    let (status, failed) = app.post("/api/ingest?date=2026-11-30", "").await;
+    assert_eq!(status, 500, "{failed}");
+    assert_eq!(
+        store.interrupted_ingestions().await.unwrap(),
+        [],
+        "an error closes its run as failed: nothing to replay"
+    );
+    // A crash in the middle of another fetch of A leaves its run open.
+    let raws: Vec<_> = std::fs::read_dir(app.dir.path().join("audit/raw/2026-11-29"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    store
+        .begin_ingestion(
+            "2026-11-30".parse().unwrap(),
+            "fetch",
+            &format!("raw/2026-11-29/{}", raws[0]),
+            eve(),
+        )
+        .await
+        .unwrap();
+    std::fs::remove_file(&blocked).unwrap();
+    let (status, retried) = app.post("/api/ingest?date=2026-11-30", "").await;
+    assert_eq!(status, 200, "{retried}");
+    let (status, b) = app.post("/api/schedules", document(80.0)).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["accepted"][0]["version"], 2);
+
+    let app = app.restart(Some(url)).await;
+    let store = app.cloud().store.clone();
+    let mut closed = false;
+    for _ in 0..100 {
+        if store.interrupted_ingestions().await.unwrap().is_empty() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        closed,
+        "the overtaken run is closed at start-up, not left open"
+    );
+    let d1 = DeviceId::parse("d1").unwrap();
+    let current = store
+        .current_commands(&d1, "2026-11-30".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].version, 2, "B stands");
+    let (_, versions) = app.get("/api/commands?device_id=d1&date=2026-11-30").await;
+    assert_eq!(
+        versions.as_array().unwrap().len(),
+        2,
+        "no third version: {versions}"
+    );
+}
+
 /// (what, topic, payload, the decode error must contain)
 fn malformed() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
     let ack = json!({"type":"ack","v":1,"store_id":"s1","seq":1,"message_id":"m1","device_id":"d1",
@@ -702,7 +804,7 @@ async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
     };
     assert_eq!(receipt.seqs, vec![99], "nothing malformed was receipted");
 
-    let metrics = app.cloud.metrics.render();
+    let metrics = app.cloud().metrics.render();
     assert_eq!(
         sum_of(&metrics, r#"outcome="invalid""#) as usize,
         cases.len() + 3,
@@ -958,7 +1060,8 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
     );
     assert_eq!(p3["status"], "none");
 
-    // A day no command governs still shows what the device said of its periods.
+    // A report of a day the device has no command for is refused (a device cannot fill the
+    // store with days of its own making), but answered, so its outbox lets it go.
     let idle = json!({"type":"report","v":1,"store_id":"s1","seq":3,"message_id":null,
                       "device_id":"d1","period":33,"interval_start":"2026-11-29T16:00:00Z",
                       "mode":"idle","rate_kw":0,"status":"skipped","reason":"no_schedule",
@@ -971,20 +1074,19 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
         )
         .await
         .unwrap();
-    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
-    let eve_day = loop {
-        let (_, day) = app.get("/api/devices/d1/day?date=2026-11-29").await;
-        if day["periods"][32]["status"] != "none" || max300_protocol::clock::monotonic() > deadline
+    loop {
+        if let Message::Receipt(r) = next(&mut inbox).await
+            && r.seqs.contains(&3)
         {
-            break day;
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let p33 = &eve_day["periods"][32];
-    assert_eq!(
-        (&p33["status"], &p33["reason"], &p33["local_start"]),
-        (&json!("skipped"), &json!("no_schedule"), &json!("16:00")),
-        "{eve_day}"
+    }
+    let (_, eve_day) = app.get("/api/devices/d1/day?date=2026-11-29").await;
+    assert_eq!(eve_day["periods"][32]["status"], "none", "{eve_day}");
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"max300_inbound_messages_total{type="report",outcome="refused"} 1"#),
+        "{metrics}"
     );
     assert_eq!(eve_day["periods"][31]["status"], "none");
 

@@ -4,12 +4,17 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use max300_cloud::lifecycle::Subject;
 use max300_cloud::store::{Cancel, CommandStore, IngestionCounts, Insert, NewCommand, Recorded};
-use max300_cloud::{CommandState, PeriodStatus, SqliteStore};
+use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
 use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId, TraceParent};
 
 use crate::{day, eve, schedule};
+
+fn ledger(store: Arc<dyn CommandStore>) -> Ledger {
+    Ledger::new(store, Policy::default())
+}
 
 fn sqlite() -> (tempfile::TempDir, Arc<dyn CommandStore>) {
     let dir = tempfile::tempdir().unwrap();
@@ -26,9 +31,9 @@ async fn dynamodb() -> (crate::moto::Moto, Arc<dyn CommandStore>) {
     (moto, Arc::new(store))
 }
 
-async fn create(store: &dyn CommandStore, device: &str, kw: u32) -> (MessageId, Insert) {
+async fn create(l: &Ledger, device: &str, kw: u32) -> (MessageId, Insert) {
     let id = MessageId::generate(eve());
-    let insert = store
+    let insert = l
         .insert_commands(
             &[NewCommand {
                 message_id: id.clone(),
@@ -36,11 +41,33 @@ async fn create(store: &dyn CommandStore, device: &str, kw: u32) -> (MessageId, 
                 traceparent: None,
             }],
             eve(),
+            None,
         )
         .await
         .unwrap()
         .remove(0);
     (id, insert)
+}
+
+/// Publishes (as far as the store knows) what these ids name.
+async fn mark_sent(l: &Ledger, ids: &[MessageId], at: Timestamp) {
+    let loaded = l.publishable(ids, at).await.unwrap();
+    assert_eq!(loaded.len(), ids.len(), "all publishable");
+    l.published(loaded, at).await.unwrap();
+}
+
+/// Commands never published.
+async fn unsent(store: &dyn CommandStore) -> Vec<MessageId> {
+    let mut ids: Vec<MessageId> = store
+        .commands(None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.state == CommandState::Created)
+        .map(|c| c.message_id)
+        .collect();
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    ids
 }
 
 fn ack(id: &MessageId, device: &str, seq: u64, effective: u32) -> AckMsg {
@@ -86,25 +113,26 @@ fn report(id: Option<&MessageId>, device: &str, period: u32) -> ReportMsg {
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-async fn create_traced(store: &dyn CommandStore, device: &str) -> MessageId {
+async fn create_traced(l: &Ledger, device: &str) -> MessageId {
     let id = MessageId::generate(eve());
-    store
-        .insert_commands(
-            &[NewCommand {
-                message_id: id.clone(),
-                schedule: schedule(device, 10),
-                traceparent: TraceParent::parse(TRACEPARENT).ok(),
-            }],
-            eve(),
-        )
-        .await
-        .unwrap();
+    l.insert_commands(
+        &[NewCommand {
+            message_id: id.clone(),
+            schedule: schedule(device, 10),
+            traceparent: TraceParent::parse(TRACEPARENT).ok(),
+        }],
+        eve(),
+        None,
+    )
+    .await
+    .unwrap();
     id
 }
 
-async fn keeps_each_commands_trace_context(store: &dyn CommandStore) {
-    let traced = create_traced(store, "d1").await;
-    let (untraced, _) = create(store, "d2", 10).await;
+async fn keeps_each_commands_trace_context(l: &Ledger) {
+    let store = &**l.store();
+    let traced = create_traced(l, "d1").await;
+    let (untraced, _) = create(l, "d2", 10).await;
     let tp = TraceParent::parse(TRACEPARENT).unwrap();
     assert_eq!(
         store.command_traceparent(&traced).await.unwrap(),
@@ -137,27 +165,28 @@ async fn state(store: &dyn CommandStore, id: &MessageId) -> CommandState {
     store.command(id).await.unwrap().unwrap().summary.state
 }
 
-async fn versions_by_content(store: &dyn CommandStore) {
-    let (_, first) = create(store, "d1", 10).await;
+async fn versions_by_content(l: &Ledger) {
+    let (_, first) = create(l, "d1", 10).await;
     assert!(matches!(first, Insert::Created { version: 1, .. }));
-    let (_, same) = create(store, "d1", 10).await;
+    let (_, same) = create(l, "d1", 10).await;
     assert!(
         matches!(same, Insert::Unchanged { version: 1, .. }),
         "{same:?}"
     );
-    let (_, changed) = create(store, "d1", 20).await;
+    let (_, changed) = create(l, "d1", 20).await;
     assert!(
         matches!(changed, Insert::Created { version: 2, .. }),
         "{changed:?}"
     );
-    let (_, other) = create(store, "d2", 20).await;
+    let (_, other) = create(l, "d2", 20).await;
     assert!(matches!(other, Insert::Created { version: 1, .. }));
 }
 
-async fn lists_commands_by_device_by_date_or_all(store: &dyn CommandStore) {
-    let (a1, _) = create(store, "d1", 10).await;
-    let (a2, _) = create(store, "d1", 20).await;
-    let (b1, _) = create(store, "d2", 10).await;
+async fn lists_commands_by_device_by_date_or_all(l: &Ledger) {
+    let store = &**l.store();
+    let (a1, _) = create(l, "d1", 10).await;
+    let (a2, _) = create(l, "d1", 20).await;
+    let (b1, _) = create(l, "d2", 10).await;
     let ids = |list: Vec<max300_cloud::store::CommandSummary>| {
         let mut ids: Vec<MessageId> = list.into_iter().map(|c| c.message_id).collect();
         ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
@@ -177,43 +206,36 @@ async fn lists_commands_by_device_by_date_or_all(store: &dyn CommandStore) {
     assert_eq!(store.commands(None, Some(other_day)).await.unwrap(), []);
 }
 
-async fn rebuilds_the_published_message(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
+async fn rebuilds_the_published_message(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
     let msg = store.schedule_message(&id).await.unwrap().unwrap();
     assert_eq!(msg.to_schedule().unwrap(), schedule("d1", 10));
     assert_eq!(msg.version, 1);
 }
 
-async fn walks_the_lifecycle_and_applies_each_message_once(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
+async fn walks_the_lifecycle_and_applies_each_message_once(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
     assert_eq!(state(store, &id).await, CommandState::Created);
-    assert_eq!(store.unsent().await.unwrap(), vec![id.clone()]);
-    store
-        .mark_sent(std::slice::from_ref(&id), eve())
-        .await
-        .unwrap();
+    assert_eq!(unsent(store).await, vec![id.clone()]);
+    mark_sent(l, std::slice::from_ref(&id), eve()).await;
     assert_eq!(state(store, &id).await, CommandState::Sent);
-    assert!(store.unsent().await.unwrap().is_empty());
+    assert!(unsent(store).await.is_empty());
 
     let a = ack(&id, "d1", 1, 1);
-    assert_eq!(
-        store.record_ack(&a, eve()).await.unwrap(),
-        Recorded::Applied
-    );
-    assert_eq!(
-        store.record_ack(&a, eve()).await.unwrap(),
-        Recorded::Duplicate
-    );
+    assert_eq!(l.record_ack(&a, eve()).await.unwrap(), Recorded::Applied);
+    assert_eq!(l.record_ack(&a, eve()).await.unwrap(), Recorded::Duplicate);
     assert_eq!(state(store, &id).await, CommandState::Acknowledged);
 
     for p in 1..=48 {
         let r = report(Some(&id), "d1", p);
         assert_eq!(
-            store.record_report(&r, eve()).await.unwrap(),
+            l.record_report(&r, day().end()).await.unwrap(),
             Recorded::Applied
         );
         assert_eq!(
-            store.record_report(&r, eve()).await.unwrap(),
+            l.record_report(&r, day().end()).await.unwrap(),
             Recorded::Duplicate
         );
     }
@@ -237,58 +259,126 @@ async fn walks_the_lifecycle_and_applies_each_message_once(store: &dyn CommandSt
     );
 }
 
-async fn a_report_implies_the_ack(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
-    store
-        .mark_sent(std::slice::from_ref(&id), eve())
-        .await
-        .unwrap();
-    store
-        .record_report(&report(Some(&id), "d1", 1), eve())
+async fn a_report_implies_the_ack(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
+    mark_sent(l, std::slice::from_ref(&id), eve()).await;
+    l.record_report(&report(Some(&id), "d1", 1), day().end())
         .await
         .unwrap();
     assert_eq!(state(store, &id).await, CommandState::Acknowledged);
 }
 
-async fn stores_messages_about_unknown_commands(store: &dyn CommandStore) {
+/// Item 7: a device cannot grow the store without limit. An ack about no command of ours is
+/// not kept; a report is kept only for a period of a day the device has a command for.
+async fn messages_about_unknown_commands_grow_nothing(l: &Ledger) {
+    let store = &**l.store();
     let stranger = MessageId::generate(eve());
     let a = ack(&stranger, "d9", 1, 1);
-    assert_eq!(
-        store.record_ack(&a, eve()).await.unwrap(),
-        Recorded::UnknownCommand
-    );
-    assert_eq!(
-        store.record_ack(&a, eve()).await.unwrap(),
-        Recorded::Duplicate
-    );
+    for _ in 0..2 {
+        assert_eq!(
+            l.record_ack(&a, eve()).await.unwrap(),
+            Recorded::UnknownCommand
+        );
+    }
     let r = report(None, "d9", 1);
+    let refused = l.record_report(&r, day().end()).await.unwrap();
+    assert!(
+        matches!(&refused, Recorded::Refused(why) if why.contains("not in a day d9 has a command for")),
+        "{refused:?}"
+    );
+    let d9 = DeviceId::parse("d9").unwrap();
+    assert!(
+        store
+            .reports(&d9, day().start(), day().end())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Once d9 has a command for the day, its reports of that day are kept (once), even one
+    // naming no command, or another.
+    create(l, "d9", 10).await;
     assert_eq!(
-        store.record_report(&r, eve()).await.unwrap(),
+        l.record_report(&r, day().end()).await.unwrap(),
         Recorded::Applied
     );
     assert_eq!(
-        store.record_report(&r, eve()).await.unwrap(),
+        l.record_report(&r, day().end()).await.unwrap(),
         Recorded::Duplicate
+    );
+    let named = report(Some(&stranger), "d9", 2);
+    assert_eq!(
+        l.record_report(&named, day().end()).await.unwrap(),
+        Recorded::UnknownCommand
+    );
+    // Off its grid, long ago or not yet started: refused.
+    let mut off = report(None, "d9", 3);
+    off.interval_start += jiff::SignedDuration::from_secs(1);
+    let mut early = report(None, "d9", 40);
+    early.at = day().start();
+    for (r, at) in [
+        (off, day().end()),
+        (
+            report(None, "d9", 4),
+            day().end() + jiff::SignedDuration::from_hours(24 * 401),
+        ),
+        (early, day().start()),
+    ] {
+        let outcome = l.record_report(&r, at).await.unwrap();
+        assert!(matches!(outcome, Recorded::Refused(_)), "{outcome:?}");
+    }
+    assert_eq!(
+        store
+            .reports(&d9, day().start(), day().end())
+            .await
+            .unwrap()
+            .len(),
+        2
     );
 }
 
-async fn a_newer_version_supersedes_from_its_effective_period(store: &dyn CommandStore) {
-    let (v1, _) = create(store, "d1", 10).await;
-    store
-        .record_ack(&ack(&v1, "d1", 1, 1), eve())
-        .await
-        .unwrap();
+/// Item 4: an ack cannot make the store do unbounded work. An effective period outside the
+/// plan (or none, when accepted) is refused: nothing changes, and a valid ack still applies.
+async fn a_hostile_ack_changes_nothing(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
+    mark_sent(l, std::slice::from_ref(&id), eve()).await;
+    let before = store.command(&id).await.unwrap().unwrap();
+    for effective in [u32::MAX, 0, 100] {
+        let outcome = l
+            .record_ack(&ack(&id, "d1", 1, effective), eve())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&outcome, Recorded::Refused(why) if why.starts_with("effective_period")),
+            "{effective}: {outcome:?}"
+        );
+        assert_eq!(store.command(&id).await.unwrap().unwrap(), before);
+    }
+    let mut none = ack(&id, "d1", 1, 1);
+    none.effective_period = None;
+    assert!(matches!(
+        l.record_ack(&none, eve()).await.unwrap(),
+        Recorded::Refused(_)
+    ));
+    assert_eq!(
+        l.record_ack(&ack(&id, "d1", 1, 1), eve()).await.unwrap(),
+        Recorded::Applied,
+        "the refusals kept nothing that makes the real ack a duplicate"
+    );
+}
+
+async fn a_newer_version_supersedes_from_its_effective_period(l: &Ledger) {
+    let store = &**l.store();
+    let (v1, _) = create(l, "d1", 10).await;
+    l.record_ack(&ack(&v1, "d1", 1, 1), eve()).await.unwrap();
     for p in 1..=9 {
-        store
-            .record_report(&report(Some(&v1), "d1", p), eve())
+        l.record_report(&report(Some(&v1), "d1", p), day().end())
             .await
             .unwrap();
     }
-    let (v2, _) = create(store, "d1", 20).await;
-    store
-        .record_ack(&ack(&v2, "d1", 2, 10), eve())
-        .await
-        .unwrap();
+    let (v2, _) = create(l, "d1", 20).await;
+    l.record_ack(&ack(&v2, "d1", 2, 10), eve()).await.unwrap();
     let old = store.command(&v1).await.unwrap().unwrap();
     let new = store.command(&v2).await.unwrap().unwrap();
     assert_eq!(old.summary.state, CommandState::Superseded);
@@ -318,7 +408,8 @@ async fn a_newer_version_supersedes_from_its_effective_period(store: &dyn Comman
     assert_eq!(current[0].message_id, v2);
 }
 
-async fn registers_devices_and_records_heartbeats(store: &dyn CommandStore) {
+async fn registers_devices_and_records_heartbeats(l: &Ledger) {
+    let store = &**l.store();
     let d = DeviceId::parse("d1").unwrap();
     store.register_device(&d, None, eve()).await.unwrap();
     store
@@ -346,55 +437,45 @@ async fn registers_devices_and_records_heartbeats(store: &dyn CommandStore) {
     assert_eq!(store.devices().await.unwrap().len(), 1);
 }
 
-async fn reports_before_the_ack_still_complete_the_command(store: &dyn CommandStore) {
-    let (v1, _) = create(store, "d1", 10).await;
-    store
-        .record_ack(&ack(&v1, "d1", 1, 1), eve())
-        .await
-        .unwrap();
-    let (v2, _) = create(store, "d1", 20).await;
+async fn reports_before_the_ack_still_complete_the_command(l: &Ledger) {
+    let store = &**l.store();
+    let (v1, _) = create(l, "d1", 10).await;
+    l.record_ack(&ack(&v1, "d1", 1, 1), eve()).await.unwrap();
+    let (v2, _) = create(l, "d1", 20).await;
     for p in 5..=48 {
-        store
-            .record_report(&report(Some(&v2), "d1", p), eve())
+        l.record_report(&report(Some(&v2), "d1", p), day().end())
             .await
             .unwrap();
     }
     assert_eq!(state(store, &v2).await, CommandState::Acknowledged);
-    store
-        .record_ack(&ack(&v2, "d1", 2, 5), eve())
-        .await
-        .unwrap();
+    l.record_ack(&ack(&v2, "d1", 2, 5), eve()).await.unwrap();
     assert_eq!(state(store, &v2).await, CommandState::Completed);
 }
 
-async fn another_devices_ack_cannot_take_the_owners_place(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
-    store
-        .mark_sent(std::slice::from_ref(&id), eve())
-        .await
-        .unwrap();
+async fn another_devices_ack_cannot_take_the_owners_place(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
+    mark_sent(l, std::slice::from_ref(&id), eve()).await;
     let spoof = ack(&id, "d2", 1, 1);
     assert_eq!(
-        store.record_ack(&spoof, eve()).await.unwrap(),
+        l.record_ack(&spoof, eve()).await.unwrap(),
         Recorded::UnknownCommand
     );
     assert_eq!(state(store, &id).await, CommandState::Sent);
     assert_eq!(
-        store
-            .record_ack(&ack(&id, "d1", 1, 1), eve())
-            .await
-            .unwrap(),
+        l.record_ack(&ack(&id, "d1", 1, 1), eve()).await.unwrap(),
         Recorded::Applied
     );
     assert_eq!(state(store, &id).await, CommandState::Acknowledged);
 }
 
-async fn sync_offers_the_last_live_version(store: &dyn CommandStore) {
-    let (v1, _) = create(store, "d1", 10).await;
-    let (v2, _) = create(store, "d1", 20).await;
+async fn sync_offers_the_last_live_version(l: &Ledger) {
+    let store = &**l.store();
+    let (v1, _) = create(l, "d1", 10).await;
+    let (v2, _) = create(l, "d1", 20).await;
     let mut rejected = ack(&v2, "d1", 1, 1);
     rejected.status = AckStatus::Rejected;
-    store.record_ack(&rejected, eve()).await.unwrap();
+    l.record_ack(&rejected, eve()).await.unwrap();
     let current = store
         .current_commands(&DeviceId::parse("d1").unwrap(), day().date())
         .await
@@ -405,45 +486,44 @@ async fn sync_offers_the_last_live_version(store: &dyn CommandStore) {
     );
 }
 
-async fn the_clock_flags_late_and_ends_what_was_never_acked(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
-    store
-        .mark_sent(std::slice::from_ref(&id), eve())
-        .await
-        .unwrap();
-    assert!(store.sweep(eve()).await.unwrap().is_empty());
-    let swept = store.sweep(day().start()).await.unwrap();
+async fn the_clock_flags_late_and_ends_what_was_never_acked(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
+    mark_sent(l, std::slice::from_ref(&id), eve()).await;
+    assert!(l.sweep(eve()).await.unwrap().swept.is_empty());
+    let swept = l.sweep(day().start()).await.unwrap().swept;
     assert_eq!(swept.len(), 1);
+    assert!(swept[0].late);
     assert_eq!(swept[0].state, None, "late is a flag, not a state");
     let detail = store.command(&id).await.unwrap().unwrap();
     assert!(detail.summary.late);
     assert_eq!(detail.summary.state, CommandState::Sent);
-    let swept = store.sweep(day().end()).await.unwrap();
+    let swept = l.sweep(day().end()).await.unwrap().swept;
     assert_eq!(swept[0].state, Some(CommandState::Expired));
+    assert!(
+        l.sweep(day().end()).await.unwrap().swept.is_empty(),
+        "each change once"
+    );
     // Late news still counts: a report moves it on.
-    store
-        .record_report(&report(Some(&id), "d1", 1), day().end())
+    l.record_report(&report(Some(&id), "d1", 1), day().end())
         .await
         .unwrap();
     assert_eq!(state(store, &id).await, CommandState::Acknowledged);
 }
 
-async fn periods_left_unreported_end_incomplete(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
-    store
-        .record_ack(&ack(&id, "d1", 1, 1), eve())
-        .await
-        .unwrap();
+async fn periods_left_unreported_end_incomplete(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
+    l.record_ack(&ack(&id, "d1", 1, 1), eve()).await.unwrap();
     for p in 1..=40 {
-        store
-            .record_report(&report(Some(&id), "d1", p), eve())
+        l.record_report(&report(Some(&id), "d1", p), day().end())
             .await
             .unwrap();
     }
     let after_end = day().end() + jiff::SignedDuration::from_mins(59);
-    assert!(store.sweep(after_end).await.unwrap().is_empty());
+    assert!(l.sweep(after_end).await.unwrap().swept.is_empty());
     let hour_after = day().end() + jiff::SignedDuration::from_hours(1);
-    let swept = store.sweep(hour_after).await.unwrap();
+    let swept = l.sweep(hour_after).await.unwrap().swept;
     assert_eq!(swept[0].state, Some(CommandState::Incomplete));
     let detail = store.command(&id).await.unwrap().unwrap();
     assert_eq!(
@@ -455,98 +535,123 @@ async fn periods_left_unreported_end_incomplete(store: &dyn CommandStore) {
         8
     );
     // One late report does not flip it back; the last one completes it.
-    store
-        .record_report(&report(Some(&id), "d1", 41), hour_after)
+    l.record_report(&report(Some(&id), "d1", 41), hour_after)
         .await
         .unwrap();
-    assert!(store.sweep(hour_after).await.unwrap().is_empty());
+    assert!(l.sweep(hour_after).await.unwrap().swept.is_empty());
     assert_eq!(state(store, &id).await, CommandState::Incomplete);
     for p in 42..=48 {
-        store
-            .record_report(&report(Some(&id), "d1", p), hour_after)
+        l.record_report(&report(Some(&id), "d1", p), hour_after)
             .await
             .unwrap();
     }
     assert_eq!(state(store, &id).await, CommandState::Completed);
 }
 
-async fn waiting(store: &dyn CommandStore) -> Vec<MessageId> {
-    let unacked = store.awaiting_ack(eve()).await.unwrap();
-    unacked.into_iter().map(|u| u.message_id).collect()
+/// What a sweep at `at` publishes again.
+async fn resent_at(l: &Ledger, at: Timestamp) -> Vec<MessageId> {
+    let resend = l.sweep(at).await.unwrap().resend;
+    resend.iter().map(|s| s.message_id().clone()).collect()
 }
 
-async fn resends_stop_at_an_ack_or_a_newer_version(store: &dyn CommandStore) {
-    let (v1, _) = create(store, "d1", 10).await;
+async fn resends_back_off_and_stop_at_an_ack_or_a_newer_version(l: &Ledger) {
+    let store = &**l.store();
+    let p = *l.policy();
+    let (v1, _) = create(l, "d1", 10).await;
+    // Never published (the ingestion's publish failed): tried again, as a sent one would be.
+    let first = eve() + p.resend_delay(1);
     assert!(
-        waiting(store).await.is_empty(),
-        "never published: the start-up outbox sends it"
+        resent_at(l, first - jiff::SignedDuration::from_secs(1))
+            .await
+            .is_empty()
     );
-    store
-        .mark_sent(std::slice::from_ref(&v1), eve())
-        .await
-        .unwrap();
-    assert_eq!(waiting(store).await, std::slice::from_ref(&v1));
-    let unacked = store.awaiting_ack(eve()).await.unwrap();
-    assert_eq!(unacked[0].publishes, 1);
-    let (v2, _) = create(store, "d1", 20).await;
-    store
-        .mark_sent(std::slice::from_ref(&v2), eve())
-        .await
-        .unwrap();
-    assert_eq!(waiting(store).await, std::slice::from_ref(&v2));
-    store
-        .record_ack(&ack(&v2, "d1", 1, 1), eve())
-        .await
-        .unwrap();
-    assert!(waiting(store).await.is_empty());
+    assert_eq!(resent_at(l, first).await, std::slice::from_ref(&v1));
+    // That try failed too: the next one backs off further.
+    let second = first + p.resend_delay(2);
+    assert!(
+        resent_at(l, second - jiff::SignedDuration::from_secs(1))
+            .await
+            .is_empty()
+    );
+    assert_eq!(resent_at(l, second).await, std::slice::from_ref(&v1));
+    assert_eq!(state(store, &v1).await, CommandState::Created);
+    mark_sent(l, std::slice::from_ref(&v1), second).await;
+    assert_eq!(state(store, &v1).await, CommandState::Sent);
+    let detail = store.command(&v1).await.unwrap().unwrap();
+    assert_eq!((detail.publishes, detail.sends.len()), (1, 1));
+    // A newer version takes over: the older one is not sent again.
+    let (v2, _) = create(l, "d1", 20).await;
+    mark_sent(l, std::slice::from_ref(&v2), second).await;
+    let later = second + p.resend_delay(3);
+    assert_eq!(resent_at(l, later).await, std::slice::from_ref(&v2));
+    l.record_ack(&ack(&v2, "d1", 1, 1), later).await.unwrap();
+    assert!(
+        resent_at(l, later + jiff::SignedDuration::from_hours(1))
+            .await
+            .is_empty()
+    );
 }
 
-async fn a_cancel_ends_the_command_and_is_delivered_like_one(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
-    store
-        .record_ack(&ack(&id, "d1", 1, 1), eve())
-        .await
-        .unwrap();
+async fn a_cancel_ends_the_command_and_is_delivered_like_one(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
+    l.record_ack(&ack(&id, "d1", 1, 1), eve()).await.unwrap();
     let control_id = MessageId::generate(eve());
-    let Cancel::Cancelled(msg) = store.cancel(&id, control_id.clone(), eve()).await.unwrap() else {
+    let Cancel::Cancelled(msg) = l.cancel(&id, control_id.clone(), eve()).await.unwrap() else {
         panic!("expected a cancel");
     };
     assert_eq!(msg.target_message_id, id);
     assert_eq!(state(store, &id).await, CommandState::Cancelled);
-    assert_eq!(store.unsent().await.unwrap(), vec![control_id.clone()]);
     assert_eq!(store.control_message(&control_id).await.unwrap(), Some(msg));
-    store
-        .mark_sent(std::slice::from_ref(&control_id), eve())
-        .await
-        .unwrap();
-    assert_eq!(store.awaiting_ack(eve()).await.unwrap().len(), 1);
+    // The cancelled command is never published again.
+    assert!(
+        l.publishable(std::slice::from_ref(&id), eve())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    mark_sent(l, std::slice::from_ref(&control_id), eve()).await;
+    let retry = eve() + l.policy().resend_delay(1);
+    assert_eq!(resent_at(l, retry).await, std::slice::from_ref(&control_id));
     let control_ack = ack(&control_id, "d1", 2, 1);
     assert_eq!(
-        store.record_ack(&control_ack, eve()).await.unwrap(),
+        l.record_ack(&control_ack, eve()).await.unwrap(),
         Recorded::Applied
     );
-    assert!(store.awaiting_ack(eve()).await.unwrap().is_empty());
+    let Some(Some(Subject::Control(control))) = store
+        .load(std::slice::from_ref(&control_id))
+        .await
+        .unwrap()
+        .pop()
+    else {
+        panic!("the control is kept");
+    };
+    assert_eq!(control.state, CommandState::Acknowledged);
+    assert!(
+        resent_at(l, retry + jiff::SignedDuration::from_hours(1))
+            .await
+            .is_empty()
+    );
     assert_eq!(
-        store
-            .cancel(&id, MessageId::generate(eve()), eve())
+        l.cancel(&id, MessageId::generate(eve()), eve())
             .await
             .unwrap(),
         Cancel::AlreadyEnded(CommandState::Cancelled)
     );
     assert_eq!(
-        store
-            .cancel(
-                &MessageId::generate(eve()),
-                MessageId::generate(eve()),
-                eve()
-            )
-            .await
-            .unwrap(),
+        l.cancel(
+            &MessageId::generate(eve()),
+            MessageId::generate(eve()),
+            eve()
+        )
+        .await
+        .unwrap(),
         Cancel::NotFound
     );
 }
 
-async fn an_unfinished_ingestion_is_listed_for_replay(store: &dyn CommandStore) {
+async fn an_unfinished_ingestion_is_listed_for_replay(l: &Ledger) {
+    let store = &**l.store();
     let date = day().date();
     let id = store
         .begin_ingestion(date, "fetch", "raw/k.json", eve())
@@ -556,8 +661,9 @@ async fn an_unfinished_ingestion_is_listed_for_replay(store: &dyn CommandStore) 
     let open = store.interrupted_ingestions().await.unwrap();
     assert_eq!(open.len(), 1);
     assert_eq!((open[0].id, open[0].audit_key.as_str()), (id, "raw/k.json"));
+    assert!(!open[0].overtaken);
     store
-        .finish_ingestion(id, IngestionCounts::default(), eve())
+        .finish_ingestion(id, Ok(IngestionCounts::default()), eve())
         .await
         .unwrap();
     assert!(store.interrupted_ingestions().await.unwrap().is_empty());
@@ -567,7 +673,7 @@ async fn an_unfinished_ingestion_is_listed_for_replay(store: &dyn CommandStore) 
         .await
         .unwrap();
     store
-        .finish_ingestion(posted, IngestionCounts::default(), eve())
+        .finish_ingestion(posted, Ok(IngestionCounts::default()), eve())
         .await
         .unwrap();
     assert!(
@@ -576,16 +682,59 @@ async fn an_unfinished_ingestion_is_listed_for_replay(store: &dyn CommandStore) 
     );
 }
 
-async fn lists_a_devices_reports_for_a_day_once_each(store: &dyn CommandStore) {
+/// Item 2: a run that failed is closed, not replayed; one left open by a crash is marked
+/// overtaken once a later run of its date finished.
+async fn a_failed_run_is_closed_and_an_overtaken_one_says_so(l: &Ledger) {
+    let store = &**l.store();
+    let date = day().date().tomorrow().unwrap();
+    let failed = store
+        .begin_ingestion(date, "fetch", "raw/a.json", eve())
+        .await
+        .unwrap();
+    store
+        .finish_ingestion(failed, Err("audit store: disk full".into()), eve())
+        .await
+        .unwrap();
+    assert!(store.interrupted_ingestions().await.unwrap().is_empty());
+    assert!(
+        !store.ingested(date).await.unwrap(),
+        "a failed fetch is not one"
+    );
+    let crashed = store
+        .begin_ingestion(date, "fetch", "raw/b.json", eve())
+        .await
+        .unwrap();
+    let later = store
+        .begin_ingestion(date, "post", "raw/c.json", eve())
+        .await
+        .unwrap();
+    let open = store.interrupted_ingestions().await.unwrap();
+    assert_eq!(
+        open.iter().map(|r| (r.id, r.overtaken)).collect::<Vec<_>>(),
+        [(crashed, false), (later, false)]
+    );
+    store
+        .finish_ingestion(later, Ok(IngestionCounts::default()), eve())
+        .await
+        .unwrap();
+    let open = store.interrupted_ingestions().await.unwrap();
+    assert_eq!(
+        open.iter().map(|r| (r.id, r.overtaken)).collect::<Vec<_>>(),
+        [(crashed, true)]
+    );
+}
+
+async fn lists_a_devices_reports_for_a_day_once_each(l: &Ledger) {
+    let store = &**l.store();
+    create(l, "d1", 10).await;
+    create(l, "d2", 10).await;
     let stranger = MessageId::generate(eve());
     for p in [3, 1, 2, 2] {
-        store
-            .record_report(&report(Some(&stranger), "d1", p), eve())
+        l.record_report(&report(Some(&stranger), "d1", p), day().end())
             .await
             .unwrap();
     }
-    store
-        .record_report(&report(None, "d2", 1), eve())
+    l.record_report(&report(None, "d2", 1), day().end())
         .await
         .unwrap();
     let d1 = DeviceId::parse("d1").unwrap();
@@ -604,7 +753,8 @@ async fn lists_a_devices_reports_for_a_day_once_each(store: &dyn CommandStore) {
     assert!(none.is_empty());
 }
 
-async fn the_fleet_rows_count_conformance_and_states(store: &dyn CommandStore) {
+async fn the_fleet_rows_count_conformance_and_states(l: &Ledger) {
+    let store = &**l.store();
     let date = day().date();
     let tomorrow = date.tomorrow().unwrap();
     for d in ["d1", "d2"] {
@@ -613,20 +763,13 @@ async fn the_fleet_rows_count_conformance_and_states(store: &dyn CommandStore) {
             .await
             .unwrap();
     }
-    let (v1, _) = create(store, "d1", 10).await;
-    let (v2, _) = create(store, "d1", 20).await;
-    store
-        .mark_sent(&[v1.clone(), v2.clone()], eve())
-        .await
-        .unwrap();
-    store
-        .record_ack(&ack(&v2, "d1", 1, 1), eve())
-        .await
-        .unwrap();
+    let (v1, _) = create(l, "d1", 10).await;
+    let (v2, _) = create(l, "d1", 20).await;
+    mark_sent(l, &[v1.clone(), v2.clone()], eve()).await;
+    l.record_ack(&ack(&v2, "d1", 1, 1), eve()).await.unwrap();
     // Period 1 plans 20 kW and ran at 0 (not as planned); period 2 plans idle and ran idle.
     for period in [1, 2] {
-        store
-            .record_report(&report(Some(&v2), "d1", period), eve())
+        l.record_report(&report(Some(&v2), "d1", period), day().end())
             .await
             .unwrap();
     }
@@ -653,17 +796,12 @@ async fn the_fleet_rows_count_conformance_and_states(store: &dyn CommandStore) {
     );
 }
 
-async fn keeps_every_send_and_a_warning_with_the_command(store: &dyn CommandStore) {
-    let (id, _) = create(store, "d1", 10).await;
+async fn keeps_every_send_and_a_warning_with_the_command(l: &Ledger) {
+    let store = &**l.store();
+    let (id, _) = create(l, "d1", 10).await;
     let later: Timestamp = "2026-11-29T16:05:00Z".parse().unwrap();
-    store
-        .mark_sent(std::slice::from_ref(&id), eve())
-        .await
-        .unwrap();
-    store
-        .mark_sent(std::slice::from_ref(&id), later)
-        .await
-        .unwrap();
+    mark_sent(l, std::slice::from_ref(&id), eve()).await;
+    mark_sent(l, std::slice::from_ref(&id), later).await;
     store
         .record_warnings(&[(id.clone(), "too full".into())])
         .await
@@ -691,12 +829,13 @@ async fn keeps_every_send_and_a_warning_with_the_command(store: &dyn CommandStor
     );
 }
 
-async fn a_batch_of_acks_is_applied_as_each_would_be_alone(store: &dyn CommandStore) {
-    let (first, _) = create(store, "d1", 10).await;
-    let (second, _) = create(store, "d2", 20).await;
-    let (theirs, _) = create(store, "d3", 30).await;
+async fn a_batch_of_acks_is_applied_as_each_would_be_alone(l: &Ledger) {
+    let store = &**l.store();
+    let (first, _) = create(l, "d1", 10).await;
+    let (second, _) = create(l, "d2", 20).await;
+    let (theirs, _) = create(l, "d3", 30).await;
     let unknown = MessageId::generate(eve());
-    let outcomes = store
+    let outcomes = l
         .record_acks(
             &[
                 ack(&first, "d1", 1, 1),
@@ -728,67 +867,130 @@ async fn a_batch_of_acks_is_applied_as_each_would_be_alone(store: &dyn CommandSt
     // Periods before the effective one never ran under this command.
     assert_eq!(detail.periods[3].status, PeriodStatus::Skipped);
     assert_eq!(detail.periods[4].status, PeriodStatus::Pending);
-    assert_eq!(store.record_acks(&[], eve()).await.unwrap(), []);
+    assert_eq!(l.record_acks(&[], eve()).await.unwrap(), []);
 }
 
-async fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &dyn CommandStore) {
+async fn a_lease_has_one_holder_until_it_expires_or_is_released(l: &Ledger) {
+    let store = &**l.store();
     let t0 = eve();
     let later = |s: i64| t0 + jiff::SignedDuration::from_secs(s);
-    assert!(
+    let name = "ingest:2026-11-30";
+    let first = store.lease(name, "a", later(60), t0).await.unwrap();
+    assert!(first.is_some());
+    // Held: another instance is refused, the holder renews (with the same token).
+    assert_eq!(
+        store.lease(name, "b", later(90), later(10)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.lease(name, "a", later(120), later(10)).await.unwrap(),
+        first
+    );
+    assert_eq!(
         store
-            .lease("ingest:2026-11-30", "a", later(60), t0)
+            .lease(name, "b", later(150), later(119))
             .await
-            .unwrap()
-    );
-    // Held: another instance is refused, the holder renews.
-    assert!(
-        !store
-            .lease("ingest:2026-11-30", "b", later(90), later(10))
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .lease("ingest:2026-11-30", "a", later(120), later(10))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .lease("ingest:2026-11-30", "b", later(150), later(119))
-            .await
-            .unwrap()
+            .unwrap(),
+        None
     );
     // Other names are independent.
-    assert!(store.lease("sweeper", "b", later(60), t0).await.unwrap());
-    // Expired: the next one takes it, and the old holder can't take it back.
     assert!(
         store
-            .lease("ingest:2026-11-30", "b", later(300), later(120))
+            .lease("sweeper", "b", later(60), t0)
             .await
             .unwrap()
+            .is_some()
     );
-    assert!(
-        !store
-            .lease("ingest:2026-11-30", "a", later(300), later(121))
+    // Expired: the next one takes it, with a newer token, and the old holder can't take it
+    // back.
+    let second = store
+        .lease(name, "b", later(300), later(120))
+        .await
+        .unwrap();
+    assert!(second > first, "{second:?} after {first:?}");
+    assert_eq!(
+        store
+            .lease(name, "a", later(300), later(121))
             .await
-            .unwrap()
+            .unwrap(),
+        None
     );
     // Only the holder releases it.
-    store.release("ingest:2026-11-30", "a").await.unwrap();
-    assert!(
-        !store
-            .lease("ingest:2026-11-30", "c", later(300), later(122))
-            .await
-            .unwrap()
-    );
-    store.release("ingest:2026-11-30", "b").await.unwrap();
-    assert!(
+    store.release(name, "a").await.unwrap();
+    assert_eq!(
         store
-            .lease("ingest:2026-11-30", "c", later(300), later(122))
+            .lease(name, "c", later(300), later(122))
             .await
-            .unwrap()
+            .unwrap(),
+        None
     );
+    store.release(name, "b").await.unwrap();
+    let third = store
+        .lease(name, "c", later(300), later(122))
+        .await
+        .unwrap();
+    assert!(third > second, "{third:?} after {second:?}");
+}
+
+/// Item 2: two instances never commit an older document after a newer one. A holder that
+/// stalled past its lease keeps a stale token, and its commit is refused whole.
+async fn a_commit_under_a_lease_that_moved_on_is_refused(l: &Ledger) {
+    let store = &**l.store();
+    let t0 = eve();
+    let name = "ingest:2026-11-30".to_owned();
+    let later = |s: i64| t0 + jiff::SignedDuration::from_secs(s);
+    let fence = |owner: &str, token| max300_cloud::store::Fence {
+        name: name.clone(),
+        owner: owner.into(),
+        token,
+    };
+    let x = store
+        .lease(&name, "x", later(120), t0)
+        .await
+        .unwrap()
+        .unwrap();
+    // x stalls; its lease expires and y takes the date, commits B and lets it go.
+    let y = store
+        .lease(&name, "y", later(300), later(121))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = NewCommand {
+        message_id: MessageId::generate(t0),
+        schedule: schedule("d1", 20),
+        traceparent: None,
+    };
+    l.insert_commands(&[b], later(122), Some(&fence("y", y)))
+        .await
+        .unwrap();
+    store.release(&name, "y").await.unwrap();
+    // x wakes up with document A.
+    let a = NewCommand {
+        message_id: MessageId::generate(t0),
+        schedule: schedule("d1", 10),
+        traceparent: None,
+    };
+    let refused = l
+        .insert_commands(&[a], later(130), Some(&fence("x", x)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, max300_cloud::CloudError::Fenced(_)),
+        "{refused}"
+    );
+    let current = store
+        .current_commands(&DeviceId::parse("d1").unwrap(), day().date())
+        .await
+        .unwrap();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].version, 1, "B stands, and only B");
+    // Taking the lease again gives x a new token, and a commit under it goes through.
+    let again = store
+        .lease(&name, "x", later(400), later(301))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again > y);
 }
 
 /// Runs every rule against the store that `$store` makes (evaluated inside each async test; the
@@ -802,7 +1004,8 @@ macro_rules! contract {
             rebuilds_the_published_message,
             walks_the_lifecycle_and_applies_each_message_once,
             a_report_implies_the_ack,
-            stores_messages_about_unknown_commands,
+            messages_about_unknown_commands_grow_nothing,
+            a_hostile_ack_changes_nothing,
             a_newer_version_supersedes_from_its_effective_period,
             registers_devices_and_records_heartbeats,
             reports_before_the_ack_still_complete_the_command,
@@ -810,15 +1013,17 @@ macro_rules! contract {
             sync_offers_the_last_live_version,
             the_clock_flags_late_and_ends_what_was_never_acked,
             periods_left_unreported_end_incomplete,
-            resends_stop_at_an_ack_or_a_newer_version,
+            resends_back_off_and_stop_at_an_ack_or_a_newer_version,
             a_cancel_ends_the_command_and_is_delivered_like_one,
             an_unfinished_ingestion_is_listed_for_replay,
+            a_failed_run_is_closed_and_an_overtaken_one_says_so,
             lists_a_devices_reports_for_a_day_once_each,
             the_fleet_rows_count_conformance_and_states,
             keeps_every_send_and_a_warning_with_the_command,
             keeps_each_commands_trace_context,
             a_batch_of_acks_is_applied_as_each_would_be_alone,
             a_lease_has_one_holder_until_it_expires_or_is_released,
+            a_commit_under_a_lease_that_moved_on_is_refused,
         ]);
     };
     (@rules $module:ident, $store:expr, [$($extra:item)*], [$($rule:ident),* $(,)?]) => {
@@ -830,7 +1035,7 @@ macro_rules! contract {
                 #[tokio::test]
                 async fn $rule() {
                     let (_keep, store) = $store;
-                    super::$rule(&*store).await;
+                    super::$rule(&Ledger::new(store, Policy::default())).await;
                 }
             )*
             $($extra)*
@@ -846,12 +1051,11 @@ contract!(dynamodb, super::dynamodb().await, {
     #[tokio::test]
     async fn two_instances_racing_on_one_ack_apply_it_once() {
         let (moto, a) = super::dynamodb().await;
-        let b = super::second_client(&moto);
-        let (id, _) = super::create(&*a, "d1", 10).await;
-        a.mark_sent(std::slice::from_ref(&id), super::eve())
-            .await
-            .unwrap();
-        let sha256 = a.command(&id).await.unwrap().unwrap().sha256;
+        let a = super::ledger(a);
+        let b = super::ledger(super::second_client(&moto));
+        let (id, _) = super::create(&a, "d1", 10).await;
+        mark_sent(&a, std::slice::from_ref(&id), super::eve()).await;
+        let sha256 = a.store().command(&id).await.unwrap().unwrap().sha256;
         let mut ack = super::ack(&id, "d1", 1, 1);
         ack.sha256 = Some(sha256.clone());
         let (x, y) = tokio::join!(
@@ -861,7 +1065,7 @@ contract!(dynamodb, super::dynamodb().await, {
         let mut outcomes = [x.unwrap(), y.unwrap()];
         outcomes.sort_by_key(|r| format!("{r:?}"));
         assert_eq!(outcomes, [Recorded::Applied, Recorded::Duplicate]);
-        let detail = b.command(&id).await.unwrap().unwrap();
+        let detail = b.store().command(&id).await.unwrap().unwrap();
         assert_eq!(detail.summary.state, CommandState::Acknowledged);
         assert_eq!(detail.acked_sha256, Some(sha256));
         let acked = detail
@@ -877,16 +1081,17 @@ contract!(dynamodb, super::dynamodb().await, {
     #[tokio::test]
     async fn two_instances_racing_on_every_report_apply_each_once() {
         let (moto, a) = super::dynamodb().await;
-        let b = super::second_client(&moto);
-        let (id, _) = super::create(&*a, "d1", 10).await;
+        let a = super::ledger(a);
+        let b = super::ledger(super::second_client(&moto));
+        let (id, _) = super::create(&a, "d1", 10).await;
         a.record_ack(&super::ack(&id, "d1", 1, 1), super::eve())
             .await
             .unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for p in 1..=48 {
-            for store in [a.clone(), b.clone()] {
+            for l in [a.clone(), b.clone()] {
                 let r = super::report(Some(&id), "d1", p);
-                tasks.spawn(async move { store.record_report(&r, super::eve()).await.unwrap() });
+                tasks.spawn(async move { l.record_report(&r, super::day().end()).await.unwrap() });
             }
         }
         let outcomes = tasks.join_all().await;
@@ -896,7 +1101,7 @@ contract!(dynamodb, super::dynamodb().await, {
             .filter(|r| **r == Recorded::Duplicate)
             .count();
         assert_eq!((applied, duplicate), (48, 48));
-        let detail = a.command(&id).await.unwrap().unwrap();
+        let detail = a.store().command(&id).await.unwrap().unwrap();
         assert_eq!(detail.summary.state, CommandState::Completed);
         assert!(
             detail
@@ -911,7 +1116,7 @@ contract!(dynamodb, super::dynamodb().await, {
             .count();
         assert_eq!(completed, 1, "{:?}", detail.history);
         assert_eq!(
-            b.command_counts().await.unwrap(),
+            b.store().command_counts().await.unwrap(),
             [(CommandState::Completed, 1)]
         );
     }
@@ -920,13 +1125,17 @@ contract!(dynamodb, super::dynamodb().await, {
     #[tokio::test]
     async fn two_instances_racing_on_one_lease_give_it_to_one() {
         let (moto, a) = super::dynamodb().await;
-        let b = super::second_client(&moto);
+        let a = super::ledger(a);
+        let b = super::ledger(super::second_client(&moto));
         let until = super::eve() + jiff::SignedDuration::from_secs(60);
         let (x, y) = tokio::join!(
-            a.lease("sweeper", "a", until, super::eve()),
-            b.lease("sweeper", "b", until, super::eve())
+            a.store().lease("sweeper", "a", until, super::eve()),
+            b.store().lease("sweeper", "b", until, super::eve())
         );
-        assert!(x.unwrap() ^ y.unwrap(), "exactly one holder");
+        assert!(
+            x.unwrap().is_some() ^ y.unwrap().is_some(),
+            "exactly one holder"
+        );
     }
 
     /// Late news never moves a command back: an ack that arrives after every period was
@@ -934,23 +1143,25 @@ contract!(dynamodb, super::dynamodb().await, {
     #[tokio::test]
     async fn a_late_ack_racing_a_sweep_leaves_a_completed_command_completed() {
         let (moto, a) = super::dynamodb().await;
-        let b = super::second_client(&moto);
-        let (id, _) = super::create(&*a, "d1", 10).await;
-        a.mark_sent(std::slice::from_ref(&id), super::eve())
-            .await
-            .unwrap();
+        let a = super::ledger(a);
+        let b = super::ledger(super::second_client(&moto));
+        let (id, _) = super::create(&a, "d1", 10).await;
+        mark_sent(&a, std::slice::from_ref(&id), super::eve()).await;
         for p in 1..=48 {
-            a.record_report(&super::report(Some(&id), "d1", p), super::eve())
+            a.record_report(&super::report(Some(&id), "d1", p), super::day().end())
                 .await
                 .unwrap();
         }
-        assert_eq!(super::state(&*a, &id).await, CommandState::Completed);
+        assert_eq!(
+            super::state(&**a.store(), &id).await,
+            CommandState::Completed
+        );
         let hour_after = super::day().end() + jiff::SignedDuration::from_hours(1);
         let late_ack = super::ack(&id, "d1", 1, 1);
         let (acked, swept) = tokio::join!(b.record_ack(&late_ack, hour_after), a.sweep(hour_after));
         assert_eq!(acked.unwrap(), Recorded::Applied);
-        assert!(swept.unwrap().is_empty());
-        let detail = b.command(&id).await.unwrap().unwrap();
+        assert!(swept.unwrap().swept.is_empty());
+        let detail = b.store().command(&id).await.unwrap().unwrap();
         assert_eq!(detail.summary.state, CommandState::Completed);
         assert_eq!(
             detail.history.last().map(|h| h.state),
@@ -970,7 +1181,7 @@ contract!(dynamodb, super::dynamodb().await, {
     async fn the_table_has_the_fixed_schema_and_creating_it_again_is_harmless() {
         use aws_sdk_dynamodb::types::{BillingMode, KeyType, ProjectionType};
         let (moto, store) = super::dynamodb().await;
-        let (id, _) = super::create(&*store, "d1", 10).await;
+        let (id, _) = super::create(&super::ledger(store.clone()), "d1", 10).await;
         let again = max300_cloud::store::DynamoStore::from_client(moto.dynamodb(), "max300");
         again.create_table().await.unwrap();
         assert_eq!(super::state(&*store, &id).await, CommandState::Created);
@@ -1050,19 +1261,20 @@ contract!(dynamodb, super::dynamodb().await, {
                 traceparent: None,
             })
             .collect();
-        let inserted = store.insert_commands(&batch, super::eve()).await.unwrap();
+        let l = super::ledger(store.clone());
+        let inserted = l.insert_commands(&batch, super::eve(), None).await.unwrap();
         assert!(
             inserted
                 .iter()
                 .all(|i| matches!(i, Insert::Created { version: 1, .. }))
         );
-        assert_eq!(store.unsent().await.unwrap().len(), n);
+        assert_eq!(super::unsent(&*store).await.len(), n);
         assert_eq!(
             store.command_counts().await.unwrap(),
             [(CommandState::Created, n as u32)]
         );
-        let again = store
-            .insert_commands(&batch[..100], super::eve())
+        let again = l
+            .insert_commands(&batch[..100], super::eve(), None)
             .await
             .unwrap();
         assert!(
@@ -1079,8 +1291,8 @@ contract!(dynamodb, super::dynamodb().await, {
                 traceparent: None,
             })
             .collect();
-        let versions: Vec<_> = store
-            .insert_commands(&twice, super::eve())
+        let versions: Vec<_> = l
+            .insert_commands(&twice, super::eve(), None)
             .await
             .unwrap()
             .into_iter()
@@ -1108,7 +1320,7 @@ async fn a_store_file_from_before_trace_contexts_still_opens_and_gains_them() {
     let path = dir.path().join("cloud.sqlite");
     let old = {
         let store = SqliteStore::open(&path).unwrap();
-        create(&store, "d1", 10).await.0
+        create(&ledger(Arc::new(store)), "d1", 10).await.0
     };
     // The previous version's file: the commands table without the column.
     rusqlite::Connection::open(&path)
@@ -1118,8 +1330,8 @@ async fn a_store_file_from_before_trace_contexts_still_opens_and_gains_them() {
     let store = SqliteStore::open(&path).unwrap();
     let msg = store.schedule_message(&old).await.unwrap().unwrap();
     assert_eq!(msg.traceparent, None);
-    assert_eq!(store.unsent().await.unwrap(), vec![old]);
-    let traced = create_traced(&store, "d2").await;
+    assert_eq!(unsent(&store).await, vec![old]);
+    let traced = create_traced(&ledger(Arc::new(store.clone())), "d2").await;
     assert_eq!(
         store.command_traceparent(&traced).await.unwrap(),
         TraceParent::parse(TRACEPARENT).ok()
@@ -1135,8 +1347,8 @@ async fn commands_survive_reopening_the_file() {
     let path = dir.path().join("cloud.sqlite");
     let id = {
         let store = SqliteStore::open(&path).unwrap();
-        create(&store, "d1", 10).await.0
+        create(&ledger(Arc::new(store)), "d1", 10).await.0
     };
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.unsent().await.unwrap(), vec![id]);
+    assert_eq!(unsent(&store).await, vec![id]);
 }

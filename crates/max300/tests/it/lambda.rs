@@ -266,6 +266,18 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     assert_eq!(again["fetch"], "not_due", "{again}");
     assert_eq!(aws.objects("audit/raw/").await.len(), 1);
 
+    // A function stopped in the middle of an ingestion leaves its run open: the next tick
+    // replays it, under the date's lease (the same document: nothing new is made).
+    let raw_key = raw[0].trim_start_matches("audit/");
+    store
+        .begin_ingestion(date, "fetch", raw_key, SystemClock.now())
+        .await
+        .unwrap();
+    let replayed = function.invoke(tick.clone()).await.unwrap();
+    assert_eq!(replayed["replayed"], 1, "{replayed}");
+    assert_eq!(store.interrupted_ingestions().await.unwrap(), []);
+    assert_eq!(store.commands(None, None).await.unwrap().len(), 2);
+
     // The HTTP API behind API Gateway: reads, and a write that needs the token.
     let listed = function
         .invoke(http(
@@ -320,19 +332,42 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     );
     assert_eq!(acked.acked_sha256.as_deref(), Some(detail.sha256.as_str()));
 
-    let period = &detail.periods[0];
+    // A report counts only for a period that has started: today's, of a plan the operator
+    // posts for today.
+    let now = SystemClock.now();
+    let tz = max300_protocol::day::time_zone("Europe/London").unwrap();
+    let today = max300_protocol::Day::containing(now, &tz).unwrap();
+    let posted = function
+        .invoke(http(
+            "POST",
+            "/api/schedules",
+            "",
+            Some(token),
+            Some(
+                &json!({"schedule_date": today.date(), "timezone": "Europe/London",
+                        "schedules": [{"device_id": "unit-a",
+                                       "intervals": [{"period": 1, "mode": "idle", "rate_kw": 0}]}]})
+                .to_string(),
+            ),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(posted["statusCode"], 200, "{posted}");
+    let todays: max300_protocol::MessageId =
+        serde_json::from_value(body(&posted)["accepted"][0]["message_id"].clone()).unwrap();
+    let current = today.period_at(now).unwrap();
     let report = Message::Report(ReportMsg {
         v: V1,
         store_id: store_id.clone(),
         seq: 2,
-        message_id: Some(cmd.message_id.clone()),
+        message_id: Some(todays.clone()),
         device_id: device.clone(),
-        period: 1,
-        interval_start: period.start,
-        mode: serde_json::from_value(json!(period.mode)).unwrap(),
-        rate_kw: period.rate_kw,
+        period: current,
+        interval_start: today.period_start(current),
+        mode: Mode::Idle,
+        rate_kw: RateKw::ZERO,
         status: ReportStatus::Executed,
-        applied_kw: Some(period.rate_kw),
+        applied_kw: Some(RateKw::ZERO),
         limited_by: None,
         reason: None,
         would_kw: None,
@@ -355,17 +390,22 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
         fallback: None,
         outbox: 0,
     });
-    // Through SQS this time: a batch of rule messages.
+    // Through SQS this time: a batch of rule messages, one of them broken. Only the broken
+    // one is handed back (to be retried, and in the end dead-lettered).
     let batch = json!({"Records": [
         {"eventSource": "aws:sqs", "messageId": "m1", "body": rule_event("max300/unit-a/report", &report).to_string()},
         {"eventSource": "aws:sqs", "messageId": "m2", "body": rule_event("max300/unit-a/heartbeat", &heartbeat).to_string()},
+        {"eventSource": "aws:sqs", "messageId": "m3", "body": "{\"topic\": \"max300/unit-a/report\"}"},
     ]});
     let handled = function.invoke(batch).await.unwrap();
     assert_eq!(handled["handled"], 2, "{handled}");
-    assert_eq!(handled["batchItemFailures"], json!([]));
-    let reported = store.command(&cmd.message_id).await.unwrap().unwrap();
     assert_eq!(
-        reported.periods[0].status,
+        handled["batchItemFailures"],
+        json!([{"itemIdentifier": "m3"}])
+    );
+    let reported = store.command(&todays).await.unwrap().unwrap();
+    assert_eq!(
+        reported.periods[current as usize - 1].status,
         max300_cloud::PeriodStatus::Executed
     );
     let seen = store.device(&device).await.unwrap().unwrap();
@@ -404,7 +444,7 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
         .filter_map(|l| serde_json::from_str(&l).ok())
         .collect();
     // One line per invocation that succeeded; a failed one counts in Lambda's own Errors.
-    assert_eq!(emf.len(), 6, "{emf:?}");
+    assert_eq!(emf.len(), 8, "{emf:?}");
     let tick_line = emf
         .iter()
         .find(|l| l["IngestionSucceeded"] == 1)

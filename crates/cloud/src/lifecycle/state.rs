@@ -1,15 +1,4 @@
-//! The command lifecycle of DESIGN §6, as pure functions over states.
-//!
-//! ```text
-//! created ──publish──▶ sent ──ack accepted──▶ acknowledged ──every period reported──▶ completed
-//!    │                   └──ack rejected──▶ rejected
-//!    ├──(created|sent) no ack by the end of its last period──▶ expired
-//!    ├──(acknowledged) periods still unreported 1 h after the end──▶ incomplete
-//!    ├──newer version acknowledged──▶ superseded
-//!    └──operator cancel──▶ cancelled
-//! ```
-//! Late news still counts: a report implies the ack, so `expired` or `incomplete` can still
-//! become `acknowledged` or `completed`.
+//! The names of the lifecycle: a command's state and a period's status, as the API shows them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -83,8 +72,22 @@ impl CommandState {
         )
     }
 
+    /// Whether the command still stands: not refused, replaced or cancelled. Sync answers,
+    /// the fleet view and feasibility only ever look at live commands.
+    pub fn is_live(self) -> bool {
+        !matches!(
+            self,
+            CommandState::Rejected | CommandState::Superseded | CommandState::Cancelled
+        )
+    }
+
+    /// Whether the command is still waiting for its device's ack (and so is resent).
+    pub fn awaits_ack(self) -> bool {
+        matches!(self, CommandState::Created | CommandState::Sent)
+    }
+
     /// The state after an ack, or `None` if the ack does not move it.
-    pub fn after_ack(self, status: AckStatus) -> Option<CommandState> {
+    pub(super) fn after_ack(self, status: AckStatus) -> Option<CommandState> {
         use CommandState::*;
         match (self, status) {
             (Created | Sent | Expired, AckStatus::Accepted) => Some(Acknowledged),
@@ -94,7 +97,7 @@ impl CommandState {
     }
 
     /// The state after a report, given whether every period is now reported.
-    pub fn after_report(self, all_reported: bool) -> Option<CommandState> {
+    pub(super) fn after_report(self, all_reported: bool) -> Option<CommandState> {
         use CommandState::*;
         match self {
             Created | Sent | Expired | Acknowledged | Incomplete if all_reported => Some(Completed),
@@ -105,29 +108,6 @@ impl CommandState {
         }
     }
 }
-
-/// Whether an unacknowledged message is due to be published again.
-///
-/// The delay starts at `ack_timeout` and doubles with each publish, up to 15 minutes of clock
-/// time, but is never shorter than `floor` (2 s of real time, in clock time), so a fast clock
-/// cannot cause a resend storm.
-pub fn resend_due(
-    publishes: u32,
-    last_sent: jiff::Timestamp,
-    now: jiff::Timestamp,
-    ack_timeout: jiff::SignedDuration,
-    floor: jiff::SignedDuration,
-) -> bool {
-    let doublings = publishes.saturating_sub(1).min(16);
-    let backoff = ack_timeout
-        .checked_mul(1 << doublings)
-        .unwrap_or(RESEND_MAX)
-        .min(RESEND_MAX);
-    now >= last_sent + backoff.max(floor)
-}
-
-/// The longest wait between two publishes of the same message.
-pub const RESEND_MAX: jiff::SignedDuration = jiff::SignedDuration::from_mins(15);
 
 impl fmt::Display for CommandState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -232,47 +212,6 @@ mod tests {
         assert_eq!(Acknowledged.after_report(true), Some(Completed));
         assert_eq!(Superseded.after_report(true), None);
         assert_eq!(Cancelled.after_report(true), None);
-    }
-
-    #[test]
-    fn resends_back_off_from_the_ack_timeout_to_fifteen_minutes() {
-        use jiff::SignedDuration as D;
-        let t0: jiff::Timestamp = "2026-11-30T00:00:00Z".parse().unwrap();
-        let (timeout, floor) = (D::from_secs(60), D::from_secs(2));
-        assert!(!resend_due(1, t0, t0 + D::from_secs(59), timeout, floor));
-        assert!(resend_due(1, t0, t0 + D::from_secs(60), timeout, floor));
-        assert!(!resend_due(3, t0, t0 + D::from_secs(239), timeout, floor));
-        assert!(resend_due(3, t0, t0 + D::from_secs(240), timeout, floor));
-        assert!(!resend_due(
-            30,
-            t0,
-            t0 + D::from_mins(15) - D::from_secs(1),
-            timeout,
-            floor
-        ));
-        assert!(resend_due(30, t0, t0 + D::from_mins(15), timeout, floor));
-    }
-
-    #[test]
-    fn a_fast_clock_never_resends_faster_than_the_real_time_floor() {
-        use jiff::SignedDuration as D;
-        let t0: jiff::Timestamp = "2026-11-30T00:00:00Z".parse().unwrap();
-        // At 1200×, 2 s of real time is 40 minutes of clock time.
-        let floor = D::from_mins(40);
-        assert!(!resend_due(
-            1,
-            t0,
-            t0 + D::from_mins(39),
-            D::from_secs(60),
-            floor
-        ));
-        assert!(resend_due(
-            1,
-            t0,
-            t0 + D::from_mins(40),
-            D::from_secs(60),
-            floor
-        ));
     }
 
     #[test]

@@ -1,0 +1,114 @@
+//! The command lifecycle of DESIGN §6, decided in one place.
+//!
+//! ```text
+//! created ──publish──▶ sent ──ack accepted──▶ acknowledged ──every period reported──▶ completed
+//!    │                   └──ack rejected──▶ rejected
+//!    ├──(created|sent) no ack by the end of its last period──▶ expired
+//!    ├──(acknowledged) periods still unreported 1 h after the end──▶ incomplete
+//!    ├──newer version acknowledged──▶ superseded
+//!    └──operator cancel──▶ cancelled
+//! ```
+//!
+//! A store loads a [`Command`] (or a [`Control`]); an event goes in with the instant it
+//! happened at; a [`Step`] comes out: the command after the event, the states it entered and
+//! the publish it records. The store writes the step back atomically, over the revision it
+//! read, and decides nothing itself: no rule of this module is written in SQL or in a
+//! DynamoDB expression. Like rumqttc's `MqttState`, it does no I/O and reads no clock.
+//!
+//! Late news still counts: a report implies the ack, so `expired` or `incomplete` can still
+//! become `acknowledged` or `completed`. Each period of a command carries a [`Mark`]:
+//! pending until a report, or skipped because another version governed it, or unreported
+//! once the command turned incomplete.
+//!
+//! # Layout
+//! - `state`: [`CommandState`] and [`PeriodStatus`], the names the API shows.
+//! - `policy`: [`Policy`], the resend backoff and the report retention window.
+//! - `marks`: [`Marks`], what is known of each period, stored with the command.
+//! - `command`: [`Command`] and the events of one command: published, tick, cancel.
+//! - `control`: [`Control`], the cancel message and its own small life.
+//! - `feedback`: what an ack or a report does, across the versions of a device's date.
+
+mod command;
+mod control;
+pub mod feedback;
+mod marks;
+mod policy;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use command::{Command, HistoryEntry, Step, Tick};
+pub use control::Control;
+pub use marks::{Mark, Marks};
+pub use policy::{INCOMPLETE_AFTER, Policy, RESEND_MAX};
+pub use state::{CommandState, PeriodStatus};
+
+/// A command or a control message: what a message id names.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Subject {
+    /// A schedule command.
+    Command(Command),
+    /// A control message.
+    Control(Control),
+}
+
+impl Subject {
+    /// Its message id.
+    pub fn message_id(&self) -> &max300_protocol::MessageId {
+        match self {
+            Subject::Command(c) => &c.message_id,
+            Subject::Control(c) => &c.message_id,
+        }
+    }
+
+    /// Its device.
+    pub fn device_id(&self) -> &max300_protocol::DeviceId {
+        match self {
+            Subject::Command(c) => c.device_id(),
+            Subject::Control(c) => &c.device_id,
+        }
+    }
+
+    /// Whether it may be published at `now`.
+    pub fn publishable(&self, now: jiff::Timestamp) -> bool {
+        match self {
+            Subject::Command(c) => c.publishable(now),
+            Subject::Control(c) => c.publishable(now),
+        }
+    }
+}
+
+/// The version a new schedule for a device and date gets, given the latest version held
+/// for them and its sha256: `None` when the content is the same (nothing new is made).
+pub fn next_version(latest: Option<(u32, &str)>, sha256: &str) -> Option<u32> {
+    match latest {
+        Some((_, held)) if held == sha256 => None,
+        Some((version, _)) => Some(version + 1),
+        None => Some(1),
+    }
+}
+
+/// The version that stands for each date: the newest live one, among `commands` of one
+/// device. Sync answers and feasibility read it.
+pub fn standing<'a>(
+    commands: impl IntoIterator<Item = &'a Command>,
+) -> std::collections::BTreeMap<jiff::civil::Date, &'a Command> {
+    newest_per(commands.into_iter().filter(|c| c.state.is_live()), |c| {
+        c.schedule.day().date()
+    })
+}
+
+/// The newest version per key, whatever its state.
+pub fn newest_per<'a, K: Ord>(
+    commands: impl IntoIterator<Item = &'a Command>,
+    key: impl Fn(&Command) -> K,
+) -> std::collections::BTreeMap<K, &'a Command> {
+    let mut newest: std::collections::BTreeMap<K, &Command> = std::collections::BTreeMap::new();
+    for c in commands {
+        let slot = newest.entry(key(c)).or_insert(c);
+        if c.version > slot.version {
+            *slot = c;
+        }
+    }
+    newest
+}

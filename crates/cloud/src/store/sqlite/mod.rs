@@ -1,0 +1,780 @@
+//! The SQLite command store: one file, WAL, `synchronous=FULL`. Every call is one
+//! transaction on the blocking pool, so the async tasks never wait on disk. A command is one
+//! row (its plan and its period marks are text columns); `wake_at` indexes the ones the clock
+//! has something to do to.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use jiff::civil::Date;
+use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg};
+use max300_protocol::{DeviceId, MessageId, RateKw};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+mod migrate;
+mod rows;
+
+use self::rows::{
+    COMMAND_COLUMNS, CONTROL_COLUMNS, DEVICE_COLUMNS, SUMMARY_COLUMNS, command_by_id, command_row,
+    control_row, conversion, dates_around, device_row, parsed, subject, summary_row, ts, versions,
+    write_unit,
+};
+use super::text::{encode_plan, instant};
+use super::{
+    AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
+    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written,
+};
+use crate::CloudError;
+use crate::lifecycle::feedback::AckTarget;
+use crate::lifecycle::{Command, CommandState, HistoryEntry, Policy, Subject, next_version};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    max_rate_w INTEGER,
+    registered_at TEXT NOT NULL,
+    last_seen TEXT,
+    mode TEXT,
+    rate_w INTEGER,
+    soc_pct REAL,
+    fallback TEXT,
+    active_message_id TEXT,
+    outbox INTEGER
+);
+CREATE TABLE IF NOT EXISTS commands (
+    message_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    schedule_date TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    state TEXT NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0,
+    governs_from TEXT NOT NULL,
+    ends_at TEXT NOT NULL,
+    effective_period INTEGER,
+    acked_sha256 TEXT,
+    created_at TEXT NOT NULL,
+    publishes INTEGER NOT NULL DEFAULT 0,
+    last_sent_at TEXT,
+    plan TEXT NOT NULL DEFAULT '',
+    traceparent TEXT,
+    marks TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retry_at TEXT,
+    wake_at TEXT,
+    rev INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (device_id, schedule_date, version)
+);
+CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state);
+CREATE INDEX IF NOT EXISTS commands_by_date ON commands (schedule_date, device_id);
+CREATE TABLE IF NOT EXISTS history (
+    message_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_command ON history (message_id);
+CREATE TABLE IF NOT EXISTS sends (
+    message_id TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_by_command ON sends (message_id);
+CREATE TABLE IF NOT EXISTS warnings (
+    message_id TEXT PRIMARY KEY,
+    warning TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS acks (
+    message_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    device_id TEXT NOT NULL,
+    interval_start TEXT NOT NULL,
+    message_id TEXT,
+    body TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (device_id, interval_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ingestions (
+    id INTEGER PRIMARY KEY,
+    schedule_date TEXT NOT NULL,
+    source TEXT NOT NULL,
+    audit_key TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    accepted INTEGER,
+    unchanged INTEGER,
+    rejected INTEGER,
+    finished_at TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS controls (
+    message_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    target_message_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    publishes INTEGER NOT NULL DEFAULT 0,
+    last_sent_at TEXT,
+    ends_at TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retry_at TEXT,
+    wake_at TEXT,
+    rev INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until TEXT NOT NULL,
+    token INTEGER NOT NULL DEFAULT 0
+);
+"#;
+
+/// Indexes on columns that a store file made by an older version gains on open.
+const LATE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS commands_by_wake ON commands (wake_at) WHERE wake_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS controls_by_wake ON controls (wake_at) WHERE wake_at IS NOT NULL;";
+
+/// The SQLite implementation of [`CommandStore`].
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path`, bringing a file made by an older version up
+    /// to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, CloudError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CloudError::Store(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path)
+            .map_err(|e| CloudError::Store(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
+            .map(|_| conn.set_prepared_statement_cache_capacity(64))
+            .and_then(|_| conn.execute_batch(SCHEMA))
+            .and_then(|_| migrate::run(&mut conn))
+            .and_then(|_| conn.execute_batch(LATE_INDEXES))
+            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Opens the store without waiting for the disk on each commit (`synchronous=OFF`), for
+    /// benchmarks and simulations that fill a store fast. A crash of the machine may lose
+    /// the last transactions: never for a store that devices rely on.
+    pub fn open_unsynced(path: &Path) -> Result<SqliteStore, CloudError> {
+        let store = SqliteStore::open(path)?;
+        store
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pragma_update(None, "synchronous", "OFF")
+            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+        Ok(store)
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, CloudError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| CloudError::Store(format!("store task failed: {e}")))?
+        .map_err(|e| match e {
+            rusqlite::Error::ToSqlConversionFailure(e) if e.is::<Fenced>() => {
+                CloudError::Fenced(e.to_string())
+            }
+            e => CloudError::Store(e.to_string()),
+        })
+    }
+}
+
+/// A fenced write, refused inside a transaction (and so rolled back whole).
+#[derive(Debug)]
+struct Fenced(String);
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fenced {}
+
+/// Refuses a write under a fence whose lease has moved on.
+fn check_fence(tx: &Transaction, fence: &Fence) -> rusqlite::Result<()> {
+    let token: Option<i64> = tx
+        .prepare_cached("SELECT token FROM leases WHERE name = ?1 AND owner = ?2")?
+        .query_row(params![fence.name, fence.owner], |r| r.get(0))
+        .optional()?;
+    if token.and_then(|t| u64::try_from(t).ok()) != Some(fence.token) {
+        return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(Fenced(
+            format!(
+                "lease {} is no longer {}'s (token {}): another holder took it since",
+                fence.name, fence.owner, fence.token
+            ),
+        ))));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl CommandStore for SqliteStore {
+    async fn register_device(
+        &self,
+        device: &DeviceId,
+        max_rate: Option<RateKw>,
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        let device = device.to_string();
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO devices (device_id, max_rate_w, registered_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device_id) DO UPDATE SET max_rate_w = coalesce(?2, max_rate_w)",
+            )?
+            .execute(params![device, max_rate.map(|r| r.watts()), instant(at)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn register_devices(
+        &self,
+        devices: &[DeviceId],
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        let devices = devices.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO devices (device_id, registered_at) VALUES (?1, ?2)
+                     ON CONFLICT (device_id) DO NOTHING",
+                )?;
+                for d in &devices {
+                    insert.execute(params![d.as_str(), instant(at)])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
+            ))?;
+            stmt.query_map([], device_row)?.collect()
+        })
+        .await
+    }
+
+    async fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, CloudError> {
+        let device = device.to_string();
+        self.run(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
+            ))?
+            .query_row([device], device_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError> {
+        let hb = hb.clone();
+        self.run(move |c| {
+            c.prepare_cached(
+                "UPDATE devices SET last_seen = ?2, mode = ?3, rate_w = ?4, soc_pct = ?5,
+                        fallback = ?6, active_message_id = ?7, outbox = ?8
+                 WHERE device_id = ?1",
+            )?
+            .execute(params![
+                hb.device_id.as_str(),
+                instant(at),
+                hb.mode.as_str(),
+                hb.rate_kw.watts(),
+                hb.soc_pct,
+                hb.fallback.map(|f| f.as_str()),
+                hb.active_message_id.as_ref().map(|m| m.as_str()),
+                i64::try_from(hb.outbox).unwrap_or(i64::MAX),
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_commands(
+        &self,
+        commands: &[NewCommand],
+        at: Timestamp,
+        policy: &Policy,
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Insert>, CloudError> {
+        let commands = commands.to_vec();
+        let (policy, fence) = (*policy, fence.cloned());
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            if let Some(fence) = &fence {
+                check_fence(&tx, fence)?;
+            }
+            let mut out = Vec::with_capacity(commands.len());
+            for new in commands {
+                let s = &new.schedule;
+                let device = s.device_id().to_string();
+                let date = s.day().date().to_string();
+                let sha = s.sha256();
+                let latest: Option<(String, u32, String)> = tx
+                    .prepare_cached(
+                        "SELECT message_id, version, sha256 FROM commands
+                         WHERE device_id = ?1 AND schedule_date = ?2
+                         ORDER BY version DESC LIMIT 1",
+                    )?
+                    .query_row(params![device, date], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                let held = latest.as_ref().map(|(_, v, sha)| (*v, sha.as_str()));
+                let Some(version) = next_version(held, &sha) else {
+                    let (id, version, _) = latest.ok_or_else(|| conversion("no latest version"))?;
+                    out.push(Insert::Unchanged {
+                        message_id: parsed(id)?,
+                        version,
+                    });
+                    continue;
+                };
+                let command = Command::new(
+                    new.message_id.clone(),
+                    new.schedule,
+                    version,
+                    new.traceparent,
+                    at,
+                    &policy,
+                )
+                .map_err(conversion)?;
+                let day = command.schedule.day();
+                tx.prepare_cached(
+                    "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
+                         sha256, state, late, governs_from, ends_at, created_at, traceparent, plan,
+                         marks, attempts, retry_at, wake_at, rev)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, ?13, ?16,
+                             ?14, ?15, 0)",
+                )?
+                .execute(params![
+                    command.message_id.as_str(),
+                    device,
+                    date,
+                    day.tz_name(),
+                    version,
+                    sha,
+                    command.state.as_str(),
+                    instant(command.governs_from),
+                    instant(day.end()),
+                    instant(at),
+                    command.traceparent.as_ref().map(|t| t.as_str()),
+                    encode_plan(command.schedule.setpoints()),
+                    command.marks.to_string(),
+                    command.retry_at.map(instant),
+                    command.wake_at().map(instant),
+                    command.attempts,
+                ])?;
+                tx.prepare_cached(
+                    "INSERT INTO history (message_id, state, at) VALUES (?1, 'created', ?2)",
+                )?
+                .execute(params![command.message_id.as_str(), instant(at)])?;
+                out.push(Insert::Created {
+                    message_id: command.message_id,
+                    version,
+                });
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn load(&self, ids: &[MessageId]) -> Result<Vec<Option<Subject>>, CloudError> {
+        let ids = ids.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            ids.iter().map(|id| subject(&tx, id.as_str())).collect()
+        })
+        .await
+    }
+
+    async fn ack_contexts(&self, acks: &[AckMsg]) -> Result<Vec<AckContext>, CloudError> {
+        let acks = acks.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::with_capacity(acks.len());
+            for ack in &acks {
+                let id = ack.message_id.as_str();
+                let target = match subject(&tx, id)? {
+                    Some(Subject::Command(command)) => {
+                        let date = command.schedule.day().date();
+                        let others = versions(&tx, command.device_id().as_str(), date, date)?
+                            .into_iter()
+                            .filter(|c| c.message_id != command.message_id)
+                            .collect();
+                        AckTarget::Command { command, others }
+                    }
+                    Some(Subject::Control(control)) => AckTarget::Control(control),
+                    None => AckTarget::Unknown,
+                };
+                let seen = tx
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM acks WHERE message_id = ?1)")?
+                    .query_row([id], |r| r.get(0))?;
+                out.push(AckContext { target, seen });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn report_contexts(
+        &self,
+        reports: &[ReportMsg],
+    ) -> Result<Vec<ReportContext>, CloudError> {
+        let reports = reports.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::with_capacity(reports.len());
+            for r in &reports {
+                let (from, to) = dates_around(r.interval_start);
+                let commands = versions(&tx, r.device_id.as_str(), from, to)?;
+                let seen = tx
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM reports
+                                        WHERE device_id = ?1 AND interval_start = ?2)",
+                    )?
+                    .query_row(
+                        params![r.device_id.as_str(), instant(r.interval_start)],
+                        |row| row.get(0),
+                    )?;
+                out.push(ReportContext { commands, seen });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn due(&self, now: Timestamp) -> Result<Vec<Due>, CloudError> {
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let now = instant(now);
+            let mut out: Vec<Due> = tx
+                .prepare_cached(&format!(
+                    "SELECT {COMMAND_COLUMNS},
+                            (SELECT max(version) FROM commands AS n
+                             WHERE n.device_id = c.device_id
+                               AND n.schedule_date = c.schedule_date)
+                     FROM commands AS c WHERE wake_at <= ?1 ORDER BY wake_at"
+                ))?
+                .query_map([&now], |r| {
+                    Ok(Due::Command {
+                        command: command_row(r)?,
+                        newest: r.get(19)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let controls = tx
+                .prepare_cached(&format!(
+                    "SELECT {CONTROL_COLUMNS} FROM controls WHERE wake_at <= ?1 ORDER BY wake_at"
+                ))?
+                .query_map([&now], control_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            out.extend(controls.into_iter().map(Due::Control));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn write(&self, units: Vec<Unit>) -> Result<Vec<Written>, CloudError> {
+        self.run(move |c| {
+            // One commit (one fsync) for the batch: at a fleet's evening or a boundary,
+            // messages arrive by the thousand a second.
+            let mut tx = c.transaction()?;
+            let mut out = Vec::with_capacity(units.len());
+            for unit in &units {
+                let sp = tx.savepoint()?;
+                if write_unit(&sp, unit)? {
+                    sp.commit()?;
+                    out.push(Written::Applied);
+                } else {
+                    // Dropping the savepoint rolls the unit back.
+                    drop(sp);
+                    out.push(Written::Conflict);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn versions(
+        &self,
+        device: &DeviceId,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<Command>, CloudError> {
+        let device = device.to_string();
+        self.run(move |c| versions(c, &device, from, to)).await
+    }
+
+    async fn on_date(&self, date: Date) -> Result<Vec<Command>, CloudError> {
+        self.run(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands WHERE schedule_date = ?1"
+            ))?
+            .query_map([date.to_string()], command_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn command_log(&self, id: &MessageId) -> Result<Option<CommandLog>, CloudError> {
+        let id = id.clone();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let Some(command) = command_by_id(&tx, id.as_str())? else {
+                return Ok(None);
+            };
+            let history = tx
+                .prepare_cached(
+                    "SELECT state, at FROM history WHERE message_id = ?1 ORDER BY rowid",
+                )?
+                .query_map([id.as_str()], |r| {
+                    Ok(HistoryEntry {
+                        state: parsed(r.get(0)?)?,
+                        at: ts(r.get(1)?)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let sends = tx
+                .prepare_cached("SELECT at FROM sends WHERE message_id = ?1 ORDER BY rowid")?
+                .query_map([id.as_str()], |r| ts(r.get(0)?))?
+                .collect::<rusqlite::Result<_>>()?;
+            let warning = tx
+                .prepare_cached("SELECT warning FROM warnings WHERE message_id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok(Some(CommandLog {
+                command,
+                history,
+                sends,
+                warning,
+            }))
+        })
+        .await
+    }
+
+    async fn reports(
+        &self,
+        device: &DeviceId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<ReportMsg>, CloudError> {
+        let device = device.to_string();
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM reports
+                 WHERE device_id = ?1 AND interval_start >= ?2 AND interval_start < ?3
+                 ORDER BY interval_start",
+            )?;
+            stmt.query_map(params![device, instant(from), instant(to)], |r| {
+                let body: String = r.get(0)?;
+                serde_json::from_str(&body).map_err(conversion)
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn commands(
+        &self,
+        device: Option<&DeviceId>,
+        date: Option<Date>,
+    ) -> Result<Vec<CommandSummary>, CloudError> {
+        let device = device.map(|d| d.to_string());
+        let date = date.map(|d| d.to_string());
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM commands
+                 WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR schedule_date = ?2)
+                 ORDER BY schedule_date DESC, device_id, version DESC"
+            ))?;
+            stmt.query_map(params![device, date], summary_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn record_warnings(&self, warnings: &[(MessageId, String)]) -> Result<(), CloudError> {
+        let warnings = warnings.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            for (id, warning) in &warnings {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO warnings (message_id, warning) VALUES (?1, ?2)",
+                )?
+                .execute(params![id.as_str(), warning])?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError> {
+        self.run(|c| {
+            c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?
+                .query_map([], |r| Ok((parsed(r.get(0)?)?, r.get(1)?)))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn begin_ingestion(
+        &self,
+        date: Date,
+        source: &str,
+        audit_key: &str,
+        at: Timestamp,
+    ) -> Result<i64, CloudError> {
+        let (source, audit_key) = (source.to_owned(), audit_key.to_owned());
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO ingestions (schedule_date, source, audit_key, started_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![date.to_string(), source, audit_key, instant(at)])?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn finish_ingestion(
+        &self,
+        id: i64,
+        outcome: Result<IngestionCounts, String>,
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        self.run(move |c| {
+            let (counts, error) = match outcome {
+                Ok(n) => (Some(n), None),
+                Err(e) => (None, Some(e)),
+            };
+            c.prepare_cached(
+                "UPDATE ingestions SET accepted = ?2, unchanged = ?3, rejected = ?4,
+                        finished_at = ?5, error = ?6
+                 WHERE id = ?1 AND finished_at IS NULL",
+            )?
+            .execute(params![
+                id,
+                counts.map(|n| n.accepted),
+                counts.map(|n| n.unchanged),
+                counts.map(|n| n.rejected),
+                instant(at),
+                error
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn interrupted_ingestions(&self) -> Result<Vec<Interrupted>, CloudError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, schedule_date, source, audit_key,
+                        EXISTS (SELECT 1 FROM ingestions AS l
+                                WHERE l.schedule_date = i.schedule_date AND l.id > i.id
+                                  AND l.finished_at IS NOT NULL AND l.error IS NULL)
+                 FROM ingestions AS i WHERE finished_at IS NULL ORDER BY id",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(Interrupted {
+                    id: r.get(0)?,
+                    schedule_date: parsed(r.get(1)?)?,
+                    source: r.get(2)?,
+                    audit_key: r.get(3)?,
+                    overtaken: r.get(4)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn ingested(&self, date: Date) -> Result<bool, CloudError> {
+        let date = date.to_string();
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT count(*) > 0 FROM ingestions
+                 WHERE schedule_date = ?1 AND source = 'fetch' AND finished_at IS NOT NULL
+                   AND error IS NULL",
+            )?
+            .query_row([date], |r| r.get(0))
+        })
+        .await
+    }
+
+    async fn lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<Option<u64>, CloudError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.run(move |c| {
+            // Instants are fixed-width UTC text, so they compare as text. A released lease
+            // keeps its row (until '' is before any instant), so its token keeps counting.
+            let token: Option<i64> = c
+                .prepare_cached(
+                    "INSERT INTO leases (name, owner, until, token) VALUES (?1, ?2, ?3, 1)
+                     ON CONFLICT (name) DO UPDATE SET
+                         token = CASE WHEN leases.owner = excluded.owner AND leases.until > ?4
+                                      THEN leases.token ELSE leases.token + 1 END,
+                         owner = excluded.owner, until = excluded.until
+                     WHERE leases.owner = excluded.owner OR leases.until <= ?4
+                     RETURNING token",
+                )?
+                .query_row(params![name, owner, instant(until), instant(now)], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(token.and_then(|t| u64::try_from(t).ok()))
+        })
+        .await
+    }
+
+    async fn release(&self, name: &str, owner: &str) -> Result<(), CloudError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.run(move |c| {
+            c.prepare_cached("UPDATE leases SET until = '' WHERE name = ?1 AND owner = ?2")?
+                .execute(params![name, owner])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), CloudError> {
+        self.run(|c| c.prepare_cached("SELECT 1")?.query_row([], |_| Ok(())))
+            .await
+    }
+}
