@@ -10,21 +10,25 @@
 //! acknowledged and dropped (and counted), because both directions resend what was not
 //! confirmed at the application level.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use max300_protocol::{Channel, DeviceId, Message, ProtocolError, Topics};
 use rumqttc::{
-    AsyncClient, ConnectionError, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration,
-    Transport,
+    AsyncClient, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request,
+    TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{BrokerUrl, MqttError, TlsFiles};
+
+mod window;
+
+use window::Window;
 
 /// Largest packet either way: a 128 KiB payload plus topic and header, with room to spare.
 const MAX_PACKET_BYTES: usize = 192 * 1024;
@@ -132,38 +136,93 @@ pub struct Session {
 /// Flow control for QoS 1 publishes. rumqttc stops reading its request queue while its
 /// in-flight window is full, and PUBACKs for *received* messages wait in that same queue; if
 /// the broker's window towards us is full too, both sides wait for each other. Keeping our
-/// own publishes below the window leaves the queue always moving.
+/// own publishes (queued or in flight) below the window leaves the queue always moving.
 #[derive(Debug)]
 struct Flow {
-    permits: tokio::sync::Semaphore,
-    outstanding: std::sync::atomic::AtomicUsize,
+    window: Mutex<Window>,
+    /// Signalled once per slot freed.
+    room: Notify,
 }
 
-/// QoS 1 publishes that may await the broker's PUBACK at once: below [`MAX_INFLIGHT`].
+/// QoS 1 publishes that may be queued or await the broker's PUBACK at once: below
+/// [`MAX_INFLIGHT`].
 const PUBLISH_WINDOW: usize = 80;
 
 impl Flow {
     fn new() -> Flow {
         Flow {
-            permits: tokio::sync::Semaphore::new(PUBLISH_WINDOW),
-            outstanding: std::sync::atomic::AtomicUsize::new(0),
+            window: Mutex::new(Window::new(PUBLISH_WINDOW)),
+            room: Notify::new(),
         }
+    }
+
+    fn window(&self) -> MutexGuard<'_, Window> {
+        // Every update leaves the window consistent: a panic elsewhere cannot poison it.
+        self.window.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a free slot. Cancel-safe: a slot is only ever held by the returned guard.
+    async fn reserve(&self) -> Slot<'_> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so a slot freed in between still wakes us.
+            room.as_mut().enable();
+            if self.window().try_take() {
+                return Slot {
+                    flow: self,
+                    handed_off: false,
+                };
+            }
+            room.await;
+        }
+    }
+
+    fn freed(&self, slots: usize) {
+        for _ in 0..slots {
+            self.room.notify_one();
+        }
+    }
+
+    /// rumqttc wrote one of our QoS 1 publishes on the connection.
+    fn sent(&self, pkid: u16) {
+        self.window().sent(pkid);
     }
 
     /// The broker acknowledged one of our publishes.
-    fn acked(&self) {
-        let took = self
-            .outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        if took.is_ok() {
-            self.permits.add_permits(1);
-        }
+    fn acked(&self, pkid: u16) {
+        let freed = self.window().acked(pkid);
+        self.freed(usize::from(freed));
     }
 
-    /// A new connection with a clean session: nothing of ours is in flight any more.
-    fn reset(&self) {
-        let n = self.outstanding.swap(0, Ordering::AcqRel);
-        self.permits.add_permits(n);
+    /// The connection is gone with what was in flight on it, and `drained` queued publishes.
+    fn connection_lost(&self, drained: usize) {
+        let freed = self.window().connection_lost(drained);
+        self.freed(freed);
+    }
+}
+
+/// One publish's slot in the window. Unless the publish reached rumqttc's queue, dropping it
+/// (an error, a timeout, a cancelled caller) gives the slot back.
+struct Slot<'a> {
+    flow: &'a Flow,
+    handed_off: bool,
+}
+
+impl Slot<'_> {
+    /// The publish is in rumqttc's queue: the slot now follows it (sent, acked, or lost with a
+    /// connection).
+    fn handed_off(mut self) {
+        self.handed_off = true;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.handed_off {
+            self.flow.window().give_back();
+            self.flow.freed(1);
+        }
     }
 }
 
@@ -179,17 +238,21 @@ impl Session {
             Qos::AtMostOnce => QoS::AtMostOnce,
             Qos::AtLeastOnce => QoS::AtLeastOnce,
         };
-        let flow = &self.flow;
         let send = async {
-            if qos == QoS::AtLeastOnce {
-                // Released when the broker's PUBACK arrives (or the session starts afresh).
-                if let Ok(permit) = flow.permits.acquire().await {
-                    permit.forget();
-                    flow.outstanding.fetch_add(1, Ordering::AcqRel);
-                }
+            let slot = match qos {
+                QoS::AtLeastOnce => Some(self.flow.reserve().await),
+                _ => None,
+            };
+            self.client.publish(topic, qos, false, payload).await?;
+            if let Some(slot) = slot {
+                slot.handed_off();
             }
-            self.client.publish(topic, qos, false, payload).await
+            Ok::<(), rumqttc::ClientError>(())
         };
+        // A timeout drops `send`, and with it a slot not yet handed off. (If the queue takes
+        // the publish in the very instant the timeout fires, rumqttc sends one the window
+        // no longer counts: its slot is already back, nothing leaks, the window overshoots by
+        // one until that PUBACK.)
         match tokio::time::timeout(REQUEST_TIMEOUT, send).await {
             Ok(result) => result.map_err(|e| MqttError::Client(e.to_string())),
             Err(_) => Err(MqttError::Client(format!(
@@ -276,6 +339,7 @@ pub fn connect(
         connected: connected_tx,
         dropped: session.dropped.clone(),
         flow: session.flow.clone(),
+        link_up: false,
     };
     tokio::spawn(task.run(shutdown));
     Ok((session, events_rx))
@@ -289,6 +353,8 @@ struct Driver {
     connected: watch::Sender<bool>,
     dropped: Arc<AtomicU64>,
     flow: Arc<Flow>,
+    /// A connection was established (CONNACK) and has not been settled as lost yet.
+    link_up: bool,
 }
 
 impl Driver {
@@ -303,8 +369,7 @@ impl Driver {
             };
             match polled {
                 Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
-                    // A clean session: whatever was in flight is gone, and so are its PUBACKs.
-                    self.flow.reset();
+                    self.link_up = true;
                     backoff = BACKOFF_MIN;
                     last_failure = None;
                     info!(client_id = %client_id, broker = %self.config.url, "mqtt connected");
@@ -321,10 +386,15 @@ impl Driver {
                     }
                 }
                 Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => self.up().await,
-                Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => self.flow.acked(),
-                Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => self.deliver(publish),
+                Ok(event @ rumqttc::Event::Incoming(Packet::PubAck(_) | Packet::Publish(_)))
+                | Ok(event @ rumqttc::Event::Outgoing(Outgoing::Publish(_))) => {
+                    self.traffic(event);
+                }
                 Ok(_) => {}
                 Err(error) => {
+                    if self.link_up {
+                        self.connection_lost();
+                    }
                     let was_up = self.connected.send_replace(false);
                     let reason = describe(&error);
                     if was_up {
@@ -349,6 +419,48 @@ impl Driver {
         }
         let _ = self.client.try_disconnect();
         self.connected.send_replace(false);
+    }
+
+    /// Publishes and acknowledgements, on a live connection or left over from a dead one.
+    fn traffic(&mut self, event: rumqttc::Event) {
+        match event {
+            rumqttc::Event::Incoming(Packet::PubAck(ack)) => self.flow.acked(ack.pkid),
+            rumqttc::Event::Incoming(Packet::Publish(publish)) => self.deliver(publish),
+            // Packet id 0 is a QoS 0 publish, which takes no slot.
+            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => self.flow.sent(pkid),
+            _ => {}
+        }
+    }
+
+    /// The connection is gone. rumqttc keeps some of it for a session that resumes; ours never
+    /// does (clean session), so all of it is settled here, before the next connection:
+    /// - events it had read but not yet handed out (publishes received, packets sent);
+    /// - requests still in its queue, drained now (some may have arrived after its own drain);
+    /// - publishes it would resend, and one held back by a packet id collision.
+    ///
+    /// Every QoS 1 publish among them is lost, and so is its slot in the window.
+    fn connection_lost(&mut self) {
+        self.link_up = false;
+        while let Some(event) = self.eventloop.state.events.pop_front() {
+            self.traffic(event);
+        }
+        self.eventloop.clean();
+        let unsent = |p: &Publish| p.qos != QoS::AtMostOnce && p.pkid == 0;
+        let mut drained = self
+            .eventloop
+            .pending
+            .iter()
+            .filter(|r| matches!(r, Request::Publish(p) if unsent(p)))
+            .count();
+        self.eventloop.pending.clear();
+        // A collision holds a publish that was taken from the queue but never sent; rumqttc
+        // would keep it (and stop sending) across the reconnect.
+        if let Some(held) = self.eventloop.state.collision.take()
+            && held.qos != QoS::AtMostOnce
+        {
+            drained += 1;
+        }
+        self.flow.connection_lost(drained);
     }
 
     async fn up(&mut self) {
