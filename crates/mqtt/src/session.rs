@@ -6,9 +6,13 @@
 //!                 └──── AsyncClient (publish, PUBACK) ◀───────────────────┘
 //! ```
 //!
-//! The task never waits on the application: a message that finds the channel full is
-//! acknowledged and dropped (and counted), because both directions resend what was not
-//! confirmed at the application level.
+//! The task never waits on the application: a message that finds the channel full is dropped
+//! (and counted), because both directions resend what was not confirmed at the application
+//! level.
+//!
+//! The decisions are kept out of the task, in pure types it feeds with what it sees:
+//! - `window`: how many of our QoS 1 publishes may be queued or in flight;
+//! - `acks`: which PUBACKs may go, in what order, and which belong to a dead connection.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -26,8 +30,12 @@ use tracing::{debug, info, warn};
 
 use crate::{BrokerUrl, MqttError, TlsFiles};
 
+mod acks;
+#[cfg(test)]
+mod script;
 mod window;
 
+use acks::{Acks, Done, Ticket};
 use window::Window;
 
 /// Largest packet either way: a 128 KiB payload plus topic and header, with room to spare.
@@ -36,8 +44,8 @@ const MAX_PACKET_BYTES: usize = 192 * 1024;
 const MAX_INFLIGHT: u16 = 100;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How long a publish or PUBACK may wait for room in the client's queue. The queue drains
-/// only while the session task runs, so an unbounded wait could deadlock with it.
+/// How long a publish may wait for a slot in the window and room in the client's queue. Both
+/// free up only while the session task runs, so an unbounded wait could deadlock with it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to connect.
@@ -95,6 +103,11 @@ pub enum Event {
 }
 
 /// One received message, decoded.
+///
+/// Its PUBACK goes out once it is acked (or dropped unacked: a message the broker never gets
+/// a PUBACK for would hold up every later one), and only after every message that arrived
+/// before it on the same connection. A message from an earlier connection is not PUBACKed at
+/// all: its packet id now names another message.
 #[derive(Debug)]
 pub struct Inbound {
     /// The topic it arrived on.
@@ -104,23 +117,72 @@ pub struct Inbound {
     /// The decoded payload.
     pub message: Result<Message, ProtocolError>,
     publish: Publish,
-    client: AsyncClient,
+    /// `None` for QoS 0 (no PUBACK) and once acked.
+    ticket: Option<Ticket>,
+    pubacks: Arc<Pubacks>,
 }
 
 impl Inbound {
-    /// Sends the PUBACK. Call it after the message is committed, or refused for good.
-    /// Acks must go in arrival order (some brokers drop a client that acks out of order).
-    pub async fn ack(self) {
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.client.ack(&self.publish)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(error = %e, "puback not sent: session closing"),
-            Err(_) => warn!(topic = %self.topic, "puback not sent: the client queue stayed full"),
-        }
+    /// Releases the PUBACK. Call it after the message is committed, or refused for good. It
+    /// never waits: the PUBACK goes out as soon as the messages before it are acked too.
+    pub async fn ack(mut self) {
+        self.release();
     }
 
     /// The raw payload.
     pub fn payload(&self) -> &Bytes {
         &self.publish.payload
+    }
+
+    fn release(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.pubacks.done(ticket, &self.topic);
+        }
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The PUBACKs owed, shared by the session task and every [`Inbound`]. The lock also orders
+/// hand-offs to rumqttc against a connection change, which drains rumqttc's queue under it:
+/// a PUBACK is either drained with its connection or checked against the next one.
+#[derive(Debug)]
+struct Pubacks {
+    acks: Mutex<Acks>,
+    client: AsyncClient,
+}
+
+impl Pubacks {
+    fn lock(&self) -> MutexGuard<'_, Acks> {
+        // Every update leaves the queue consistent: a panic elsewhere cannot poison it.
+        self.acks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn done(&self, ticket: Ticket, topic: &str) {
+        let mut acks = self.lock();
+        if acks.done(ticket) == Done::Stale {
+            debug!(topic = %topic, stale = acks.stale(), "puback skipped: the message came on an earlier connection");
+        }
+        self.flush(&mut acks);
+    }
+
+    /// Hands released PUBACKs to rumqttc, in order, while its queue has room. What does not
+    /// fit waits for the session task, which calls this again after each event it handles
+    /// (each one frees room in the queue).
+    fn flush(&self, acks: &mut Acks) {
+        while let Some(pkid) = acks.next() {
+            // rumqttc builds a PUBACK from a message's packet id and QoS alone.
+            let mut puback = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            puback.pkid = pkid;
+            if self.client.try_ack(&puback).is_err() {
+                break;
+            }
+            acks.handed();
+        }
     }
 }
 
@@ -131,6 +193,7 @@ pub struct Session {
     connected: watch::Receiver<bool>,
     dropped: Arc<AtomicU64>,
     flow: Arc<Flow>,
+    pubacks: Arc<Pubacks>,
 }
 
 /// Flow control for QoS 1 publishes. rumqttc stops reading its request queue while its
@@ -256,7 +319,7 @@ impl Session {
         match tokio::time::timeout(REQUEST_TIMEOUT, send).await {
             Ok(result) => result.map_err(|e| MqttError::Client(e.to_string())),
             Err(_) => Err(MqttError::Client(format!(
-                "the client queue stayed full for {} s",
+                "no room in the publish window or the client queue for {} s",
                 REQUEST_TIMEOUT.as_secs()
             ))),
         }
@@ -281,6 +344,11 @@ impl Session {
     /// Messages dropped because the application was not keeping up.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Acks that sent no PUBACK because their message came on an earlier connection.
+    pub fn stale_acks(&self) -> u64 {
+        self.pubacks.lock().stale()
     }
 }
 
@@ -330,6 +398,10 @@ pub fn connect(
         connected: connected_rx,
         dropped: Arc::new(AtomicU64::new(0)),
         flow: Arc::new(Flow::new()),
+        pubacks: Arc::new(Pubacks {
+            acks: Mutex::new(Acks::default()),
+            client: client.clone(),
+        }),
     };
     let task = Driver {
         config,
@@ -339,6 +411,7 @@ pub fn connect(
         connected: connected_tx,
         dropped: session.dropped.clone(),
         flow: session.flow.clone(),
+        pubacks: session.pubacks.clone(),
         link_up: false,
     };
     tokio::spawn(task.run(shutdown));
@@ -353,6 +426,7 @@ struct Driver {
     connected: watch::Sender<bool>,
     dropped: Arc<AtomicU64>,
     flow: Arc<Flow>,
+    pubacks: Arc<Pubacks>,
     /// A connection was established (CONNACK) and has not been settled as lost yet.
     link_up: bool,
 }
@@ -367,6 +441,11 @@ impl Driver {
                 _ = shutdown.cancelled() => break,
                 polled = self.eventloop.poll() => polled,
             };
+            if polled.is_ok() {
+                // Each event may have made room in rumqttc's queue for PUBACKs that found it
+                // full.
+                self.pubacks.flush(&mut self.pubacks.lock());
+            }
             match polled {
                 Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
                     self.link_up = true;
@@ -444,15 +523,22 @@ impl Driver {
         while let Some(event) = self.eventloop.state.events.pop_front() {
             self.traffic(event);
         }
-        self.eventloop.clean();
-        let unsent = |p: &Publish| p.qos != QoS::AtMostOnce && p.pkid == 0;
-        let mut drained = self
-            .eventloop
-            .pending
-            .iter()
-            .filter(|r| matches!(r, Request::Publish(p) if unsent(p)))
-            .count();
-        self.eventloop.pending.clear();
+        let mut drained = {
+            // Under the PUBACK lock: one that reached the queue after rumqttc's own drain is
+            // drained now, and any later one is checked against the new connection number.
+            let mut acks = self.pubacks.lock();
+            acks.connection_lost();
+            self.eventloop.clean();
+            let unsent = |p: &Publish| p.qos != QoS::AtMostOnce && p.pkid == 0;
+            let drained = self
+                .eventloop
+                .pending
+                .iter()
+                .filter(|r| matches!(r, Request::Publish(p) if unsent(p)))
+                .count();
+            self.eventloop.pending.clear();
+            drained
+        };
         // A collision holds a publish that was taken from the queue but never sent; rumqttc
         // would keep it (and stop sending) across the reconnect.
         if let Some(held) = self.eventloop.state.collision.take()
@@ -469,23 +555,25 @@ impl Driver {
     }
 
     fn deliver(&self, publish: Publish) {
-        let route = self.config.topics.parse(&publish.topic);
+        let ticket =
+            (publish.qos != QoS::AtMostOnce).then(|| self.pubacks.lock().arrived(publish.pkid));
         let inbound = Inbound {
             topic: publish.topic.clone(),
-            route,
+            route: self.config.topics.parse(&publish.topic),
             message: Message::decode(&publish.payload),
             publish,
-            client: self.client.clone(),
+            ticket,
+            pubacks: self.pubacks.clone(),
         };
         if let Err(
             mpsc::error::TrySendError::Full(inbound) | mpsc::error::TrySendError::Closed(inbound),
         ) = self.events.try_send(Event::Message(Box::new(inbound)))
         {
-            // Never stall the event loop (keep-alive, acks) on slow application work.
+            // Never stall the event loop (keep-alive, acks) on slow application work. Dropping
+            // the message releases its PUBACK, after those of the messages before it.
             self.dropped.fetch_add(1, Ordering::Relaxed);
             if let Event::Message(m) = inbound {
                 warn!(topic = %m.topic, "application busy: message dropped, the sender will resend");
-                let _ = self.client.try_ack(&m.publish);
             }
         }
     }
@@ -509,7 +597,113 @@ fn jitter(base: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use super::script::ScriptedBroker;
     use super::*;
+
+    const TOPIC: &str = "max300/unit-1/report";
+
+    /// A session subscribed to every report, and a guard that stops it.
+    fn session(
+        broker: &ScriptedBroker,
+        channel_capacity: usize,
+    ) -> (Session, mpsc::Receiver<Event>, tokio_util::sync::DropGuard) {
+        let mut config = SessionConfig::new(broker.url(), "test", vec!["max300/+/report".into()]);
+        config.channel_capacity = channel_capacity;
+        let shutdown = CancellationToken::new();
+        let (session, events) = connect(config, shutdown.clone()).unwrap();
+        (session, events, shutdown.drop_guard())
+    }
+
+    async fn next(events: &mut mpsc::Receiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the session runs")
+    }
+
+    async fn next_message(events: &mut mpsc::Receiver<Event>) -> Box<Inbound> {
+        match next(events).await {
+            Event::Message(m) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    fn text(m: &Inbound) -> &str {
+        std::str::from_utf8(m.payload()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pubacks_go_out_in_arrival_order_whatever_order_the_application_acks_in() {
+        let broker = ScriptedBroker::start().await;
+        let (_session, mut events, _stop) = session(&broker, 16);
+        let mut peer = broker.accept().await;
+        peer.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        for pkid in 1..=3 {
+            peer.publish(pkid, TOPIC, &pkid.to_string()).await;
+        }
+        let (m1, m2, m3) = (
+            next_message(&mut events).await,
+            next_message(&mut events).await,
+            next_message(&mut events).await,
+        );
+        m3.ack().await;
+        m1.ack().await;
+        // Dropped unacked: PUBACKed in its turn all the same, or it would hold up the rest.
+        drop(m2);
+        for pkid in 1..=3 {
+            assert_eq!(peer.expect_puback().await, pkid);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_dropped_for_a_full_channel_is_acked_after_the_ones_before_it() {
+        let broker = ScriptedBroker::start().await;
+        let (session, mut events, _stop) = session(&broker, 1);
+        let mut peer = broker.accept().await;
+        peer.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        for pkid in 1..=3 {
+            peer.publish(pkid, TOPIC, &pkid.to_string()).await;
+        }
+        // Nothing to await: the session only counts what it drops.
+        for _ in 0..1000 {
+            if session.dropped() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(session.dropped(), 2, "1 fits the channel, 2 and 3 do not");
+        let m1 = next_message(&mut events).await;
+        assert_eq!(text(&m1), "1");
+        m1.ack().await;
+        for pkid in 1..=3 {
+            assert_eq!(peer.expect_puback().await, pkid);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_for_a_message_of_an_earlier_connection_is_not_sent_on_the_next() {
+        let broker = ScriptedBroker::start().await;
+        let (session, mut events, _stop) = session(&broker, 16);
+        let mut first = broker.accept().await;
+        first.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        first.publish(5, TOPIC, "old").await;
+        let old = next_message(&mut events).await;
+        drop(first);
+        assert!(matches!(next(&mut events).await, Event::Disconnected(_)));
+        let mut second = broker.accept().await;
+        second.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        second.publish(7, TOPIC, "new").await;
+        let new = next_message(&mut events).await;
+        // Packet id 5 means nothing on this connection (or another message): not sent.
+        old.ack().await;
+        new.ack().await;
+        assert_eq!(second.expect_puback().await, 7);
+        assert_eq!(session.stale_acks(), 1);
+    }
 
     #[test]
     fn jitter_stays_within_half_to_one_and_a_half() {
