@@ -12,13 +12,20 @@
 //!
 //! The decisions are kept out of the task, in pure types it feeds with what it sees:
 //! - `window`: how many of our QoS 1 publishes may be queued or in flight;
-//! - `acks`: which PUBACKs may go, in what order, and which belong to a dead connection.
+//! - `acks`: which PUBACKs may go, in what order, and which belong to a dead connection;
+//! - `subscription`: whether the connection's subscription is confirmed, refused or overdue.
+//!
+//! A connection counts as connected only once the broker has granted every filter. A refused
+//! filter, a SUBACK that does not come within `subscribe_timeout` or a SUBSCRIBE that cannot
+//! be queued drops the connection, and the session connects again after the backoff: it is
+//! never connected but deaf. The reason stays readable on [`Session::subscription_error`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use max300_protocol::clock::monotonic;
 use max300_protocol::{Channel, DeviceId, Message, ProtocolError, Topics};
 use rumqttc::{
     AsyncClient, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request,
@@ -26,16 +33,18 @@ use rumqttc::{
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{BrokerUrl, MqttError, TlsFiles};
 
 mod acks;
 #[cfg(test)]
 mod script;
+mod subscription;
 mod window;
 
 use acks::{Acks, Done, Ticket};
+use subscription::{Failure, Step, Subscription};
 use window::Window;
 
 /// Largest packet either way: a 128 KiB payload plus topic and header, with room to spare.
@@ -65,6 +74,8 @@ pub struct SessionConfig {
     pub channel_capacity: usize,
     /// Certificates, for `mqtts://`.
     pub tls: Option<TlsFiles>,
+    /// How long a SUBACK may take (real time) before the connection is dropped and made again.
+    pub subscribe_timeout: Duration,
 }
 
 impl SessionConfig {
@@ -78,6 +89,7 @@ impl SessionConfig {
             keep_alive: Duration::from_secs(30),
             channel_capacity: 512,
             tls: None,
+            subscribe_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -190,10 +202,19 @@ impl Pubacks {
 #[derive(Clone, Debug)]
 pub struct Session {
     client: AsyncClient,
-    connected: watch::Receiver<bool>,
+    status: watch::Receiver<Status>,
     dropped: Arc<AtomicU64>,
     flow: Arc<Flow>,
     pubacks: Arc<Pubacks>,
+}
+
+/// What the session task reports to every [`Session`] handle.
+#[derive(Clone, Debug, Default)]
+struct Status {
+    /// Connected, and every filter granted.
+    up: bool,
+    /// The last subscription failure, until a subscription is confirmed.
+    subscription_error: Option<String>,
 }
 
 /// Flow control for QoS 1 publishes. rumqttc stops reading its request queue while its
@@ -330,20 +351,27 @@ impl Session {
         self.publish(topic, message.encode(), qos).await
     }
 
-    /// Whether the session is connected and subscribed right now.
+    /// Whether the session is connected and subscribed right now: the broker granted every
+    /// filter. A refused filter is not connected (see [`Session::subscription_error`]).
     pub fn is_connected(&self) -> bool {
-        *self.connected.borrow()
+        self.status.borrow().up
     }
 
     /// Waits until the session is connected and subscribed.
     pub async fn wait_connected(&self) {
-        let mut rx = self.connected.clone();
-        let _ = rx.wait_for(|c| *c).await;
+        let mut rx = self.status.clone();
+        let _ = rx.wait_for(|s| s.up).await;
     }
 
     /// Messages dropped because the application was not keeping up.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Why the last subscription failed (a filter the broker refused, a SUBACK that never
+    /// came); `None` once one is confirmed.
+    pub fn subscription_error(&self) -> Option<String> {
+        self.status.borrow().subscription_error.clone()
     }
 
     /// Acks that sent no PUBACK because their message came on an earlier connection.
@@ -379,6 +407,14 @@ pub fn connect(
         }
         (None, false) => {}
     }
+    // A filter rumqttc would refuse to send would fail every connection alike: refuse it here.
+    if let Some(bad) = config
+        .subscriptions
+        .iter()
+        .find(|f| !rumqttc::mqttbytes::valid_filter(f))
+    {
+        return Err(MqttError::Client(format!("invalid topic filter {bad:?}")));
+    }
     options
         .set_keep_alive(config.keep_alive)
         .set_clean_session(true)
@@ -392,10 +428,10 @@ pub fn connect(
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let (events_tx, events_rx) = mpsc::channel(config.channel_capacity.max(1));
-    let (connected_tx, connected_rx) = watch::channel(false);
+    let (status_tx, status_rx) = watch::channel(Status::default());
     let session = Session {
         client: client.clone(),
-        connected: connected_rx,
+        status: status_rx,
         dropped: Arc::new(AtomicU64::new(0)),
         flow: Arc::new(Flow::new()),
         pubacks: Arc::new(Pubacks {
@@ -404,15 +440,18 @@ pub fn connect(
         }),
     };
     let task = Driver {
+        subscription: Subscription::new(config.subscriptions.clone(), config.subscribe_timeout),
         config,
         client,
         eventloop,
         events: events_tx,
-        connected: connected_tx,
+        status: status_tx,
         dropped: session.dropped.clone(),
         flow: session.flow.clone(),
         pubacks: session.pubacks.clone(),
         link_up: false,
+        backoff: BACKOFF_MIN,
+        last_failure: None,
     };
     tokio::spawn(task.run(shutdown));
     Ok((session, events_rx))
@@ -423,81 +462,178 @@ struct Driver {
     client: AsyncClient,
     eventloop: EventLoop,
     events: mpsc::Sender<Event>,
-    connected: watch::Sender<bool>,
+    status: watch::Sender<Status>,
     dropped: Arc<AtomicU64>,
     flow: Arc<Flow>,
     pubacks: Arc<Pubacks>,
+    subscription: Subscription,
     /// A connection was established (CONNACK) and has not been settled as lost yet.
     link_up: bool,
+    /// The pause before the next attempt, doubled by every failure until a subscription is
+    /// confirmed: a broker that accepts connections but refuses the subscription is not
+    /// retried every 200 ms.
+    backoff: Duration,
+    /// Logged once per kind, so a broker that stays away doesn't flood the log, but a new
+    /// reason (e.g. a TLS refusal) is always seen.
+    last_failure: Option<String>,
+}
+
+/// Why the connection is down and the task backs off.
+enum Trouble {
+    /// rumqttc lost the connection, or could not make one.
+    Lost(ConnectionError),
+    /// The subscription failed; the task drops the connection.
+    Subscription(Failure),
+}
+
+/// What woke the session task.
+enum Wake {
+    Polled(Result<rumqttc::Event, ConnectionError>),
+    /// The SUBACK is overdue: it was due at this instant.
+    Deadline(std::time::Instant),
 }
 
 impl Driver {
     async fn run(mut self, shutdown: CancellationToken) {
-        let client_id = self.config.client_id.clone();
-        let mut backoff = BACKOFF_MIN;
-        let mut last_failure: Option<String> = None;
         loop {
-            let polled = tokio::select! {
+            let deadline = self.subscription.deadline();
+            let wake = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                polled = self.eventloop.poll() => polled,
+                // Cancelling poll() mid-way is safe only because the connection is dropped
+                // right after (see Wake::Deadline).
+                at = sleep_until(deadline) => Wake::Deadline(at),
+                polled = self.eventloop.poll() => Wake::Polled(polled),
             };
-            if polled.is_ok() {
-                // Each event may have made room in rumqttc's queue for PUBACKs that found it
-                // full.
-                self.pubacks.flush(&mut self.pubacks.lock());
+            let failure = match wake {
+                Wake::Deadline(at) => {
+                    // Tokio never fires a timer early; max() makes it certain that the
+                    // subscription is overdue, so the interrupted connection is dropped.
+                    let step = self.subscription.tick(monotonic().max(at));
+                    self.follow(step).await
+                }
+                Wake::Polled(Ok(event)) => {
+                    // Each event may have made room in rumqttc's queue for PUBACKs that found
+                    // it full.
+                    self.pubacks.flush(&mut self.pubacks.lock());
+                    self.handle(event).await
+                }
+                Wake::Polled(Err(error)) => Some(Trouble::Lost(error)),
+            };
+            match failure {
+                None => continue,
+                Some(Trouble::Subscription(failure)) => self.abandon(failure),
+                Some(Trouble::Lost(error)) => self.disconnected(&error).await,
             }
-            match polled {
-                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
-                    self.link_up = true;
-                    backoff = BACKOFF_MIN;
-                    last_failure = None;
-                    info!(client_id = %client_id, broker = %self.config.url, "mqtt connected");
-                    if self.config.subscriptions.is_empty() {
-                        self.up().await;
-                    } else {
-                        let filters =
-                            self.config.subscriptions.iter().map(|f| {
-                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
-                            });
-                        if let Err(e) = self.client.try_subscribe_many(filters) {
-                            warn!(client_id = %client_id, error = %e, "subscribe not queued");
-                        }
-                    }
-                }
-                Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => self.up().await,
-                Ok(event @ rumqttc::Event::Incoming(Packet::PubAck(_) | Packet::Publish(_)))
-                | Ok(event @ rumqttc::Event::Outgoing(Outgoing::Publish(_))) => {
-                    self.traffic(event);
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    if self.link_up {
-                        self.connection_lost();
-                    }
-                    let was_up = self.connected.send_replace(false);
-                    let reason = describe(&error);
-                    if was_up {
-                        warn!(client_id = %client_id, error = %reason, "mqtt disconnected");
-                        let _ = self.events.send(Event::Disconnected(reason.clone())).await;
-                    } else if last_failure.as_deref() != Some(reason.as_str()) {
-                        // Once per kind of failure, so a broker that stays away doesn't flood
-                        // the log, but a new reason (e.g. a TLS refusal) is always seen.
-                        warn!(client_id = %client_id, broker = %self.config.url, error = %reason, "mqtt connect failed");
-                    } else {
-                        debug!(client_id = %client_id, error = %reason, "mqtt connect failed");
-                    }
-                    last_failure = Some(reason);
-                    let pause = jitter(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
+            let pause = jitter(self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
         let _ = self.client.try_disconnect();
-        self.connected.send_replace(false);
+        self.status.send_modify(|s| s.up = false);
+    }
+
+    /// One event of a live connection. `Some` if the subscription failed.
+    async fn handle(&mut self, event: rumqttc::Event) -> Option<Trouble> {
+        match event {
+            rumqttc::Event::Incoming(Packet::ConnAck(_)) => {
+                self.link_up = true;
+                info!(client_id = %self.config.client_id, broker = %self.config.url, "mqtt connected");
+                let step = self.subscription.connected(monotonic());
+                self.follow(step).await
+            }
+            rumqttc::Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                self.subscription.sent(pkid);
+                None
+            }
+            rumqttc::Event::Incoming(Packet::SubAck(ack)) => {
+                let step = self.subscription.suback(ack.pkid, &ack.return_codes);
+                self.follow(step).await
+            }
+            event => {
+                self.traffic(event);
+                None
+            }
+        }
+    }
+
+    /// Carries out a subscription step. `Some` if the connection must be dropped.
+    async fn follow(&mut self, step: Step) -> Option<Trouble> {
+        match step {
+            Step::Subscribe => {
+                let filters = self
+                    .subscription
+                    .filters()
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                match self.client.try_subscribe_many(filters) {
+                    Ok(()) => None,
+                    Err(e) => match self.subscription.not_queued(e.to_string()) {
+                        Step::Reconnect(failure) => Some(Trouble::Subscription(failure)),
+                        _ => None,
+                    },
+                }
+            }
+            Step::Up => {
+                self.backoff = BACKOFF_MIN;
+                self.last_failure = None;
+                self.status.send_replace(Status {
+                    up: true,
+                    subscription_error: None,
+                });
+                let _ = self.events.send(Event::Connected).await;
+                None
+            }
+            Step::Wait => None,
+            Step::Reconnect(failure) => Some(Trouble::Subscription(failure)),
+        }
+    }
+
+    /// The subscription failed: drop the connection (the caller backs off and connects again),
+    /// and say why to the log and the handles.
+    fn abandon(&mut self, failure: Failure) {
+        let reason = failure.to_string();
+        let client_id = &self.config.client_id;
+        if self.last_failure.as_deref() == Some(reason.as_str()) {
+            debug!(client_id = %client_id, error = %reason, "mqtt subscription failed again: reconnecting");
+        } else if let Failure::Refused(filters) = &failure {
+            error!(client_id = %client_id, broker = %self.config.url, filters = %filters.join(", "), "mqtt subscription refused: reconnecting");
+        } else {
+            warn!(client_id = %client_id, broker = %self.config.url, error = %reason, "mqtt subscription failed: reconnecting");
+        }
+        self.last_failure = Some(reason.clone());
+        self.status.send_replace(Status {
+            up: false,
+            subscription_error: Some(reason),
+        });
+        self.subscription.disconnected();
+        // Settles the connection like a lost one, and closes it: rumqttc connects afresh on
+        // the next poll.
+        self.connection_lost();
+    }
+
+    /// rumqttc reports the connection lost, or a connection attempt failed.
+    async fn disconnected(&mut self, error: &ConnectionError) {
+        if self.link_up {
+            self.connection_lost();
+        }
+        self.subscription.disconnected();
+        let was_up = self
+            .status
+            .send_if_modified(|s| std::mem::replace(&mut s.up, false));
+        let reason = describe(error);
+        let client_id = &self.config.client_id;
+        if was_up {
+            warn!(client_id = %client_id, error = %reason, "mqtt disconnected");
+            let _ = self.events.send(Event::Disconnected(reason.clone())).await;
+        } else if self.last_failure.as_deref() != Some(reason.as_str()) {
+            warn!(client_id = %client_id, broker = %self.config.url, error = %reason, "mqtt connect failed");
+        } else {
+            debug!(client_id = %client_id, error = %reason, "mqtt connect failed");
+        }
+        self.last_failure = Some(reason);
     }
 
     /// Publishes and acknowledgements, on a live connection or left over from a dead one.
@@ -549,11 +685,6 @@ impl Driver {
         self.flow.connection_lost(drained);
     }
 
-    async fn up(&mut self) {
-        self.connected.send_replace(true);
-        let _ = self.events.send(Event::Connected).await;
-    }
-
     fn deliver(&self, publish: Publish) {
         let ticket =
             (publish.qos != QoS::AtMostOnce).then(|| self.pubacks.lock().arrived(publish.pkid));
@@ -591,12 +722,25 @@ fn describe(error: &ConnectionError) -> String {
     }
 }
 
+/// Sleeps until `deadline` and returns it, or sleeps forever without one.
+async fn sleep_until(deadline: Option<std::time::Instant>) -> std::time::Instant {
+    match deadline {
+        Some(at) => {
+            tokio::time::sleep_until(at.into()).await;
+            at
+        }
+        None => std::future::pending().await,
+    }
+}
+
 fn jitter(base: Duration) -> Duration {
     base.mul_f64(0.5 + fastrand::f64())
 }
 
 #[cfg(test)]
 mod tests {
+    use rumqttc::SubscribeReasonCode;
+
     use super::script::ScriptedBroker;
     use super::*;
 
@@ -609,6 +753,12 @@ mod tests {
     ) -> (Session, mpsc::Receiver<Event>, tokio_util::sync::DropGuard) {
         let mut config = SessionConfig::new(broker.url(), "test", vec!["max300/+/report".into()]);
         config.channel_capacity = channel_capacity;
+        start(config)
+    }
+
+    fn start(
+        config: SessionConfig,
+    ) -> (Session, mpsc::Receiver<Event>, tokio_util::sync::DropGuard) {
         let shutdown = CancellationToken::new();
         let (session, events) = connect(config, shutdown.clone()).unwrap();
         (session, events, shutdown.drop_guard())
@@ -703,6 +853,93 @@ mod tests {
         new.ack().await;
         assert_eq!(second.expect_puback().await, 7);
         assert_eq!(session.stale_acks(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_without_a_suback_is_dropped_and_made_again() {
+        let broker = ScriptedBroker::start().await;
+        let mut config = SessionConfig::new(broker.url(), "test", vec!["max300/+/report".into()]);
+        config.subscribe_timeout = Duration::from_millis(300);
+        let (session, mut events, _stop) = start(config);
+        let mut deaf = broker.accept().await;
+        deaf.expect_subscribe().await;
+        // No SUBACK: the session must not sit there connected and deaf.
+        deaf.expect_closed().await;
+        assert!(!session.is_connected());
+        let error = session
+            .subscription_error()
+            .expect("the failure is reported");
+        assert!(error.contains("no SUBACK"), "{error}");
+        let mut peer = broker.accept().await;
+        peer.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        assert!(session.is_connected());
+        assert_eq!(session.subscription_error(), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_filter_is_reported_and_the_subscription_made_again() {
+        let broker = ScriptedBroker::start().await;
+        let filters = vec!["max300/+/ack".to_owned(), "max300/+/report".to_owned()];
+        let (session, mut events, _stop) = start(SessionConfig::new(broker.url(), "test", filters));
+        let mut refusing = broker.accept().await;
+        let sub = refusing.expect_subscribe().await;
+        let codes = vec![
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+        ];
+        refusing
+            .send(Packet::SubAck(rumqttc::SubAck::new(sub.pkid, codes)))
+            .await;
+        refusing.expect_closed().await;
+        assert!(!session.is_connected(), "half deaf is not connected");
+        assert!(events.try_recv().is_err(), "no Connected event");
+        let error = session
+            .subscription_error()
+            .expect("the refusal is reported");
+        assert!(
+            error.contains("max300/+/report") && !error.contains("ack"),
+            "{error}"
+        );
+        let mut peer = broker.accept().await;
+        peer.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        assert_eq!(session.subscription_error(), None);
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_keeps_refusing_is_retried_ever_more_slowly() {
+        let broker = ScriptedBroker::start().await;
+        let (session, _events, _stop) = session(&broker, 16);
+        let mut gaps = Vec::new();
+        let mut closed_at = None;
+        for _ in 0..4 {
+            let mut peer = broker.accept().await;
+            if let Some(at) = closed_at {
+                gaps.push(monotonic().duration_since(at));
+            }
+            let sub = peer.expect_subscribe().await;
+            let codes = vec![SubscribeReasonCode::Failure];
+            peer.send(Packet::SubAck(rumqttc::SubAck::new(sub.pkid, codes)))
+                .await;
+            peer.expect_closed().await;
+            closed_at = Some(monotonic());
+        }
+        assert!(!session.is_connected());
+        // Pauses of 200, 400, 800 ms, each jittered by ±50 %: had each CONNACK reset the
+        // backoff, the third would be at most 300 ms.
+        assert!(
+            gaps[2] >= Duration::from_millis(400),
+            "the backoff does not grow: {gaps:?}"
+        );
+    }
+
+    #[test]
+    fn connect_refuses_an_invalid_topic_filter() {
+        let url = "mqtt://127.0.0.1:1".parse().unwrap();
+        let config = SessionConfig::new(url, "test", vec!["max300/#/ack".into()]);
+        let err = connect(config, CancellationToken::new()).unwrap_err();
+        assert!(err.to_string().contains("max300/#/ack"), "{err}");
     }
 
     #[test]

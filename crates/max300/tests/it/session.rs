@@ -5,8 +5,9 @@
 //! ```text
 //!  device ──publish──▶ broker ──▶ consumer: 4 in hand (unacked), 8 queued, 8 dropped
 //!                        ✗ SIGKILL, restart on the same port
-//!  consumer: reconnects, resubscribes, acks its backlog late (packet ids of the dead
-//!            connection: must not reach the new one), then receives every new message
+//!  consumer: reconnects, resubscribes (connected again only once the SUBACK is in), acks
+//!            its backlog late (packet ids of the dead connection: must not reach the new
+//!            one), then receives every message published after the restart
 //! ```
 
 use std::path::Path;
@@ -157,6 +158,7 @@ async fn after_a_broker_restart_a_consumer_with_a_backlog_receives_every_new_mes
         }
     }
     assert!(consumer.is_connected());
+    assert_eq!(consumer.subscription_error(), None);
     assert_eq!(consumer.dropped(), 8);
     assert_eq!(consumer.stale_acks(), 12, "the backlog's acks sent nothing");
     drop(broker);

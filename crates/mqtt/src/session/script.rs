@@ -120,4 +120,11 @@ impl Peer {
             other => panic!("expected PUBACK, got {other:?}"),
         }
     }
+
+    /// Waits until the session closes this connection.
+    pub(crate) async fn expect_closed(&mut self) {
+        if let Some(packet) = self.read().await {
+            panic!("expected the connection to close, got {packet:?}");
+        }
+    }
 }
