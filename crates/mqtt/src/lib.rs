@@ -2,8 +2,10 @@
 //!
 //! Only this crate knows about rumqttc. It reconnects with backoff and jitter, resubscribes
 //! after every connect (nothing depends on the broker keeping sessions), reports "connected"
-//! only once the subscription is confirmed, and hands out decoded protocol messages that the
-//! application acks (PUBACK) after it has committed them.
+//! only once the broker has granted every filter (a refused filter or a missing SUBACK means
+//! reconnect, and the reason is kept for readiness probes), and hands out decoded protocol
+//! messages that the application acks after it has committed them: PUBACKs go out in arrival
+//! order, never on a later connection.
 //!
 //! # Layout
 //! - [`url`]: the `mqtt://` / `mqtts://` broker address.

@@ -12,6 +12,7 @@ mod modbus;
 mod mosquitto;
 mod processes;
 mod proxy;
+mod session;
 mod telemetry;
 mod up;
 
