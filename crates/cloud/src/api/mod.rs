@@ -177,9 +177,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     let store = state.store.ping().await;
     let broker = state.publisher.transport().is_connected();
+    // A session whose subscription was refused is not connected (it cannot hear its
+    // devices), and this says why.
+    let subscription = state.publisher.transport().subscription_error();
     let body = json!({
         "store": if store.is_ok() { "ok" } else { "unavailable" },
         "broker": if broker { "connected" } else { "disconnected" },
+        "subscription": subscription,
     });
     let status = if store.is_ok() && broker {
         StatusCode::OK

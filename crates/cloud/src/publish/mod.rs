@@ -38,6 +38,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn dropped(&self) -> u64 {
         0
     }
+
+    /// Why the last subscription failed (a filter refused, no SUBACK in time), until one
+    /// succeeds; only a session subscribes.
+    fn subscription_error(&self) -> Option<String> {
+        None
+    }
 }
 
 #[async_trait]
@@ -52,6 +58,10 @@ impl Transport for Session {
 
     fn dropped(&self) -> u64 {
         Session::dropped(self)
+    }
+
+    fn subscription_error(&self) -> Option<String> {
+        Session::subscription_error(self)
     }
 }
 

@@ -389,6 +389,10 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
 
     let (status, ready) = app.get("/readyz").await;
     assert_eq!(status, 200, "{ready}");
+    assert_eq!(
+        ready,
+        json!({"store": "ok", "broker": "connected", "subscription": null})
+    );
 }
 
 #[tokio::test]
