@@ -285,6 +285,143 @@ async fn acks_move_the_command_and_are_receipted() {
     assert_eq!(detail["history"].as_array().unwrap().len(), 3);
 }
 
+/// Item 4: an ack cannot make the store do unbounded work. Acks whose effective period is
+/// not one of the plan's are receipted (the device's outbox lets them go), counted as
+/// refused, and change nothing; the real ack behind them still applies.
+#[tokio::test]
+async fn a_hostile_ack_is_receipted_refused_and_changes_nothing() {
+    let app = TestApp::start(None).await;
+    let (client, mut inbox) = app.device("d1").await;
+    let (_, body) = app.post("/api/schedules", document(50.0)).await;
+    let id = body["accepted"][0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let Message::Schedule(msg) = next(&mut inbox).await else {
+        panic!("expected a schedule")
+    };
+    let (_, before) = app.get(&format!("/api/commands/{id}")).await;
+    let ack = |seq: u64, effective: u32| {
+        Message::Ack(AckMsg {
+            v: V1,
+            store_id: StoreId::parse("s1").unwrap(),
+            seq,
+            message_id: msg.message_id.clone(),
+            device_id: DeviceId::parse("d1").unwrap(),
+            status: AckStatus::Accepted,
+            reason: None,
+            details: None,
+            sha256: Some(msg.sha256.clone()),
+            effective_period: Some(effective),
+            at: eve(),
+            traceparent: None,
+        })
+    };
+    for (seq, effective) in [(1, 4_294_967_295), (2, 0), (3, 100)] {
+        client
+            .publish(
+                "max300/d1/ack".into(),
+                ack(seq, effective).encode(),
+                Qos::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        let Message::Receipt(receipt) = next(&mut inbox).await else {
+            panic!("expected a receipt")
+        };
+        assert_eq!(receipt.seqs, vec![seq]);
+        let (_, after) = app.get(&format!("/api/commands/{id}")).await;
+        assert_eq!(
+            after, before,
+            "effective_period {effective} changed the command"
+        );
+    }
+    assert!(
+        app.metrics()
+            .await
+            .contains(r#"max300_inbound_messages_total{type="ack",outcome="refused"} 3"#)
+    );
+    client
+        .publish("max300/d1/ack".into(), ack(4, 1).encode(), Qos::AtLeastOnce)
+        .await
+        .unwrap();
+    let Message::Receipt(receipt) = next(&mut inbox).await else {
+        panic!("expected a receipt")
+    };
+    assert_eq!(receipt.seqs, vec![4]);
+    let (_, after) = app.get(&format!("/api/commands/{id}")).await;
+    assert_eq!(after["state"], "acknowledged");
+}
+
+/// Item 7: an unregistered device's messages are refused without a store lookup each, and
+/// are not receipted: its outbox keeps them, and once it is registered they count.
+#[tokio::test]
+async fn an_unregistered_devices_messages_wait_in_its_outbox_until_it_is_registered() {
+    let app = TestApp::start(None).await;
+    let (client, mut inbox) = app.device("ghost").await;
+    let hb = json!({"type":"heartbeat","v":1,"device_id":"ghost","at":"2026-11-29T16:00:00Z",
+                    "uptime_s":1,"agent_version":"x","mode":"idle","rate_kw":0,"outbox":0});
+    let ack = json!({"type":"ack","v":1,"store_id":"s1","seq":9,"message_id":"m-none",
+                     "device_id":"ghost","status":"rejected","reason":"invalid",
+                     "at":"2026-11-29T16:00:00Z"});
+    for _ in 0..50 {
+        for (topic, m) in [("max300/ghost/heartbeat", &hb), ("max300/ghost/ack", &ack)] {
+            client
+                .publish(topic.into(), m.to_string().into_bytes(), Qos::AtLeastOnce)
+                .await
+                .unwrap();
+        }
+    }
+    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
+    let refused = loop {
+        let text = app.metrics().await;
+        let n = metric_value(&text, r#"type="ack",outcome="unknown_device""#);
+        if n >= 50 || max300_protocol::clock::monotonic() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused, 50, "every ack of the stranger was refused");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), inbox.recv())
+            .await
+            .is_err(),
+        "nothing was receipted"
+    );
+    let (status, _) = app.get("/api/devices/ghost").await;
+    assert_eq!(status, 404, "nothing of the stranger was kept");
+    // Registered, it is heard (after at most the second the miss is remembered for).
+    app.register("ghost").await;
+    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
+    loop {
+        client
+            .publish(
+                "max300/ghost/ack".into(),
+                ack.to_string().into_bytes(),
+                Qos::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        if let Ok(Some(Message::Receipt(r))) =
+            tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await
+        {
+            assert_eq!(r.seqs, vec![9]);
+            break;
+        }
+        assert!(
+            max300_protocol::clock::monotonic() < deadline,
+            "never heard"
+        );
+    }
+}
+
+fn metric_value(text: &str, labels: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with("max300_inbound_messages_total{") && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn spoofed_and_garbled_messages_are_dropped_without_harm() {
     let app = TestApp::start(None).await;
