@@ -34,11 +34,16 @@ const ATTEMPTS: u32 = 25;
 /// grow the store by sending long strings.
 const TEXT_CAP: usize = 1024;
 
+/// How many of its own cancels an instance remembers (see [`Ledger::cancelled_here`]).
+const RECENT_CANCELS: usize = 10_000;
+
 /// The store and the timing its commands follow.
 #[derive(Clone, Debug)]
 pub struct Ledger {
     store: Arc<dyn CommandStore>,
     policy: Policy,
+    /// What this instance cancelled lately, oldest first.
+    cancels: Arc<std::sync::Mutex<std::collections::VecDeque<MessageId>>>,
 }
 
 /// What the clock did to one command at a sweep.
@@ -70,7 +75,22 @@ type Decision = Result<(Unit, Recorded), Recorded>;
 impl Ledger {
     /// A ledger over `store`.
     pub fn new(store: Arc<dyn CommandStore>, policy: Policy) -> Ledger {
-        Ledger { store, policy }
+        Ledger {
+            store,
+            policy,
+            cancels: Arc::default(),
+        }
+    }
+
+    /// Whether this instance cancelled `id` lately. A publish that read its batch before the
+    /// cancel asks this right before each message, so a cancel made here while the batch goes
+    /// out is never sent; a cancel made by another instance is caught by the re-read before
+    /// the next batch, and by the unit itself, which refuses a plan it holds a cancel for.
+    pub fn cancelled_here(&self, id: &MessageId) -> bool {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
     }
 
     /// The store.
@@ -379,6 +399,11 @@ impl Ledger {
                 record: None,
             };
             if self.store.write(vec![unit]).await?.first() == Some(&Written::Applied) {
+                let mut cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+                if cancels.len() >= RECENT_CANCELS {
+                    cancels.pop_front();
+                }
+                cancels.push_back(id.clone());
                 return Ok(Cancel::Cancelled(control.message()));
             }
             backoff(attempt).await;

@@ -112,6 +112,12 @@ impl Publisher {
     pub async fn publish_loaded(&self, subjects: Vec<Subject>) -> Result<(), CloudError> {
         let mut sent = Vec::with_capacity(subjects.len());
         for subject in subjects {
+            if let Subject::Command(c) = &subject
+                && self.ledger.cancelled_here(&c.message_id)
+            {
+                info!(device_id = %c.device_id(), message_id = %c.message_id, "cancelled while its batch went out: not published");
+                continue;
+            }
             let published = match &subject {
                 Subject::Command(c) => self.command(c.message()).await,
                 Subject::Control(c) => self.control(c.message()).await,
@@ -187,5 +193,98 @@ impl Publisher {
             Ok(()) => self.metrics.published("receipt", None),
             Err(e) => warn!(device_id = %device, error = %e, "receipt not published"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+
+    use jiff::Timestamp;
+    use max300_protocol::{Day, ManualClock, Schedule, Setpoint};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::store::{Cancel, NewCommand};
+    use crate::{Policy, SqliteStore};
+
+    /// A broker that takes the first publish only once it is let go, and records them all.
+    #[derive(Debug, Default)]
+    struct Gated {
+        open: Notify,
+        waiting: Notify,
+        topics: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Transport for Gated {
+        async fn publish(&self, topic: String, _: &Message) -> Result<(), CloudError> {
+            let first = self.topics.lock().unwrap().is_empty();
+            if first {
+                self.waiting.notify_one();
+                self.open.notified().await;
+            }
+            self.topics.lock().unwrap().push(topic);
+            Ok(())
+        }
+
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    /// Item 5: a cancel made while an ingestion's batch goes out is never published, though
+    /// the batch was read (and found publishable) before it.
+    #[tokio::test]
+    async fn a_command_cancelled_while_its_batch_goes_out_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap());
+        let eve: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
+        let clock = Arc::new(ManualClock::new(eve));
+        let ledger = Ledger::new(store, Policy::default());
+        let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+        let commands: Vec<NewCommand> = ["d1", "d2", "d3"]
+            .into_iter()
+            .map(|d| NewCommand {
+                message_id: MessageId::generate(eve),
+                schedule: Schedule::new(
+                    DeviceId::parse(d).unwrap(),
+                    day.clone(),
+                    vec![Setpoint::IDLE; 48],
+                )
+                .unwrap(),
+                traceparent: None,
+            })
+            .collect();
+        ledger.insert_commands(&commands, eve, None).await.unwrap();
+        let ids: Vec<MessageId> = commands.iter().map(|c| c.message_id.clone()).collect();
+        let broker = Arc::new(Gated::default());
+        let publisher = Publisher::new(
+            broker.clone(),
+            Topics::new("max300"),
+            ledger.clone(),
+            clock,
+            Arc::new(Metrics::new()),
+        );
+        let going = tokio::spawn({
+            let (publisher, ids) = (publisher.clone(), ids.clone());
+            async move { publisher.publish(&ids).await }
+        });
+        broker.waiting.notified().await;
+        let cancelled = ledger
+            .cancel(&ids[2], MessageId::generate(eve), eve)
+            .await
+            .unwrap();
+        assert!(matches!(cancelled, Cancel::Cancelled(_)));
+        broker.open.notify_one();
+        going.await.unwrap().unwrap();
+        assert_eq!(
+            *broker.topics.lock().unwrap(),
+            ["max300/d1/schedule", "max300/d2/schedule"]
+        );
+        let detail = ledger.store().command(&ids[2]).await.unwrap().unwrap();
+        assert_eq!(detail.publishes, 0, "d3's plan never went out");
     }
 }
