@@ -35,7 +35,8 @@ pub struct AgentConfig {
     pub heartbeat_interval_s: u64,
     /// Real seconds an outbox entry waits for a receipt before it is sent again.
     pub resend_after_s: u64,
-    /// The controller's revert timer in whole real seconds (1..=60).
+    /// The controller's revert timer in whole real seconds (1..=60), more than twice
+    /// `safety.settle_s`.
     pub revert_timeout_s: u64,
     /// `synchronous=FULL` when true, `OFF` when false.
     pub durable: bool,
@@ -151,6 +152,15 @@ impl AgentConfig {
         self.safety
             .validate()
             .map_err(|e| AgentError::Config(format!("safety.{e}")))?;
+        // The wait for the power to settle holds up the re-assert, which comes at half the
+        // revert timer: a timer no longer than twice the wait could run out while the agent
+        // waits, and the unit would go idle by itself in the middle of a period.
+        if self.revert_timeout_s as f64 <= 2.0 * self.safety.settle_s {
+            return bad(format!(
+                "revert_timeout_s: {} must be more than twice safety.settle_s ({})",
+                self.revert_timeout_s, self.safety.settle_s
+            ));
+        }
         self.sim
             .validate()
             .map_err(|e| AgentError::Config(format!("sim.{e}")))
@@ -448,6 +458,40 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{file}: {err}");
         }
+    }
+
+    #[test]
+    fn a_revert_timer_no_longer_than_twice_the_settle_time_is_refused() {
+        let load = |file: &str, env_pairs: &[(&str, &str)]| {
+            AgentConfig::from_toml(
+                AgentConfig::DEFAULT_TOML,
+                Some(&format!("device_id = \"d1\"\n{file}")),
+                &env(env_pairs),
+            )
+        };
+        for (file, pairs, expected) in [
+            (
+                "revert_timeout_s = 10",
+                &[][..],
+                "config: revert_timeout_s: 10 must be more than twice safety.settle_s (5)",
+            ),
+            (
+                "revert_timeout_s = 4\n[safety]\nsettle_s = 2.5",
+                &[][..],
+                "config: revert_timeout_s: 4 must be more than twice safety.settle_s (2.5)",
+            ),
+            (
+                "",
+                &[("MAX300_REVERT_TIMEOUT_S", "2")][..],
+                "config: revert_timeout_s: 2 must be more than twice safety.settle_s (5)",
+            ),
+        ] {
+            let err = load(file, pairs).unwrap_err().to_string();
+            assert_eq!(err, expected, "{file} {pairs:?}");
+        }
+        // Just over twice the wait is enough, and 0 s of settling allows the shortest timer.
+        assert!(load("revert_timeout_s = 11", &[]).is_ok());
+        assert!(load("revert_timeout_s = 1\n[safety]\nsettle_s = 0", &[]).is_ok());
     }
 
     #[test]

@@ -92,9 +92,16 @@ impl TestApp {
     }
 
     pub fn config(&self) -> AgentConfig {
+        // The revert timer is short (re-asserts every 2 s), so the wait for the power to
+        // settle must be under 2 s; a test with its own `[safety]` table sets `settle_s`.
+        let safety = if self.extra.contains("[safety]") {
+            ""
+        } else {
+            "[safety]\nsettle_s = 1\n"
+        };
         let file = format!(
             "device_id = \"{DEVICE}\"\nmqtt = \"mqtt://127.0.0.1:{}\"\ndata_dir = {:?}\n\
-             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n{}",
+             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n{}{safety}",
             self.port,
             self.dir.path().display().to_string(),
             self.extra

@@ -35,7 +35,7 @@ async fn the_soc_window_stops_charging_until_past_the_hysteresis_and_rates_are_c
     let mut app = TestApp::start_with(
         "2026-11-30T10:05:00Z",
         1200.0,
-        "[safety]\nsoc_max_pct = 90\nhysteresis_pct = 2\n\
+        "[safety]\nsoc_max_pct = 90\nhysteresis_pct = 2\nsettle_s = 1\n\
          [sim]\ncapacity_kwh = 1000\ninitial_soc_pct = 86.5\nmax_charge_kw = 40\nmax_discharge_kw = 40\n",
     )
     .await;
@@ -119,11 +119,11 @@ async fn a_unit_whose_power_does_not_follow_is_failed_with_the_measured_kw() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_whose_power_follows_within_the_settle_time_is_executed() {
     // 0.5 kW per plan second is 600 kW per real second: 40 kW is reached in about 70 ms,
-    // within the wait (a tenth of a period: 150 ms at 1200×).
+    // within the wait (a tenth of a period: 150 ms at 1200×, shorter than settle_s).
     let mut app = TestApp::start_with(
         "2026-11-30T10:05:00Z",
         1200.0,
-        "[safety]\nsettle_s = 5\n[sim]\nramp_kw_per_s = 0.5\n",
+        "[safety]\nsettle_s = 1.5\n[sim]\nramp_kw_per_s = 0.5\n",
     )
     .await;
     follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;

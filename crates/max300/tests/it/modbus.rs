@@ -195,6 +195,9 @@ impl ModbusRig {
         let env = vec![
             ("MAX300_HEARTBEAT_INTERVAL_S".to_owned(), "1".to_owned()),
             ("MAX300_REVERT_TIMEOUT_S".to_owned(), REVERT_S.to_string()),
+            // The revert timer must be more than twice the settle wait; at 2000× the wait is
+            // a tenth of a period (90 ms) anyway.
+            ("MAX300_SAFETY_SETTLE_S".to_owned(), "0.5".to_owned()),
             // Many units on one disk.
             ("MAX300_DURABLE".to_owned(), "false".to_owned()),
         ];
