@@ -105,7 +105,8 @@ pub async fn run(
         }
     };
 
-    let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate);
+    let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate)
+        .with_catch_up(config.catch_up());
     let loaded = blocking(&store, |s| s.load()).await?;
     for stored in loaded.plans {
         let msg = stored.msg;
@@ -570,6 +571,13 @@ impl Agent {
             return;
         }
         let due = self.engine.due(now);
+        if let (Some(done), Some(first)) = (self.engine.last_done(), due.first()) {
+            let unreported =
+                first.start.duration_since(done).as_secs() / max300_protocol::PERIOD_SECS - 1;
+            if unreported > 0 {
+                warn!(device_id = %self.device_id, periods = unreported, from = %done, to = %first.start, "periods missed before the catch_up_h cut-off get no report");
+            }
+        }
         let count = due.len();
         for (i, period) in due.into_iter().enumerate() {
             let is_current = i + 1 == count;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jiff::SignedDuration;
 use jiff::tz::TimeZone;
 use max300_mqtt::BrokerUrl;
 use max300_protocol::{DeviceId, RateKw, Topics};
@@ -38,6 +39,10 @@ pub struct AgentConfig {
     /// The controller's revert timer in whole real seconds (1..=60), more than twice
     /// `safety.settle_s`.
     pub revert_timeout_s: u64,
+    /// How many hours back from the current period missed periods (the agent down, the
+    /// clock unsynchronized) are still reported `skipped` (1..=8784); earlier ones get no
+    /// report.
+    pub catch_up_h: u32,
     /// `synchronous=FULL` when true, `OFF` when false.
     pub durable: bool,
     /// The CA that signed the broker's certificate (PEM), for `mqtts://`.
@@ -80,6 +85,9 @@ pub enum BatteryChoice {
     /// `skipped` (reason `dry_run`) with what would have been applied.
     DryRun(SunSpecUrl),
 }
+
+/// The longest catch-up after an outage: 366 days, 17,568 reports at most.
+const MAX_CATCH_UP_H: u32 = 366 * 24;
 
 /// The env var prefix of every field.
 const ENV_PREFIX: &str = "MAX300_";
@@ -146,6 +154,14 @@ impl AgentConfig {
             return bad(format!(
                 "revert_timeout_s: {} must be from 1 to 60",
                 self.revert_timeout_s
+            ));
+        }
+        // A cut-off is needed (the store's last report may be years old) and is a setting, so
+        // an operator can ask for every missed period of a long outage to be reported.
+        if !(1..=MAX_CATCH_UP_H).contains(&self.catch_up_h) {
+            return bad(format!(
+                "catch_up_h: {} must be from 1 to {MAX_CATCH_UP_H} (366 days)",
+                self.catch_up_h
             ));
         }
         self.battery_choice()?;
@@ -230,6 +246,11 @@ impl AgentConfig {
     pub fn revert_timeout(&self) -> Duration {
         Duration::from_secs(self.revert_timeout_s)
     }
+
+    /// How far back missed periods are still reported (clock time).
+    pub fn catch_up(&self) -> SignedDuration {
+        SignedDuration::from_hours(i64::from(self.catch_up_h))
+    }
 }
 
 fn parse_layer(what: &str, text: &str) -> Result<Table, AgentError> {
@@ -259,7 +280,7 @@ fn merge(base: &mut Table, over: Table) {
 /// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
 /// to other roles and are ignored.
 fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
-    const TOP: [&str; 17] = [
+    const TOP: [&str; 18] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -269,6 +290,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "heartbeat_interval_s",
         "resend_after_s",
         "revert_timeout_s",
+        "catch_up_h",
         "durable",
         "battery",
         "clock_sync",
@@ -457,6 +479,35 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(expected), "{file}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_catch_up_cut_off_is_a_setting_with_a_documented_range() {
+        let load = |file: &str, pairs: &[(&str, &str)]| {
+            AgentConfig::from_toml(
+                AgentConfig::DEFAULT_TOML,
+                Some(&format!("device_id = \"d1\"\n{file}")),
+                &env(pairs),
+            )
+        };
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.catch_up_h, 48);
+        assert_eq!(c.catch_up(), jiff::SignedDuration::from_hours(48));
+        let c = load("catch_up_h = 24", &[("MAX300_CATCH_UP_H", "8784")]).unwrap();
+        assert_eq!(c.catch_up(), jiff::SignedDuration::from_hours(8784));
+        assert_eq!(load("catch_up_h = 1", &[]).unwrap().catch_up_h, 1);
+        for (file, expected) in [
+            (
+                "catch_up_h = 0",
+                "config: catch_up_h: 0 must be from 1 to 8784 (366 days)",
+            ),
+            (
+                "catch_up_h = 8785",
+                "config: catch_up_h: 8785 must be from 1 to 8784 (366 days)",
+            ),
+        ] {
+            assert_eq!(load(file, &[]).unwrap_err().to_string(), expected);
         }
     }
 

@@ -21,10 +21,10 @@ use max300_protocol::{
     Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint, TraceParent,
 };
 
-/// How far back periods missed while the agent was down are still reported: 48 hours. The
-/// cloud marks a command `incomplete` an hour after its end anyway, and a unit that was off
-/// for weeks must not flood its outbox with thousands of `agent_down` reports on start-up.
-const CATCH_UP: SignedDuration = SignedDuration::from_hours(48);
+/// How far back missed periods are still reported unless set otherwise (`catch_up_h`): 48
+/// hours. Periods before the cut-off get no report; the cloud marks them `unreported` when
+/// their command turns `incomplete`, an hour after its end.
+pub const DEFAULT_CATCH_UP: SignedDuration = SignedDuration::from_hours(48);
 
 /// Plans older than this many days before the period just done are dropped from memory.
 const KEEP_DAYS: i64 = 2;
@@ -138,6 +138,7 @@ pub struct Engine {
     max_rate: RateKw,
     plans: BTreeMap<Date, Vec<Plan>>,
     controls: HashSet<MessageId>,
+    catch_up: SignedDuration,
     last_done: Option<Timestamp>,
     last_instant: Option<Timestamp>,
     /// What the time source says (NTP status, where checked): false means unsynchronized.
@@ -154,10 +155,18 @@ impl Engine {
             max_rate,
             plans: BTreeMap::new(),
             controls: HashSet::new(),
+            catch_up: DEFAULT_CATCH_UP,
             last_done: None,
             last_instant: None,
             time_source_synced: true,
         }
+    }
+
+    /// How far back from the current period missed periods are still reported (the
+    /// `catch_up_h` setting); earlier ones get no report.
+    pub fn with_catch_up(mut self, catch_up: SignedDuration) -> Engine {
+        self.catch_up = catch_up;
+        self
     }
 
     /// Records whether the system's time sync says the clock is right.
@@ -350,7 +359,7 @@ impl Engine {
         };
         let first = match self.last_done {
             None => current,
-            Some(done) => (done + PERIOD).max(current - CATCH_UP),
+            Some(done) => (done + PERIOD).max(current - self.catch_up),
         };
         let mut out = Vec::new();
         let mut start = first;
@@ -784,6 +793,24 @@ mod tests {
                 .all(|d| reason(d) == Some(PeriodReason::AgentDown)
                     || reason(d) == Some(PeriodReason::NoSchedule))
         );
+    }
+
+    #[test]
+    fn the_catch_up_cut_off_follows_the_setting() {
+        let now = ts("2026-11-30T00:00:00Z");
+        let down_since = ts("2026-11-01T00:00:00Z");
+        // 29 days down: every missed period is reported once the cut-off is further back.
+        for (hours, periods) in [(1, 3), (6, 13), (48, 97), (24 * 30, 29 * 48)] {
+            let mut e = engine().with_catch_up(SignedDuration::from_hours(hours));
+            e.restore(Some(down_since), None);
+            let due = e.due(now);
+            assert_eq!(due.len(), periods, "catch_up {hours} h");
+            assert_eq!(
+                due[0].start,
+                (now - SignedDuration::from_hours(hours)).max(down_since + PERIOD)
+            );
+            assert_eq!(due.last().unwrap().start, now);
+        }
     }
 
     #[test]
