@@ -567,10 +567,16 @@ impl Agent {
             if self.engine.time_source_synced() {
                 warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
             }
+            self.engine.note_unsynced();
             self.drive(false).await;
             return;
         }
-        let due = self.engine.due(now);
+        // How long this process has run, in clock time: what it missed before that, it
+        // missed while down.
+        let uptime = self
+            .clock
+            .clock_duration(monotonic().saturating_duration_since(self.started));
+        let due = self.engine.due(now, uptime);
         if let (Some(done), Some(first)) = (self.engine.last_done(), due.first()) {
             let unreported =
                 first.start.duration_since(done).as_secs() / max300_protocol::PERIOD_SECS - 1;
@@ -678,7 +684,10 @@ impl Agent {
                 if is_current {
                     self.drive(false).await;
                 }
-                if *reason != PeriodReason::AgentDown {
+                if !matches!(
+                    reason,
+                    PeriodReason::AgentDown | PeriodReason::ClockUnsynced
+                ) {
                     info!(device_id = %self.device_id, message_id = ?message_id.as_ref().map(|m| m.as_str()), period = due.period, reason = ?reason, "period skipped");
                 }
             }

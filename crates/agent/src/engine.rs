@@ -139,6 +139,9 @@ pub struct Engine {
     plans: BTreeMap<Date, Vec<Plan>>,
     controls: HashSet<MessageId>,
     catch_up: SignedDuration,
+    /// The agent found its clock unsynchronized since it last caught up with the current
+    /// period: what it missed while running was missed for that reason.
+    unsynced_seen: bool,
     last_done: Option<Timestamp>,
     last_instant: Option<Timestamp>,
     /// What the time source says (NTP status, where checked): false means unsynchronized.
@@ -156,6 +159,7 @@ impl Engine {
             plans: BTreeMap::new(),
             controls: HashSet::new(),
             catch_up: DEFAULT_CATCH_UP,
+            unsynced_seen: false,
             last_done: None,
             last_instant: None,
             time_source_synced: true,
@@ -172,6 +176,9 @@ impl Engine {
     /// Records whether the system's time sync says the clock is right.
     pub fn set_time_source(&mut self, synced: bool) {
         self.time_source_synced = synced;
+        if !synced {
+            self.note_unsynced();
+        }
     }
 
     /// Restores what the store remembers: the last period handled and the latest instant
@@ -199,6 +206,13 @@ impl Engine {
     /// Records that the agent acted at `now` (the shell persists the same instant).
     pub fn acted(&mut self, now: Timestamp) {
         self.last_instant = Some(self.last_instant.map_or(now, |l| l.max(now)));
+        // Caught up on a good clock: whatever is missed from here on has another cause.
+        if !self.clock_unsynced(now)
+            && let (Some(done), Ok(current)) = (self.last_done, period_start_at(now, &self.tz))
+            && done >= current
+        {
+            self.unsynced_seen = false;
+        }
     }
 
     /// Decides about a schedule message; changes nothing until [`Engine::hold`].
@@ -347,10 +361,30 @@ impl Engine {
         }
     }
 
+    /// Notes that the agent, running, found its clock unsynchronized (it then handles no
+    /// period): the periods it misses until the clock is right say `clock_unsynced`.
+    pub fn note_unsynced(&mut self) {
+        self.unsynced_seen = true;
+    }
+
     /// Every period start `s` with `last_done < s <= now`, oldest first: the current one to
-    /// run (or skip), the earlier ones missed while the agent was down. Nothing while the
-    /// clock is unsynchronized, so no period is ever handled twice.
-    pub fn due(&self, now: Timestamp) -> Vec<PeriodDue> {
+    /// run (or skip), the earlier ones missed. Nothing while the clock is unsynchronized, so
+    /// no period is ever handled twice.
+    ///
+    /// `uptime` is how long (clock time) this process has run. A missed period that ended
+    /// before it started was missed while the agent was down (`agent_down`); one that ended
+    /// later was missed while it ran on an unsynchronized clock (`clock_unsynced`), which
+    /// is the only reason a running agent leaves a period alone (see [`note_unsynced`]).
+    ///
+    /// ```text
+    ///          down            │ up, clock unsynchronized  │ synced again
+    ///  ──┼──────┼──────┼───────┼─┼──────┼──────┼──────┼─────┼──▶
+    ///    done   agent_down      clock_unsynced ...           current: run
+    ///                          up_since = now − uptime
+    /// ```
+    ///
+    /// [`note_unsynced`]: Engine::note_unsynced
+    pub fn due(&self, now: Timestamp, uptime: SignedDuration) -> Vec<PeriodDue> {
         if self.clock_unsynced(now) {
             return Vec::new();
         }
@@ -361,10 +395,16 @@ impl Engine {
             None => current,
             Some(done) => (done + PERIOD).max(current - self.catch_up),
         };
+        let up_since = now.checked_sub(uptime).unwrap_or(Timestamp::MIN);
         let mut out = Vec::new();
         let mut start = first;
         while start <= current {
-            if let Some(due) = self.period_due(start, start == current) {
+            let missed = if self.unsynced_seen && start + PERIOD > up_since {
+                PeriodReason::ClockUnsynced
+            } else {
+                PeriodReason::AgentDown
+            };
+            if let Some(due) = self.period_due(start, start == current, missed) {
                 out.push(due);
             }
             start += PERIOD;
@@ -372,7 +412,14 @@ impl Engine {
         out
     }
 
-    fn period_due(&self, start: Timestamp, is_current: bool) -> Option<PeriodDue> {
+    /// What to do about the period starting at `start`; `missed` says why, if it is not the
+    /// current one and a plan governs it.
+    fn period_due(
+        &self,
+        start: Timestamp,
+        is_current: bool,
+        missed: PeriodReason,
+    ) -> Option<PeriodDue> {
         let day = Day::containing(start, &self.tz).ok()?;
         let period = day.period_at(start)?;
         let plan = self.governing(&day, period);
@@ -396,7 +443,7 @@ impl Engine {
                 planned,
             },
             _ => Action::Skip {
-                reason: PeriodReason::AgentDown,
+                reason: missed,
                 message_id,
                 planned,
             },
@@ -522,6 +569,9 @@ mod tests {
     use max300_protocol::message::{ControlAction, V1};
 
     const TZ: &str = "Europe/London";
+    /// The uptime of an agent that has just (re)started: every missed period was missed
+    /// while it was down.
+    const JUST_STARTED: SignedDuration = SignedDuration::ZERO;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -565,7 +615,7 @@ mod tests {
     }
 
     fn run_due(e: &mut Engine, now: Timestamp) -> Vec<PeriodDue> {
-        let due = e.due(now);
+        let due = e.due(now, JUST_STARTED);
         for d in &due {
             e.mark_done(d.start);
         }
@@ -781,11 +831,114 @@ mod tests {
         assert!(run_due(&mut e, ts("2026-11-30T02:20:00Z")).is_empty());
     }
 
+    /// Runs the periods due at `now` for an agent that has been up for `uptime`.
+    fn run_due_up(e: &mut Engine, now: Timestamp, uptime: SignedDuration) -> Vec<PeriodDue> {
+        let due = e.due(now, uptime);
+        for d in &due {
+            e.mark_done(d.start);
+        }
+        e.acted(now);
+        due
+    }
+
+    fn summary(due: &[PeriodDue]) -> Vec<(u32, Option<PeriodReason>)> {
+        due.iter().map(|d| (d.period, reason(d))).collect()
+    }
+
+    #[test]
+    fn periods_missed_while_up_with_an_unsynchronized_time_source_say_clock_unsynced() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        accept(&mut e, &m, ts("2026-11-29T16:00:00Z"));
+        let hours = SignedDuration::from_hours;
+        run_due_up(&mut e, ts("2026-11-30T10:00:00Z"), hours(10));
+        // NTP is lost at 10:10 and back at 12:10: the agent ran all along.
+        e.set_time_source(false);
+        assert!(e.due(ts("2026-11-30T10:40:00Z"), hours(11)).is_empty());
+        e.set_time_source(true);
+        let due = run_due_up(&mut e, ts("2026-11-30T12:10:00Z"), hours(12));
+        assert_eq!(
+            summary(&due),
+            vec![
+                (22, Some(PeriodReason::ClockUnsynced)),
+                (23, Some(PeriodReason::ClockUnsynced)),
+                (24, Some(PeriodReason::ClockUnsynced)),
+                (25, None)
+            ]
+        );
+        assert!(due[..3].iter().all(|d| matches!(
+            &d.action,
+            Action::Skip { message_id: Some(id), .. } if *id == m.message_id
+        )));
+        // Caught up: a later outage of the process is agent_down again.
+        let due = run_due_up(&mut e, ts("2026-11-30T13:10:00Z"), JUST_STARTED);
+        assert_eq!(
+            summary(&due),
+            vec![(26, Some(PeriodReason::AgentDown)), (27, None)]
+        );
+    }
+
+    #[test]
+    fn periods_missed_while_down_stay_agent_down_and_those_while_up_unsynced_do_not() {
+        let mut e = engine();
+        accept(
+            &mut e,
+            &msg("2026-11-30", 1, 10),
+            ts("2026-11-29T16:00:00Z"),
+        );
+        run_due_up(&mut e, ts("2026-11-30T10:00:00Z"), JUST_STARTED);
+        // Down from 10:10; started again at 11:10 with its time source unsynchronized, which
+        // came right at 12:10. Period 23 (11:00) would have run at 11:10 on a good clock.
+        e.set_time_source(false);
+        e.set_time_source(true);
+        let due = run_due_up(
+            &mut e,
+            ts("2026-11-30T12:10:00Z"),
+            SignedDuration::from_hours(1),
+        );
+        assert_eq!(
+            summary(&due),
+            vec![
+                (22, Some(PeriodReason::AgentDown)),
+                (23, Some(PeriodReason::ClockUnsynced)),
+                (24, Some(PeriodReason::ClockUnsynced)),
+                (25, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn periods_missed_while_the_clock_read_behind_say_clock_unsynced() {
+        let mut e = engine();
+        accept(
+            &mut e,
+            &msg("2026-11-30", 1, 10),
+            ts("2026-11-29T16:00:00Z"),
+        );
+        let up = SignedDuration::from_hours(12);
+        run_due_up(&mut e, ts("2026-11-30T10:00:00Z"), up);
+        run_due_up(&mut e, ts("2026-11-30T10:30:00Z"), up);
+        // The clock steps back to 09:00 and is set right at 12:10 (the shell notes what it saw).
+        let back = ts("2026-11-30T09:00:00Z");
+        assert!(e.clock_unsynced(back));
+        e.note_unsynced();
+        assert!(e.due(back, up).is_empty());
+        let due = run_due_up(&mut e, ts("2026-11-30T12:10:00Z"), up);
+        assert_eq!(
+            summary(&due),
+            vec![
+                (23, Some(PeriodReason::ClockUnsynced)),
+                (24, Some(PeriodReason::ClockUnsynced)),
+                (25, None)
+            ]
+        );
+    }
+
     #[test]
     fn catch_up_is_capped_at_48_hours() {
         let mut e = engine();
         e.restore(Some(ts("2026-11-01T00:00:00Z")), None);
-        let due = e.due(ts("2026-11-30T00:00:00Z"));
+        let due = e.due(ts("2026-11-30T00:00:00Z"), JUST_STARTED);
         assert_eq!(due.len(), 97);
         assert_eq!(due[0].start, ts("2026-11-28T00:00:00Z"));
         assert!(
@@ -803,7 +956,7 @@ mod tests {
         for (hours, periods) in [(1, 3), (6, 13), (48, 97), (24 * 30, 29 * 48)] {
             let mut e = engine().with_catch_up(SignedDuration::from_hours(hours));
             e.restore(Some(down_since), None);
-            let due = e.due(now);
+            let due = e.due(now, JUST_STARTED);
             assert_eq!(due.len(), periods, "catch_up {hours} h");
             assert_eq!(
                 due[0].start,
@@ -824,7 +977,7 @@ mod tests {
         run_due(&mut e, ts("2026-11-30T10:00:00Z"));
         run_due(&mut e, ts("2026-11-30T10:30:00Z"));
         let back = ts("2026-11-30T09:00:00Z");
-        assert!(e.due(back).is_empty());
+        assert!(e.due(back, JUST_STARTED).is_empty());
         assert_eq!(e.fallback(back), Some(Fallback::ClockUnsynced));
         assert_eq!(e.current(back), Setpoint::IDLE);
         assert!(matches!(
@@ -832,8 +985,8 @@ mod tests {
             Decision::Withhold { .. }
         ));
         // Once the clock is past the last instant again, only new periods come due.
-        assert!(e.due(ts("2026-11-30T10:45:00Z")).is_empty());
-        let due = e.due(ts("2026-11-30T11:00:00Z"));
+        assert!(e.due(ts("2026-11-30T10:45:00Z"), JUST_STARTED).is_empty());
+        let due = e.due(ts("2026-11-30T11:00:00Z"), JUST_STARTED);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].period, 23);
     }
@@ -865,7 +1018,7 @@ mod tests {
         assert_eq!(e.current(now), Setpoint::IDLE);
         assert_eq!(e.fallback(now), Some(Fallback::Cancelled));
         // The current period keeps its report; the next ones are skipped as cancelled.
-        assert!(e.due(now).is_empty());
+        assert!(e.due(now, JUST_STARTED).is_empty());
         let due = run_due(&mut e, ts("2026-11-30T10:30:00Z"));
         assert_eq!(reason(&due[0]), Some(PeriodReason::Cancelled));
 
