@@ -125,8 +125,8 @@ pub async fn run(
             }
         }
     }
-    for (control, target) in loaded.controls {
-        engine.cancel(control, &target);
+    for c in loaded.controls {
+        engine.cancel(c.control, &c.target, c.received);
     }
     engine.restore(loaded.last_done, loaded.last_instant);
 
@@ -498,7 +498,7 @@ impl Agent {
         let topic = self.topic(Channel::Ack);
         let sent = self.session.is_connected();
         let result = match self.engine.on_control(msg) {
-            ControlDecision::Cancel { target } => {
+            ControlDecision::Cancel { target, held } => {
                 let ack = Self::traced(
                     self.ack(&mid, now, None, None, None, None),
                     msg.traceparent.as_ref(),
@@ -509,9 +509,14 @@ impl Agent {
                 })
                 .await;
                 if r.is_ok() {
-                    self.engine.cancel(mid.clone(), &target);
+                    self.engine.cancel(mid.clone(), &target, now);
                     self.engine.acted(now);
-                    info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "plan cancelled: going idle");
+                    if held {
+                        info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "plan cancelled: going idle");
+                    } else {
+                        // The cancel overtook its plan: kept, so the plan is refused if it comes.
+                        info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "cancel kept for a plan not held: it will be refused");
+                    }
                     if self.engine.active(now).is_none() {
                         self.drive(false).await;
                     }

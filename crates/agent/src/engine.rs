@@ -8,7 +8,7 @@
 //!   period p (old plan)   period p+1 (new plan)          in the middle of a period
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
@@ -28,6 +28,11 @@ pub const DEFAULT_CATCH_UP: SignedDuration = SignedDuration::from_hours(48);
 
 /// Plans older than this many days before the period just done are dropped from memory.
 const KEEP_DAYS: i64 = 2;
+
+/// How long a control message is remembered after it was received (clock time): for repeats,
+/// and, when its plan has not arrived, as the tombstone that refuses that plan. A week is far
+/// longer than the cloud resends a command, and keeps the list from growing without bound.
+pub const CONTROL_KEEP: SignedDuration = SignedDuration::from_hours(7 * 24);
 
 const PERIOD: SignedDuration = SignedDuration::from_secs(PERIOD_SECS);
 
@@ -79,10 +84,13 @@ pub enum Decision {
 /// What to do with a control message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ControlDecision {
-    /// Persist the cancel, go idle at once, then ack it accepted.
+    /// Persist the cancel, go idle at once if it cancels the plan in force, then ack it
+    /// accepted.
     Cancel {
         /// The plan to cancel.
         target: MessageId,
+        /// Whether the device holds that plan; if not, the cancel is kept for it.
+        held: bool,
     },
     /// Already handled: ack it accepted again.
     Repeat,
@@ -129,6 +137,13 @@ pub enum Action {
     },
 }
 
+/// A control message handled: what it cancelled, and when it came.
+#[derive(Clone, Debug, PartialEq)]
+struct Control {
+    target: MessageId,
+    received: Timestamp,
+}
+
 /// The engine's state: plans by local date, cancellations, and what was done last.
 #[derive(Debug)]
 pub struct Engine {
@@ -137,7 +152,10 @@ pub struct Engine {
     tz_name: String,
     max_rate: RateKw,
     plans: BTreeMap<Date, Vec<Plan>>,
-    controls: HashSet<MessageId>,
+    /// Control messages by id, for [`CONTROL_KEEP`]. One whose target is not held is a
+    /// tombstone: the cloud may publish a cancel before (or racing) the plan it cancels, and
+    /// the cancel wins.
+    controls: HashMap<MessageId, Control>,
     catch_up: SignedDuration,
     /// The agent found its clock unsynchronized since it last caught up with the current
     /// period: what it missed while running was missed for that reason.
@@ -157,7 +175,7 @@ impl Engine {
             tz_name: tz_name.to_owned(),
             max_rate,
             plans: BTreeMap::new(),
-            controls: HashSet::new(),
+            controls: HashMap::new(),
             catch_up: DEFAULT_CATCH_UP,
             unsynced_seen: false,
             last_done: None,
@@ -249,6 +267,15 @@ impl Engine {
                 sha256: held.sha256.clone(),
             };
         }
+        // Before the device's own passing state: the refusal rests on what is on disk only.
+        if let Some(control) = self.cancelled_by(&msg.message_id) {
+            return reject(
+                RejectReason::Cancelled,
+                Some(format!(
+                    "control message {control} cancelled it before it arrived"
+                )),
+            );
+        }
         if self.clock_unsynced(now) {
             return Decision::Withhold {
                 why: "clock_unsynced",
@@ -334,26 +361,26 @@ impl Engine {
                 )),
             };
         }
-        if self.controls.contains(&msg.message_id) {
+        if self.controls.contains_key(&msg.message_id) {
             return ControlDecision::Repeat;
-        }
-        if self.find(&msg.target_message_id).is_none() {
-            return ControlDecision::Reject {
-                reason: RejectReason::Invalid,
-                details: Some(format!(
-                    "target_message_id: {} is not a plan this device holds",
-                    msg.target_message_id
-                )),
-            };
         }
         ControlDecision::Cancel {
             target: msg.target_message_id.clone(),
+            held: self.find(&msg.target_message_id).is_some(),
         }
     }
 
-    /// Cancels a held plan once the cancel is on disk; `control` is remembered for repeats.
-    pub fn cancel(&mut self, control: MessageId, target: &MessageId) {
-        self.controls.insert(control);
+    /// Applies a cancel once it is on disk (also used when loading the store): a held target
+    /// is cancelled; one not held yet is refused when it comes. `control` is remembered for
+    /// repeats until [`CONTROL_KEEP`] after `received`.
+    pub fn cancel(&mut self, control: MessageId, target: &MessageId, received: Timestamp) {
+        self.controls.insert(
+            control,
+            Control {
+                target: target.clone(),
+                received,
+            },
+        );
         for plan in self.plans.values_mut().flatten() {
             if &plan.message_id == target {
                 plan.cancelled = true;
@@ -456,9 +483,24 @@ impl Engine {
         })
     }
 
-    /// Records that a period was handled (its report is on disk).
+    /// The control message that cancelled `plan` before the device held it, if any.
+    fn cancelled_by(&self, plan: &MessageId) -> Option<&MessageId> {
+        self.controls
+            .iter()
+            .filter(|(_, c)| &c.target == plan)
+            .map(|(id, _)| id)
+            .min()
+    }
+
+    /// Records that a period was handled (its report is on disk), and forgets what is too
+    /// old to matter: plans, and control messages past [`CONTROL_KEEP`].
     pub fn mark_done(&mut self, start: Timestamp) {
         self.last_done = Some(self.last_done.map_or(start, |d| d.max(start)));
+        self.controls.retain(|_, c| {
+            c.received
+                .checked_add(CONTROL_KEEP)
+                .is_ok_and(|t| t > start)
+        });
         let date = start.to_zoned_datetime(self.tz.clone()).date();
         if let Ok(oldest) = date.checked_sub(jiff::Span::new().days(KEEP_DAYS)) {
             self.plans.retain(|d, _| *d >= oldest);
@@ -1010,10 +1052,11 @@ mod tests {
         assert_eq!(
             e.on_control(&control),
             ControlDecision::Cancel {
-                target: m.message_id.clone()
+                target: m.message_id.clone(),
+                held: true,
             }
         );
-        e.cancel(control.message_id.clone(), &m.message_id);
+        e.cancel(control.message_id.clone(), &m.message_id, now);
         assert_eq!(e.on_control(&control), ControlDecision::Repeat);
         assert_eq!(e.current(now), Setpoint::IDLE);
         assert_eq!(e.fallback(now), Some(Fallback::Cancelled));
@@ -1022,18 +1065,86 @@ mod tests {
         let due = run_due(&mut e, ts("2026-11-30T10:30:00Z"));
         assert_eq!(reason(&due[0]), Some(PeriodReason::Cancelled));
 
-        let unknown = ControlMsg {
-            message_id: MessageId::parse("ctl-2").unwrap(),
-            target_message_id: MessageId::parse("nope").unwrap(),
-            ..control
-        };
+        let mut foreign = control.clone();
+        foreign.device_id = DeviceId::parse("max300-0002").unwrap();
         assert!(matches!(
-            e.on_control(&unknown),
+            e.on_control(&foreign),
             ControlDecision::Reject {
-                reason: RejectReason::Invalid,
+                reason: RejectReason::WrongDevice,
                 ..
             }
         ));
+    }
+
+    fn cancel_of(target: &MessageId, id: &str, at: Timestamp) -> ControlMsg {
+        ControlMsg {
+            v: V1,
+            message_id: MessageId::parse(id).unwrap(),
+            device_id: device(),
+            action: ControlAction::Cancel,
+            target_message_id: target.clone(),
+            issued_at: at,
+            traceparent: None,
+        }
+    }
+
+    fn rejected(d: Decision) -> (RejectReason, String) {
+        match d {
+            Decision::Reject { reason, details } => (reason, details.unwrap_or_default()),
+            other => panic!("not rejected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cancel_that_overtakes_its_plan_is_kept_and_the_plan_refused_as_cancelled() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        let at = ts("2026-11-29T16:00:00Z");
+        let control = cancel_of(&m.message_id, "ctl-1", at);
+        assert_eq!(
+            e.on_control(&control),
+            ControlDecision::Cancel {
+                target: m.message_id.clone(),
+                held: false,
+            }
+        );
+        e.cancel(control.message_id.clone(), &m.message_id, at);
+        assert_eq!(e.on_control(&control), ControlDecision::Repeat);
+
+        // The plan arrives after its cancel, and again: refused both times, naming the cancel.
+        for now in [ts("2026-11-29T16:01:00Z"), ts("2026-11-30T09:00:00Z")] {
+            let (reason, details) = rejected(e.on_schedule(&m, now));
+            assert_eq!(reason, RejectReason::Cancelled);
+            assert!(details.contains("ctl-1"), "{details}");
+        }
+        // It never governs a period: the unit has no plan.
+        let due = run_due(&mut e, ts("2026-11-30T10:00:00Z"));
+        assert_eq!(reason(&due[0]), Some(PeriodReason::NoSchedule));
+        assert_eq!(e.current(ts("2026-11-30T10:00:00Z")), Setpoint::IDLE);
+        // Another version of that date is a new command, and is accepted.
+        accept(
+            &mut e,
+            &msg("2026-11-30", 2, 20),
+            ts("2026-11-30T10:05:00Z"),
+        );
+    }
+
+    #[test]
+    fn a_cancel_kept_for_a_plan_that_never_came_is_forgotten_after_seven_days() {
+        let mut e = engine();
+        let later = msg("2026-12-20", 1, 10);
+        let received = ts("2026-11-30T10:00:00Z");
+        e.cancel(
+            MessageId::parse("ctl-1").unwrap(),
+            &later.message_id,
+            received,
+        );
+        run_due(&mut e, ts("2026-12-07T09:30:00Z"));
+        let (reason, _) = rejected(e.on_schedule(&later, ts("2026-12-07T09:40:00Z")));
+        assert_eq!(reason, RejectReason::Cancelled);
+        // Seven days after it was received, it is gone.
+        run_due(&mut e, ts("2026-12-07T10:00:00Z"));
+        accept(&mut e, &later, ts("2026-12-07T10:10:00Z"));
     }
 
     #[test]

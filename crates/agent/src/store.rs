@@ -15,6 +15,7 @@ use max300_protocol::{Message, MessageId, StoreId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::AgentError;
+use crate::engine::CONTROL_KEEP;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -71,13 +72,24 @@ pub struct StoredPlan {
     pub cancelled: bool,
 }
 
+/// A control message as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredControl {
+    /// The control message's id.
+    pub control: MessageId,
+    /// The plan it cancels; the device may not hold it (then the plan is refused if it comes).
+    pub target: MessageId,
+    /// When it was received (clock time).
+    pub received: Timestamp,
+}
+
 /// Everything the engine needs back after a restart.
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
     /// Every plan held, oldest version first.
     pub plans: Vec<StoredPlan>,
-    /// Control messages handled: (control message id, target plan).
-    pub controls: Vec<(MessageId, MessageId)>,
+    /// Control messages handled, for repeats and as tombstones of plans not held.
+    pub controls: Vec<StoredControl>,
     /// The start of the last period reported.
     pub last_done: Option<Timestamp>,
     /// The latest clock instant the agent acted at.
@@ -194,12 +206,21 @@ impl Store {
                     cancelled,
                 });
             }
-            let mut stmt = conn.prepare("SELECT message_id, target_message_id FROM controls")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut stmt = conn.prepare(
+                "SELECT message_id, target_message_id, received_at FROM controls ORDER BY received_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            })?;
             for row in rows {
-                let (control, target) = row?;
+                let (control, target, received) = row?;
                 let parse = |s: String| MessageId::parse(s).map_err(|e| Fail::Data(e.to_string()));
-                loaded.controls.push((parse(control)?, parse(target)?));
+                loaded.controls.push(StoredControl {
+                    control: parse(control)?,
+                    target: parse(target)?,
+                    received: Timestamp::from_millisecond(received)
+                        .map_err(|e| Fail::Data(format!("control received_at: {e}")))?,
+                });
             }
             let last_done: Option<i64> =
                 conn.query_row("SELECT MAX(interval_start) FROM reports", [], |r| r.get(0))?;
@@ -250,7 +271,8 @@ impl Store {
         })
     }
 
-    /// Marks `target` cancelled, remembers the control message, and queues its ack.
+    /// Marks `target` cancelled (if held), remembers the control message, forgets those
+    /// received more than [`CONTROL_KEEP`] before `now`, and queues the ack.
     pub fn cancel_plan(
         &self,
         control: &MessageId,
@@ -261,6 +283,7 @@ impl Store {
         sent: bool,
     ) -> Result<Outgoing, AgentError> {
         let last_sent = sent.then(|| self.now_ms());
+        let forget_before = now.checked_sub(CONTROL_KEEP).unwrap_or(Timestamp::MIN);
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
@@ -271,6 +294,11 @@ impl Store {
                 "INSERT OR IGNORE INTO controls (message_id, target_message_id, received_at)
                  VALUES (?1, ?2, ?3)",
                 params![control.as_str(), target.as_str(), now.as_millisecond()],
+            )?;
+            // Pruned as new ones come, so the table holds at most a week of control messages.
+            tx.execute(
+                "DELETE FROM controls WHERE received_at < ?1",
+                params![forget_before.as_millisecond()],
             )?;
             touch(&tx, now)?;
             let out = push(&tx, &self.store_id, ack, topic, last_sent)?;
@@ -480,6 +508,7 @@ fn push(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::SignedDuration;
     use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
     use max300_protocol::{Day, DeviceId, Mode, RateKw, Schedule, Setpoint};
 
@@ -695,7 +724,68 @@ mod tests {
             .unwrap();
         let loaded = Store::open(&path, true).unwrap().load().unwrap();
         assert!(loaded.plans[0].cancelled);
-        assert_eq!(loaded.controls, vec![(control, msg.message_id.clone())]);
+        assert_eq!(
+            loaded.controls,
+            vec![StoredControl {
+                control,
+                target: msg.message_id.clone(),
+                received: now
+            }]
+        );
+    }
+
+    #[test]
+    fn a_cancel_for_a_plan_not_held_survives_a_reopen_and_is_dropped_after_a_week() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sqlite");
+        let msg = plan_msg(1);
+        let first = ts("2026-11-29T16:00:01Z");
+        {
+            let store = Store::open(&path, true).unwrap();
+            let control = MessageId::parse("ctl-1").unwrap();
+            store
+                .cancel_plan(
+                    &control,
+                    &msg.message_id,
+                    ack(&msg),
+                    "t".into(),
+                    first,
+                    true,
+                )
+                .unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.plans.is_empty());
+        assert_eq!(
+            loaded.controls,
+            vec![StoredControl {
+                control: MessageId::parse("ctl-1").unwrap(),
+                target: msg.message_id.clone(),
+                received: first
+            }]
+        );
+        // A week and a minute later another cancel comes: the old one goes.
+        let later = first + SignedDuration::from_hours(7 * 24) + SignedDuration::from_mins(1);
+        let other = MessageId::parse("plan-2").unwrap();
+        store
+            .cancel_plan(
+                &MessageId::parse("ctl-2").unwrap(),
+                &other,
+                ack(&msg),
+                "t".into(),
+                later,
+                true,
+            )
+            .unwrap();
+        let controls = store.load().unwrap().controls;
+        assert_eq!(
+            controls
+                .iter()
+                .map(|c| c.control.as_str())
+                .collect::<Vec<_>>(),
+            vec!["ctl-2"]
+        );
     }
 
     #[test]

@@ -208,7 +208,8 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
     );
     assert_ne!(again.seq, a.seq);
 
-    // A cancel for a plan it does not hold is rejected as invalid; one it holds, accepted.
+    // A cancel for a plan it does not hold is kept (that plan would be refused), and one
+    // for a plan it holds cancels it: both are accepted.
     let control = |id: &str, target: &MessageId| ControlMsg {
         v: V1,
         message_id: MessageId::parse(id).unwrap(),
@@ -222,14 +223,11 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
         .await;
     let a = app
         .next(
-            "the bad cancel's ack",
+            "the early cancel's ack",
             ack_of(MessageId::parse("ctl-1").unwrap()),
         )
         .await;
-    assert_eq!(
-        (a.status, a.reason),
-        (AckStatus::Rejected, Some(RejectReason::Invalid))
-    );
+    assert_eq!((a.status, a.reason), (AckStatus::Accepted, None));
     app.send(Message::Control(control("ctl-2", &good.message_id)))
         .await;
     let a = app
@@ -241,6 +239,96 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
     assert_eq!(a.status, AckStatus::Accepted);
     app.next("a heartbeat", heartbeat).await;
     app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_overtakes_its_plan_wins_and_the_unit_never_runs_that_plan() {
+    // 600×: a period is 3 s of real time.
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    let today = plan(&device(), "2026-11-30", 1, |_| setpoint(Mode::Charge, 50.0));
+    let ack_of = |id: MessageId| {
+        move |m: &Message| match m {
+            Message::Ack(a) if a.message_id == id => Some(a.clone()),
+            _ => None,
+        }
+    };
+    // The cloud's cancel is published before the plan it cancels reaches the unit.
+    let cancel = ControlMsg {
+        v: V1,
+        message_id: MessageId::parse("ctl-early").unwrap(),
+        device_id: device(),
+        action: ControlAction::Cancel,
+        target_message_id: today.message_id.clone(),
+        issued_at: ts("2026-11-30T10:05:00Z"),
+        traceparent: None,
+    };
+    app.send(Message::Control(cancel.clone())).await;
+    let a = app
+        .next("the cancel's ack", ack_of(cancel.message_id.clone()))
+        .await;
+    assert_eq!((a.status, a.reason), (AckStatus::Accepted, None));
+
+    app.send(Message::Schedule(today.clone())).await;
+    let a = app
+        .next("the plan's ack", ack_of(today.message_id.clone()))
+        .await;
+    assert_eq!(
+        (a.status, a.reason),
+        (AckStatus::Rejected, Some(RejectReason::Cancelled))
+    );
+    assert!(
+        a.details.as_deref().unwrap_or("").contains("ctl-early"),
+        "{a:?}"
+    );
+    assert_eq!((a.sha256, a.effective_period), (None, None));
+
+    // The cancel is on disk: after a restart, the plan delivered again is refused again.
+    app.restart_agent("2026-11-30T11:05:00Z", 600.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    app.send(Message::Schedule(today.clone())).await;
+    // Not the first ack, which the outbox sends again until a receipt names it.
+    let again = app
+        .next("the plan's ack after the restart", |m| {
+            ack_of(today.message_id.clone())(m).filter(|x| x.seq != a.seq)
+        })
+        .await;
+    assert_eq!(
+        (again.status, again.reason),
+        (AckStatus::Rejected, Some(RejectReason::Cancelled))
+    );
+    assert_ne!(again.seq, a.seq);
+
+    // The unit never runs it: periods go by with no plan, idle.
+    let r = app
+        .next("a report after the restart", |m| {
+            report(m).filter(|r| r.interval_start >= ts("2026-11-30T11:00:00Z"))
+        })
+        .await;
+    assert_eq!(
+        (r.status, r.reason, r.message_id),
+        (ReportStatus::Skipped, Some(PeriodReason::NoSchedule), None)
+    );
+    let hb = app.next("a heartbeat", heartbeat).await;
+    assert_eq!(
+        (hb.mode, hb.fallback),
+        (Mode::Idle, Some(Fallback::NoSchedule))
+    );
+    assert_eq!(hb.active_message_id, None);
+    app.stop_agent().await;
+    let writes = app.write_log();
+    assert!(!writes.is_empty());
+    assert!(
+        writes.iter().all(|w| w.mode == Mode::Idle),
+        "the battery ran something: {writes:#?}"
+    );
+    assert!(
+        distinct_reports(&app.seen)
+            .iter()
+            .all(|r| r.message_id.is_none() && r.status == ReportStatus::Skipped)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use max300_agent::battery::{WriteLogEntry, read_write_log};
 use max300_agent::{AgentConfig, AgentError};
 use max300_mqtt::{Event, Qos, Session, SessionConfig};
 use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
@@ -129,6 +130,11 @@ impl TestApp {
         self.stop_agent().await;
         self.clock = Arc::new(ScaledClock::starting_now(ts(start), speed));
         self.start_agent();
+    }
+
+    /// The simulated battery's own record of every write (kept in the data dir).
+    pub fn write_log(&self) -> Vec<WriteLogEntry> {
+        read_write_log(self.dir.path().join("battery-writes.jsonl")).unwrap()
     }
 
     pub async fn publish(&self, channel: Channel, payload: Vec<u8>) {
