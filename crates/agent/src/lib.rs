@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod battery;
 pub mod config;
+pub mod energy;
 pub mod engine;
 pub mod error;
 pub mod metrics;
