@@ -137,6 +137,23 @@ impl TestApp {
         read_write_log(self.dir.path().join("battery-writes.jsonl")).unwrap()
     }
 
+    /// The net energy (kWh, charge positive) the simulated unit ran from `start` to `end`,
+    /// from its own write log: each setpoint runs until the next line. Exact for a unit
+    /// without a ramp (the default), whose power follows each write at once.
+    pub fn logged_kwh(&self, start: Timestamp, end: Timestamp) -> f64 {
+        let log = self.write_log();
+        let mut kwh = 0.0;
+        for (i, w) in log.iter().enumerate() {
+            let until = log.get(i + 1).map_or(end, |n| n.at);
+            let (from, to) = (w.at.max(start), until.min(end));
+            if to > from {
+                let kw = w.setpoint().map_or(0.0, |s| s.signed_kw());
+                kwh += kw * to.duration_since(from).as_secs_f64() / 3600.0;
+            }
+        }
+        kwh
+    }
+
     pub async fn publish(&self, channel: Channel, payload: Vec<u8>) {
         let topic = self.topics.topic(&device(), channel);
         self.cloud
