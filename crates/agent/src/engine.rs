@@ -400,8 +400,9 @@ impl Engine {
     ///
     /// `uptime` is how long (clock time) this process has run. A missed period that ended
     /// before it started was missed while the agent was down (`agent_down`); one that ended
-    /// later was missed while it ran on an unsynchronized clock (`clock_unsynced`), which
-    /// is the only reason a running agent leaves a period alone (see [`note_unsynced`]).
+    /// later, once the agent found its clock unsynchronized (see [`note_unsynced`]), was
+    /// missed for that reason (`clock_unsynced`). A period left because its report could not
+    /// be stored has no better name than `agent_down`.
     ///
     /// ```text
     ///          down            │ up, clock unsynchronized  │ synced again
@@ -657,12 +658,7 @@ mod tests {
     }
 
     fn run_due(e: &mut Engine, now: Timestamp) -> Vec<PeriodDue> {
-        let due = e.due(now, JUST_STARTED);
-        for d in &due {
-            e.mark_done(d.start);
-        }
-        e.acted(now);
-        due
+        run_due_up(e, now, JUST_STARTED)
     }
 
     fn reason(d: &PeriodDue) -> Option<PeriodReason> {
