@@ -4,8 +4,17 @@
 //!
 //! ```text
 //!  schedule ─▶ engine.on_schedule ─▶ store.accept_plan (plan + ack, one tx) ─▶ publish ack ─▶ PUBACK
-//!  boundary ─▶ engine.due ─▶ clamp, apply, read back ─▶ store.record_period ─▶ publish report
+//!  boundary ─▶ read ─▶ store.close_period (the period that ended: its energy) ─▶ publish report
+//!           ─▶ engine.due ─▶ missed: store.record_period ─▶ publish report
+//!                         ─▶ current: clamp, apply, read back ─▶ store.open_period
+//!  every battery read (boundary, re-assert, write, heartbeat) ─▶ PeriodEnergy of the open period
 //! ```
+//!
+//! The current period's report is made when the period is run (so it is never run or
+//! reported twice) and stays open in the store; at the boundary that ends the period, its
+//! `energy_kwh` (what the unit delivered, from the readings) and `at` are filled in and it
+//! goes to the outbox. A report left open by a crash or a stop goes out at the next start,
+//! with `energy_kwh` null: what ran while the agent was away is unknown.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +38,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, instrument, warn}
 
 use crate::battery::{Battery, BatteryStatus, ReadOnly, SimBattery, SunSpecBattery};
 use crate::config::BatteryChoice;
+use crate::energy::PeriodEnergy;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
 use crate::metrics::AgentMetrics;
 use crate::safety::{Guard, SafetyConfig};
@@ -50,8 +60,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Capacity of the session's event channel: one agent handles one message at a time.
 const EVENT_CAPACITY: usize = 32;
-/// Half a period of plan time, in hours: the energy of one period at a rate in kW.
-const PERIOD_HOURS: f64 = max300_protocol::PERIOD_SECS as f64 / 3600.0;
+/// One period of plan time.
+const PERIOD: jiff::SignedDuration = jiff::SignedDuration::from_secs(max300_protocol::PERIOD_SECS);
 /// How often the measured power is read while it settles on a new setpoint (real time).
 const SETTLE_POLL: Duration = Duration::from_millis(100);
 
@@ -105,7 +115,8 @@ pub async fn run(
         }
     };
 
-    let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate);
+    let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate)
+        .with_catch_up(config.catch_up());
     let loaded = blocking(&store, |s| s.load()).await?;
     for stored in loaded.plans {
         let msg = stored.msg;
@@ -124,12 +135,22 @@ pub async fn run(
             }
         }
     }
-    for (control, target) in loaded.controls {
-        engine.cancel(control, &target);
+    for c in loaded.controls {
+        engine.cancel(c.control, &c.target, c.received);
     }
     engine.restore(loaded.last_done, loaded.last_instant);
 
     let topics = config.topics();
+    // Reports left open by a crash or a stop: out now, with the energy unknown. Queued unsent,
+    // so the flush after the session connects sends them.
+    let (report_topic, now) = (topics.topic(&device_id, Channel::Report), clock.now());
+    let closed = blocking(&store, move |s| {
+        s.close_open_periods(now, report_topic, false)
+    })
+    .await?;
+    for out in &closed {
+        info!(device_id = %device_id, seq = out.seq, "report left open at the last stop: sent, energy unknown");
+    }
     // The session lives exactly as long as this function: the guard stops it on any return.
     let session_stop = shutdown.child_token();
     let _session_guard = session_stop.clone().drop_guard();
@@ -177,6 +198,7 @@ pub async fn run(
         resend_after: Duration::from_secs(config.resend_after_s),
         dropped: 0,
         metrics,
+        open: None,
     };
     agent
         .run(
@@ -232,6 +254,15 @@ struct Agent {
     check_time: bool,
     /// When the last outbox batch went out (real time).
     last_batch: Option<Instant>,
+    /// The current period, whose report is open in the store until it ends.
+    open: Option<OpenPeriod>,
+}
+
+/// The period being run: its report waits in the store for what the period delivered.
+struct OpenPeriod {
+    /// The planned mode: the direction `energy_kwh` is counted in.
+    mode: max300_protocol::Mode,
+    energy: PeriodEnergy,
 }
 
 impl Agent {
@@ -328,9 +359,20 @@ impl Agent {
         self.engine.set_time_source(synced);
         if !synced {
             warn!(device_id = %self.device_id, "the system clock is not synchronized: idle");
+            self.clock_untrusted();
             self.drive(false).await;
         }
         synced && !was
+    }
+
+    /// The clock cannot be trusted now: what is missed until it is right says
+    /// `clock_unsynced`, and what the open period delivers can no longer be told in clock
+    /// time (its `energy_kwh` will be null).
+    fn clock_untrusted(&mut self) {
+        self.engine.note_unsynced();
+        if let Some(open) = &mut self.open {
+            open.energy.spoil();
+        }
     }
 
     async fn on_connected(&mut self) {
@@ -497,7 +539,7 @@ impl Agent {
         let topic = self.topic(Channel::Ack);
         let sent = self.session.is_connected();
         let result = match self.engine.on_control(msg) {
-            ControlDecision::Cancel { target } => {
+            ControlDecision::Cancel { target, held } => {
                 let ack = Self::traced(
                     self.ack(&mid, now, None, None, None, None),
                     msg.traceparent.as_ref(),
@@ -508,9 +550,14 @@ impl Agent {
                 })
                 .await;
                 if r.is_ok() {
-                    self.engine.cancel(mid.clone(), &target);
+                    self.engine.cancel(mid.clone(), &target, now);
                     self.engine.acted(now);
-                    info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "plan cancelled: going idle");
+                    if held {
+                        info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "plan cancelled: going idle");
+                    } else {
+                        // The cancel overtook its plan: kept, so the plan is refused if it comes.
+                        info!(device_id = %self.device_id, message_id = %mid, target_message_id = %target, "cancel kept for a plan not held: it will be refused");
+                    }
                     if self.engine.active(now).is_none() {
                         self.drive(false).await;
                     }
@@ -566,10 +613,26 @@ impl Agent {
             if self.engine.time_source_synced() {
                 warn!(device_id = %self.device_id, now = %now, "clock reads earlier than the last stored instant: idle");
             }
+            self.clock_untrusted();
             self.drive(false).await;
             return;
         }
-        let due = self.engine.due(now);
+        if !self.close_period(now).await {
+            return;
+        }
+        // How long this process has run, in clock time: what it missed before that, it
+        // missed while down.
+        let uptime = self
+            .clock
+            .clock_duration(monotonic().saturating_duration_since(self.started));
+        let due = self.engine.due(now, uptime);
+        if let (Some(done), Some(first)) = (self.engine.last_done(), due.first()) {
+            let unreported =
+                first.start.duration_since(done).as_secs() / max300_protocol::PERIOD_SECS - 1;
+            if unreported > 0 {
+                warn!(device_id = %self.device_id, periods = unreported, from = %done, to = %first.start, "periods missed before the catch_up_h cut-off get no report");
+            }
+        }
         let count = due.len();
         for (i, period) in due.into_iter().enumerate() {
             let is_current = i + 1 == count;
@@ -591,6 +654,17 @@ impl Agent {
                 .and_then(|id| self.engine.traceparent(id))
                 .cloned();
             trace::set_parent(&span, plan_trace.as_ref());
+            if is_current {
+                // Opened before it runs, so the reads of the run count towards its energy.
+                let mode = match &period.action {
+                    Action::Run { setpoint, .. } => setpoint.mode(),
+                    Action::Skip { planned, .. } => planned.mode(),
+                };
+                self.open = Some(OpenPeriod {
+                    mode,
+                    energy: PeriodEnergy::new(period.start, period.start + PERIOD),
+                });
+            }
             let report = self
                 .handle_period(&period, is_current, now)
                 .instrument(span.clone())
@@ -602,16 +676,30 @@ impl Agent {
             let topic = self.topic(Channel::Report);
             let sent = self.session.is_connected();
             let start = period.start;
-            match blocking(&self.store, move |s| {
-                s.record_period(report, topic, now, sent)
-            })
-            .await
-            {
+            // The current period's report stays open until the period ends; a missed one
+            // goes out at once.
+            let recorded = if is_current {
+                blocking(&self.store, move |s| s.open_period(report, now))
+                    .await
+                    .map(|opened| opened.then_some(None))
+            } else {
+                blocking(&self.store, move |s| {
+                    s.record_period(report, topic, now, sent)
+                })
+                .await
+                .map(|out| out.map(Some))
+            };
+            if !matches!(recorded, Ok(Some(_))) {
+                self.open = None;
+            }
+            match recorded {
                 Ok(Some(out)) => {
                     self.store_fault = false;
                     self.engine.mark_done(start);
                     self.engine.acted(now);
-                    self.publish(&out).await;
+                    if let Some(out) = out {
+                        self.publish(&out).await;
+                    }
                 }
                 Ok(None) => {
                     warn!(device_id = %self.device_id, interval_start = %start, "period already reported: not again");
@@ -627,6 +715,64 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// At the boundary that ends the open period: one last reading, then its report is
+    /// finalized with what it delivered and queued. `false` when the report could not be
+    /// stored (the unit then idles, and the next boundary tries again).
+    async fn close_period(&mut self, now: Timestamp) -> bool {
+        let Some(start) = self
+            .open
+            .as_ref()
+            .map(|o| o.energy.start())
+            .filter(|start| *start + PERIOD <= now)
+        else {
+            return true;
+        };
+        if let Err(e) = self.read().await {
+            self.faulted(e.to_string());
+        }
+        let Some(open) = self.open.as_ref() else {
+            return true;
+        };
+        let energy = open.energy.delivered_kwh(open.mode);
+        let topic = self.topic(Channel::Report);
+        let sent = self.session.is_connected();
+        match blocking(&self.store, move |s| {
+            s.close_period(start, energy, now, topic, sent)
+        })
+        .await
+        {
+            Ok(out) => {
+                self.open = None;
+                self.store_fault = false;
+                self.engine.acted(now);
+                debug!(device_id = %self.device_id, interval_start = %start, energy_kwh = ?energy, "period report closed");
+                if let Some(out) = out {
+                    self.publish(&out).await;
+                }
+                true
+            }
+            Err(e) => {
+                error!(device_id = %self.device_id, interval_start = %start, error = %e, "report not closed: idle");
+                self.store_fault = true;
+                self.drive(false).await;
+                false
+            }
+        }
+    }
+
+    /// Reads the controller; every reading also counts towards the open period's energy.
+    async fn read(&mut self) -> Result<BatteryStatus, crate::battery::BatteryError> {
+        let status = self.battery.read().await?;
+        if let Some(open) = &mut self.open {
+            // Measured where the controller measures it, else the setpoint it runs.
+            let kw = status
+                .measured_kw
+                .unwrap_or_else(|| status.setpoint.signed_kw());
+            open.energy.sample(self.clock.now(), kw);
+        }
+        Ok(status)
     }
 
     /// Runs or skips one period and builds its report (seq and store id are stamped later).
@@ -670,7 +816,10 @@ impl Agent {
                 if is_current {
                     self.drive(false).await;
                 }
-                if *reason != PeriodReason::AgentDown {
+                if !matches!(
+                    reason,
+                    PeriodReason::AgentDown | PeriodReason::ClockUnsynced
+                ) {
                     info!(device_id = %self.device_id, message_id = ?message_id.as_ref().map(|m| m.as_str()), period = due.period, reason = ?reason, "period skipped");
                 }
             }
@@ -692,7 +841,6 @@ impl Agent {
                 report.applied_kw = run.applied;
                 report.limited_by = run.limited_by;
                 report.soc_pct = run.soc_pct;
-                report.energy_kwh = run.applied.map(|r| r.kw() * PERIOD_HOURS);
                 report.error = run.error;
                 info!(device_id = %self.device_id, message_id = %message_id, period = due.period, status = report.status.as_str(), applied_kw = ?report.applied_kw.map(|r| r.kw()), "period run");
             }
@@ -704,7 +852,7 @@ impl Agent {
     async fn would_run(&mut self, report: &mut ReportMsg, planned: Setpoint) {
         report.status = ReportStatus::Skipped;
         report.reason = Some(PeriodReason::DryRun);
-        match self.battery.read().await {
+        match self.read().await {
             Ok(status) => {
                 let clamped = self.guard.clamp(planned, &status);
                 report.would_kw = Some(clamped.setpoint.rate());
@@ -720,7 +868,7 @@ impl Agent {
     /// (at most `settle_s`). `period_start` is set for the current period, whose boundary
     /// lateness is measured at the write.
     async fn execute(&mut self, planned: Setpoint, period_start: Option<Timestamp>) -> Run {
-        let status = match self.battery.read().await {
+        let status = match self.read().await {
             Ok(s) => s,
             Err(e) => return Run::failed(self.faulted(e.to_string()), None),
         };
@@ -730,10 +878,10 @@ impl Agent {
         {
             let error = self.faulted(e.to_string());
             // Say what the unit runs instead, if it still answers.
-            let observed = self.battery.read().await.ok();
+            let observed = self.read().await.ok();
             return Run::failed(error, observed.as_ref());
         }
-        let mut back = match self.battery.read().await {
+        let mut back = match self.read().await {
             Ok(s) => s,
             Err(e) => return Run::failed(self.faulted(e.to_string()), None),
         };
@@ -773,7 +921,7 @@ impl Agent {
                 };
             }
             tokio::time::sleep(SETTLE_POLL).await;
-            back = match self.battery.read().await {
+            back = match self.read().await {
                 Ok(s) => s,
                 Err(e) => return Run::failed(self.faulted(e.to_string()), None),
             };
@@ -815,7 +963,7 @@ impl Agent {
         } else {
             self.engine.current(self.clock.now())
         };
-        let status = match self.battery.read().await {
+        let status = match self.read().await {
             Ok(s) => s,
             Err(e) => {
                 self.faulted(e.to_string());
@@ -828,7 +976,17 @@ impl Agent {
                 Ok(()) => self.fault = None,
                 Err(e) => {
                     self.faulted(e.to_string());
+                    return;
                 }
+            }
+            // A changed setpoint (the SoC window stopping a charge, a cancel) changes what the
+            // period delivers from now: read it, so the energy steps here and not at the next
+            // reading.
+            if status.setpoint != clamped.setpoint
+                && self.open.is_some()
+                && let Err(e) = self.read().await
+            {
+                self.faulted(e.to_string());
             }
         }
     }
@@ -925,7 +1083,7 @@ impl Agent {
             return;
         }
         let now = self.clock.now();
-        let status = match self.battery.read().await {
+        let status = match self.read().await {
             Ok(s) => Some(s),
             Err(e) => {
                 self.faulted(e.to_string());

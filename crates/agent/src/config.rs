@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jiff::SignedDuration;
 use jiff::tz::TimeZone;
 use max300_mqtt::BrokerUrl;
 use max300_protocol::{DeviceId, RateKw, Topics};
@@ -35,8 +36,13 @@ pub struct AgentConfig {
     pub heartbeat_interval_s: u64,
     /// Real seconds an outbox entry waits for a receipt before it is sent again.
     pub resend_after_s: u64,
-    /// The controller's revert timer in whole real seconds (1..=60).
+    /// The controller's revert timer in whole real seconds (1..=60), more than twice
+    /// `safety.settle_s`.
     pub revert_timeout_s: u64,
+    /// How many hours back from the current period missed periods (the agent down, the
+    /// clock unsynchronized) are still reported `skipped` (1..=8784); earlier ones get no
+    /// report.
+    pub catch_up_h: u32,
     /// `synchronous=FULL` when true, `OFF` when false.
     pub durable: bool,
     /// The CA that signed the broker's certificate (PEM), for `mqtts://`.
@@ -79,6 +85,9 @@ pub enum BatteryChoice {
     /// `skipped` (reason `dry_run`) with what would have been applied.
     DryRun(SunSpecUrl),
 }
+
+/// The longest catch-up after an outage: 366 days, 17,568 reports at most.
+const MAX_CATCH_UP_H: u32 = 366 * 24;
 
 /// The env var prefix of every field.
 const ENV_PREFIX: &str = "MAX300_";
@@ -147,10 +156,27 @@ impl AgentConfig {
                 self.revert_timeout_s
             ));
         }
+        // A cut-off is needed (the store's last report may be years old) and is a setting, so
+        // an operator can ask for every missed period of a long outage to be reported.
+        if !(1..=MAX_CATCH_UP_H).contains(&self.catch_up_h) {
+            return bad(format!(
+                "catch_up_h: {} must be from 1 to {MAX_CATCH_UP_H} (366 days)",
+                self.catch_up_h
+            ));
+        }
         self.battery_choice()?;
         self.safety
             .validate()
             .map_err(|e| AgentError::Config(format!("safety.{e}")))?;
+        // The wait for the power to settle holds up the re-assert, which comes at half the
+        // revert timer: a timer no longer than twice the wait could run out while the agent
+        // waits, and the unit would go idle by itself in the middle of a period.
+        if self.revert_timeout_s as f64 <= 2.0 * self.safety.settle_s {
+            return bad(format!(
+                "revert_timeout_s: {} must be more than twice safety.settle_s ({})",
+                self.revert_timeout_s, self.safety.settle_s
+            ));
+        }
         self.sim
             .validate()
             .map_err(|e| AgentError::Config(format!("sim.{e}")))
@@ -220,6 +246,11 @@ impl AgentConfig {
     pub fn revert_timeout(&self) -> Duration {
         Duration::from_secs(self.revert_timeout_s)
     }
+
+    /// How far back missed periods are still reported (clock time).
+    pub fn catch_up(&self) -> SignedDuration {
+        SignedDuration::from_hours(i64::from(self.catch_up_h))
+    }
 }
 
 fn parse_layer(what: &str, text: &str) -> Result<Table, AgentError> {
@@ -249,7 +280,7 @@ fn merge(base: &mut Table, over: Table) {
 /// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
 /// to other roles and are ignored.
 fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
-    const TOP: [&str; 17] = [
+    const TOP: [&str; 18] = [
         "device_id",
         "data_dir",
         "mqtt",
@@ -259,6 +290,7 @@ fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentErr
         "heartbeat_interval_s",
         "resend_after_s",
         "revert_timeout_s",
+        "catch_up_h",
         "durable",
         "battery",
         "clock_sync",
@@ -448,6 +480,69 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{file}: {err}");
         }
+    }
+
+    #[test]
+    fn the_catch_up_cut_off_is_a_setting_with_a_documented_range() {
+        let load = |file: &str, pairs: &[(&str, &str)]| {
+            AgentConfig::from_toml(
+                AgentConfig::DEFAULT_TOML,
+                Some(&format!("device_id = \"d1\"\n{file}")),
+                &env(pairs),
+            )
+        };
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.catch_up_h, 48);
+        assert_eq!(c.catch_up(), jiff::SignedDuration::from_hours(48));
+        let c = load("catch_up_h = 24", &[("MAX300_CATCH_UP_H", "8784")]).unwrap();
+        assert_eq!(c.catch_up(), jiff::SignedDuration::from_hours(8784));
+        assert_eq!(load("catch_up_h = 1", &[]).unwrap().catch_up_h, 1);
+        for (file, expected) in [
+            (
+                "catch_up_h = 0",
+                "config: catch_up_h: 0 must be from 1 to 8784 (366 days)",
+            ),
+            (
+                "catch_up_h = 8785",
+                "config: catch_up_h: 8785 must be from 1 to 8784 (366 days)",
+            ),
+        ] {
+            assert_eq!(load(file, &[]).unwrap_err().to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn a_revert_timer_no_longer_than_twice_the_settle_time_is_refused() {
+        let load = |file: &str, env_pairs: &[(&str, &str)]| {
+            AgentConfig::from_toml(
+                AgentConfig::DEFAULT_TOML,
+                Some(&format!("device_id = \"d1\"\n{file}")),
+                &env(env_pairs),
+            )
+        };
+        for (file, pairs, expected) in [
+            (
+                "revert_timeout_s = 10",
+                &[][..],
+                "config: revert_timeout_s: 10 must be more than twice safety.settle_s (5)",
+            ),
+            (
+                "revert_timeout_s = 4\n[safety]\nsettle_s = 2.5",
+                &[][..],
+                "config: revert_timeout_s: 4 must be more than twice safety.settle_s (2.5)",
+            ),
+            (
+                "",
+                &[("MAX300_REVERT_TIMEOUT_S", "2")][..],
+                "config: revert_timeout_s: 2 must be more than twice safety.settle_s (5)",
+            ),
+        ] {
+            let err = load(file, pairs).unwrap_err().to_string();
+            assert_eq!(err, expected, "{file} {pairs:?}");
+        }
+        // Just over twice the wait is enough, and 0 s of settling allows the shortest timer.
+        assert!(load("revert_timeout_s = 11", &[]).is_ok());
+        assert!(load("revert_timeout_s = 1\n[safety]\nsettle_s = 0", &[]).is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   period p (old plan)   period p+1 (new plan)          in the middle of a period
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
@@ -21,13 +21,18 @@ use max300_protocol::{
     Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint, TraceParent,
 };
 
-/// How far back periods missed while the agent was down are still reported: 48 hours. The
-/// cloud marks a command `incomplete` an hour after its end anyway, and a unit that was off
-/// for weeks must not flood its outbox with thousands of `agent_down` reports on start-up.
-const CATCH_UP: SignedDuration = SignedDuration::from_hours(48);
+/// How far back missed periods are still reported unless set otherwise (`catch_up_h`): 48
+/// hours. Periods before the cut-off get no report; the cloud marks them `unreported` when
+/// their command turns `incomplete`, an hour after its end.
+pub const DEFAULT_CATCH_UP: SignedDuration = SignedDuration::from_hours(48);
 
 /// Plans older than this many days before the period just done are dropped from memory.
 const KEEP_DAYS: i64 = 2;
+
+/// How long a control message is remembered after it was received (clock time): for repeats,
+/// and, when its plan has not arrived, as the tombstone that refuses that plan. A week is far
+/// longer than the cloud resends a command, and keeps the list from growing without bound.
+pub const CONTROL_KEEP: SignedDuration = SignedDuration::from_hours(7 * 24);
 
 const PERIOD: SignedDuration = SignedDuration::from_secs(PERIOD_SECS);
 
@@ -79,10 +84,13 @@ pub enum Decision {
 /// What to do with a control message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ControlDecision {
-    /// Persist the cancel, go idle at once, then ack it accepted.
+    /// Persist the cancel, go idle at once if it cancels the plan in force, then ack it
+    /// accepted.
     Cancel {
         /// The plan to cancel.
         target: MessageId,
+        /// Whether the device holds that plan; if not, the cancel is kept for it.
+        held: bool,
     },
     /// Already handled: ack it accepted again.
     Repeat,
@@ -129,6 +137,13 @@ pub enum Action {
     },
 }
 
+/// A control message handled: what it cancelled, and when it came.
+#[derive(Clone, Debug, PartialEq)]
+struct Control {
+    target: MessageId,
+    received: Timestamp,
+}
+
 /// The engine's state: plans by local date, cancellations, and what was done last.
 #[derive(Debug)]
 pub struct Engine {
@@ -137,7 +152,14 @@ pub struct Engine {
     tz_name: String,
     max_rate: RateKw,
     plans: BTreeMap<Date, Vec<Plan>>,
-    controls: HashSet<MessageId>,
+    /// Control messages by id, for [`CONTROL_KEEP`]. One whose target is not held is a
+    /// tombstone: the cloud may publish a cancel before (or racing) the plan it cancels, and
+    /// the cancel wins.
+    controls: HashMap<MessageId, Control>,
+    catch_up: SignedDuration,
+    /// The agent found its clock unsynchronized since it last caught up with the current
+    /// period: what it missed while running was missed for that reason.
+    unsynced_seen: bool,
     last_done: Option<Timestamp>,
     last_instant: Option<Timestamp>,
     /// What the time source says (NTP status, where checked): false means unsynchronized.
@@ -153,16 +175,28 @@ impl Engine {
             tz_name: tz_name.to_owned(),
             max_rate,
             plans: BTreeMap::new(),
-            controls: HashSet::new(),
+            controls: HashMap::new(),
+            catch_up: DEFAULT_CATCH_UP,
+            unsynced_seen: false,
             last_done: None,
             last_instant: None,
             time_source_synced: true,
         }
     }
 
+    /// How far back from the current period missed periods are still reported (the
+    /// `catch_up_h` setting); earlier ones get no report.
+    pub fn with_catch_up(mut self, catch_up: SignedDuration) -> Engine {
+        self.catch_up = catch_up;
+        self
+    }
+
     /// Records whether the system's time sync says the clock is right.
     pub fn set_time_source(&mut self, synced: bool) {
         self.time_source_synced = synced;
+        if !synced {
+            self.note_unsynced();
+        }
     }
 
     /// Restores what the store remembers: the last period handled and the latest instant
@@ -190,6 +224,13 @@ impl Engine {
     /// Records that the agent acted at `now` (the shell persists the same instant).
     pub fn acted(&mut self, now: Timestamp) {
         self.last_instant = Some(self.last_instant.map_or(now, |l| l.max(now)));
+        // Caught up on a good clock: whatever is missed from here on has another cause.
+        if !self.clock_unsynced(now)
+            && let (Some(done), Ok(current)) = (self.last_done, period_start_at(now, &self.tz))
+            && done >= current
+        {
+            self.unsynced_seen = false;
+        }
     }
 
     /// Decides about a schedule message; changes nothing until [`Engine::hold`].
@@ -225,6 +266,15 @@ impl Engine {
                 effective_period: held.effective_period,
                 sha256: held.sha256.clone(),
             };
+        }
+        // Before the device's own passing state: the refusal rests on what is on disk only.
+        if let Some(control) = self.cancelled_by(&msg.message_id) {
+            return reject(
+                RejectReason::Cancelled,
+                Some(format!(
+                    "control message {control} cancelled it before it arrived"
+                )),
+            );
         }
         if self.clock_unsynced(now) {
             return Decision::Withhold {
@@ -311,26 +361,26 @@ impl Engine {
                 )),
             };
         }
-        if self.controls.contains(&msg.message_id) {
+        if self.controls.contains_key(&msg.message_id) {
             return ControlDecision::Repeat;
-        }
-        if self.find(&msg.target_message_id).is_none() {
-            return ControlDecision::Reject {
-                reason: RejectReason::Invalid,
-                details: Some(format!(
-                    "target_message_id: {} is not a plan this device holds",
-                    msg.target_message_id
-                )),
-            };
         }
         ControlDecision::Cancel {
             target: msg.target_message_id.clone(),
+            held: self.find(&msg.target_message_id).is_some(),
         }
     }
 
-    /// Cancels a held plan once the cancel is on disk; `control` is remembered for repeats.
-    pub fn cancel(&mut self, control: MessageId, target: &MessageId) {
-        self.controls.insert(control);
+    /// Applies a cancel once it is on disk (also used when loading the store): a held target
+    /// is cancelled; one not held yet is refused when it comes. `control` is remembered for
+    /// repeats until [`CONTROL_KEEP`] after `received`.
+    pub fn cancel(&mut self, control: MessageId, target: &MessageId, received: Timestamp) {
+        self.controls.insert(
+            control,
+            Control {
+                target: target.clone(),
+                received,
+            },
+        );
         for plan in self.plans.values_mut().flatten() {
             if &plan.message_id == target {
                 plan.cancelled = true;
@@ -338,10 +388,31 @@ impl Engine {
         }
     }
 
+    /// Notes that the agent, running, found its clock unsynchronized (it then handles no
+    /// period): the periods it misses until the clock is right say `clock_unsynced`.
+    pub fn note_unsynced(&mut self) {
+        self.unsynced_seen = true;
+    }
+
     /// Every period start `s` with `last_done < s <= now`, oldest first: the current one to
-    /// run (or skip), the earlier ones missed while the agent was down. Nothing while the
-    /// clock is unsynchronized, so no period is ever handled twice.
-    pub fn due(&self, now: Timestamp) -> Vec<PeriodDue> {
+    /// run (or skip), the earlier ones missed. Nothing while the clock is unsynchronized, so
+    /// no period is ever handled twice.
+    ///
+    /// `uptime` is how long (clock time) this process has run. A missed period that ended
+    /// before it started was missed while the agent was down (`agent_down`); one that ended
+    /// later, once the agent found its clock unsynchronized (see [`note_unsynced`]), was
+    /// missed for that reason (`clock_unsynced`). A period left because its report could not
+    /// be stored has no better name than `agent_down`.
+    ///
+    /// ```text
+    ///          down            │ up, clock unsynchronized  │ synced again
+    ///  ──┼──────┼──────┼───────┼─┼──────┼──────┼──────┼─────┼──▶
+    ///    done   agent_down      clock_unsynced ...           current: run
+    ///                          up_since = now − uptime
+    /// ```
+    ///
+    /// [`note_unsynced`]: Engine::note_unsynced
+    pub fn due(&self, now: Timestamp, uptime: SignedDuration) -> Vec<PeriodDue> {
         if self.clock_unsynced(now) {
             return Vec::new();
         }
@@ -350,12 +421,18 @@ impl Engine {
         };
         let first = match self.last_done {
             None => current,
-            Some(done) => (done + PERIOD).max(current - CATCH_UP),
+            Some(done) => (done + PERIOD).max(current - self.catch_up),
         };
+        let up_since = now.checked_sub(uptime).unwrap_or(Timestamp::MIN);
         let mut out = Vec::new();
         let mut start = first;
         while start <= current {
-            if let Some(due) = self.period_due(start, start == current) {
+            let missed = if self.unsynced_seen && start + PERIOD > up_since {
+                PeriodReason::ClockUnsynced
+            } else {
+                PeriodReason::AgentDown
+            };
+            if let Some(due) = self.period_due(start, start == current, missed) {
                 out.push(due);
             }
             start += PERIOD;
@@ -363,7 +440,14 @@ impl Engine {
         out
     }
 
-    fn period_due(&self, start: Timestamp, is_current: bool) -> Option<PeriodDue> {
+    /// What to do about the period starting at `start`; `missed` says why, if it is not the
+    /// current one and a plan governs it.
+    fn period_due(
+        &self,
+        start: Timestamp,
+        is_current: bool,
+        missed: PeriodReason,
+    ) -> Option<PeriodDue> {
         let day = Day::containing(start, &self.tz).ok()?;
         let period = day.period_at(start)?;
         let plan = self.governing(&day, period);
@@ -387,7 +471,7 @@ impl Engine {
                 planned,
             },
             _ => Action::Skip {
-                reason: PeriodReason::AgentDown,
+                reason: missed,
                 message_id,
                 planned,
             },
@@ -400,9 +484,24 @@ impl Engine {
         })
     }
 
-    /// Records that a period was handled (its report is on disk).
+    /// The control message that cancelled `plan` before the device held it, if any.
+    fn cancelled_by(&self, plan: &MessageId) -> Option<&MessageId> {
+        self.controls
+            .iter()
+            .filter(|(_, c)| &c.target == plan)
+            .map(|(id, _)| id)
+            .min()
+    }
+
+    /// Records that a period was handled (its report is on disk), and forgets what is too
+    /// old to matter: plans, and control messages past [`CONTROL_KEEP`].
     pub fn mark_done(&mut self, start: Timestamp) {
         self.last_done = Some(self.last_done.map_or(start, |d| d.max(start)));
+        self.controls.retain(|_, c| {
+            c.received
+                .checked_add(CONTROL_KEEP)
+                .is_ok_and(|t| t > start)
+        });
         let date = start.to_zoned_datetime(self.tz.clone()).date();
         if let Ok(oldest) = date.checked_sub(jiff::Span::new().days(KEEP_DAYS)) {
             self.plans.retain(|d, _| *d >= oldest);
@@ -513,6 +612,9 @@ mod tests {
     use max300_protocol::message::{ControlAction, V1};
 
     const TZ: &str = "Europe/London";
+    /// The uptime of an agent that has just (re)started: every missed period was missed
+    /// while it was down.
+    const JUST_STARTED: SignedDuration = SignedDuration::ZERO;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -556,12 +658,7 @@ mod tests {
     }
 
     fn run_due(e: &mut Engine, now: Timestamp) -> Vec<PeriodDue> {
-        let due = e.due(now);
-        for d in &due {
-            e.mark_done(d.start);
-        }
-        e.acted(now);
-        due
+        run_due_up(e, now, JUST_STARTED)
     }
 
     fn reason(d: &PeriodDue) -> Option<PeriodReason> {
@@ -772,11 +869,114 @@ mod tests {
         assert!(run_due(&mut e, ts("2026-11-30T02:20:00Z")).is_empty());
     }
 
+    /// Runs the periods due at `now` for an agent that has been up for `uptime`.
+    fn run_due_up(e: &mut Engine, now: Timestamp, uptime: SignedDuration) -> Vec<PeriodDue> {
+        let due = e.due(now, uptime);
+        for d in &due {
+            e.mark_done(d.start);
+        }
+        e.acted(now);
+        due
+    }
+
+    fn summary(due: &[PeriodDue]) -> Vec<(u32, Option<PeriodReason>)> {
+        due.iter().map(|d| (d.period, reason(d))).collect()
+    }
+
+    #[test]
+    fn periods_missed_while_up_with_an_unsynchronized_time_source_say_clock_unsynced() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        accept(&mut e, &m, ts("2026-11-29T16:00:00Z"));
+        let hours = SignedDuration::from_hours;
+        run_due_up(&mut e, ts("2026-11-30T10:00:00Z"), hours(10));
+        // NTP is lost at 10:10 and back at 12:10: the agent ran all along.
+        e.set_time_source(false);
+        assert!(e.due(ts("2026-11-30T10:40:00Z"), hours(11)).is_empty());
+        e.set_time_source(true);
+        let due = run_due_up(&mut e, ts("2026-11-30T12:10:00Z"), hours(12));
+        assert_eq!(
+            summary(&due),
+            vec![
+                (22, Some(PeriodReason::ClockUnsynced)),
+                (23, Some(PeriodReason::ClockUnsynced)),
+                (24, Some(PeriodReason::ClockUnsynced)),
+                (25, None)
+            ]
+        );
+        assert!(due[..3].iter().all(|d| matches!(
+            &d.action,
+            Action::Skip { message_id: Some(id), .. } if *id == m.message_id
+        )));
+        // Caught up: a later outage of the process is agent_down again.
+        let due = run_due_up(&mut e, ts("2026-11-30T13:10:00Z"), JUST_STARTED);
+        assert_eq!(
+            summary(&due),
+            vec![(26, Some(PeriodReason::AgentDown)), (27, None)]
+        );
+    }
+
+    #[test]
+    fn periods_missed_while_down_stay_agent_down_and_those_while_up_unsynced_do_not() {
+        let mut e = engine();
+        accept(
+            &mut e,
+            &msg("2026-11-30", 1, 10),
+            ts("2026-11-29T16:00:00Z"),
+        );
+        run_due_up(&mut e, ts("2026-11-30T10:00:00Z"), JUST_STARTED);
+        // Down from 10:10; started again at 11:10 with its time source unsynchronized, which
+        // came right at 12:10. Period 23 (11:00) would have run at 11:10 on a good clock.
+        e.set_time_source(false);
+        e.set_time_source(true);
+        let due = run_due_up(
+            &mut e,
+            ts("2026-11-30T12:10:00Z"),
+            SignedDuration::from_hours(1),
+        );
+        assert_eq!(
+            summary(&due),
+            vec![
+                (22, Some(PeriodReason::AgentDown)),
+                (23, Some(PeriodReason::ClockUnsynced)),
+                (24, Some(PeriodReason::ClockUnsynced)),
+                (25, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn periods_missed_while_the_clock_read_behind_say_clock_unsynced() {
+        let mut e = engine();
+        accept(
+            &mut e,
+            &msg("2026-11-30", 1, 10),
+            ts("2026-11-29T16:00:00Z"),
+        );
+        let up = SignedDuration::from_hours(12);
+        run_due_up(&mut e, ts("2026-11-30T10:00:00Z"), up);
+        run_due_up(&mut e, ts("2026-11-30T10:30:00Z"), up);
+        // The clock steps back to 09:00 and is set right at 12:10 (the shell notes what it saw).
+        let back = ts("2026-11-30T09:00:00Z");
+        assert!(e.clock_unsynced(back));
+        e.note_unsynced();
+        assert!(e.due(back, up).is_empty());
+        let due = run_due_up(&mut e, ts("2026-11-30T12:10:00Z"), up);
+        assert_eq!(
+            summary(&due),
+            vec![
+                (23, Some(PeriodReason::ClockUnsynced)),
+                (24, Some(PeriodReason::ClockUnsynced)),
+                (25, None)
+            ]
+        );
+    }
+
     #[test]
     fn catch_up_is_capped_at_48_hours() {
         let mut e = engine();
         e.restore(Some(ts("2026-11-01T00:00:00Z")), None);
-        let due = e.due(ts("2026-11-30T00:00:00Z"));
+        let due = e.due(ts("2026-11-30T00:00:00Z"), JUST_STARTED);
         assert_eq!(due.len(), 97);
         assert_eq!(due[0].start, ts("2026-11-28T00:00:00Z"));
         assert!(
@@ -784,6 +984,24 @@ mod tests {
                 .all(|d| reason(d) == Some(PeriodReason::AgentDown)
                     || reason(d) == Some(PeriodReason::NoSchedule))
         );
+    }
+
+    #[test]
+    fn the_catch_up_cut_off_follows_the_setting() {
+        let now = ts("2026-11-30T00:00:00Z");
+        let down_since = ts("2026-11-01T00:00:00Z");
+        // 29 days down: every missed period is reported once the cut-off is further back.
+        for (hours, periods) in [(1, 3), (6, 13), (48, 97), (24 * 30, 29 * 48)] {
+            let mut e = engine().with_catch_up(SignedDuration::from_hours(hours));
+            e.restore(Some(down_since), None);
+            let due = e.due(now, JUST_STARTED);
+            assert_eq!(due.len(), periods, "catch_up {hours} h");
+            assert_eq!(
+                due[0].start,
+                (now - SignedDuration::from_hours(hours)).max(down_since + PERIOD)
+            );
+            assert_eq!(due.last().unwrap().start, now);
+        }
     }
 
     #[test]
@@ -797,7 +1015,7 @@ mod tests {
         run_due(&mut e, ts("2026-11-30T10:00:00Z"));
         run_due(&mut e, ts("2026-11-30T10:30:00Z"));
         let back = ts("2026-11-30T09:00:00Z");
-        assert!(e.due(back).is_empty());
+        assert!(e.due(back, JUST_STARTED).is_empty());
         assert_eq!(e.fallback(back), Some(Fallback::ClockUnsynced));
         assert_eq!(e.current(back), Setpoint::IDLE);
         assert!(matches!(
@@ -805,8 +1023,8 @@ mod tests {
             Decision::Withhold { .. }
         ));
         // Once the clock is past the last instant again, only new periods come due.
-        assert!(e.due(ts("2026-11-30T10:45:00Z")).is_empty());
-        let due = e.due(ts("2026-11-30T11:00:00Z"));
+        assert!(e.due(ts("2026-11-30T10:45:00Z"), JUST_STARTED).is_empty());
+        let due = e.due(ts("2026-11-30T11:00:00Z"), JUST_STARTED);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].period, 23);
     }
@@ -830,30 +1048,99 @@ mod tests {
         assert_eq!(
             e.on_control(&control),
             ControlDecision::Cancel {
-                target: m.message_id.clone()
+                target: m.message_id.clone(),
+                held: true,
             }
         );
-        e.cancel(control.message_id.clone(), &m.message_id);
+        e.cancel(control.message_id.clone(), &m.message_id, now);
         assert_eq!(e.on_control(&control), ControlDecision::Repeat);
         assert_eq!(e.current(now), Setpoint::IDLE);
         assert_eq!(e.fallback(now), Some(Fallback::Cancelled));
         // The current period keeps its report; the next ones are skipped as cancelled.
-        assert!(e.due(now).is_empty());
+        assert!(e.due(now, JUST_STARTED).is_empty());
         let due = run_due(&mut e, ts("2026-11-30T10:30:00Z"));
         assert_eq!(reason(&due[0]), Some(PeriodReason::Cancelled));
 
-        let unknown = ControlMsg {
-            message_id: MessageId::parse("ctl-2").unwrap(),
-            target_message_id: MessageId::parse("nope").unwrap(),
-            ..control
-        };
+        let mut foreign = control.clone();
+        foreign.device_id = DeviceId::parse("max300-0002").unwrap();
         assert!(matches!(
-            e.on_control(&unknown),
+            e.on_control(&foreign),
             ControlDecision::Reject {
-                reason: RejectReason::Invalid,
+                reason: RejectReason::WrongDevice,
                 ..
             }
         ));
+    }
+
+    fn cancel_of(target: &MessageId, id: &str, at: Timestamp) -> ControlMsg {
+        ControlMsg {
+            v: V1,
+            message_id: MessageId::parse(id).unwrap(),
+            device_id: device(),
+            action: ControlAction::Cancel,
+            target_message_id: target.clone(),
+            issued_at: at,
+            traceparent: None,
+        }
+    }
+
+    fn rejected(d: Decision) -> (RejectReason, String) {
+        match d {
+            Decision::Reject { reason, details } => (reason, details.unwrap_or_default()),
+            other => panic!("not rejected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cancel_that_overtakes_its_plan_is_kept_and_the_plan_refused_as_cancelled() {
+        let mut e = engine();
+        let m = msg("2026-11-30", 1, 10);
+        let at = ts("2026-11-29T16:00:00Z");
+        let control = cancel_of(&m.message_id, "ctl-1", at);
+        assert_eq!(
+            e.on_control(&control),
+            ControlDecision::Cancel {
+                target: m.message_id.clone(),
+                held: false,
+            }
+        );
+        e.cancel(control.message_id.clone(), &m.message_id, at);
+        assert_eq!(e.on_control(&control), ControlDecision::Repeat);
+
+        // The plan arrives after its cancel, and again: refused both times, naming the cancel.
+        for now in [ts("2026-11-29T16:01:00Z"), ts("2026-11-30T09:00:00Z")] {
+            let (reason, details) = rejected(e.on_schedule(&m, now));
+            assert_eq!(reason, RejectReason::Cancelled);
+            assert!(details.contains("ctl-1"), "{details}");
+        }
+        // It never governs a period: the unit has no plan.
+        let due = run_due(&mut e, ts("2026-11-30T10:00:00Z"));
+        assert_eq!(reason(&due[0]), Some(PeriodReason::NoSchedule));
+        assert_eq!(e.current(ts("2026-11-30T10:00:00Z")), Setpoint::IDLE);
+        // Another version of that date is a new command, and is accepted.
+        accept(
+            &mut e,
+            &msg("2026-11-30", 2, 20),
+            ts("2026-11-30T10:05:00Z"),
+        );
+    }
+
+    #[test]
+    fn a_cancel_kept_for_a_plan_that_never_came_is_forgotten_after_seven_days() {
+        let mut e = engine();
+        let later = msg("2026-12-20", 1, 10);
+        let received = ts("2026-11-30T10:00:00Z");
+        e.cancel(
+            MessageId::parse("ctl-1").unwrap(),
+            &later.message_id,
+            received,
+        );
+        run_due(&mut e, ts("2026-12-07T09:30:00Z"));
+        let (reason, _) = rejected(e.on_schedule(&later, ts("2026-12-07T09:40:00Z")));
+        assert_eq!(reason, RejectReason::Cancelled);
+        // Seven days after it was received, it is gone.
+        run_due(&mut e, ts("2026-12-07T10:00:00Z"));
+        accept(&mut e, &later, ts("2026-12-07T10:10:00Z"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The agent's SQLite store: held plans, one report per period, the outbox of acks and reports
 //! awaiting a receipt, and the store's id and sequence. Every operation is one transaction, so
-//! an ack or report is in the outbox exactly when the state it describes is on disk. A plan is
+//! an ack or report is in the outbox exactly when the state it describes is on disk. The
+//! current period's report is recorded when the period is run, but stays open (out of the
+//! outbox, with no seq) until the period ends and what it delivered is known. A plan is
 //! kept as the message it came in, so its `traceparent` (if any) is kept with it; plans stored
 //! before trace contexts existed simply have none.
 
@@ -15,6 +17,7 @@ use max300_protocol::{Message, MessageId, StoreId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::AgentError;
+use crate::engine::CONTROL_KEEP;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -39,7 +42,8 @@ CREATE TABLE IF NOT EXISTS reports (
     seq INTEGER NOT NULL,
     message_id TEXT,
     status TEXT NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    open INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
@@ -71,13 +75,24 @@ pub struct StoredPlan {
     pub cancelled: bool,
 }
 
+/// A control message as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredControl {
+    /// The control message's id.
+    pub control: MessageId,
+    /// The plan it cancels; the device may not hold it (then the plan is refused if it comes).
+    pub target: MessageId,
+    /// When it was received (clock time).
+    pub received: Timestamp,
+}
+
 /// Everything the engine needs back after a restart.
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
     /// Every plan held, oldest version first.
     pub plans: Vec<StoredPlan>,
-    /// Control messages handled: (control message id, target plan).
-    pub controls: Vec<(MessageId, MessageId)>,
+    /// Control messages handled, for repeats and as tombstones of plans not held.
+    pub controls: Vec<StoredControl>,
     /// The start of the last period reported.
     pub last_done: Option<Timestamp>,
     /// The latest clock instant the agent acted at.
@@ -119,6 +134,7 @@ impl Store {
         ))
         .map_err(|e| fail(e.into()))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(e.into()))?;
+        migrate(&conn).map_err(|e| fail(e.into()))?;
         let store_id = (|| -> Result<StoreId, Fail> {
             let existing: Option<String> = conn
                 .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
@@ -194,12 +210,21 @@ impl Store {
                     cancelled,
                 });
             }
-            let mut stmt = conn.prepare("SELECT message_id, target_message_id FROM controls")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut stmt = conn.prepare(
+                "SELECT message_id, target_message_id, received_at FROM controls ORDER BY received_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            })?;
             for row in rows {
-                let (control, target) = row?;
+                let (control, target, received) = row?;
                 let parse = |s: String| MessageId::parse(s).map_err(|e| Fail::Data(e.to_string()));
-                loaded.controls.push((parse(control)?, parse(target)?));
+                loaded.controls.push(StoredControl {
+                    control: parse(control)?,
+                    target: parse(target)?,
+                    received: Timestamp::from_millisecond(received)
+                        .map_err(|e| Fail::Data(format!("control received_at: {e}")))?,
+                });
             }
             let last_done: Option<i64> =
                 conn.query_row("SELECT MAX(interval_start) FROM reports", [], |r| r.get(0))?;
@@ -250,7 +275,8 @@ impl Store {
         })
     }
 
-    /// Marks `target` cancelled, remembers the control message, and queues its ack.
+    /// Marks `target` cancelled (if held), remembers the control message, forgets those
+    /// received more than [`CONTROL_KEEP`] before `now`, and queues the ack.
     pub fn cancel_plan(
         &self,
         control: &MessageId,
@@ -261,6 +287,7 @@ impl Store {
         sent: bool,
     ) -> Result<Outgoing, AgentError> {
         let last_sent = sent.then(|| self.now_ms());
+        let forget_before = now.checked_sub(CONTROL_KEEP).unwrap_or(Timestamp::MIN);
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
@@ -271,6 +298,11 @@ impl Store {
                 "INSERT OR IGNORE INTO controls (message_id, target_message_id, received_at)
                  VALUES (?1, ?2, ?3)",
                 params![control.as_str(), target.as_str(), now.as_millisecond()],
+            )?;
+            // Pruned as new ones come, so the table holds at most a week of control messages.
+            tx.execute(
+                "DELETE FROM controls WHERE received_at < ?1",
+                params![forget_before.as_millisecond()],
             )?;
             touch(&tx, now)?;
             let out = push(&tx, &self.store_id, ack, topic, last_sent)?;
@@ -318,12 +350,7 @@ impl Store {
         let last_sent = sent.then(|| self.now_ms());
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let taken: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM reports WHERE interval_start = ?1)",
-                params![start],
-                |r| r.get(0),
-            )?;
-            if taken {
+            if reported(&tx, start)? {
                 return Ok(None);
             }
             touch(&tx, now)?;
@@ -341,6 +368,101 @@ impl Store {
             )?;
             tx.commit()?;
             Ok(Some(out))
+        })
+    }
+
+    /// Records the current period's result and its report, left open: the report waits in
+    /// the store (not the outbox) until [`Store::close_period`] fills in what the period
+    /// delivered. `false` when the period was already reported: each period gets one report.
+    pub fn open_period(&self, report: Message, now: Timestamp) -> Result<bool, AgentError> {
+        let Message::Report(r) = &report else {
+            return Err(fail(
+                &self.path,
+                Fail::Data("open_period takes a report".into()),
+            ));
+        };
+        let (start, message_id, status) = (
+            r.interval_start.as_second(),
+            r.message_id.as_ref().map(|m| m.as_str().to_owned()),
+            r.status.as_str(),
+        );
+        let body = report.encode();
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if reported(&tx, start)? {
+                return Ok(false);
+            }
+            touch(&tx, now)?;
+            // seq 0 until it is closed: seqs are given in the order entries enter the outbox.
+            tx.execute(
+                "INSERT INTO reports (interval_start, seq, message_id, status, body, open)
+                 VALUES (?1, 0, ?2, ?3, ?4, 1)",
+                params![start, message_id, status, String::from_utf8_lossy(&body)],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Finalizes the open report of the period starting at `start` with `energy_kwh` and
+    /// `at`, and queues it. `None` when that period has no open report.
+    pub fn close_period(
+        &self,
+        start: Timestamp,
+        energy_kwh: Option<f64>,
+        at: Timestamp,
+        topic: String,
+        sent: bool,
+    ) -> Result<Option<Outgoing>, AgentError> {
+        let last_sent = sent.then(|| self.now_ms());
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = close(
+                &tx,
+                &self.store_id,
+                start.as_second(),
+                energy_kwh,
+                at,
+                topic,
+                last_sent,
+            )?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// Finalizes every open report (left by a crash or a stop) with `energy_kwh` unknown, and
+    /// queues them, oldest first.
+    pub fn close_open_periods(
+        &self,
+        at: Timestamp,
+        topic: String,
+        sent: bool,
+    ) -> Result<Vec<Outgoing>, AgentError> {
+        let last_sent = sent.then(|| self.now_ms());
+        self.with(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let starts: Vec<i64> = {
+                let mut stmt = tx.prepare(
+                    "SELECT interval_start FROM reports WHERE open = 1 ORDER BY interval_start",
+                )?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut outs = Vec::with_capacity(starts.len());
+            for start in starts {
+                outs.extend(close(
+                    &tx,
+                    &self.store_id,
+                    start,
+                    None,
+                    at,
+                    topic.clone(),
+                    last_sent,
+                )?);
+            }
+            tx.commit()?;
+            Ok(outs)
         })
     }
 
@@ -423,6 +545,73 @@ fn fail(path: &str, e: Fail) -> AgentError {
     }
 }
 
+/// Brings a store made by an earlier version up to this schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_open: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('reports') WHERE name = 'open')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_open {
+        // Every report of an earlier version went out when it was made: none is open.
+        conn.execute(
+            "ALTER TABLE reports ADD COLUMN open INTEGER NOT NULL DEFAULT 0",
+            [],
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether the period starting at `start` (seconds) has its report, open or not.
+fn reported(tx: &rusqlite::Transaction<'_>, start: i64) -> Result<bool, Fail> {
+    Ok(tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM reports WHERE interval_start = ?1)",
+        params![start],
+        |r| r.get(0),
+    )?)
+}
+
+/// Fills in an open report's `energy_kwh` and `at`, queues it, and marks it closed.
+fn close(
+    tx: &rusqlite::Transaction<'_>,
+    store_id: &StoreId,
+    start: i64,
+    energy_kwh: Option<f64>,
+    at: Timestamp,
+    topic: String,
+    last_sent: Option<i64>,
+) -> Result<Option<Outgoing>, Fail> {
+    let body: Option<String> = tx
+        .query_row(
+            "SELECT body FROM reports WHERE interval_start = ?1 AND open = 1",
+            params![start],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(body) = body else {
+        return Ok(None);
+    };
+    let mut report = match Message::decode(body.as_bytes()) {
+        Ok(Message::Report(r)) => r,
+        Ok(other) => {
+            return Err(Fail::Data(format!(
+                "open report at {start} is a {:?}",
+                other.channel()
+            )));
+        }
+        Err(e) => return Err(Fail::Data(format!("open report at {start}: {e}"))),
+    };
+    report.energy_kwh = energy_kwh;
+    report.at = at;
+    touch(tx, at)?;
+    let out = push(tx, store_id, Message::Report(report), topic, last_sent)?;
+    tx.execute(
+        "UPDATE reports SET seq = ?1, body = ?2, open = 0 WHERE interval_start = ?3",
+        params![out.seq as i64, String::from_utf8_lossy(&out.payload), start],
+    )?;
+    Ok(Some(out))
+}
+
 /// Moves `last_instant` forward to `now` (never back): the clock_unsynced reference.
 fn touch(tx: &rusqlite::Transaction<'_>, now: Timestamp) -> Result<(), Fail> {
     tx.execute(
@@ -480,6 +669,7 @@ fn push(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::SignedDuration;
     use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
     use max300_protocol::{Day, DeviceId, Mode, RateKw, Schedule, Setpoint};
 
@@ -632,6 +822,150 @@ mod tests {
         );
     }
 
+    fn decoded(out: &Outgoing) -> ReportMsg {
+        match Message::decode(&out.payload).unwrap() {
+            Message::Report(r) => r,
+            other => panic!("not a report: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_open_report_goes_out_only_when_closed_with_what_the_period_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("a.sqlite"), false).unwrap();
+        let start = "2026-11-30T00:00:00Z";
+        assert!(
+            store
+                .open_period(report(start), ts("2026-11-30T00:00:01Z"))
+                .unwrap()
+        );
+        // The period counts as handled (never run twice), but nothing is sent yet.
+        assert_eq!(store.load().unwrap().last_done, Some(ts(start)));
+        assert_eq!(store.outbox_len().unwrap(), 0);
+        assert!(
+            !store
+                .open_period(report(start), ts("2026-11-30T00:00:02Z"))
+                .unwrap()
+        );
+        let again = store.record_period(report(start), "t".into(), ts(start), true);
+        assert_eq!(again.unwrap(), None);
+
+        let end = ts("2026-11-30T00:30:00Z");
+        let out = store
+            .close_period(ts(start), Some(12.5), end, "t/report".into(), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((out.seq, out.topic.as_str()), (1, "t/report"));
+        let r = decoded(&out);
+        assert_eq!((r.energy_kwh, r.at, r.seq), (Some(12.5), end, 1));
+        assert_eq!(r.store_id, *store.store_id());
+        assert_eq!(store.outbox_len().unwrap(), 1);
+        assert_eq!(store.load().unwrap().last_instant, Some(end));
+        // Closed once: never again, and never reported twice.
+        assert_eq!(
+            store
+                .close_period(ts(start), Some(1.0), end, "t".into(), true)
+                .unwrap(),
+            None
+        );
+        assert!(
+            store
+                .close_open_periods(end, "t".into(), true)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.outbox_len().unwrap(), 1);
+    }
+
+    #[test]
+    fn an_open_report_left_by_a_crash_goes_out_at_start_up_with_unknown_energy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sqlite");
+        let start = "2026-11-30T00:00:00Z";
+        {
+            let store = Store::open(&path, true).unwrap();
+            store
+                .record_period(report("2026-11-29T23:30:00Z"), "t".into(), ts(start), true)
+                .unwrap();
+            let mut run = report(start);
+            if let Message::Report(r) = &mut run {
+                r.energy_kwh = Some(3.0);
+            }
+            assert!(store.open_period(run, ts("2026-11-30T00:00:01Z")).unwrap());
+        }
+        let store = Store::open(&path, true).unwrap();
+        assert_eq!(store.load().unwrap().last_done, Some(ts(start)));
+        let up = ts("2026-11-30T00:10:00Z");
+        let closed = store.close_open_periods(up, "t".into(), false).unwrap();
+        assert_eq!(closed.len(), 1);
+        let r = decoded(&closed[0]);
+        assert_eq!(
+            (r.interval_start, r.energy_kwh, r.at),
+            (ts(start), None, up)
+        );
+        assert_eq!(r.seq, 2);
+        // Queued unsent, so the flush after connecting sends it; and only once.
+        assert_eq!(
+            store
+                .due_for_resend(Duration::from_secs(60), 100)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(
+            store
+                .close_open_periods(up, "t".into(), false)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .close_period(ts(start), None, up, "t".into(), false)
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_store_made_before_open_reports_existed_opens_and_keeps_its_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+                 INSERT INTO meta VALUES ('store_id', 'old-store'), ('next_seq', 8);
+                 CREATE TABLE reports (interval_start INTEGER NOT NULL UNIQUE, seq INTEGER NOT NULL,
+                     message_id TEXT, status TEXT NOT NULL, body TEXT NOT NULL);
+                 INSERT INTO reports VALUES (1795995000, 7, NULL, 'skipped', '{}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        assert_eq!(store.store_id().as_str(), "old-store");
+        assert_eq!(
+            store.load().unwrap().last_done,
+            Some(ts("2026-11-29T23:30:00Z"))
+        );
+        let now = ts("2026-11-30T00:00:01Z");
+        assert!(
+            store
+                .close_open_periods(now, "t".into(), true)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .open_period(report("2026-11-30T00:00:00Z"), now)
+                .unwrap()
+        );
+        let out = store
+            .close_period(ts("2026-11-30T00:00:00Z"), Some(1.0), now, "t".into(), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.seq, 8);
+    }
+
     #[test]
     fn a_receipt_clears_only_its_own_stores_seqs_and_seqs_are_never_reused() {
         let dir = tempfile::tempdir().unwrap();
@@ -695,7 +1029,68 @@ mod tests {
             .unwrap();
         let loaded = Store::open(&path, true).unwrap().load().unwrap();
         assert!(loaded.plans[0].cancelled);
-        assert_eq!(loaded.controls, vec![(control, msg.message_id.clone())]);
+        assert_eq!(
+            loaded.controls,
+            vec![StoredControl {
+                control,
+                target: msg.message_id.clone(),
+                received: now
+            }]
+        );
+    }
+
+    #[test]
+    fn a_cancel_for_a_plan_not_held_survives_a_reopen_and_is_dropped_after_a_week() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sqlite");
+        let msg = plan_msg(1);
+        let first = ts("2026-11-29T16:00:01Z");
+        {
+            let store = Store::open(&path, true).unwrap();
+            let control = MessageId::parse("ctl-1").unwrap();
+            store
+                .cancel_plan(
+                    &control,
+                    &msg.message_id,
+                    ack(&msg),
+                    "t".into(),
+                    first,
+                    true,
+                )
+                .unwrap();
+        }
+        let store = Store::open(&path, true).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.plans.is_empty());
+        assert_eq!(
+            loaded.controls,
+            vec![StoredControl {
+                control: MessageId::parse("ctl-1").unwrap(),
+                target: msg.message_id.clone(),
+                received: first
+            }]
+        );
+        // A week and a minute later another cancel comes: the old one goes.
+        let later = first + SignedDuration::from_hours(7 * 24) + SignedDuration::from_mins(1);
+        let other = MessageId::parse("plan-2").unwrap();
+        store
+            .cancel_plan(
+                &MessageId::parse("ctl-2").unwrap(),
+                &other,
+                ack(&msg),
+                "t".into(),
+                later,
+                true,
+            )
+            .unwrap();
+        let controls = store.load().unwrap().controls;
+        assert_eq!(
+            controls
+                .iter()
+                .map(|c| c.control.as_str())
+                .collect::<Vec<_>>(),
+            vec!["ctl-2"]
+        );
     }
 
     #[test]

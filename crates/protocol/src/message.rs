@@ -164,6 +164,9 @@ pub enum RejectReason {
     RateAboveMax,
     /// The whole date is over.
     Past,
+    /// A cancel for it arrived first: the device keeps the cancel and refuses the plan
+    /// (`details` names the control message).
+    Cancelled,
 }
 
 /// A device's answer to a schedule or control message.
@@ -580,6 +583,23 @@ mod tests {
             Message::decode(receipt.as_bytes()),
             Ok(Message::Receipt(_))
         ));
+    }
+
+    #[test]
+    fn a_plan_refused_for_a_cancel_held_before_it_says_cancelled() {
+        let ack = r#"{"type":"ack","v":1,"store_id":"9f2c","seq":17,"message_id":"01JDX","device_id":"max300-0001",
+            "status":"rejected","reason":"cancelled","details":"cancelled by control 01JDY before it arrived",
+            "sha256":null,"effective_period":null,"at":"2026-11-29T15:46:03Z"}"#;
+        let Ok(Message::Ack(decoded)) = Message::decode(ack.as_bytes()) else {
+            panic!("not an ack")
+        };
+        assert_eq!(decoded.reason, Some(RejectReason::Cancelled));
+        let text = String::from_utf8(Message::Ack(decoded.clone()).encode()).unwrap();
+        assert!(text.contains(r#""reason":"cancelled""#), "{text}");
+        assert_eq!(
+            Message::decode(text.as_bytes()).unwrap(),
+            Message::Ack(decoded)
+        );
     }
 
     #[test]

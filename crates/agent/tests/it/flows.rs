@@ -2,11 +2,14 @@
 
 use std::collections::BTreeSet;
 
+use jiff::SignedDuration;
 use max300_protocol::message::{
     AckStatus, ControlAction, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, RejectReason,
     ReportMsg, ReportStatus, V1,
 };
-use max300_protocol::{Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw};
+use max300_protocol::{
+    Channel, Clock, Day, DeviceId, Message, MessageId, Mode, PERIOD_SECS, RateKw,
+};
 
 use crate::helpers::*;
 
@@ -45,7 +48,8 @@ fn assert_no_period_reported_twice(seen: &[Message]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_a_plan_and_reports_each_period_executed() {
-    // 600×: one period is 3 s of real time; the first boundary is 2.5 s away.
+    // 600×: one period is 3 s of real time; the first boundary is 2.5 s away. Each report
+    // goes out when its period ends.
     let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
     app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
         .await;
@@ -53,6 +57,9 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
     assert_eq!((first.period, first.status), (21, ReportStatus::Skipped));
     assert_eq!(first.reason, Some(PeriodReason::NoSchedule));
     assert_eq!(first.message_id, None);
+    assert!(first.at >= ts("2026-11-30T10:30:00Z"), "{first:?}");
+    // Idle, with no plan: nothing moved.
+    assert_eq!(first.energy_kwh, Some(0.0));
 
     // Charge 50 kW, except discharge 30 kW in odd periods.
     let plan_of = |p: u32| {
@@ -106,7 +113,21 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
         assert_eq!((r.mode, r.rate_kw), (planned.mode(), planned.rate()));
         assert_eq!(r.applied_kw, Some(planned.rate()));
         assert_eq!(r.limited_by, None);
-        assert_eq!(r.energy_kwh, Some(planned.rate().kw() * 0.5));
+        // What the unit delivered over the period, known once it is over: the battery's own
+        // log agrees, and a unit that follows its plan delivers about what was planned.
+        let end = r.interval_start + SignedDuration::from_secs(PERIOD_SECS);
+        assert!(r.at >= end, "reported at {} before the period ended", r.at);
+        let energy = r.energy_kwh.expect("the energy delivered");
+        let logged = app.logged_kwh(r.interval_start, end).abs();
+        assert!(
+            (energy - logged).abs() < 0.25,
+            "reported {energy} kWh, the battery's log says {logged} kWh: {r:?}"
+        );
+        let plan_kwh = planned.rate().kw() * 0.5;
+        assert!(
+            (energy - plan_kwh).abs() < 0.05 * plan_kwh,
+            "{energy} kWh for {plan_kwh} planned"
+        );
         assert!(r.soc_pct.is_some());
     }
     let hb = app
@@ -122,8 +143,9 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreceipted_entries_are_resent_and_a_receipt_clears_the_outbox() {
-    // 60×: the next boundary is 25 s of real time away, so no new report interferes.
-    let mut app = TestApp::start("2026-11-30T10:05:00Z", 60.0).await;
+    // 60×: the first report (period 21, run at start-up) goes out at the boundary 1 s away;
+    // the next one is 30 s of real time later, so no new report interferes.
+    let mut app = TestApp::start("2026-11-30T10:29:00Z", 60.0).await;
     let first = app.next("the first report", report).await;
     let hb = app.next("a heartbeat", heartbeat).await;
     assert_eq!(hb.fallback, Some(Fallback::NoSchedule));
@@ -208,7 +230,8 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
     );
     assert_ne!(again.seq, a.seq);
 
-    // A cancel for a plan it does not hold is rejected as invalid; one it holds, accepted.
+    // A cancel for a plan it does not hold is kept (that plan would be refused), and one
+    // for a plan it holds cancels it: both are accepted.
     let control = |id: &str, target: &MessageId| ControlMsg {
         v: V1,
         message_id: MessageId::parse(id).unwrap(),
@@ -222,14 +245,11 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
         .await;
     let a = app
         .next(
-            "the bad cancel's ack",
+            "the early cancel's ack",
             ack_of(MessageId::parse("ctl-1").unwrap()),
         )
         .await;
-    assert_eq!(
-        (a.status, a.reason),
-        (AckStatus::Rejected, Some(RejectReason::Invalid))
-    );
+    assert_eq!((a.status, a.reason), (AckStatus::Accepted, None));
     app.send(Message::Control(control("ctl-2", &good.message_id)))
         .await;
     let a = app
@@ -244,10 +264,101 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_overtakes_its_plan_wins_and_the_unit_never_runs_that_plan() {
+    // 600×: a period is 3 s of real time.
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    let today = plan(&device(), "2026-11-30", 1, |_| setpoint(Mode::Charge, 50.0));
+    let ack_of = |id: MessageId| {
+        move |m: &Message| match m {
+            Message::Ack(a) if a.message_id == id => Some(a.clone()),
+            _ => None,
+        }
+    };
+    // The cloud's cancel is published before the plan it cancels reaches the unit.
+    let cancel = ControlMsg {
+        v: V1,
+        message_id: MessageId::parse("ctl-early").unwrap(),
+        device_id: device(),
+        action: ControlAction::Cancel,
+        target_message_id: today.message_id.clone(),
+        issued_at: ts("2026-11-30T10:05:00Z"),
+        traceparent: None,
+    };
+    app.send(Message::Control(cancel.clone())).await;
+    let a = app
+        .next("the cancel's ack", ack_of(cancel.message_id.clone()))
+        .await;
+    assert_eq!((a.status, a.reason), (AckStatus::Accepted, None));
+
+    app.send(Message::Schedule(today.clone())).await;
+    let a = app
+        .next("the plan's ack", ack_of(today.message_id.clone()))
+        .await;
+    assert_eq!(
+        (a.status, a.reason),
+        (AckStatus::Rejected, Some(RejectReason::Cancelled))
+    );
+    assert!(
+        a.details.as_deref().unwrap_or("").contains("ctl-early"),
+        "{a:?}"
+    );
+    assert_eq!((a.sha256, a.effective_period), (None, None));
+
+    // The cancel is on disk: after a restart, the plan delivered again is refused again.
+    app.restart_agent("2026-11-30T11:05:00Z", 600.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    app.send(Message::Schedule(today.clone())).await;
+    // Not the first ack, which the outbox sends again until a receipt names it.
+    let again = app
+        .next("the plan's ack after the restart", |m| {
+            ack_of(today.message_id.clone())(m).filter(|x| x.seq != a.seq)
+        })
+        .await;
+    assert_eq!(
+        (again.status, again.reason),
+        (AckStatus::Rejected, Some(RejectReason::Cancelled))
+    );
+    assert_ne!(again.seq, a.seq);
+
+    // The unit never runs it: periods go by with no plan, idle.
+    let r = app
+        .next("a report after the restart", |m| {
+            report(m).filter(|r| r.interval_start >= ts("2026-11-30T11:00:00Z"))
+        })
+        .await;
+    assert_eq!(
+        (r.status, r.reason, r.message_id),
+        (ReportStatus::Skipped, Some(PeriodReason::NoSchedule), None)
+    );
+    let hb = app.next("a heartbeat", heartbeat).await;
+    assert_eq!(
+        (hb.mode, hb.fallback),
+        (Mode::Idle, Some(Fallback::NoSchedule))
+    );
+    assert_eq!(hb.active_message_id, None);
+    app.stop_agent().await;
+    let writes = app.write_log();
+    assert!(!writes.is_empty());
+    assert!(
+        writes.iter().all(|w| w.mode == Mode::Idle),
+        "the battery ran something: {writes:#?}"
+    );
+    assert!(
+        distinct_reports(&app.seen)
+            .iter()
+            .all(|r| r.message_id.is_none() && r.status == ReportStatus::Skipped)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
     let mut app = TestApp::start("2026-11-30T10:05:00Z", 60.0).await;
     let today = plan(&device(), "2026-11-30", 1, |_| setpoint(Mode::Charge, 20.0));
-    app.next("the first report", report).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
     app.send(Message::Schedule(today.clone())).await;
     let ack = app
         .next("the ack", |m| match m {
@@ -257,12 +368,13 @@ async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
         .await;
     assert_eq!(ack.effective_period, Some(22));
 
-    // Down from 10:05 to 12:05: 10:30, 11:00 and 11:30 were missed; 12:00 runs at once.
-    // Reports made before the session is up go out with the flush after it connects, so
-    // they may arrive after later ones.
-    app.restart_agent("2026-11-30T12:05:00Z", 60.0).await;
+    // Down from 10:05 to 12:25: period 21's report was still open (it goes out at start-up,
+    // its energy unknown); 10:30, 11:00 and 11:30 were missed; 12:00 runs at once and is
+    // reported when it ends, at 12:30. Reports made before the session is up go out with
+    // the flush after it connects, so they may arrive after later ones.
+    app.restart_agent("2026-11-30T12:25:00Z", 60.0).await;
     let mut after = Vec::new();
-    for period in 22..=25 {
+    for period in 21..=25 {
         let seen = distinct_reports(&app.seen)
             .into_iter()
             .find(|r| r.period == period);
@@ -277,21 +389,41 @@ async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
         };
         after.push(r);
     }
+    let left_open = after.remove(0);
+    assert_eq!(
+        (left_open.status, left_open.reason, left_open.energy_kwh),
+        (ReportStatus::Skipped, Some(PeriodReason::NoSchedule), None)
+    );
+    assert!(left_open.at >= ts("2026-11-30T12:25:00Z"), "{left_open:?}");
     let current = after.pop().unwrap();
     assert_eq!(current.status, ReportStatus::Executed);
+    assert!(current.at >= ts("2026-11-30T12:30:00Z"), "{current:?}");
+    // It charged only from 12:25: the unit was idle while the agent was down.
+    let energy = current.energy_kwh.expect("the energy delivered");
+    let logged = app.logged_kwh(ts("2026-11-30T12:00:00Z"), ts("2026-11-30T12:30:00Z"));
+    assert!(
+        (energy - logged).abs() < 0.25 && energy < 5.0,
+        "reported {energy} kWh, the battery's log says {logged} kWh"
+    );
     for r in &after {
         assert_eq!(
-            (r.status, r.reason),
-            (ReportStatus::Skipped, Some(PeriodReason::AgentDown))
+            (r.status, r.reason, r.energy_kwh),
+            (ReportStatus::Skipped, Some(PeriodReason::AgentDown), None)
         );
         assert_eq!(r.message_id.as_ref(), Some(&today.message_id));
     }
     assert_eq!(current.store_id, ack.store_id);
     assert!(current.seq > ack.seq);
 
-    // A restart within a period that was already reported runs that period's plan at once
-    // (and reports nothing new).
-    app.restart_agent("2026-11-30T12:06:00Z", 60.0).await;
+    // A restart within a period that was already run runs that period's plan at once; its
+    // report, still open, goes out at start-up with the energy unknown, and only once.
+    app.restart_agent("2026-11-30T12:40:00Z", 60.0).await;
+    let r = app
+        .next("the report left open", |m| {
+            report(m).filter(|r| r.period == 26)
+        })
+        .await;
+    assert_eq!((r.status, r.energy_kwh), (ReportStatus::Executed, None));
     let hb = app
         .next("a heartbeat running the plan", |m| {
             heartbeat(m).filter(|h| h.mode == Mode::Charge)

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use max300_agent::battery::{WriteLogEntry, read_write_log};
 use max300_agent::{AgentConfig, AgentError};
 use max300_mqtt::{Event, Qos, Session, SessionConfig};
 use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
@@ -92,9 +93,16 @@ impl TestApp {
     }
 
     pub fn config(&self) -> AgentConfig {
+        // The revert timer is short (re-asserts every 2 s), so the wait for the power to
+        // settle must be under 2 s; a test with its own `[safety]` table sets `settle_s`.
+        let safety = if self.extra.contains("[safety]") {
+            ""
+        } else {
+            "[safety]\nsettle_s = 1\n"
+        };
         let file = format!(
             "device_id = \"{DEVICE}\"\nmqtt = \"mqtt://127.0.0.1:{}\"\ndata_dir = {:?}\n\
-             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n{}",
+             heartbeat_interval_s = 1\nresend_after_s = 2\nrevert_timeout_s = 4\n{}{safety}",
             self.port,
             self.dir.path().display().to_string(),
             self.extra
@@ -122,6 +130,28 @@ impl TestApp {
         self.stop_agent().await;
         self.clock = Arc::new(ScaledClock::starting_now(ts(start), speed));
         self.start_agent();
+    }
+
+    /// The simulated battery's own record of every write (kept in the data dir).
+    pub fn write_log(&self) -> Vec<WriteLogEntry> {
+        read_write_log(self.dir.path().join("battery-writes.jsonl")).unwrap()
+    }
+
+    /// The net energy (kWh, charge positive) the simulated unit ran from `start` to `end`,
+    /// from its own write log: each setpoint runs until the next line. Exact for a unit
+    /// without a ramp (the default), whose power follows each write at once.
+    pub fn logged_kwh(&self, start: Timestamp, end: Timestamp) -> f64 {
+        let log = self.write_log();
+        let mut kwh = 0.0;
+        for (i, w) in log.iter().enumerate() {
+            let until = log.get(i + 1).map_or(end, |n| n.at);
+            let (from, to) = (w.at.max(start), until.min(end));
+            if to > from {
+                let kw = w.setpoint().map_or(0.0, |s| s.signed_kw());
+                kwh += kw * to.duration_since(from).as_secs_f64() / 3600.0;
+            }
+        }
+        kwh
     }
 
     pub async fn publish(&self, channel: Channel, payload: Vec<u8>) {

@@ -1,7 +1,8 @@
 //! The safety rules at the edge, through a running agent and its simulated unit.
 
+use jiff::SignedDuration;
 use max300_protocol::message::{AckStatus, LimitedBy, ReportMsg, ReportStatus};
-use max300_protocol::{Message, Mode, RateKw};
+use max300_protocol::{Message, Mode, PERIOD_SECS, RateKw};
 
 use crate::helpers::*;
 
@@ -35,7 +36,7 @@ async fn the_soc_window_stops_charging_until_past_the_hysteresis_and_rates_are_c
     let mut app = TestApp::start_with(
         "2026-11-30T10:05:00Z",
         1200.0,
-        "[safety]\nsoc_max_pct = 90\nhysteresis_pct = 2\n\
+        "[safety]\nsoc_max_pct = 90\nhysteresis_pct = 2\nsettle_s = 1\n\
          [sim]\ncapacity_kwh = 1000\ninitial_soc_pct = 86.5\nmax_charge_kw = 40\nmax_discharge_kw = 40\n",
     )
     .await;
@@ -119,16 +120,72 @@ async fn a_unit_whose_power_does_not_follow_is_failed_with_the_measured_kw() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_whose_power_follows_within_the_settle_time_is_executed() {
     // 0.5 kW per plan second is 600 kW per real second: 40 kW is reached in about 70 ms,
-    // within the wait (a tenth of a period: 150 ms at 1200×).
+    // within the wait (a tenth of a period: 150 ms at 1200×, shorter than settle_s).
     let mut app = TestApp::start_with(
         "2026-11-30T10:05:00Z",
         1200.0,
-        "[safety]\nsettle_s = 5\n[sim]\nramp_kw_per_s = 0.5\n",
+        "[safety]\nsettle_s = 1.5\n[sim]\nramp_kw_per_s = 0.5\n",
     )
     .await;
     follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;
     let r = app.next("a period report", report).await;
     assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
     assert_eq!(r.applied_kw, Some(RateKw::try_from(40.0).unwrap()));
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_reaches_soc_max_mid_period_reports_the_energy_it_delivered_not_the_plan() {
+    // 100 kWh at 77.5 %, charging at 40 kW: 90 % is reached 18¾ minutes into the first
+    // charging period, and the next re-assert (every 2 s of real time, 4 minutes at 120×)
+    // stops it. The plan asks for 20 kWh.
+    let mut app = TestApp::start_with(
+        "2026-11-30T10:25:00Z",
+        120.0,
+        "[safety]\nsoc_max_pct = 90\nsettle_s = 1\n\
+         [sim]\ncapacity_kwh = 100\ninitial_soc_pct = 77.5\n",
+    )
+    .await;
+    follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;
+    let r = app.next("the first period charged", report).await;
+    let end = r.interval_start + SignedDuration::from_secs(PERIOD_SECS);
+    // It ran the plan from the start, and says so once the period is over.
+    assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
+    assert_eq!(r.applied_kw, Some(RateKw::try_from(40.0).unwrap()));
+    assert!(
+        r.at >= end,
+        "reported at {} before the period ended at {end}",
+        r.at
+    );
+    let energy = r.energy_kwh.expect("the energy delivered");
+    let logged = app.logged_kwh(r.interval_start, end);
+    assert!(
+        (10.0..17.0).contains(&energy),
+        "{energy} kWh: not the 20 kWh planned, but what ran before the SoC limit; {r:?}"
+    );
+    assert!(
+        (energy - logged).abs() < 0.5,
+        "reported {energy} kWh, the battery's own log says {logged} kWh"
+    );
+    app.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_does_not_deliver_reports_about_no_energy() {
+    // The power ramps at 0.0001 kW per plan second: 0.18 kW after a whole period of 40 kW.
+    let mut app = TestApp::start_with(
+        "2026-11-30T10:25:00Z",
+        600.0,
+        "[safety]\nsettle_s = 1\n[sim]\nramp_kw_per_s = 0.0001\n",
+    )
+    .await;
+    follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;
+    let r = app.next("the first period of the plan", report).await;
+    assert_eq!(r.status, ReportStatus::Failed, "{r:?}");
+    let energy = r.energy_kwh.expect("the energy delivered");
+    assert!(
+        (0.0..0.2).contains(&energy),
+        "{energy} kWh of 20 planned: {r:?}"
+    );
     app.stop_agent().await;
 }

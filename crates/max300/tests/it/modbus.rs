@@ -195,6 +195,9 @@ impl ModbusRig {
         let env = vec![
             ("MAX300_HEARTBEAT_INTERVAL_S".to_owned(), "1".to_owned()),
             ("MAX300_REVERT_TIMEOUT_S".to_owned(), REVERT_S.to_string()),
+            // The revert timer must be more than twice the settle wait; at 2000× the wait is
+            // a tenth of a period (90 ms) anyway.
+            ("MAX300_SAFETY_SETTLE_S".to_owned(), "0.5".to_owned()),
             // Many units on one disk.
             ("MAX300_DURABLE".to_owned(), "false".to_owned()),
         ];
@@ -447,13 +450,13 @@ pub fn lateness(record: &UnitRecord, speed: f64) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_drives_battery_sim_over_modbus_through_a_day_and_it_reverts_when_killed() {
     let mut rig = ModbusRig::start(1, &[]).await;
-    // A 48-period day takes 43 s at 2000×; the last period is running once it is reported
-    // (and the next day's plan keeps the unit charging after it).
+    // A 48-period day takes 43 s at 2000×; the last period is reported when it ends, as the
+    // next day's plan (charging) takes over.
     rig.until_reports(1, Duration::from_secs(120), "period 48 reported", |r| {
         r.contains_key(&48)
     })
     .await;
-    // Kill the agent mid-period: nobody re-asserts any more.
+    // Kill the agent mid-period (the next day's first): nobody re-asserts any more.
     rig.agents[0].1.child.kill().unwrap();
     rig.agents[0].1.child.wait().unwrap();
 
@@ -794,7 +797,8 @@ async fn the_agent_drives_a_third_party_pymodbus_sunspec_server() {
             .await
             .unwrap()
             .unwrap();
-        let (mode, kw) = plan[period as usize - 1];
+        // A period is reported when it ends: the next one runs now.
+        let (mode, kw) = plan[period as usize];
         // WChaMax is 1000 × 10^2 W = 100 kW, so a kW is 1 % and 100 register steps.
         let raw = (kw * 100.0).round() as u16;
         let expected = match mode {
@@ -805,7 +809,8 @@ async fn the_agent_drives_a_third_party_pymodbus_sunspec_server() {
         assert_eq!(
             (block[5], block[12], block[13]),
             expected,
-            "period {period}: {mode} {kw} kW; StorCtl_Mod, OutWRte, InWRte"
+            "period {}: {mode} {kw} kW; StorCtl_Mod, OutWRte, InWRte",
+            period + 1
         );
         assert_eq!(block[15], REVERT_S as u16, "InOutWRte_RvrtTms");
     }
