@@ -516,8 +516,10 @@ impl Feedback {
             Recorded::Applied | Recorded::UnknownCommand => {
                 self.metrics.period_result(report.status.as_str())
             }
+            // Info, not warn: a unit without a plan for the day reports each period it idles
+            // through, and those are refused as a matter of course (and counted).
             Recorded::Refused(why) => {
-                warn!(device_id = %report.device_id, period = report.period, interval_start = %report.interval_start, reason = %why, "report refused: nothing kept")
+                info!(device_id = %report.device_id, period = report.period, interval_start = %report.interval_start, reason = %why, "report refused: nothing kept")
             }
             Recorded::Duplicate => {}
         }

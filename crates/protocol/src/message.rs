@@ -297,16 +297,20 @@ pub struct ReportMsg {
     /// What a dry run would have applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub would_kw: Option<RateKw>,
-    /// State of charge at the time of the report, in percent.
+    /// State of charge read back when the period was run (at its start), in percent.
     #[serde(default)]
     pub soc_pct: Option<f64>,
-    /// Energy the applied setpoint moves over the period, in kWh.
+    /// Energy the unit delivered in the period, in kWh, in the period's direction (never
+    /// negative): integrated from the measured power, or from the setpoint the controller
+    /// ran where power is not measured. Null when unknown (the agent stopped during the
+    /// period, its clock was not trusted, or the period was missed).
     #[serde(default)]
     pub energy_kwh: Option<f64>,
     /// Why it failed.
     #[serde(default)]
     pub error: Option<String>,
-    /// When the device reported.
+    /// When the device reported: the period's end for a period it ran (the report is sent
+    /// then, with the energy of the whole period), or when it found a missed one.
     pub at: Timestamp,
     /// W3C trace context, when tracing is on. Decoded leniently: an invalid value is `None`.
     #[serde(

@@ -403,7 +403,9 @@ pub fn day_view(
                     .and_then(|p| p.soc_pct)
                     .or(report.and_then(|r| r.soc_pct)),
                 planned_kwh: rate * PERIOD_HOURS,
-                delivered_kwh: applied.map(|kw| kw * PERIOD_HOURS),
+                // What the unit says it delivered in the period (integrated over it), not
+                // its rate times the period: a unit limited mid-period delivers less.
+                delivered_kwh: reported.get(&n).and_then(|r| r.energy_kwh),
                 limited_by: planned.and_then(|p| p.limited_by.clone()),
                 reason: planned.and_then(|p| p.reason.clone()).or_else(|| {
                     let reason = serde_json::to_value(report?.reason?).ok()?;

@@ -1144,7 +1144,7 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
     let report = json!({"type":"report","v":1,"store_id":"s1","seq":2,"message_id":plan.message_id,
                         "device_id":"d1","period":1,"interval_start":"2026-11-30T00:00:00Z",
                         "mode":"charge","rate_kw":50,"status":"executed","applied_kw":50,
-                        "soc_pct":45.5,"at":"2026-11-30T00:00:01Z"});
+                        "soc_pct":45.5,"energy_kwh":24.6,"at":"2026-11-30T00:30:01Z"});
     client
         .publish(
             "max300/d1/report".into(),
@@ -1176,7 +1176,8 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
             &json!("executed"),
             &json!(50.0),
             &json!(25.0),
-            &json!(25.0),
+            // What the unit says it delivered, not the plan.
+            &json!(24.6),
             &json!(45.5)
         )
     );

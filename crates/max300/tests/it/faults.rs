@@ -1,8 +1,10 @@
 //! The fault suite: a whole day with real processes — broker, cloud, sample provider and five
-//! agents, each agent behind its own fault proxy — while units are killed and restarted, the
-//! broker and the cloud are restarted (once in the middle of an ingestion), a unit is cut off
-//! for hours, a plan is superseded mid-day, and a duplicate and an out-of-date command are
-//! delivered. At the end, the cloud's records and each battery's own write log must agree:
+//! agents, each agent behind its own fault proxy, and 200 more agents in this process — while
+//! units are killed and restarted, the broker and the cloud are restarted (once in the middle
+//! of an ingestion, once in the middle of a boundary's burst of 205 reports), a unit is cut
+//! off for hours, a plan is superseded mid-day, a duplicate, an out-of-date command and
+//! hostile acks are delivered, and a plan is cancelled while its ingestion is still
+//! publishing. At the end, the cloud's records and each battery's own write log must agree:
 //! nothing lost, nothing done twice, nothing run outside its period.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -11,6 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use std::sync::Arc;
+
+use max300_agent::AgentConfig;
 use max300_agent::battery::read_write_log;
 use max300_mqtt::{Event, Qos, SessionConfig};
 use max300_protocol::message::{
@@ -29,6 +34,13 @@ use crate::{Proc, free_port};
 const SPEED: f64 = 1200.0;
 const DATE: &str = "2026-12-02";
 const UNITS: [&str; 5] = ["unit-1", "unit-2", "unit-3", "unit-4", "unit-5"];
+/// Units run in this process beside the five processes, so that a boundary is a burst of 205
+/// reports.
+const FLEET: usize = 200;
+
+fn fleet_ids() -> Vec<String> {
+    (1..=FLEET).map(|i| format!("fleet-{i:03}")).collect()
+}
 /// A setpoint may run this long into the next period: the time it takes to apply the next
 /// one at the boundary: up to half a second of real time on a loaded 2-core machine, which
 /// is ten minutes of plan time at 1200×.
@@ -42,6 +54,8 @@ struct Rig {
     mqtt_port: u16,
     http_port: u16,
     provider_proxy: FaultProxy,
+    /// The cloud's link to the broker.
+    cloud_proxy: FaultProxy,
     broker: Option<Proc>,
     cloud: Option<Proc>,
     agents: BTreeMap<&'static str, (FaultProxy, Option<Proc>)>,
@@ -74,7 +88,7 @@ impl Rig {
         let mut args: Vec<String> = [
             "cloud",
             "--mqtt",
-            &format!("mqtt://127.0.0.1:{}", self.mqtt_port),
+            &format!("mqtt://{}", self.cloud_proxy.addr()),
             "--http",
             &format!("127.0.0.1:{}", self.http_port),
             "--provider",
@@ -119,6 +133,38 @@ impl Rig {
     /// The simulated battery's own log, which it keeps in the agent's data dir.
     fn write_log(&self, unit: &str) -> PathBuf {
         self.dir.join(unit).join("battery-writes.jsonl")
+    }
+
+    /// The 200 in-process units, straight on the broker, on the suite's clock; they run until
+    /// `stop`.
+    fn start_fleet(&self, stop: &CancellationToken) -> tokio::task::JoinSet<()> {
+        let clock: Arc<dyn Clock> = Arc::new(self.clock);
+        let mut set = tokio::task::JoinSet::new();
+        for id in fleet_ids() {
+            let env: Vec<(String, String)> = [
+                ("MAX300_DEVICE_ID", id.clone()),
+                ("MAX300_DATA_DIR", self.dir.join(&id).display().to_string()),
+                (
+                    "MAX300_MQTT",
+                    format!("mqtt://127.0.0.1:{}", self.mqtt_port),
+                ),
+                // One disk for 200 units: their fsyncs would measure the disk's queue.
+                ("MAX300_DURABLE", "false".into()),
+                ("MAX300_CLOCK_SYNC", "assume".into()),
+                ("MAX300_HEARTBEAT_INTERVAL_S", "2".into()),
+                ("MAX300_RESEND_AFTER_S", "3".into()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v))
+            .to_vec();
+            let config = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, None, &env).unwrap();
+            let (clock, stop) = (clock.clone(), stop.clone());
+            set.spawn(async move {
+                if let Err(e) = max300_agent::run(config, clock, stop).await {
+                    panic!("{id} stopped: {e}");
+                }
+            });
+        }
+        set
     }
 
     fn kill_agent(&mut self, unit: &'static str) {
@@ -186,10 +232,12 @@ struct Seen {
 fn observe(mqtt_port: u16, shutdown: CancellationToken) -> mpsc::Receiver<Message> {
     let topics = Topics::default();
     let unit4 = DeviceId::parse("unit-4").unwrap();
+    let unit5 = DeviceId::parse("unit-5").unwrap();
     let filters = vec![
         "max300/+/ack".to_owned(),
         "max300/+/report".to_owned(),
         topics.topic(&unit4, Channel::Schedule),
+        topics.topic(&unit5, Channel::Schedule),
     ];
     let url = format!("mqtt://127.0.0.1:{mqtt_port}").parse().unwrap();
     let config = SessionConfig::new(url, "fault-suite-observer", filters);
@@ -239,12 +287,17 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
         SPEED.to_string(),
     ];
 
+    // The fleet first: the plans go out in this order, unit-5's last.
+    let everyone: Vec<String> = fleet_ids()
+        .into_iter()
+        .chain(UNITS.map(str::to_owned))
+        .collect();
     let mut provider_args: Vec<String> = [
         "provider",
         "--http",
         "127.0.0.1:0",
         "--device-ids",
-        &UNITS.join(","),
+        &everyone.join(","),
         "--seed",
         "11",
     ]
@@ -269,6 +322,7 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
         mqtt_port,
         http_port: free_port(),
         provider_proxy: FaultProxy::start(provider_addr),
+        cloud_proxy: FaultProxy::start(broker_addr),
         broker: None,
         cloud: None,
         agents: UNITS
@@ -286,6 +340,8 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
     for unit in UNITS {
         rig.start_agent(unit);
     }
+    let fleet_stop = shutdown.child_token();
+    let mut fleet = rig.start_fleet(&fleet_stop);
 
     // The cloud dies in the middle of its first ingestion: the provider's answer is held up,
     // the cloud is killed while it waits, and the next cloud runs the ingestion again.
@@ -403,15 +459,130 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
     rig.fault("duplicate commands");
     rig.fault("out-of-date commands");
 
+    // Hostile acks for unit-3's plan: effective periods no plan has. Each is receipted,
+    // refused and changes nothing.
+    let unit3 = rig
+        .get(&format!("/api/commands?device_id=unit-3&date={DATE}"))
+        .await;
+    let unit3_id: max300_protocol::MessageId =
+        serde_json::from_value(unit3[0]["message_id"].clone()).unwrap();
+    for (seq, effective) in [(1, 4_294_967_295), (2, 0), (3, 100)] {
+        let hostile = Message::Ack(AckMsg {
+            v: max300_protocol::message::V1,
+            store_id: max300_protocol::StoreId::parse("hostile").unwrap(),
+            seq,
+            message_id: unit3_id.clone(),
+            device_id: DeviceId::parse("unit-3").unwrap(),
+            status: AckStatus::Accepted,
+            reason: None,
+            details: None,
+            sha256: None,
+            effective_period: Some(effective),
+            at: rig.clock.now(),
+            traceparent: None,
+        });
+        injector
+            .send("max300/unit-3/ack".into(), &hostile, Qos::AtLeastOnce)
+            .await
+            .unwrap();
+        rig.fault("hostile acks");
+    }
+
+    // The broker dies in the middle of a boundary's burst: 205 reports within a second.
+    rig.until(at(13, 0) + SignedDuration::from_secs(20)).await;
+    Rig::kill(&mut rig.broker);
+    rig.fault("broker restarts in a 205-unit boundary burst");
+    rig.until(at(13, 10)).await;
+    rig.start_broker();
+
     rig.bounce_agent("unit-5", at(14, 10), at(14, 20)).await;
     rig.bounce_broker(at(15, 30), at(15, 35)).await;
+
+    // New plans for tomorrow, for all 205 units, go out while the cloud's link to the broker
+    // is stalled: 80 go out, and the rest wait for room. Meanwhile the operator cancels
+    // unit-5's, the last in line: it is never published.
+    let tomorrow = day.next().unwrap().date();
+    rig.until(at(15, 50)).await;
+    let mut plans: Value = rig
+        .http
+        .get(format!("{provider_url}?date={tomorrow}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for schedule in plans["schedules"].as_array_mut().unwrap() {
+        let first = &mut schedule["intervals"][0];
+        first["mode"] = json!("charge");
+        first["rate_kw"] = json!(1.5);
+    }
+    rig.cloud_proxy.stall();
+    let replan = {
+        let (http, url, body) = (
+            rig.http.clone(),
+            rig.api("/api/schedules"),
+            plans.to_string(),
+        );
+        tokio::spawn(async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            r.json::<Value>().await.unwrap()
+        })
+    };
+    let mut unit5_v2 = None;
+    for _ in 0..400 {
+        let list = rig
+            .get(&format!("/api/commands?device_id=unit-5&date={tomorrow}"))
+            .await;
+        unit5_v2 = list
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["version"] == 2))
+            .and_then(|c| c["message_id"].as_str())
+            .map(str::to_owned);
+        if unit5_v2.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let unit5_tomorrow = unit5_v2.expect("unit-5's new plan for tomorrow is committed");
+    let cancel = {
+        let (http, url) = (
+            rig.http.clone(),
+            rig.api(&format!("/api/commands/{unit5_tomorrow}/cancel")),
+        );
+        tokio::spawn(async move {
+            let r = http.post(url).send().await.unwrap();
+            r.json::<Value>().await.unwrap()
+        })
+    };
+    for _ in 0..400 {
+        let c = rig.get(&format!("/api/commands/{unit5_tomorrow}")).await;
+        if c["state"] == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.cloud_proxy.restore();
+    let replanned = replan.await.unwrap();
+    assert_eq!(
+        replanned["accepted"].as_array().map_or(0, Vec::len),
+        FLEET + UNITS.len(),
+        "{replanned}"
+    );
+    let cancelled = cancel.await.unwrap();
+    let control_id = cancelled["control_message_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{cancelled}"))
+        .to_owned();
+    rig.fault("cancels during a publishing ingestion");
+
     rig.bounce_agent("unit-1", at(18, 0), at(18, 5)).await;
 
     // The day ends; wait for every report and every command to settle.
     rig.until(day.end()).await;
-    let deadline = day.end() + SignedDuration::from_hours(2);
+    let deadline = day.end() + SignedDuration::from_hours(6);
     loop {
-        let settled = settled(&rig).await;
+        let settled = settled(&rig, &everyone).await;
         if settled || rig.clock.now() > deadline {
             break;
         }
@@ -425,7 +596,7 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
     let mut checked = 0;
     let mut problems = Vec::new();
     let mut reports: HashMap<&str, Vec<ReportMsg>> = HashMap::new();
-    for unit in UNITS {
+    for unit in everyone.iter().map(String::as_str) {
         let list: Vec<ReportMsg> = serde_json::from_value(
             rig.get(&format!("/api/devices/{unit}/reports?date={DATE}"))
                 .await,
@@ -462,7 +633,7 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
         let detail = rig.get(&format!("/api/commands/{id}")).await;
         by_id.insert(id, detail);
     }
-    for unit in UNITS {
+    for unit in everyone.iter().map(String::as_str) {
         let mine: Vec<&Value> = by_id.values().filter(|c| c["device_id"] == unit).collect();
         let expected_versions = if unit == "unit-4" { 2 } else { 1 };
         if mine.len() != expected_versions {
@@ -567,10 +738,58 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
         }
     }
 
+    // The hostile acks changed nothing: each was refused (and receipted), and unit-3's plan
+    // ran from the period its real ack named.
+    let metrics = rig
+        .http
+        .get(rig.api("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    if !metrics.contains(r#"max300_inbound_messages_total{type="ack",outcome="refused"} 3"#) {
+        problems.push("the three hostile acks were not all refused".into());
+    }
+    let unit3_detail = &by_id[unit3_id.as_str()];
+    if unit3_detail["effective_period"] != 1 {
+        problems.push(format!(
+            "unit-3's plan took effect from {}",
+            unit3_detail["effective_period"]
+        ));
+    }
+
+    // The plan cancelled while its ingestion published never went out, and unit-5 holds the
+    // cancel.
+    let cancelled = rig.get(&format!("/api/commands/{unit5_tomorrow}")).await;
+    if cancelled["state"] != "cancelled" || cancelled["publishes"] != 0 {
+        problems.push(format!(
+            "unit-5's cancelled plan: {} after {} publishes",
+            cancelled["state"], cancelled["publishes"]
+        ));
+    }
+    if seen
+        .schedules
+        .iter()
+        .any(|s| s.message_id.as_str() == unit5_tomorrow)
+    {
+        problems.push("unit-5's cancelled plan reached the broker".into());
+    }
+    // unit-5 keeps the cancel of a plan it never got (and would refuse that plan).
+    let control_acked = seen.acks.iter().any(|a| {
+        a.message_id.as_str() == control_id
+            && a.device_id.as_str() == "unit-5"
+            && a.status == AckStatus::Accepted
+    });
+    if !control_acked {
+        problems.push("unit-5 did not accept the cancel of a plan it does not hold".into());
+    }
+
     // The batteries' own logs: nothing ran outside the period that asked for it.
     let mut writes = 0;
     let mut worst_overrun = SignedDuration::ZERO;
-    for unit in UNITS {
+    for unit in everyone.iter().map(String::as_str) {
         let log = read_write_log(rig.write_log(unit)).unwrap();
         writes += log.len();
         let applied: HashMap<u32, Setpoint> = reports[unit]
@@ -634,6 +853,10 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
         tmp.disable_cleanup(true);
     }
     assert_eq!(rig.faults["agent kills"], 4);
+    fleet_stop.cancel();
+    while let Some(done) = fleet.join_next().await {
+        done.unwrap();
+    }
     assert_eq!(lost, 0, "{logs}");
     assert_eq!(duplicated, 0, "{logs}");
     assert!(problems.is_empty(), "{} problems; {logs}", problems.len());
@@ -648,7 +871,7 @@ async fn a_day_of_faults_loses_nothing_and_runs_nothing_twice() {
 }
 
 /// Every unit has a report for every period, and no command of the day is still open.
-async fn settled(rig: &Rig) -> bool {
+async fn settled(rig: &Rig, everyone: &[String]) -> bool {
     let commands = rig.get(&format!("/api/commands?date={DATE}")).await;
     let open = commands.as_array().unwrap().iter().any(|c| {
         !matches!(
@@ -659,7 +882,7 @@ async fn settled(rig: &Rig) -> bool {
     if open {
         return false;
     }
-    for unit in UNITS {
+    for unit in everyone {
         let list = rig
             .get(&format!("/api/devices/{unit}/reports?date={DATE}"))
             .await;
@@ -673,6 +896,6 @@ async fn settled(rig: &Rig) -> bool {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|d| UNITS.contains(&d["device_id"].as_str().unwrap_or("")))
+        .filter(|d| everyone.iter().any(|u| d["device_id"] == u.as_str()))
         .all(|d| d["outbox"] == 0)
 }
