@@ -418,17 +418,7 @@ impl CommandStore for DynamoStore {
                 )
             })
             .collect();
-        let newest: HashMap<(String, String), u32> = self
-            .batch_get(claims)
-            .await?
-            .iter()
-            .filter_map(|l| {
-                Some((
-                    (get_s(l, "pk")?.to_owned(), get_s(l, "sk")?.to_owned()),
-                    get_n(l, "version")?,
-                ))
-            })
-            .collect();
+        let newest = self.by_key(claims).await?;
         let mut out: Vec<Due> = commands
             .into_iter()
             .map(|command| {
@@ -436,7 +426,10 @@ impl CommandStore for DynamoStore {
                     device_pk(command.device_id().as_str()),
                     format!("L#{}", command.schedule.day().date()),
                 );
-                let newest = newest.get(&claim).copied().unwrap_or(command.version);
+                let newest = newest
+                    .get(&claim)
+                    .and_then(|l| get_n(l, "version"))
+                    .unwrap_or(command.version);
                 Due::Command { command, newest }
             })
             .collect();

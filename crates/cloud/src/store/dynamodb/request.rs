@@ -226,6 +226,25 @@ impl DynamoStore {
         Ok(parts.into_iter().flatten().collect())
     }
 
+    /// Strongly consistent reads of many keys, by key.
+    pub(super) async fn by_key(
+        &self,
+        keys: Vec<(String, String)>,
+    ) -> Result<HashMap<(String, String), Item>, CloudError> {
+        Ok(self
+            .batch_get(keys)
+            .await?
+            .into_iter()
+            .filter_map(|i| {
+                let k = (
+                    i.get("pk")?.as_s().ok()?.clone(),
+                    i.get("sk")?.as_s().ok()?.clone(),
+                );
+                Some((k, i))
+            })
+            .collect())
+    }
+
     /// Runs `f` over `items` with at most [`CONCURRENCY`] in flight; results in input order.
     pub(super) async fn concurrently<T, R, F, Fut>(
         &self,

@@ -2,7 +2,7 @@
 //! ingestion's commands with their version claims under an optional fence, and the counters
 //! and `last_seen` that follow a write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem};
@@ -199,17 +199,7 @@ impl DynamoStore {
                     )
                 })
                 .collect();
-            let latest: HashMap<(String, String), Item> = self
-                .batch_get(keys)
-                .await?
-                .into_iter()
-                .filter_map(|i| {
-                    Some((
-                        (get_s(&i, "pk")?.to_owned(), get_s(&i, "sk")?.to_owned()),
-                        i,
-                    ))
-                })
-                .collect();
+            let latest = self.by_key(keys).await?;
             let mut writes: Vec<(usize, u32, Vec<TransactWriteItem>)> = Vec::new();
             for &i in &pending {
                 let new = &commands[i];
