@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use max300_cloud::{Cloud, CloudConfig};
 use max300_mqtt::{Event, Qos, Session, SessionConfig};
-use max300_protocol::message::{AckMsg, AckStatus, V1};
+use max300_protocol::message::{AckMsg, AckStatus, ScheduleMsg, V1};
 use max300_protocol::{Clock, DeviceId, ManualClock, Message, StoreId};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -123,6 +123,24 @@ impl TestApp {
         r.await.unwrap().text().await.unwrap()
     }
 
+    /// `device` connected, with a plan for it posted (d2's in the same document is refused):
+    /// its session, its inbox, the command's id and the schedule it received.
+    async fn planned(
+        &self,
+        device: &str,
+    ) -> (Session, mpsc::Receiver<Message>, String, ScheduleMsg) {
+        let (client, mut inbox) = self.device(device).await;
+        let (_, body) = self.post("/api/schedules", document(50.0)).await;
+        let id = body["accepted"][0]["message_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let Message::Schedule(msg) = next(&mut inbox).await else {
+            panic!("expected a schedule")
+        };
+        (client, inbox, id, msg)
+    }
+
     /// An MQTT session playing `device`, subscribed to its inbound topics.
     async fn device(&self, device: &str) -> (Session, mpsc::Receiver<Message>) {
         let url = format!("mqtt://127.0.0.1:{}", self.mqtt_port)
@@ -233,15 +251,7 @@ fn walk(dir: &std::path::Path) -> usize {
 #[tokio::test]
 async fn acks_move_the_command_and_are_receipted() {
     let app = TestApp::start(None).await;
-    let (client, mut inbox) = app.device("d1").await;
-    let (_, body) = app.post("/api/schedules", document(50.0)).await;
-    let id = body["accepted"][0]["message_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let Message::Schedule(msg) = next(&mut inbox).await else {
-        panic!("expected a schedule")
-    };
+    let (client, mut inbox, id, msg) = app.planned("d1").await;
 
     let ack = Message::Ack(AckMsg {
         v: V1,
@@ -291,15 +301,7 @@ async fn acks_move_the_command_and_are_receipted() {
 #[tokio::test]
 async fn a_hostile_ack_is_receipted_refused_and_changes_nothing() {
     let app = TestApp::start(None).await;
-    let (client, mut inbox) = app.device("d1").await;
-    let (_, body) = app.post("/api/schedules", document(50.0)).await;
-    let id = body["accepted"][0]["message_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let Message::Schedule(msg) = next(&mut inbox).await else {
-        panic!("expected a schedule")
-    };
+    let (client, mut inbox, id, msg) = app.planned("d1").await;
     let (_, before) = app.get(&format!("/api/commands/{id}")).await;
     let ack = |seq: u64, effective: u32| {
         Message::Ack(AckMsg {
@@ -872,15 +874,7 @@ fn malformed() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
 #[tokio::test]
 async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
     let app = TestApp::start(None).await;
-    let (device, mut inbox) = app.device("d1").await;
-    let (_, body) = app.post("/api/schedules", document(50.0)).await;
-    let id = body["accepted"][0]["message_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let Message::Schedule(plan) = next(&mut inbox).await else {
-        panic!("expected a schedule")
-    };
+    let (device, mut inbox, id, plan) = app.planned("d1").await;
     let (_, before) = app.get(&format!("/api/commands/{id}")).await;
 
     let cases = malformed();
