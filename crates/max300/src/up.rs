@@ -2,6 +2,7 @@
 //! simulated units — on a scaled clock, with a one-screen summary for `--days`.
 
 use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -226,6 +227,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.data_dir.is_some() {
         println!("data: {}", data_dir.display());
     }
+    // In a terminal, one line says what is going on, rewritten in place; piped, the
+    // progress lines of `--days` (and the summary) say it instead.
+    let live = std::io::stdout().is_terminal();
+    if live {
+        let (store, clock, shutdown, tz) =
+            (store.clone(), clock.clone(), shutdown.clone(), tz.clone());
+        let window = SignedDuration::from_secs_f64(3.0 * UP_HEARTBEAT_S as f64 * args.speed);
+        let devices = args.devices;
+        tokio::spawn(async move {
+            let mut out = std::io::stdout();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let now = clock.now();
+                if let Ok(status) = Status::read(&*store, now, &tz, window).await {
+                    let _ = write!(out, "\r{}\x1b[K", status.line(now, &tz, devices));
+                    let _ = out.flush();
+                }
+            }
+            let _ = writeln!(out);
+        });
+    }
 
     let code = match args.days {
         None => {
@@ -240,8 +265,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 dates.extend(next);
             }
             let last_end = dates.last().map(Day::end).unwrap_or(clock_start);
-            let finished =
-                play(&*store, &*clock, &dates, args.devices, last_end, &shutdown).await?;
+            let finished = play(
+                &*store,
+                &*clock,
+                &dates,
+                args.devices,
+                last_end,
+                &shutdown,
+                !live,
+            )
+            .await?;
             let summary = summarize(&*store, &dates, args.devices).await?;
             let wall = started.elapsed().as_secs_f64();
             print!("{}", summary.render(&args, wall));
@@ -270,13 +303,14 @@ async fn play(
     devices: usize,
     last_end: Timestamp,
     shutdown: &tokio_util::sync::CancellationToken,
+    progress_lines: bool,
 ) -> anyhow::Result<bool> {
     let give_up = last_end + SignedDuration::from_hours(1);
     let mut shown = None;
     loop {
         let now = clock.now();
         let current = days.iter().find(|d| d.period_at(now).is_some());
-        if let Some(day) = current {
+        if let Some(day) = current.filter(|_| progress_lines) {
             let period = day.period_at(now).unwrap_or(0);
             if shown != Some((day.date(), period / 8)) {
                 shown = Some((day.date(), period / 8));
@@ -312,6 +346,70 @@ async fn all_complete(
         }
     }
     Ok(true)
+}
+
+/// What the live line of `up` shows: the units heard from lately, and today's and
+/// tomorrow's commands with their periods so far.
+#[derive(Debug, Default, PartialEq)]
+struct Status {
+    online: usize,
+    commands: usize,
+    acked: usize,
+    executed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Status {
+    /// Reads it from the store at `now`; a unit is online when heard from within `window`.
+    async fn read(
+        store: &dyn CommandStore,
+        now: Timestamp,
+        tz: &jiff::tz::TimeZone,
+        window: SignedDuration,
+    ) -> anyhow::Result<Status> {
+        let today = Day::containing(now, tz)?;
+        let mut status = Status {
+            online: store
+                .devices()
+                .await?
+                .iter()
+                .filter(|d| d.last_seen.is_some_and(|t| now.duration_since(t) <= window))
+                .count(),
+            ..Status::default()
+        };
+        for date in [today.date(), today.next()?.date()] {
+            for c in store.on_date(date).await? {
+                status.commands += 1;
+                status.acked += usize::from(matches!(
+                    c.state,
+                    CommandState::Acknowledged | CommandState::Completed | CommandState::Incomplete
+                ));
+                for (_, mark) in c.marks.iter() {
+                    match mark.status() {
+                        PeriodStatus::Executed => status.executed += 1,
+                        PeriodStatus::Failed => status.failed += 1,
+                        PeriodStatus::Skipped => status.skipped += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(status)
+    }
+
+    fn line(&self, now: Timestamp, tz: &jiff::tz::TimeZone, devices: usize) -> String {
+        format!(
+            "plan time {} | units online {}/{devices} | commands acked {}/{} | periods executed {}, failed {}, skipped {}",
+            now.to_zoned_datetime(tz.clone()).strftime("%Y-%m-%d %H:%M"),
+            self.online,
+            self.acked,
+            self.commands,
+            self.executed,
+            self.failed,
+            self.skipped
+        )
+    }
 }
 
 #[derive(Default)]
@@ -449,4 +547,28 @@ impl Summary {
 fn peak_memory() -> Option<String> {
     let kb = crate::bench::peak_memory_kb()?;
     Some(format!("{:.1} MB", kb as f64 / 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_live_line_says_plan_time_units_commands_and_periods() {
+        let status = Status {
+            online: 18,
+            commands: 40,
+            acked: 39,
+            executed: 500,
+            failed: 2,
+            skipped: 3,
+        };
+        let tz = time_zone(DEFAULT_TIMEZONE).unwrap();
+        let now: Timestamp = "2026-11-30T12:05:00Z".parse().unwrap();
+        assert_eq!(
+            status.line(now, &tz, 20),
+            "plan time 2026-11-30 12:05 | units online 18/20 | commands acked 39/40 | \
+             periods executed 500, failed 2, skipped 3"
+        );
+    }
 }
