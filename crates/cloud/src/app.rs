@@ -164,10 +164,40 @@ impl Cloud {
         })
     }
 
+    /// Only what one ingestion needs (`max300 ingest`): the stores, a publishing MQTT
+    /// session that subscribes to nothing (so it takes no device's feedback from the service),
+    /// and the ingestor. No HTTP API, feedback consumer, sweeper, replay or daily fetch.
+    pub async fn ingestion(
+        config: CloudConfig,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Result<(Arc<Ingestor>, Session), CloudError> {
+        config.validate()?;
+        let store = open_store(&config.store_url()).await?;
+        let url: BrokerUrl = config
+            .mqtt
+            .parse()
+            .map_err(|e| CloudError::Config(format!("mqtt: {e}")))?;
+        let client_id = format!("max300-ingest-{:08x}", fastrand::u32(..));
+        let mut session_config = SessionConfig::new(url, client_id, Vec::new());
+        session_config.topics = Topics::new(config.topic_root.clone());
+        session_config.tls = config.tls();
+        // Nothing is received: the events say only connected or not, which `Session` tells.
+        let (session, _events) = max300_mqtt::connect(session_config, shutdown)?;
+        let owner = config.shared_group.as_ref().map(|_| session_owner());
+        let core = Core::build(&config, &clock, Arc::new(session.clone()), store, owner).await?;
+        Ok((core.ingestor, session))
+    }
+
     /// Waits for every task to end (after shutdown).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// A lease holder's name for a process that is no long-running instance.
+fn session_owner() -> String {
+    format!("max300-ingest-{:08x}", fastrand::u32(..))
 }
 
 /// What the long-running service and the Lambda function share: the stores, publishing,

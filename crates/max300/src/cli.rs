@@ -716,19 +716,15 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     }
     let clock = args.cloud.service.clock.build()?;
     let shutdown = CancellationToken::new();
-    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
+    let (ingestor, session) = Cloud::ingestion(config, clock, shutdown.clone()).await?;
     eprintln!("connecting to the broker…");
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        cloud.session.wait_connected(),
-    )
-    .await
-    .context("the broker did not answer within 30 s")?;
-    let progress = show_progress(cloud.ingestor.progress(), args.date);
-    let report = cloud.ingestor.fetch(args.date, None).await;
+    tokio::time::timeout(std::time::Duration::from_secs(30), session.wait_connected())
+        .await
+        .context("the broker did not answer within 30 s")?;
+    let progress = show_progress(ingestor.progress(), args.date);
+    let report = ingestor.fetch(args.date, None).await;
     progress.abort();
     shutdown.cancel();
-    cloud.wait().await;
     let report = report?;
     println!(
         "{}: {} accepted, {} unchanged, {} rejected",
