@@ -297,6 +297,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads() {
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some(include_str!("../../../config/agent.toml")),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.device_id.as_str(), "max300-0001");
+        assert_eq!((c.max_rate_kw, c.sim.initial_soc_pct), (100.0, 40.0));
+    }
+
+    #[test]
     fn a_missing_device_id_says_where_to_set_it() {
         let err = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, None, &[]).unwrap_err();
         assert_eq!(

@@ -316,6 +316,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads_with_its_devices() {
+        let c = CloudConfig::load(Some(include_str!("../../../config/cloud.toml")), &[]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[0].max_rate_kw, Some(100.0));
+    }
+
+    #[test]
     fn a_file_then_env_override_the_default() {
         let c = CloudConfig::load(
             Some("http = \"127.0.0.1:9000\"\nauto_register = true\n"),
