@@ -86,6 +86,10 @@ pub struct CloudConfig {
     /// MQTT client id; also names this instance as a lease holder.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// Create a missing DynamoDB table at start-up (`--create-resources`), with the schema
+    /// the deployment template declares; without it a missing table is an error.
+    #[serde(default)]
+    pub create_resources: bool,
     /// MQTT shared-subscription group for device feedback, when several instances share it.
     #[serde(default)]
     pub shared_group: Option<String>,

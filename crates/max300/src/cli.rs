@@ -217,6 +217,10 @@ pub struct CloudArgs {
     /// Register devices on their first message.
     #[arg(long)]
     pub auto_register: bool,
+    /// Create a missing DynamoDB table (store = dynamodb://TABLE) with the deployment
+    /// template's schema. Buckets come from the template or the operator.
+    #[arg(long)]
+    pub create_resources: bool,
 }
 
 /// `max300 agent`
@@ -522,6 +526,10 @@ pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
         (
             "auto_register",
             args.auto_register.then(|| "true".to_owned()),
+        ),
+        (
+            "create_resources",
+            args.create_resources.then(|| "true".to_owned()),
         ),
     ]);
     let config = CloudConfig::layered(file.as_deref(), &max300_env(), &flags)?;

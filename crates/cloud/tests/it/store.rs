@@ -1175,6 +1175,24 @@ contract!(dynamodb, super::dynamodb().await, {
         );
     }
 
+    /// A missing table is a clear error that names the way to create it; with
+    /// `create_resources` it is created, with the template's schema.
+    #[tokio::test]
+    async fn a_missing_table_names_the_flag_and_the_flag_creates_it() {
+        let moto = crate::moto::Moto::start();
+        let store = max300_cloud::store::DynamoStore::from_client(moto.dynamodb(), "absent");
+        let err = store.ensure_table(false).await.unwrap_err().to_string();
+        assert!(
+            err.contains("absent") && err.contains("--create-resources"),
+            "{err}"
+        );
+        store.ensure_table(true).await.unwrap();
+        store.ensure_table(false).await.unwrap();
+        let l = super::ledger(Arc::new(store));
+        let (id, _) = super::create(&l, "d1", 10).await;
+        assert_eq!(super::state(&**l.store(), &id).await, CommandState::Created);
+    }
+
     /// The table `create_table` makes is the one the deployment template declares, and
     /// making it again changes nothing.
     #[tokio::test]
