@@ -134,8 +134,8 @@ pub async fn serve(
     Ok(bound)
 }
 
-/// Accepts connections until shutdown, then lets the answers in flight finish (for at most
-/// [`DRAIN`]) and closes the listener.
+/// Accepts connections until shutdown, then closes the listener and gives the answers in
+/// flight [`DRAIN`] to finish (a connection left after that ends at its header timeout).
 async fn accept(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: CancellationToken) {
     let mut http = http1::Builder::new();
     http.keep_alive(false)
