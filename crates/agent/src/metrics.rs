@@ -135,7 +135,7 @@ pub async fn serve(
 }
 
 /// Accepts connections until shutdown, then closes the listener and gives the answers in
-/// flight [`DRAIN`] to finish (a connection left after that ends at its header timeout).
+/// flight [`DRAIN`] to finish; a connection still open after that is not waited for.
 async fn accept(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: CancellationToken) {
     let mut http = http1::Builder::new();
     http.keep_alive(false)
