@@ -23,7 +23,9 @@ use clap::Args;
 use jiff::Timestamp;
 use max300_mqtt::BrokerUrl;
 use max300_protocol::message::{AckMsg, AckStatus, RejectReason, ScheduleMsg, V1};
-use max300_protocol::{Channel, Clock, DeviceId, MAX_PAYLOAD_BYTES, Message, StoreId, Topics};
+use max300_protocol::{
+    Backoff, Channel, Clock, DeviceId, MAX_PAYLOAD_BYTES, Message, StoreId, Topics,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -68,8 +70,10 @@ const MAX_OUTGOING_BYTES: usize = 16 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an ack waits for the cloud's receipt before it is sent again.
 const RESEND_AFTER: Duration = Duration::from_secs(5);
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The pause before a device connects again: the agent's session numbers, 200 ms doubling
+/// to 30 s, each spread ±50 %.
+const RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).jitter(0.5, 1.5);
 
 /// Device ids `{prefix}0001` … `{prefix}N`, as `SampleProvider::numbered` makes them.
 pub fn device_ids(prefix: &str, n: usize) -> Vec<String> {
@@ -190,7 +194,8 @@ async fn device(
     let mut seq = 0u64;
     let mut up = Some(up);
     let mut connected = false;
-    let mut backoff = BACKOFF_MIN;
+    // Connections lost since the last CONNACK: the RECONNECT attempt.
+    let mut failures = 0u32;
     // Acks the cloud has not receipted yet, resent as the agent resends its outbox: a busy
     // cloud drops what it cannot take and relies on the device sending again.
     let mut unreceipted: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -215,7 +220,7 @@ async fn device(
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
-                backoff = BACKOFF_MIN;
+                failures = 0;
                 let filters = shared
                     .topics
                     .device_filters(&id)
@@ -272,8 +277,8 @@ async fn device(
                     return;
                 }
                 warn!(device_id = %id, error = %e, "mqtt disconnected");
-                let pause = backoff.mul_f64(0.5 + fastrand::f64());
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let pause = RECONNECT.jittered(failures, fastrand::f64());
+                failures = failures.saturating_add(1);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
