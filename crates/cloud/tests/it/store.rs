@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use max300_cloud::lifecycle::Subject;
 use max300_cloud::store::{Cancel, CommandStore, IngestionCounts, Insert, NewCommand, Recorded};
 use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
-use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
+use max300_protocol::message::{AckMsg, AckStatus, Fallback, ReportMsg, ReportStatus, V1};
 use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId, TraceParent};
 
 use crate::{day, eve, schedule};
@@ -433,7 +433,7 @@ async fn registers_devices_and_records_heartbeats(l: &Ledger) {
     let rec = store.device(&d).await.unwrap().unwrap();
     assert_eq!(rec.last_seen, Some(seen));
     assert_eq!(rec.rate_kw, Some(RateKw::from_watts(12_500)));
-    assert_eq!(rec.fallback.as_deref(), Some("no_schedule"));
+    assert_eq!(rec.fallback, Some(Fallback::NoSchedule));
     assert_eq!(store.devices().await.unwrap().len(), 1);
 }
 

@@ -410,7 +410,7 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     );
     let seen = store.device(&device).await.unwrap().unwrap();
     assert_eq!(seen.soc_pct, Some(55.0));
-    assert_eq!(seen.mode.as_deref(), Some("idle"));
+    assert_eq!(seen.mode, Some(Mode::Idle));
     // Each handled message got its receipt through the data plane.
     let receipts: Vec<Vec<u64>> = published
         .lock()
