@@ -16,6 +16,7 @@
 //! goes to the outbox. A report left open by a crash or a stop goes out at the next start,
 //! with `energy_kwh` null: what ran while the agent was away is unknown.
 
+use max300_protocol::error::Chain;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,17 +85,13 @@ pub async fn run(
     let path = config.store_path();
     let durable = config.durable;
     let store = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&data_dir).map_err(|e| AgentError::Store {
-            path: data_dir.display().to_string(),
-            reason: format!("cannot create the data directory: {e}"),
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            AgentError::store(data_dir.display(), "cannot create the data directory", e)
         })?;
         Store::open(&path, durable)
     })
     .await
-    .map_err(|e| AgentError::Store {
-        path: config.store_path().display().to_string(),
-        reason: format!("opening task failed: {e}"),
-    })??;
+    .map_err(|e| AgentError::store(config.store_path().display(), "opening task failed", e))??;
     let store = Arc::new(store);
 
     let dry_run = matches!(config.battery_choice()?, BatteryChoice::DryRun(_));
@@ -131,7 +128,7 @@ pub async fn run(
                 traceparent: msg.traceparent.clone(),
             }),
             Err(e) => {
-                warn!(device_id = %device_id, message_id = %msg.message_id, error = %e, "stored plan unreadable: ignored")
+                warn!(device_id = %device_id, message_id = %msg.message_id, error = %Chain(&e), "stored plan unreadable: ignored")
             }
         }
     }
@@ -220,10 +217,7 @@ async fn blocking<T: Send + 'static>(
     let path = store.path().to_owned();
     tokio::task::spawn_blocking(move || f(&store))
         .await
-        .map_err(|e| AgentError::Store {
-            path,
-            reason: format!("store task failed: {e}"),
-        })?
+        .map_err(|e| AgentError::store(path, "store task failed", e))?
 }
 
 struct Agent {
@@ -397,7 +391,7 @@ impl Agent {
         match &inbound.message {
             Err(e) => {
                 self.dropped += 1;
-                warn!(device_id = %self.device_id, topic = %inbound.topic, error = %e, dropped = self.dropped, "undecodable message dropped");
+                warn!(device_id = %self.device_id, topic = %inbound.topic, error = %Chain(e), dropped = self.dropped, "undecodable message dropped");
             }
             Ok(Message::Schedule(msg)) => {
                 // The cloud's trace continues here: the ack carries this span's context.
@@ -528,7 +522,7 @@ impl Agent {
             }
             Err(e) => {
                 // Never ack what is not on disk; the cloud resends.
-                error!(device_id = %id, message_id = %mid, error = %e, "schedule not stored: ack withheld");
+                error!(device_id = %id, message_id = %mid, error = %Chain(&e), "schedule not stored: ack withheld");
             }
         }
     }
@@ -585,7 +579,7 @@ impl Agent {
                 self.publish(&out).await;
             }
             Err(e) => {
-                error!(device_id = %self.device_id, message_id = %mid, error = %e, "control not stored: ack withheld")
+                error!(device_id = %self.device_id, message_id = %mid, error = %Chain(&e), "control not stored: ack withheld")
             }
         }
     }
@@ -599,7 +593,7 @@ impl Agent {
         match blocking(&self.store, move |s| s.receipt(&store_id, &seqs)).await {
             Ok(n) => debug!(device_id = %self.device_id, removed = n, "receipt applied"),
             Err(e) => {
-                warn!(device_id = %self.device_id, error = %e, "receipt not applied: entries will be resent")
+                warn!(device_id = %self.device_id, error = %Chain(&e), "receipt not applied: entries will be resent")
             }
         }
     }
@@ -708,7 +702,7 @@ impl Agent {
                 Err(e) => {
                     // Left for the next boundary; it will then be reported as missed, once.
                     // Until a report can be stored again, the unit idles (DESIGN §7 fallback).
-                    error!(device_id = %self.device_id, interval_start = %start, error = %e, "report not stored: idle");
+                    error!(device_id = %self.device_id, interval_start = %start, error = %Chain(&e), "report not stored: idle");
                     self.store_fault = true;
                     self.drive(false).await;
                     break;
@@ -754,7 +748,7 @@ impl Agent {
                 true
             }
             Err(e) => {
-                error!(device_id = %self.device_id, interval_start = %start, error = %e, "report not closed: idle");
+                error!(device_id = %self.device_id, interval_start = %start, error = %Chain(&e), "report not closed: idle");
                 self.store_fault = true;
                 self.drive(false).await;
                 false
@@ -1004,7 +998,7 @@ impl Agent {
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                debug!(device_id = %self.device_id, seq = out.seq, error = %e, "publish failed: left to resend");
+                debug!(device_id = %self.device_id, seq = out.seq, error = %Chain(&e), "publish failed: left to resend");
                 false
             }
             Err(_) => {
@@ -1035,7 +1029,7 @@ impl Agent {
         {
             Ok(b) => b,
             Err(e) => {
-                warn!(device_id = %self.device_id, error = %e, "outbox not readable");
+                warn!(device_id = %self.device_id, error = %Chain(&e), "outbox not readable");
                 return;
             }
         };
@@ -1053,7 +1047,7 @@ impl Agent {
         }
         debug!(device_id = %self.device_id, entries = seqs.len(), "outbox sent");
         if let Err(e) = blocking(&self.store, move |s| s.mark_sent(&seqs)).await {
-            warn!(device_id = %self.device_id, error = %e, "outbox send times not stored");
+            warn!(device_id = %self.device_id, error = %Chain(&e), "outbox send times not stored");
         }
     }
 

@@ -125,7 +125,7 @@ impl AgentConfig {
             ConfigError::Missing { key } if key == "device_id" => AgentError::Config(
                 "device_id: missing (set it in the config, --device-id or MAX300_DEVICE_ID)".into(),
             ),
-            e => AgentError::Config(e.to_string()),
+            e => AgentError::Settings(e),
         })?;
         config.validate()?;
         Ok(config)
@@ -267,6 +267,7 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use max300_protocol::error::Chain;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -392,13 +393,13 @@ mod tests {
     #[test]
     fn an_unknown_key_is_named_from_the_file_and_from_the_environment() {
         let load = |file: &str, pairs: &[(&str, &str)]| {
-            AgentConfig::from_toml(
+            let err = AgentConfig::from_toml(
                 AgentConfig::DEFAULT_TOML,
                 Some(&format!("device_id = \"d1\"\n{file}")),
                 &env(pairs),
             )
-            .unwrap_err()
-            .to_string()
+            .unwrap_err();
+            Chain(&err).to_string()
         };
         let err = load("[safety]\nsettle = 1", &[]);
         assert!(
@@ -452,9 +453,9 @@ mod tests {
             } else {
                 format!("device_id = \"d1\"\n{file}")
             };
-            let err = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some(&file), &[])
-                .unwrap_err()
-                .to_string();
+            let err =
+                AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, Some(&file), &[]).unwrap_err();
+            let err = Chain(&err).to_string();
             assert!(err.contains(expected), "{file}: {err}");
         }
     }
@@ -574,7 +575,10 @@ mod tests {
             &env(&[("MAX300_MAX_RATE_KW", "lots")]),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("MAX300_MAX_RATE_KW"), "{err}");
+        assert!(
+            Chain(&err).to_string().contains("MAX300_MAX_RATE_KW"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! agent-only build anyway, by the OTLP exporter's client, so the Pi binary stays small). It
 //! answers `GET /metrics`, one request per connection, as a scrape is.
 
+use max300_protocol::error::Chain;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,10 +127,14 @@ pub async fn serve(
         .map_err(|_| AgentError::Config(format!("metrics: {addr:?} is not host:port")))?;
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| AgentError::Config(format!("metrics: cannot listen on {addr}: {e}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| AgentError::Config(format!("metrics: {e}")))?;
+        .map_err(|cause| AgentError::Io {
+            what: format!("metrics: cannot listen on {addr}"),
+            cause,
+        })?;
+    let bound = listener.local_addr().map_err(|cause| AgentError::Io {
+        what: "metrics: the listener has no address".into(),
+        cause,
+    })?;
     tokio::spawn(accept(listener, metrics, shutdown));
     Ok(bound)
 }
@@ -149,7 +154,7 @@ async fn accept(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: Can
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "metrics: accept failed");
+                    warn!(error = %Chain(&e), "metrics: accept failed");
                     continue;
                 }
             },
@@ -161,7 +166,7 @@ async fn accept(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: Can
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                debug!(%peer, error = %e, "metrics: request not answered");
+                debug!(%peer, error = %Chain(&e), "metrics: request not answered");
             }
         });
     }

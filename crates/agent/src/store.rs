@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use max300_protocol::clock::monotonic;
+use max300_protocol::error::Cause;
 use max300_protocol::message::ScheduleMsg;
 use max300_protocol::{Message, MessageId, StoreId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -113,7 +114,27 @@ pub struct Store {
 /// An internal failure, mapped to [`AgentError::Store`] once at the boundary.
 enum Fail {
     Sql(rusqlite::Error),
-    Data(String),
+    /// Stored data that cannot be read back, or a call that breaks the store's rules.
+    Data {
+        what: String,
+        cause: Option<Cause>,
+    },
+}
+
+impl Fail {
+    fn data(what: impl Into<String>) -> Fail {
+        Fail::Data {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    fn unreadable(what: impl Into<String>, cause: impl Into<Cause>) -> Fail {
+        Fail::Data {
+            what: what.into(),
+            cause: Some(cause.into()),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for Fail {
@@ -142,7 +163,7 @@ impl Store {
                 })
                 .optional()?;
             match existing {
-                Some(id) => StoreId::parse(id).map_err(|e| Fail::Data(e.to_string())),
+                Some(id) => StoreId::parse(id).map_err(|e| Fail::unreadable("store_id", e)),
                 None => {
                     let id = StoreId::generate();
                     conn.execute(
@@ -203,7 +224,7 @@ impl Store {
             for row in rows {
                 let (body, effective_period, cancelled) = row?;
                 let msg: ScheduleMsg =
-                    serde_json::from_str(&body).map_err(|e| Fail::Data(format!("plan: {e}")))?;
+                    serde_json::from_str(&body).map_err(|e| Fail::unreadable("plan", e))?;
                 loaded.plans.push(StoredPlan {
                     msg,
                     effective_period,
@@ -218,12 +239,12 @@ impl Store {
             })?;
             for row in rows {
                 let (control, target, received) = row?;
-                let parse = |s: String| MessageId::parse(s).map_err(|e| Fail::Data(e.to_string()));
+                let parse = |s: String| MessageId::parse(s).map_err(|e| Fail::unreadable("control", e));
                 loaded.controls.push(StoredControl {
                     control: parse(control)?,
                     target: parse(target)?,
                     received: Timestamp::from_millisecond(received)
-                        .map_err(|e| Fail::Data(format!("control received_at: {e}")))?,
+                        .map_err(|e| Fail::unreadable("control received_at", e))?,
                 });
             }
             let last_done: Option<i64> =
@@ -249,8 +270,8 @@ impl Store {
         now: Timestamp,
         sent: bool,
     ) -> Result<Outgoing, AgentError> {
-        let body =
-            serde_json::to_string(msg).map_err(|e| fail(&self.path, Fail::Data(e.to_string())))?;
+        let body = serde_json::to_string(msg)
+            .map_err(|e| fail(&self.path, Fail::unreadable("plan", e)))?;
         let last_sent = sent.then(|| self.now_ms());
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -337,10 +358,7 @@ impl Store {
         sent: bool,
     ) -> Result<Option<Outgoing>, AgentError> {
         let Message::Report(r) = &report else {
-            return Err(fail(
-                &self.path,
-                Fail::Data("record_period takes a report".into()),
-            ));
+            return Err(fail(&self.path, Fail::data("record_period takes a report")));
         };
         let (start, message_id, status) = (
             r.interval_start.as_second(),
@@ -376,10 +394,7 @@ impl Store {
     /// delivered. `false` when the period was already reported: each period gets one report.
     pub fn open_period(&self, report: Message, now: Timestamp) -> Result<bool, AgentError> {
         let Message::Report(r) = &report else {
-            return Err(fail(
-                &self.path,
-                Fail::Data("open_period takes a report".into()),
-            ));
+            return Err(fail(&self.path, Fail::data("open_period takes a report")));
         };
         let (start, message_id, status) = (
             r.interval_start.as_second(),
@@ -536,12 +551,14 @@ impl Store {
 }
 
 fn fail(path: &str, e: Fail) -> AgentError {
+    let (what, cause) = match e {
+        Fail::Sql(e) => ("sqlite".to_owned(), Some(Cause::from(e))),
+        Fail::Data { what, cause } => (what, cause),
+    };
     AgentError::Store {
         path: path.to_owned(),
-        reason: match e {
-            Fail::Sql(e) => e.to_string(),
-            Fail::Data(s) => s,
-        },
+        what,
+        cause,
     }
 }
 
@@ -594,12 +611,12 @@ fn close(
     let mut report = match Message::decode(body.as_bytes()) {
         Ok(Message::Report(r)) => r,
         Ok(other) => {
-            return Err(Fail::Data(format!(
+            return Err(Fail::data(format!(
                 "open report at {start} is a {:?}",
                 other.channel()
             )));
         }
-        Err(e) => return Err(Fail::Data(format!("open report at {start}: {e}"))),
+        Err(e) => return Err(Fail::unreadable(format!("open report at {start}"), e)),
     };
     report.energy_kwh = energy_kwh;
     report.at = at;
@@ -644,7 +661,7 @@ fn push(
             m.seq = useq;
         }
         other => {
-            return Err(Fail::Data(format!(
+            return Err(Fail::data(format!(
                 "only acks and reports go in the outbox, not {:?}",
                 other.channel()
             )));

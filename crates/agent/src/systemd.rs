@@ -4,6 +4,7 @@
 //!
 //! Without `NOTIFY_SOCKET` (not under systemd, or `Type=exec`) every call does nothing.
 
+use max300_protocol::error::Chain;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
@@ -65,7 +66,7 @@ impl Notifier {
         };
         let target = addr
             .and_then(|addr| Ok((UnixDatagram::unbound()?, addr)))
-            .map_err(|e| warn!(socket = %env.socket, error = %e, "NOTIFY_SOCKET unusable: not notifying systemd"))
+            .map_err(|e| warn!(socket = %env.socket, error = %Chain(&e), "NOTIFY_SOCKET unusable: not notifying systemd"))
             .ok();
         Notifier {
             target,
@@ -94,7 +95,7 @@ impl Notifier {
         if let Some((socket, addr)) = &self.target
             && let Err(e) = socket.send_to_addr(state.as_bytes(), addr)
         {
-            debug!(error = %e, "systemd notification not sent");
+            debug!(error = %Chain(&e), "systemd notification not sent");
         }
     }
 }

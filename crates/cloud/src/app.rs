@@ -1,5 +1,6 @@
 //! Composition: build every part from the config, run them until shutdown.
 
+use max300_protocol::error::Chain;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,7 +57,7 @@ impl Cloud {
         let url: BrokerUrl = config
             .mqtt
             .parse()
-            .map_err(|e| CloudError::Config(format!("mqtt: {e}")))?;
+            .map_err(|e| CloudError::config_because("mqtt", e))?;
         let client_id = config
             .client_id
             .clone()
@@ -99,10 +100,14 @@ impl Cloud {
 
         let listener = tokio::net::TcpListener::bind(config.http_addr()?)
             .await
-            .map_err(|e| CloudError::Io(format!("http: cannot listen on {}: {e}", config.http)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| CloudError::Io(e.to_string()))?;
+            .map_err(|cause| CloudError::Io {
+                what: format!("http: cannot listen on {}", config.http),
+                cause,
+            })?;
+        let addr = listener.local_addr().map_err(|cause| CloudError::Io {
+            what: "http: the listener has no address".into(),
+            cause,
+        })?;
         let mut tasks = JoinSet::new();
         let app = router(state, max_bytes);
         let http_shutdown = shutdown.clone();
@@ -111,7 +116,7 @@ impl Cloud {
                 .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
                 .await;
             if let Err(e) = served {
-                warn!(error = %e, "http server stopped");
+                warn!(error = %Chain(&e), "http server stopped");
             }
         });
         let feedback = Feedback::new(
@@ -142,7 +147,7 @@ impl Cloud {
             )
             .await;
             if let Err(e) = replayed {
-                warn!(error = %e, "interrupted ingestions not replayed");
+                warn!(error = %Chain(&e), "interrupted ingestions not replayed");
             }
         });
         if ingestor.can_fetch() && config.daily_fetch {
@@ -177,7 +182,7 @@ impl Cloud {
         let url: BrokerUrl = config
             .mqtt
             .parse()
-            .map_err(|e| CloudError::Config(format!("mqtt: {e}")))?;
+            .map_err(|e| CloudError::config_because("mqtt", e))?;
         let client_id = format!("max300-ingest-{:08x}", fastrand::u32(..));
         let mut session_config = SessionConfig::new(url, client_id, Vec::new());
         session_config.topics = Topics::new(config.topic_root.clone());
@@ -222,8 +227,8 @@ impl Core {
         store: Arc<dyn CommandStore>,
         owner: Option<String>,
     ) -> Result<Core, CloudError> {
-        let timezone = time_zone(&config.timezone)
-            .map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
+        let timezone =
+            time_zone(&config.timezone).map_err(|e| CloudError::config_because("timezone", e))?;
         let audit = Audit::open(&config.audit_url())?;
         let now = clock.now();
         for d in &config.devices {
@@ -240,7 +245,7 @@ impl Core {
             metrics.clone(),
         );
         let max_bytes = usize::try_from(config.max_document_mib * 1024 * 1024)
-            .map_err(|_| CloudError::Config("max_document_mib: too large".into()))?;
+            .map_err(|_| CloudError::config("max_document_mib: too large"))?;
         let provider = config
             .provider
             .as_deref()
@@ -324,7 +329,7 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn CommandStore>, CloudError> 
         Some(("sqlite", path)) => Ok(Arc::new(SqliteStore::open(&PathBuf::from(path))?)),
         #[cfg(feature = "aws")]
         Some(("dynamodb", _)) => Ok(Arc::new(crate::store::DynamoStore::open(url).await?)),
-        _ => Err(CloudError::Config(format!(
+        _ => Err(CloudError::config(format!(
             "store: {url:?} is not supported by this build; use sqlite://PATH{}",
             if cfg!(feature = "aws") {
                 " or dynamodb://TABLE"

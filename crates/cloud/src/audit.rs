@@ -35,7 +35,7 @@ impl Audit {
             #[cfg(feature = "aws")]
             Some(("s3", rest)) => return s3(rest),
             Some((scheme, _)) => {
-                return Err(CloudError::Config(format!(
+                return Err(CloudError::config(format!(
                     "audit: {scheme}:// is not supported by this build; use file://DIR{}",
                     if cfg!(feature = "aws") {
                         " or s3://BUCKET/PREFIX"
@@ -46,9 +46,9 @@ impl Audit {
             }
         };
         std::fs::create_dir_all(dir)
-            .map_err(|e| CloudError::Audit(format!("cannot create {dir}: {e}")))?;
+            .map_err(|e| CloudError::audit_failed(format!("cannot create {dir}"), e))?;
         let fs = LocalFileSystem::new_with_prefix(Path::new(dir))
-            .map_err(|e| CloudError::Audit(format!("{dir}: {e}")))?;
+            .map_err(|e| CloudError::audit_failed(dir, e))?;
         Ok(Audit::new(Arc::new(fs)))
     }
 
@@ -88,23 +88,23 @@ impl Audit {
 
     /// Reads an object back.
     pub async fn get(&self, key: &str) -> Result<Bytes, CloudError> {
-        let path = ObjectPath::parse(key).map_err(|e| CloudError::Audit(e.to_string()))?;
+        let path = ObjectPath::parse(key).map_err(|e| CloudError::audit_failed(key, e))?;
         let got = self
             .store
             .get(&path)
             .await
-            .map_err(|e| CloudError::Audit(format!("{key}: {e}")))?;
+            .map_err(|e| CloudError::audit_failed(key, e))?;
         got.bytes()
             .await
-            .map_err(|e| CloudError::Audit(format!("{key}: {e}")))
+            .map_err(|e| CloudError::audit_failed(key, e))
     }
 
     async fn put(&self, key: &str, body: Bytes) -> Result<(), CloudError> {
-        let path = ObjectPath::parse(key).map_err(|e| CloudError::Audit(e.to_string()))?;
+        let path = ObjectPath::parse(key).map_err(|e| CloudError::audit_failed(key, e))?;
         self.store
             .put(&path, PutPayload::from(body))
             .await
-            .map_err(|e| CloudError::Audit(format!("{key}: {e}")))?;
+            .map_err(|e| CloudError::audit_failed(key, e))?;
         Ok(())
     }
 }
@@ -120,7 +120,7 @@ fn s3(rest: &str) -> Result<Audit, CloudError> {
     let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
     if bucket.is_empty() {
-        return Err(CloudError::Config(format!(
+        return Err(CloudError::config(format!(
             "audit: s3://{rest}: no bucket; use s3://BUCKET/PREFIX"
         )));
     }
@@ -134,7 +134,7 @@ fn s3(rest: &str) -> Result<Audit, CloudError> {
             }
             Some(("region", region)) => builder = builder.with_region(region),
             _ => {
-                return Err(CloudError::Config(format!(
+                return Err(CloudError::config(format!(
                     "audit: s3://{rest}: unknown parameter {pair:?}; expected endpoint= or region="
                 )));
             }
@@ -142,7 +142,7 @@ fn s3(rest: &str) -> Result<Audit, CloudError> {
     }
     let store = builder
         .build()
-        .map_err(|e| CloudError::Config(format!("audit: s3://{rest}: {e}")))?;
+        .map_err(|e| CloudError::config_because(format!("audit: s3://{rest}"), e))?;
     let prefix = prefix.trim_matches('/');
     Ok(if prefix.is_empty() {
         Audit::new(Arc::new(store))

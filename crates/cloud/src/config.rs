@@ -137,17 +137,17 @@ impl CloudConfig {
             env,
             flags,
         })
-        .map_err(|e| CloudError::Config(e.to_string()))
+        .map_err(CloudError::Settings)
     }
 
     /// Checks every setting once, at start-up, with a message that names it.
     pub fn validate(&self) -> Result<(), CloudError> {
-        let bad = |key: &str, why: String| Err(CloudError::Config(format!("{key}: {why}")));
+        let bad = |key: &str, why: String| Err(CloudError::config(format!("{key}: {why}")));
         self.mqtt
             .parse::<BrokerUrl>()
-            .map_err(|e| CloudError::Config(format!("mqtt: {e}")))?;
+            .map_err(|e| CloudError::config_because("mqtt", e))?;
         let http = self.http_addr()?;
-        time_zone(&self.timezone).map_err(|e| CloudError::Config(format!("timezone: {e}")))?;
+        time_zone(&self.timezone).map_err(|e| CloudError::config_because("timezone", e))?;
         self.fetch_time()?;
         self.plan_due_time()?;
         self.pack()?;
@@ -195,7 +195,7 @@ impl CloudConfig {
         for d in &self.devices {
             if let Some(kw) = d.max_rate_kw {
                 RateKw::try_from(kw).map_err(|e| {
-                    CloudError::Config(format!("devices.{}.max_rate_kw: {e}", d.device_id))
+                    CloudError::config_because(format!("devices.{}.max_rate_kw", d.device_id), e)
                 })?;
             }
         }
@@ -206,19 +206,19 @@ impl CloudConfig {
     pub fn http_addr(&self) -> Result<SocketAddr, CloudError> {
         self.http
             .parse()
-            .map_err(|_| CloudError::Config(format!("http: {:?} is not host:port", self.http)))
+            .map_err(|_| CloudError::config(format!("http: {:?} is not host:port", self.http)))
     }
 
     /// The daily fetch time.
     pub fn fetch_time(&self) -> Result<Time, CloudError> {
         format!("{}:00", self.fetch_at)
             .parse()
-            .map_err(|_| CloudError::Config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at)))
+            .map_err(|_| CloudError::config(format!("fetch_at: {:?} is not HH:MM", self.fetch_at)))
     }
 
     /// What the feasibility estimate assumes of a unit.
     pub fn pack(&self) -> Result<crate::feasibility::Pack, CloudError> {
-        let bad = |key: &str, why: String| Err(CloudError::Config(format!("{key}: {why}")));
+        let bad = |key: &str, why: String| Err(CloudError::config(format!("{key}: {why}")));
         if !(self.capacity_kwh.is_finite() && self.capacity_kwh > 0.0) {
             return bad(
                 "capacity_kwh",
@@ -254,14 +254,14 @@ impl CloudConfig {
     /// The local time tomorrow's plan is due by.
     pub fn plan_due_time(&self) -> Result<Time, CloudError> {
         format!("{}:00", self.plan_due_at).parse().map_err(|_| {
-            CloudError::Config(format!("plan_due_at: {:?} is not HH:MM", self.plan_due_at))
+            CloudError::config(format!("plan_due_at: {:?} is not HH:MM", self.plan_due_at))
         })
     }
 
     /// The default rate limit.
     pub fn default_max_rate(&self) -> Result<RateKw, CloudError> {
         RateKw::try_from(self.default_max_rate_kw)
-            .map_err(|e| CloudError::Config(format!("default_max_rate_kw: {e}")))
+            .map_err(|e| CloudError::config_because("default_max_rate_kw", e))
     }
 
     /// The certificate files, when `ca` is set.
@@ -303,6 +303,7 @@ impl CloudConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use max300_protocol::error::Chain;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -384,23 +385,23 @@ mod tests {
 
     #[test]
     fn an_unknown_key_or_a_bad_value_is_named_where_it_was_set() {
-        let err = CloudConfig::load(Some("htp = \"127.0.0.1:1\""), &[])
-            .unwrap_err()
-            .to_string();
+        let err =
+            Chain(&CloudConfig::load(Some("htp = \"127.0.0.1:1\""), &[]).unwrap_err()).to_string();
         assert!(
             err.starts_with("config: config file: htp: unknown field `htp`, expected one of"),
             "{err}"
         );
-        let err = CloudConfig::load(None, &env(&[("MAX300_ACK_TIMEOUT_S", "soon")]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Chain(&CloudConfig::load(None, &env(&[("MAX300_ACK_TIMEOUT_S", "soon")])).unwrap_err())
+                .to_string();
         assert_eq!(
             err,
             "config: MAX300_ACK_TIMEOUT_S: invalid type: found string \"soon\", expected u64"
         );
-        let err = CloudConfig::layered(None, &[], &[("auto_register", "maybe".to_owned())])
-            .unwrap_err()
-            .to_string();
+        let err = Chain(
+            &CloudConfig::layered(None, &[], &[("auto_register", "maybe".to_owned())]).unwrap_err(),
+        )
+        .to_string();
         assert!(err.starts_with("config: --auto-register: "), "{err}");
         // Variables of the agent or of the command line are not the cloud's business.
         CloudConfig::load(
@@ -413,7 +414,7 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let err = CloudConfig::load(Some("htp = 1"), &[]).unwrap_err();
-        assert!(err.to_string().contains("htp"), "{err}");
+        assert!(Chain(&err).to_string().contains("htp"), "{err}");
         let mut c = CloudConfig::load(None, &[]).unwrap();
         c.fetch_at = "25:99".into();
         assert!(c.validate().unwrap_err().to_string().contains("fetch_at"));

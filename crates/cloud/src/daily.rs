@@ -5,13 +5,14 @@
 //! Several instances on one store run each date's fetch once: the one that takes the date's
 //! lease fetches, the others look again a little later and find it done.
 
+use max300_protocol::error::Chain;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::civil::Time;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
-use max300_protocol::{Backoff, Clock};
+use max300_protocol::{Backoff, Clock, ProtocolError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -53,7 +54,7 @@ impl DailyFetch {
         let at = today
             .to_datetime(self.at)
             .to_zoned_datetime(self.timezone.clone())
-            .map_err(|e| CloudError::Config(format!("fetch_at: {e}")))?;
+            .map_err(|e| CloudError::config_because("fetch_at", e))?;
         Ok(at.timestamp())
     }
 
@@ -84,7 +85,7 @@ impl DailyFetch {
                 Err(e) => {
                     let wait = SignedDuration::try_from(RETRY.delay(failures))
                         .unwrap_or(SignedDuration::from_mins(15));
-                    warn!(error = %e, retry_in_s = wait.as_secs(), "daily fetch failed");
+                    warn!(error = %Chain(&e), retry_in_s = wait.as_secs(), "daily fetch failed");
                     failures = failures.saturating_add(1);
                     Some(now + wait)
                 }
@@ -95,7 +96,7 @@ impl DailyFetch {
                 None => match self.next_fetch(now) {
                     Ok(at) => at,
                     Err(e) => {
-                        warn!(error = %e, "daily fetch disabled");
+                        warn!(error = %Chain(&e), "daily fetch disabled");
                         return;
                     }
                 },
@@ -122,7 +123,7 @@ impl DailyFetch {
         let today = now.to_zoned_datetime(self.timezone.clone()).date();
         let tomorrow = today
             .tomorrow()
-            .map_err(|e| CloudError::Config(e.to_string()))?;
+            .map_err(|e| ProtocolError::out_of_range(today, e))?;
         if !(early || now >= self.fetch_instant(now)?) || store.ingested(tomorrow).await? {
             return Ok(Step::NotYet);
         }
@@ -147,7 +148,7 @@ impl DailyFetch {
         if let Some(owner) = &self.owner
             && let Err(e) = store.release(&lease, owner).await
         {
-            warn!(error = %e, "daily fetch lease not released; it expires");
+            warn!(error = %Chain(&e), "daily fetch lease not released; it expires");
         }
         fetched?;
         Ok(Step::Done)
@@ -160,15 +161,14 @@ impl DailyFetch {
         }
         // The next local date's fetch time, by the calendar: across a clock change it is 23
         // or 25 hours away, so adding 24 h could skip a day or fetch twice.
-        let tomorrow = now
-            .to_zoned_datetime(self.timezone.clone())
-            .date()
+        let today = now.to_zoned_datetime(self.timezone.clone()).date();
+        let tomorrow = today
             .tomorrow()
-            .map_err(|e| CloudError::Config(e.to_string()))?;
+            .map_err(|e| ProtocolError::out_of_range(today, e))?;
         let at = tomorrow
             .to_datetime(self.at)
             .to_zoned_datetime(self.timezone.clone())
-            .map_err(|e| CloudError::Config(format!("fetch_at: {e}")))?;
+            .map_err(|e| CloudError::config_because("fetch_at", e))?;
         Ok(at.timestamp())
     }
 }
@@ -217,12 +217,14 @@ pub async fn replay_interrupted(
         info!(schedule_date = %run.schedule_date, audit_key = %run.audit_key, "replaying an interrupted ingestion");
         match ingestor.replay(&run, fence).await {
             Ok(_) => settled += 1,
-            Err(e) => warn!(schedule_date = %run.schedule_date, error = %e, "replay failed"),
+            Err(e) => {
+                warn!(schedule_date = %run.schedule_date, error = %Chain(&e), "replay failed")
+            }
         }
         if let Some(owner) = owner
             && let Err(e) = store.release(&lease, owner).await
         {
-            warn!(error = %e, "replay lease not released; it expires");
+            warn!(error = %Chain(&e), "replay lease not released; it expires");
         }
     }
     Ok(settled)

@@ -4,6 +4,7 @@
 //! store once by its natural key, receipted, and only then PUBACKed. A message that can't be
 //! used is logged, counted and PUBACKed, so it never holds up the ones behind it.
 
+use max300_protocol::error::Chain;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
@@ -299,7 +300,7 @@ impl Feedback {
                 // outbox; PUBACK anyway, so this message can't hold up the others.
                 Err(e) => {
                     handled[i] = false;
-                    warn!(topic = %received.topic, error = %e, "message not handled");
+                    warn!(topic = %received.topic, error = %Chain(&e), "message not handled");
                 }
             }
         }
@@ -315,7 +316,7 @@ impl Feedback {
                 }
                 Err(e) => {
                     acks.iter().for_each(|(i, _, _)| handled[*i] = false);
-                    warn!(count = acks.len(), error = %e, "acks not recorded: the devices will resend")
+                    warn!(count = acks.len(), error = %Chain(&e), "acks not recorded: the devices will resend")
                 }
             }
         }
@@ -330,7 +331,7 @@ impl Feedback {
                 }
                 Err(e) => {
                     reports.iter().for_each(|(i, _, _)| handled[*i] = false);
-                    warn!(count = reports.len(), error = %e, "reports not recorded: the devices will resend")
+                    warn!(count = reports.len(), error = %Chain(&e), "reports not recorded: the devices will resend")
                 }
             }
         }
@@ -358,7 +359,7 @@ impl Feedback {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.inbound(kind, Outcome::Invalid);
-                warn!(topic = %inbound.topic, error = %e, "undecodable message dropped");
+                warn!(topic = %inbound.topic, error = %Chain(e), "undecodable message dropped");
                 return Ok(None);
             }
         };
@@ -437,7 +438,7 @@ impl Feedback {
                 Ok(stored) => {
                     trace::set_parent(span, stored.as_ref());
                 }
-                Err(e) => debug!(message_id = %id, error = %e, "no stored trace context"),
+                Err(e) => debug!(message_id = %id, error = %Chain(&e), "no stored trace context"),
             }
         }
     }
@@ -567,7 +568,7 @@ impl Feedback {
     fn send(&self, out: Outbound) {
         if let Err(e) = self.outbound.try_send(out) {
             // The device sends again (no receipt) or syncs again; nothing is lost.
-            warn!(error = %e, "outbound queue full: dropped");
+            warn!(error = %Chain(&e), "outbound queue full: dropped");
         }
     }
 }
@@ -579,7 +580,7 @@ async fn deliver(publisher: &Publisher, out: Outbound) {
         }
         Outbound::Stored(ids) => {
             if let Err(e) = publisher.publish(&ids).await {
-                warn!(error = %e, "commands not published");
+                warn!(error = %Chain(&e), "commands not published");
             }
         }
     }

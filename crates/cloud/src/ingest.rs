@@ -1,6 +1,7 @@
 //! Ingestion: keep the raw document, normalize it, commit one command per changed device
 //! schedule, then publish. One run at a time; a second one answers [`CloudError::Busy`].
 
+use max300_protocol::error::Chain;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -188,7 +189,7 @@ impl Ingestor {
         fence: Option<Fence>,
     ) -> Result<IngestReport, CloudError> {
         let provider = self.provider.as_ref().ok_or_else(|| {
-            CloudError::Config("provider: not configured, so there is nothing to fetch".into())
+            CloudError::config("provider: not configured, so there is nothing to fetch")
         })?;
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         self.stage.send_replace(Stage::Fetching);
@@ -225,7 +226,7 @@ impl Ingestor {
         // The replay recorded its own run; close the interrupted one either way.
         let outcome = match &report {
             Ok(r) => Ok(counts(r)),
-            Err(e) => Err(format!("replay failed: {e}")),
+            Err(e) => Err(format!("replay failed: {}", Chain(e))),
         };
         self.store
             .finish_ingestion(run.id, outcome, self.clock.now())
@@ -274,8 +275,9 @@ impl Ingestor {
             Ok(n) => n,
             Err(e) => {
                 self.metrics.rejection("document");
-                warn!(audit_key = %audit_key, error = %e, "document rejected");
-                let json = serde_json::json!({"audit_key": audit_key, "error": e.to_string()});
+                warn!(audit_key = %audit_key, error = %Chain(&e), "document rejected");
+                let json =
+                    serde_json::json!({"audit_key": audit_key, "error": Chain(&e).to_string()});
                 self.audit
                     .put_rejections("whole", received, json.to_string().into_bytes())
                     .await?;
@@ -287,9 +289,13 @@ impl Ingestor {
         if let Some(want) = want
             && want != date
         {
-            return Err(CloudError::Provider(format!(
-                "the document is for {date}, but {want} was asked for (kept as {audit_key})"
-            )));
+            return Err(CloudError::Provider {
+                what: format!(
+                    "the document is for {date}, but {want} was asked for (kept as {audit_key})"
+                ),
+                transient: false,
+                cause: None,
+            });
         }
         drop(body);
         // A POST takes the date's lease here, as the daily fetch did before fetching: of
@@ -324,7 +330,7 @@ impl Ingestor {
             .await;
         let outcome = match &result {
             Ok(report) => Ok(counts(report)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Chain(e).to_string()),
         };
         let closed = self
             .store
@@ -333,7 +339,7 @@ impl Ingestor {
         if let (true, Some(fence)) = (taken, &fence)
             && let Err(e) = self.store.release(&fence.name, &fence.owner).await
         {
-            warn!(error = %e, "ingestion lease not released; it expires");
+            warn!(error = %Chain(&e), "ingestion lease not released; it expires");
         }
         let report = result?;
         closed?;
@@ -464,7 +470,7 @@ impl Ingestor {
         }
         if !report.rejected.is_empty() {
             let json = serde_json::to_vec_pretty(&report.rejected)
-                .map_err(|e| CloudError::Audit(e.to_string()))?;
+                .map_err(|e| CloudError::audit_failed("rejections", e))?;
             self.audit
                 .put_rejections(&date.to_string(), received, json)
                 .await?;

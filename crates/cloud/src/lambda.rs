@@ -136,7 +136,7 @@ impl TryFrom<Event> for Invocation {
     /// What the event asks for; an event of a known shape that we do not serve, or a broken
     /// one, is an error that says what is wrong.
     fn try_from(event: Event) -> Result<Invocation, CloudError> {
-        let bad = |why: String| Err(CloudError::Event(why));
+        let bad = |why: String| Err(CloudError::event(why));
         match event {
             Event::Schedule(event) if event.detail_type == "Scheduled Event" => {
                 Ok(Invocation::Tick)
@@ -154,7 +154,10 @@ impl TryFrom<Event> for Invocation {
                     && let Some(body) = &request.body
                     && let Err(e) = STANDARD.decode(body)
                 {
-                    return bad(format!("HTTP event: body: not base64: {e}"));
+                    return Err(CloudError::Event {
+                        what: "HTTP event: body: not base64".into(),
+                        cause: Some(e.into()),
+                    });
                 }
                 Ok(Invocation::Http(request))
             }
@@ -186,7 +189,7 @@ impl TryFrom<Event> for Invocation {
             }
             Event::Rule(message) => Ok(Invocation::Feedback(vec![RuleRecord {
                 id: None,
-                message: Ok(message.decode().map_err(CloudError::Event)?),
+                message: Ok(message.decode().map_err(CloudError::event)?),
             }])),
         }
     }
@@ -276,10 +279,9 @@ impl LambdaService {
     ) -> Result<LambdaService, CloudError> {
         config.validate()?;
         let endpoint = config.iot_data_endpoint.as_deref().ok_or_else(|| {
-            CloudError::Config(
+            CloudError::config(
                 "iot_data_endpoint: required by `max300 lambda` (MAX300_IOT_DATA_ENDPOINT); \
-                 aws iot describe-endpoint --endpoint-type iot:Data-ATS"
-                    .into(),
+                 aws iot describe-endpoint --endpoint-type iot:Data-ATS",
             )
         })?;
         let transport = Arc::new(IotDataPlane::connect(endpoint).await?);

@@ -119,7 +119,7 @@ impl Ledger {
     pub async fn record_ack(&self, ack: &AckMsg, at: Timestamp) -> Result<Recorded, CloudError> {
         let mut out = self.record_acks(std::slice::from_ref(ack), at).await?;
         out.pop()
-            .ok_or_else(|| CloudError::Store("an ack lost its outcome".into()))
+            .ok_or_else(|| CloudError::store("an ack lost its outcome"))
     }
 
     /// Applies acks in order, as each would be alone; on SQLite in one commit.
@@ -160,7 +160,7 @@ impl Ledger {
             .record_reports(std::slice::from_ref(report), at)
             .await?;
         out.pop()
-            .ok_or_else(|| CloudError::Store("a report lost its outcome".into()))
+            .ok_or_else(|| CloudError::store("a report lost its outcome"))
     }
 
     /// Applies reports in order, as each would be alone; on SQLite in one commit.
@@ -241,13 +241,13 @@ impl Ledger {
             }
         }
         if !pending.is_empty() {
-            return Err(CloudError::Store(format!(
+            return Err(CloudError::store(format!(
                 "{} device messages kept losing races after {ATTEMPTS} tries",
                 pending.len()
             )));
         }
         out.into_iter()
-            .map(|o| o.ok_or_else(|| CloudError::Store("a message lost its outcome".into())))
+            .map(|o| o.ok_or_else(|| CloudError::store("a message lost its outcome")))
             .collect()
     }
 
@@ -308,7 +308,7 @@ impl Ledger {
                 .flatten()
                 .collect();
         }
-        Err(CloudError::Store(format!(
+        Err(CloudError::store(format!(
             "{} publishes kept losing races after {ATTEMPTS} tries",
             pending.len()
         )))
@@ -408,7 +408,7 @@ impl Ledger {
             }
             backoff(attempt).await;
         }
-        Err(CloudError::Store(format!(
+        Err(CloudError::store(format!(
             "{id}: the cancel kept losing races after {ATTEMPTS} tries"
         )))
     }

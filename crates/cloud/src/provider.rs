@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use jiff::civil::Date;
 use max300_protocol::Backoff;
+use max300_protocol::error::Chain;
 use tracing::warn;
 
 use crate::CloudError;
@@ -27,10 +28,11 @@ pub struct ProviderClient {
 impl ProviderClient {
     /// A client for the endpoint `url` (e.g. `https://provider/tomorrow`).
     pub fn new(url: &str, max_bytes: usize, timeout: Duration) -> Result<Self, CloudError> {
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| CloudError::Config(format!("provider: {url:?} is not a URL: {e}")))?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| {
+            CloudError::config_because(format!("provider: {url:?} is not a URL"), e)
+        })?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(CloudError::Config(format!(
+            return Err(CloudError::config(format!(
                 "provider: {url:?} must be http:// or https://"
             )));
         }
@@ -39,7 +41,7 @@ impl ProviderClient {
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .redirect(reqwest::redirect::Policy::limited(5))
             .build()
-            .map_err(|e| CloudError::Provider(e.to_string()))?;
+            .map_err(|e| CloudError::config_because("provider: the HTTP client", e))?;
         Ok(ProviderClient {
             http,
             url: url.to_owned(),
@@ -59,25 +61,36 @@ impl ProviderClient {
         loop {
             match self.fetch_once(date).await {
                 Ok(body) => return Ok(body),
-                Err((error, retryable)) if retryable && attempt < self.attempts => {
-                    warn!(attempt, error = %error, url = %self.url, "provider fetch failed, retrying");
+                Err(error) if error.is_retryable() && attempt < self.attempts => {
+                    warn!(attempt, error = %Chain(&error), url = %self.url, "provider fetch failed, retrying");
                     tokio::time::sleep(RETRY.delay(attempt - 1)).await;
                     attempt += 1;
                 }
-                Err((error, _)) => return Err(error),
+                Err(error) => return Err(error),
             }
         }
     }
 
-    async fn fetch_once(&self, date: Date) -> Result<Bytes, (CloudError, bool)> {
-        let err = |msg: String, retry: bool| (CloudError::Provider(msg), retry);
+    async fn fetch_once(&self, date: Date) -> Result<Bytes, CloudError> {
+        // The network and a busy or failing server may do better next time; a body over the
+        // limit or a 4xx will not.
+        let err = |what: String, transient: bool| CloudError::Provider {
+            what,
+            transient,
+            cause: None,
+        };
+        let failed = |what: String, e: reqwest::Error| CloudError::Provider {
+            what,
+            transient: true,
+            cause: Some(e.into()),
+        };
         let mut response = self
             .http
             .get(&self.url)
             .query(&[("date", date.to_string())])
             .send()
             .await
-            .map_err(|e| err(format!("GET {}: {e}", self.url), true))?;
+            .map_err(|e| failed(format!("GET {}", self.url), e))?;
         let status = response.status();
         if let Some(len) = response.content_length()
             && len > self.max_bytes as u64
@@ -94,7 +107,7 @@ impl ProviderClient {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| err(format!("reading the body: {e}"), true))?
+            .map_err(|e| failed("reading the body".into(), e))?
         {
             if body.len() + chunk.len() > self.max_bytes {
                 return Err(err(

@@ -2,6 +2,7 @@
 //! `expired`, `incomplete`) and publishes again whatever is still waiting for an ack, with
 //! backoff. Nothing is left stuck in a non-terminal state.
 
+use max300_protocol::error::Chain;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ impl Sweeper {
                 _ = tick.tick() => {}
             }
             if let Err(e) = self.sweep_once().await {
-                warn!(error = %e, "sweep failed");
+                warn!(error = %Chain(&e), "sweep failed");
             }
         }
     }

@@ -99,8 +99,8 @@ async fn handle(
 /// The `errorType` says which part failed; the message is the error's, with its causes.
 fn diagnostic(e: &CloudError) -> Diagnostic {
     let error_type = match e {
-        CloudError::Event(_) => "Event",
-        CloudError::Config(_) => "Config",
+        CloudError::Event { .. } => "Event",
+        CloudError::Config { .. } | CloudError::Settings(_) => "Config",
         _ => "Error",
     };
     Diagnostic {

@@ -1,6 +1,7 @@
 //! `max300 up`: the whole system on one machine — embedded broker, cloud, sample provider and
 //! simulated units — on a scaled clock, with a one-screen summary for `--days`.
 
+use max300_protocol::error::Chain;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::net::SocketAddr;
@@ -94,7 +95,7 @@ async fn start_battery_sim(
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(e) = serve(sim, listener, shutdown).await {
-            tracing::error!(error = %e, "battery-sim stopped");
+            tracing::error!(error = %Chain(&e), "battery-sim stopped");
         }
     });
     Ok(addr)
@@ -207,7 +208,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let (clock, shutdown) = (clock.clone(), shutdown.clone());
         agents.spawn(async move {
             if let Err(e) = max300_agent::run(config, clock, shutdown).await {
-                tracing::error!(device_id = %id, error = %e, "agent stopped");
+                tracing::error!(device_id = %id, error = %Chain(&e), "agent stopped");
             }
         });
     }

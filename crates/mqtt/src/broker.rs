@@ -4,6 +4,7 @@
 //! silent peer, so it is a development and single-machine default. A fleet uses a hardened
 //! broker (mosquitto, EMQX or AWS IoT Core); see the README.
 
+use max300_protocol::error::Chain;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 
@@ -11,8 +12,15 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 use crate::MqttError;
 
-fn broker_error(reason: String) -> MqttError {
-    MqttError::Broker(reason)
+fn broker_error(what: String) -> MqttError {
+    MqttError::Broker { what, cause: None }
+}
+
+fn broker_failed(what: String, cause: impl std::error::Error + Send + Sync + 'static) -> MqttError {
+    MqttError::Broker {
+        what,
+        cause: Some(Box::new(cause)),
+    }
 }
 
 /// Starts the broker on `addr` (port 0 picks a free port) and returns the bound address.
@@ -63,17 +71,17 @@ pub fn start(addr: SocketAddr, max_connections: usize) -> Result<SocketAddr, Mqt
     // Fail here, with a clear message, rather than in the broker's own thread.
     drop(
         TcpListener::bind(addr)
-            .map_err(|e| broker_error(format!("cannot listen on {addr}: {e}")))?,
+            .map_err(|e| broker_failed(format!("cannot listen on {addr}"), e))?,
     );
     let mut broker = Broker::new(config);
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
             if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "embedded broker stopped");
+                tracing::error!(error = %Chain(&e), "embedded broker stopped");
             }
         })
-        .map_err(|e| broker_error(format!("cannot start its thread: {e}")))?;
+        .map_err(|e| broker_failed("cannot start its thread".into(), e))?;
     wait_listening(addr)?;
     Ok(addr)
 }
@@ -83,7 +91,7 @@ pub fn start(addr: SocketAddr, max_connections: usize) -> Result<SocketAddr, Mqt
 fn free_port(addr: SocketAddr) -> Result<SocketAddr, MqttError> {
     TcpListener::bind(addr)
         .and_then(|l| l.local_addr())
-        .map_err(|e| broker_error(format!("no free port on {}: {e}", addr.ip())))
+        .map_err(|e| broker_failed(format!("no free port on {}", addr.ip()), e))
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<(), MqttError> {

@@ -23,6 +23,8 @@ pub mod url;
 
 pub use session::{Event, Inbound, Qos, Session, SessionConfig, connect};
 pub use tls::TlsFiles;
+
+use max300_protocol::error::Cause;
 pub use url::BrokerUrl;
 
 /// What can go wrong with the MQTT session.
@@ -40,12 +42,30 @@ pub enum MqttError {
     #[error("the MQTT session is closed")]
     Closed,
     /// The TLS settings are unusable.
-    #[error("tls: {0}")]
-    Tls(String),
+    #[error("tls: {what}")]
+    Tls {
+        /// Which setting or file, and what failed.
+        what: String,
+        /// The error underneath, if one.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The embedded broker could not start.
-    #[error("embedded broker: {0}")]
-    Broker(String),
+    #[error("embedded broker: {what}")]
+    Broker {
+        /// What failed.
+        what: String,
+        /// The error underneath, if one.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The client refused a request.
-    #[error("mqtt client: {0}")]
-    Client(String),
+    #[error("mqtt client: {what}")]
+    Client {
+        /// What was refused.
+        what: String,
+        /// The error underneath, if one.
+        #[source]
+        cause: Option<Cause>,
+    },
 }

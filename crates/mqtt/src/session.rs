@@ -340,11 +340,17 @@ impl Session {
         // no longer counts: its slot is already back, nothing leaks, the window overshoots by
         // one until that PUBACK.)
         match tokio::time::timeout(REQUEST_TIMEOUT, send).await {
-            Ok(result) => result.map_err(|e| MqttError::Client(e.to_string())),
-            Err(_) => Err(MqttError::Client(format!(
-                "no room in the publish window or the client queue for {} s",
-                REQUEST_TIMEOUT.as_secs()
-            ))),
+            Ok(result) => result.map_err(|e| MqttError::Client {
+                what: "the request was refused".into(),
+                cause: Some(Box::new(e)),
+            }),
+            Err(_) => Err(MqttError::Client {
+                what: format!(
+                    "no room in the publish window or the client queue for {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+                cause: None,
+            }),
         }
     }
 
@@ -415,7 +421,10 @@ pub fn connect(
         .iter()
         .find(|f| !rumqttc::mqttbytes::valid_filter(f))
     {
-        return Err(MqttError::Client(format!("invalid topic filter {bad:?}")));
+        return Err(MqttError::Client {
+            what: format!("invalid topic filter {bad:?}"),
+            cause: None,
+        });
     }
     options
         .set_keep_alive(config.keep_alive)

@@ -23,8 +23,15 @@ pub struct TlsFiles {
     pub alpn: Vec<String>,
 }
 
-fn tls_error(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> MqttError {
-    MqttError::Tls(format!("{what} {}: {e}", path.display()))
+fn tls_error(
+    what: &str,
+    path: &std::path::Path,
+    cause: impl std::error::Error + Send + Sync + 'static,
+) -> MqttError {
+    MqttError::Tls {
+        what: format!("{what} {}", path.display()),
+        cause: Some(Box::new(cause)),
+    }
 }
 
 impl TlsFiles {
@@ -55,13 +62,19 @@ impl TlsFiles {
                 .map_err(|e| tls_error("CA file", &self.ca, e))?;
         }
         if roots.is_empty() {
-            return Err(tls_error("CA file", &self.ca, "no certificate in it"));
+            return Err(MqttError::Tls {
+                what: format!("CA file {}: no certificate in it", self.ca.display()),
+                cause: None,
+            });
         }
         // An explicit provider: no process-wide default to install or to conflict over.
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| MqttError::Tls(e.to_string()))?
+            .map_err(|e| MqttError::Tls {
+                what: "protocol versions".into(),
+                cause: Some(Box::new(e)),
+            })?
             .with_root_certificates(roots);
         let mut config = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
@@ -77,9 +90,11 @@ impl TlsFiles {
             }
             (None, None) => builder.with_no_client_auth(),
             _ => {
-                return Err(MqttError::Tls(
-                    "a client certificate and its key go together: give both or neither".into(),
-                ));
+                return Err(MqttError::Tls {
+                    what: "a client certificate and its key go together: give both or neither"
+                        .into(),
+                    cause: None,
+                });
             }
         };
         config.alpn_protocols = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();

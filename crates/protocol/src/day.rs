@@ -34,7 +34,7 @@ pub enum OffGrid {
 impl Day {
     /// The grid of `date` in `tz`.
     pub fn new(date: Date, tz: TimeZone) -> Result<Day, ProtocolError> {
-        let bad = |e: jiff::Error| ProtocolError::InvalidDate(date.to_string(), e.to_string());
+        let bad = |e| ProtocolError::out_of_range(date, e);
         let start = date.to_zoned_datetime(tz.clone()).map_err(bad)?.timestamp();
         let end = date
             .tomorrow()
@@ -144,7 +144,7 @@ impl Day {
         let date = self
             .date
             .tomorrow()
-            .map_err(|e| ProtocolError::InvalidDate(self.date.to_string(), e.to_string()))?;
+            .map_err(|e| ProtocolError::out_of_range(self.date, e))?;
         Day::new(date, self.tz.clone())
     }
 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::day::{OffGrid, time_zone};
+use crate::error::Chain;
 use crate::{Day, DeviceId, Mode, PERIOD_SECS, ProtocolError, RateKw, Schedule, Setpoint};
 
 /// What normalization needs to know about the fleet.
@@ -199,7 +200,7 @@ pub fn normalize(input: &[u8], fleet: &Fleet) -> Result<Normalized, ProtocolErro
             fleet.timezone.iana_name().unwrap_or("UTC")
         )));
     }
-    let day = Day::new(date, tz).map_err(|e| ProtocolError::Document(e.to_string()))?;
+    let day = Day::new(date, tz).map_err(|e| ProtocolError::Document(Chain(&e).to_string()))?;
     let generated_at = doc
         .generated_at
         .and_then(string_value)

@@ -1,11 +1,14 @@
 //! The MQTT payloads of DESIGN §5. JSON, one message per publish, `"type"` and `"v": 1` in
 //! every one; unknown fields are ignored and a missing required field is an error.
 
+use std::sync::Arc;
+
 use jiff::Timestamp;
 use jiff::civil::Date;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::day::time_zone;
+use crate::error::Chain;
 use crate::{
     Day, DeviceId, MAX_PAYLOAD_BYTES, MessageId, Mode, ProtocolError, RateKw, Schedule, Setpoint,
     StoreId, TraceParent,
@@ -434,7 +437,7 @@ impl Message {
                 payload.len()
             )));
         }
-        serde_json::from_slice(payload).map_err(|e| ProtocolError::Decode(e.to_string()))
+        serde_json::from_slice(payload).map_err(|e| ProtocolError::Json(Arc::new(e)))
     }
 
     /// Encodes for publishing.
@@ -506,8 +509,8 @@ impl ScheduleMsg {
     /// period in order on the date's grid, idle at 0 kW, and the sha256.
     pub fn to_schedule(&self) -> Result<Schedule, ProtocolError> {
         let tz = time_zone(&self.timezone).map_err(|e| ProtocolError::Plan(e.to_string()))?;
-        let day =
-            Day::new(self.schedule_date, tz).map_err(|e| ProtocolError::Plan(e.to_string()))?;
+        let day = Day::new(self.schedule_date, tz)
+            .map_err(|e| ProtocolError::Plan(Chain(&e).to_string()))?;
         if self.intervals.len() != day.period_count() as usize {
             return Err(ProtocolError::Plan(format!(
                 "{} has {} periods, the message has {}",
@@ -552,7 +555,7 @@ mod tests {
     #[test]
     fn a_fallback_reads_back_from_its_wire_name_and_serde_agrees() {
         for f in Fallback::ALL {
-            assert_eq!(f.as_str().parse::<Fallback>(), Ok(f));
+            assert_eq!(f.as_str().parse::<Fallback>().ok(), Some(f));
             assert_eq!(serde_json::to_value(f).unwrap(), f.as_str());
         }
         assert!("no schedule".parse::<Fallback>().is_err());
@@ -649,12 +652,12 @@ mod tests {
         let mut json = serde_json::to_value(Message::Report(report())).unwrap();
         json.as_object_mut().unwrap().remove("interval_start");
         let err = Message::decode(json.to_string().as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("interval_start"), "{err}");
+        assert!(Chain(&err).to_string().contains("interval_start"), "{err}");
 
         let mut json = serde_json::to_value(Message::Report(report())).unwrap();
         json["v"] = serde_json::json!(2);
         let err = Message::decode(json.to_string().as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("v=2"), "{err}");
+        assert!(Chain(&err).to_string().contains("v=2"), "{err}");
 
         let mut json = serde_json::to_value(Message::Report(report())).unwrap();
         json["rate_kw"] = serde_json::json!(-5.0);
@@ -710,7 +713,7 @@ mod tests {
     #[test]
     fn refuses_unknown_types_and_oversized_payloads() {
         let err = Message::decode(br#"{"type":"reboot","v":1}"#).unwrap_err();
-        assert!(err.to_string().contains("reboot"), "{err}");
+        assert!(Chain(&err).to_string().contains("reboot"), "{err}");
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
         assert!(
             Message::decode(&big)

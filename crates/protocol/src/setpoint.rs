@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn a_stored_mode_is_read_back_exactly_or_refused_by_name() {
         for mode in Mode::ALL {
-            assert_eq!(mode.as_str().parse::<Mode>(), Ok(mode));
+            assert_eq!(mode.as_str().parse::<Mode>().ok(), Some(mode));
         }
         let err = "Charge".parse::<Mode>().unwrap_err();
         assert_eq!(err.to_string(), r#"unknown mode "Charge""#);

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tracing::error;
 
+use max300_protocol::error::Chain;
+
 use crate::CloudError;
 
 /// An error answer.
@@ -48,11 +50,12 @@ impl From<CloudError> for ApiError {
         let status = match &e {
             CloudError::Document(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CloudError::Busy | CloudError::Fenced(_) => StatusCode::CONFLICT,
-            CloudError::Provider(_) => StatusCode::BAD_GATEWAY,
-            CloudError::Config(_) => StatusCode::BAD_REQUEST,
+            CloudError::Provider { .. } => StatusCode::BAD_GATEWAY,
+            CloudError::Config { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        // The answer says what failed and why, all the way down.
+        ApiError::new(status, Chain(&e).to_string())
     }
 }
 

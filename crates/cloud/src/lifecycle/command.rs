@@ -130,7 +130,7 @@ impl Command {
         let day = schedule.day();
         let next_boundary = period_start_at(at, day.tz())?
             .checked_add(SignedDuration::from_secs(PERIOD_SECS))
-            .map_err(|e| ProtocolError::InvalidDate(day.date().to_string(), e.to_string()))?;
+            .map_err(|e| ProtocolError::out_of_range(day.date(), e))?;
         let marks = Marks::pending(day.period_count());
         Ok(Command {
             governs_from: day.start().max(next_boundary),

@@ -5,7 +5,6 @@
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_iotdataplane::Client;
-use aws_sdk_iotdataplane::error::DisplayErrorContext;
 use aws_sdk_iotdataplane::primitives::Blob;
 use max300_protocol::Message;
 
@@ -25,7 +24,7 @@ impl IotDataPlane {
     pub async fn connect(endpoint: &str) -> Result<IotDataPlane, CloudError> {
         let endpoint = endpoint.trim();
         if endpoint.is_empty() {
-            return Err(CloudError::Config("iot_data_endpoint: empty".into()));
+            return Err(CloudError::config("iot_data_endpoint: empty"));
         }
         let url = if endpoint.contains("://") {
             endpoint.to_owned()
@@ -34,8 +33,8 @@ impl IotDataPlane {
         };
         let shared = aws_config::defaults(BehaviorVersion::latest()).load().await;
         if shared.region().is_none() {
-            return Err(CloudError::Config(
-                "iot_data_endpoint: no AWS region (set AWS_REGION)".into(),
+            return Err(CloudError::config(
+                "iot_data_endpoint: no AWS region (set AWS_REGION)",
             ));
         }
         let config = aws_sdk_iotdataplane::config::Builder::from(&shared)
@@ -57,7 +56,10 @@ impl Transport for IotDataPlane {
             .payload(Blob::new(message.encode()))
             .send()
             .await
-            .map_err(|e| CloudError::Publish(format!("{topic}: {}", DisplayErrorContext(&e))))?;
+            .map_err(|e| CloudError::Publish {
+                what: topic.clone(),
+                cause: e.into(),
+            })?;
         Ok(())
     }
 

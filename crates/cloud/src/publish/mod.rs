@@ -10,6 +10,7 @@ mod iot;
 #[cfg(feature = "aws")]
 pub use iot::IotDataPlane;
 
+use max300_protocol::error::Chain;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -150,7 +151,7 @@ impl Publisher {
                 true
             }
             Err(e) => {
-                warn!(device_id = %device_id, message_id = %message_id, error = %e, "command not published: tried again later");
+                warn!(device_id = %device_id, message_id = %message_id, error = %Chain(&e), "command not published: tried again later");
                 false
             }
         }
@@ -174,7 +175,7 @@ impl Publisher {
                 true
             }
             Err(e) => {
-                warn!(device_id = %device_id, message_id = %message_id, error = %e, "control not published: tried again later");
+                warn!(device_id = %device_id, message_id = %message_id, error = %Chain(&e), "control not published: tried again later");
                 false
             }
         }
@@ -191,7 +192,7 @@ impl Publisher {
         let topic = self.topics.topic(device, Channel::Receipt);
         match self.transport.publish(topic, &msg).await {
             Ok(()) => self.metrics.published("receipt", None),
-            Err(e) => warn!(device_id = %device, error = %e, "receipt not published"),
+            Err(e) => warn!(device_id = %device, error = %Chain(&e), "receipt not published"),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use max300_cloud::{Cloud, CloudConfig};
 use max300_mqtt::{Event, Qos, Session, SessionConfig};
+use max300_protocol::error::Chain;
 use max300_protocol::message::{AckMsg, AckStatus, ScheduleMsg, V1};
 use max300_protocol::{Clock, DeviceId, ManualClock, Message, StoreId};
 use serde_json::{Value, json};
@@ -879,7 +880,7 @@ async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
 
     let cases = malformed();
     for (what, _, payload, expected) in &cases {
-        let err = Message::decode(payload).expect_err(what).to_string();
+        let err = Chain(&Message::decode(payload).expect_err(what)).to_string();
         assert!(err.contains(expected), "{what}: {err:?} lacks {expected:?}");
     }
     // Well-formed, but not acceptable where they arrive.

@@ -24,10 +24,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use jiff::Timestamp;
 use jiff::civil::Date;
+use max300_protocol::error::Cause;
 use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg};
 use max300_protocol::{DeviceId, MessageId, RateKw};
 use tracing::debug;
@@ -95,12 +95,17 @@ impl DynamoStore {
         }
     }
 
-    fn err(&self, op: &str, e: impl std::fmt::Display) -> CloudError {
-        CloudError::Store(format!("dynamodb {op} on table {}: {e}", self.table))
+    fn err(&self, op: &str, cause: impl Into<Cause>) -> CloudError {
+        CloudError::store_failed(format!("dynamodb {op} on table {}", self.table), cause)
+    }
+
+    /// `op` did not go through, for a reason of ours rather than an error of the SDK's.
+    fn refused(&self, op: &str, why: impl std::fmt::Display) -> CloudError {
+        CloudError::store(format!("dynamodb {op} on table {}: {why}", self.table))
     }
 
     fn corrupt(&self, what: impl std::fmt::Display) -> CloudError {
-        CloudError::Store(format!("dynamodb table {}: {what}", self.table))
+        CloudError::store(format!("dynamodb table {}: {what}", self.table))
     }
 
     fn command(&self, item: &Item) -> Result<Command, CloudError> {
@@ -185,7 +190,7 @@ impl CommandStore for DynamoStore {
         }
         self.update(change, &device_pk(device.as_str()), DEVICE_SK)
             .await?
-            .ok_or_else(|| self.err("UpdateItem (register)", "conflicted"))?;
+            .ok_or_else(|| self.refused("UpdateItem (register)", "conflicted"))?;
         Ok(())
     }
 
@@ -276,7 +281,7 @@ impl CommandStore for DynamoStore {
                 .await?;
         }
         out.into_iter()
-            .map(|i| i.ok_or_else(|| CloudError::Store("insert_commands lost a result".into())))
+            .map(|i| i.ok_or_else(|| CloudError::store("insert_commands lost a result")))
             .collect()
     }
 
@@ -627,7 +632,7 @@ impl CommandStore for DynamoStore {
         let counter = self
             .update(next, "INGEST", "#NEXT")
             .await?
-            .ok_or_else(|| self.err("UpdateItem (ingestion id)", "conflicted"))?;
+            .ok_or_else(|| self.refused("UpdateItem (ingestion id)", "conflicted"))?;
         let id: i64 = get_n(&counter, "n")
             .ok_or_else(|| self.corrupt("the ingestion counter has no number"))?;
         let item = Item::from([
@@ -642,7 +647,7 @@ impl CommandStore for DynamoStore {
             ("gsi2sk".into(), s(format!("{id:020}"))),
         ]);
         if !self.put_new(item).await? {
-            return Err(self.err("PutItem (ingestion)", format!("id {id} already used")));
+            return Err(self.refused("PutItem (ingestion)", format!("id {id} already used")));
         }
         Ok(id)
     }
@@ -701,7 +706,9 @@ impl CommandStore for DynamoStore {
                 return Ok(());
             }
             if attempt + 1 == ATTEMPTS {
-                return Err(self.err("TransactWriteItems (finish ingestion)", "kept conflicting"));
+                return Err(
+                    self.refused("TransactWriteItems (finish ingestion)", "kept conflicting")
+                );
             }
             backoff(attempt).await;
         }
@@ -819,7 +826,7 @@ impl DynamoStore {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| self.err("Scan", DisplayErrorContext(e)))?;
+                .map_err(|e| self.err("Scan", e))?;
             out.extend(page.items.unwrap_or_default());
             match page.last_evaluated_key {
                 Some(k) if !k.is_empty() => start = Some(k),

@@ -5,7 +5,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, Put, ReturnValue, TransactWriteItem, Update,
 };
@@ -26,7 +25,7 @@ impl DynamoStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.err("GetItem", DisplayErrorContext(e)))?;
+            .map_err(|e| self.err("GetItem", e))?;
         Ok(out.item)
     }
 
@@ -48,7 +47,7 @@ impl DynamoStore {
             {
                 Ok(false)
             }
-            Err(e) => Err(self.err("PutItem", DisplayErrorContext(e))),
+            Err(e) => Err(self.err("PutItem", e)),
         }
     }
 
@@ -83,7 +82,7 @@ impl DynamoStore {
             {
                 Ok(None)
             }
-            Err(e) => Err(self.err("UpdateItem", DisplayErrorContext(e))),
+            Err(e) => Err(self.err("UpdateItem", e)),
         }
     }
 
@@ -108,7 +107,7 @@ impl DynamoStore {
             {
                 Ok(false)
             }
-            Err(e) => Err(self.err(op, DisplayErrorContext(e))),
+            Err(e) => Err(self.err(op, e)),
         }
     }
 
@@ -135,10 +134,7 @@ impl DynamoStore {
                 Some(i) => q.index_name(i),
                 None => q.consistent_read(consistent),
             };
-            let page = q
-                .send()
-                .await
-                .map_err(|e| self.err("Query", DisplayErrorContext(e)))?;
+            let page = q.send().await.map_err(|e| self.err("Query", e))?;
             out.extend(page.items.unwrap_or_default());
             match page.last_evaluated_key {
                 Some(k) if !k.is_empty() => start = Some(k),
@@ -206,7 +202,7 @@ impl DynamoStore {
                         .request_items(&*store.table, request)
                         .send()
                         .await
-                        .map_err(|e| store.err("BatchGetItem", DisplayErrorContext(e)))?;
+                        .map_err(|e| store.err("BatchGetItem", e))?;
                     if let Some(mut items) = got.responses {
                         out.extend(items.remove(&*store.table).unwrap_or_default());
                     }
@@ -221,7 +217,7 @@ impl DynamoStore {
                         backoff(attempt).await;
                     }
                 }
-                Err(store.err("BatchGetItem", "keys still unprocessed after retries"))
+                Err(store.refused("BatchGetItem", "keys still unprocessed after retries"))
             })
             .await?;
         Ok(parts.into_iter().flatten().collect())
@@ -271,7 +267,7 @@ impl DynamoStore {
             join_one(&mut set, &mut out).await?;
         }
         out.into_iter()
-            .map(|r| r.ok_or_else(|| CloudError::Store("a store task lost its result".into())))
+            .map(|r| r.ok_or_else(|| CloudError::store("a store task lost its result")))
             .collect()
     }
 }
@@ -288,7 +284,7 @@ where
             out[i] = Some(r?);
             Ok(())
         }
-        Some(Err(e)) => Err(CloudError::Store(format!("store task failed: {e}"))),
+        Some(Err(e)) => Err(CloudError::store_failed("store task failed", e)),
         None => Ok(()),
     }
 }
@@ -429,7 +425,7 @@ impl Change {
             .set_expression_attribute_names(names)
             .set_expression_attribute_values(values)
             .build()
-            .map_err(|e| CloudError::Store(format!("dynamodb table {table}: {e}")))?;
+            .map_err(|e| CloudError::store_failed(format!("dynamodb table {table}"), e))?;
         Ok(TransactWriteItem::builder().update(update).build())
     }
 }
@@ -440,7 +436,7 @@ pub(super) fn put_new_tx(table: &str, item: Item) -> Result<TransactWriteItem, C
         .set_item(Some(item))
         .condition_expression("attribute_not_exists(pk)")
         .build()
-        .map_err(|e| CloudError::Store(format!("dynamodb table {table}: {e}")))?;
+        .map_err(|e| CloudError::store_failed(format!("dynamodb table {table}"), e))?;
     Ok(TransactWriteItem::builder().put(put).build())
 }
 

@@ -2,7 +2,6 @@
 //! template declares (one table, `pk`/`sk`, two sharded GSIs, TTL on `ttl`).
 
 use aws_sdk_dynamodb::client::Waiters;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ScalarAttributeType, TimeToLiveSpecification,
@@ -30,7 +29,7 @@ impl DynamoStore {
                 if create {
                     self.create_table().await
                 } else {
-                    Err(CloudError::Config(format!(
+                    Err(CloudError::config(format!(
                         "store: the DynamoDB table {} does not exist: start once with \
                          --create-resources (create_resources = true) to create it, or deploy \
                          deploy/template.yaml",
@@ -38,7 +37,7 @@ impl DynamoStore {
                     )))
                 }
             }
-            Err(e) => Err(self.err("DescribeTable", DisplayErrorContext(e))),
+            Err(e) => Err(self.err("DescribeTable", e)),
         }
     }
 
@@ -94,21 +93,21 @@ impl DynamoStore {
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|s| s.is_resource_in_use_exception()) => {}
-            Err(e) => return Err(self.err("CreateTable", DisplayErrorContext(e))),
+            Err(e) => return Err(self.err("CreateTable", e)),
         }
         self.client
             .wait_until_table_exists()
             .table_name(&*self.table)
             .wait(std::time::Duration::from_secs(300))
             .await
-            .map_err(|e| self.err("DescribeTable (waiting for ACTIVE)", DisplayErrorContext(e)))?;
+            .map_err(|e| self.err("DescribeTable (waiting for ACTIVE)", e))?;
         let ttl = self
             .client
             .describe_time_to_live()
             .table_name(&*self.table)
             .send()
             .await
-            .map_err(|e| self.err("DescribeTimeToLive", DisplayErrorContext(e)))?;
+            .map_err(|e| self.err("DescribeTimeToLive", e))?;
         let enabled = ttl
             .time_to_live_description()
             .and_then(|d| d.attribute_name())
@@ -125,7 +124,7 @@ impl DynamoStore {
                 .time_to_live_specification(spec)
                 .send()
                 .await
-                .map_err(|e| self.err("UpdateTimeToLive", DisplayErrorContext(e)))?;
+                .map_err(|e| self.err("UpdateTimeToLive", e))?;
         }
         Ok(())
     }
@@ -141,7 +140,7 @@ pub(super) struct StoreUrl {
 
 impl StoreUrl {
     pub(super) fn parse(url: &str) -> Result<StoreUrl, CloudError> {
-        let bad = |why: String| CloudError::Store(format!("store URL {url:?}: {why}"));
+        let bad = |why: String| CloudError::store(format!("store URL {url:?}: {why}"));
         let rest = url
             .strip_prefix("dynamodb://")
             .ok_or_else(|| bad("expected dynamodb://TABLE[?endpoint=URL&region=REGION]".into()))?;

@@ -2,6 +2,7 @@
 //! ingestion's commands with their version claims under an optional fence, and the counters
 //! and `last_seen` that follow a write.
 
+use max300_protocol::error::Chain;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -58,7 +59,7 @@ impl DynamoStore {
                 continue;
             }
             if let Err(e) = self.update(change, &format!("COUNTS#{shard}"), "#").await {
-                warn!(error = %e, shard, "command state counters not updated");
+                warn!(error = %Chain(&e), shard, "command state counters not updated");
             }
         }
     }
@@ -285,7 +286,7 @@ impl DynamoStore {
                 backoff(attempt).await;
             }
         }
-        Err(self.err(
+        Err(self.refused(
             "TransactWriteItems (insert)",
             format!("{} commands kept conflicting", pending.len()),
         ))
@@ -393,7 +394,7 @@ impl DynamoStore {
                     let counter = self
                         .update(next, "LEASE", "#TOKENS")
                         .await?
-                        .ok_or_else(|| self.err("UpdateItem (lease token)", "conflicted"))?;
+                        .ok_or_else(|| self.refused("UpdateItem (lease token)", "conflicted"))?;
                     get_n(&counter, "n")
                         .ok_or_else(|| self.corrupt("the lease token counter has no number"))?
                 }
@@ -422,6 +423,6 @@ impl DynamoStore {
             }
             backoff(attempt).await;
         }
-        Err(self.err("UpdateItem (lease)", format!("{name}: kept conflicting")))
+        Err(self.refused("UpdateItem (lease)", format!("{name}: kept conflicting")))
     }
 }

@@ -150,11 +150,12 @@ impl SqliteStore {
     /// to date.
     pub fn open(path: &Path) -> Result<SqliteStore, CloudError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| CloudError::Store(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                CloudError::store_failed(format!("cannot create {}", dir.display()), e)
+            })?;
         }
         let mut conn = Connection::open(path)
-            .map_err(|e| CloudError::Store(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| CloudError::store_failed(format!("cannot open {}", path.display()), e))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
             .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
@@ -162,7 +163,7 @@ impl SqliteStore {
             .and_then(|_| conn.execute_batch(SCHEMA))
             .and_then(|_| migrate::run(&mut conn))
             .and_then(|_| conn.execute_batch(LATE_INDEXES))
-            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+            .map_err(|e| CloudError::store_failed(path.display().to_string(), e))?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -178,7 +179,7 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pragma_update(None, "synchronous", "OFF")
-            .map_err(|e| CloudError::Store(format!("{}: {e}", path.display())))?;
+            .map_err(|e| CloudError::store_failed(path.display().to_string(), e))?;
         Ok(store)
     }
 
@@ -193,12 +194,12 @@ impl SqliteStore {
             f(&mut conn)
         })
         .await
-        .map_err(|e| CloudError::Store(format!("store task failed: {e}")))?
+        .map_err(|e| CloudError::store_failed("store task failed", e))?
         .map_err(|e| match e {
             rusqlite::Error::ToSqlConversionFailure(e) if e.is::<Fenced>() => {
                 CloudError::Fenced(e.to_string())
             }
-            e => CloudError::Store(e.to_string()),
+            e => CloudError::store_failed("sqlite", e),
         })
     }
 }
