@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, error, info, info_span, instrument, warn};
 
-use crate::battery::{Battery, BatteryStatus, ReadOnly, SimBattery, SunSpecBattery};
+use crate::battery::{Battery, BatteryStatus, ReadOnly, SunSpecBattery};
 use crate::config::BatteryChoice;
 use crate::energy::PeriodEnergy;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
@@ -65,12 +65,42 @@ const PERIOD: jiff::SignedDuration = jiff::SignedDuration::from_secs(max300_prot
 /// How often the measured power is read while it settles on a new setpoint (real time).
 const SETTLE_POLL: Duration = Duration::from_millis(100);
 
-/// Runs one agent until `shutdown`: opens its store, builds its battery, connects to the
-/// broker and follows its plans. Start-up failures (config, store, broker address) are
-/// returned; everything after start-up is logged and retried.
-#[instrument(skip_all, fields(device_id = %config.device_id))]
+/// Runs one agent until `shutdown` on the controller its config names: a SunSpec controller,
+/// or one only read (`dry-run:`). A simulated battery (`battery = "sim"`) is not built here:
+/// it stands in for the outside world and lives in `max300-sim`, which hands one to
+/// [`run_with`]; asked for one, this returns a config error saying so. Start-up failures
+/// (config, store, broker address) are returned; everything after start-up is logged and
+/// retried.
 pub async fn run(
     config: AgentConfig,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let battery: Arc<dyn Battery> = match config.battery_choice()? {
+        BatteryChoice::Sim => {
+            return Err(AgentError::Config(
+                "battery = \"sim\": this build has no simulated battery (it is left out of the \
+                 agent-only build); use sunspec+tcp://host:port/unit or dry-run:sunspec+tcp://…"
+                    .into(),
+            ));
+        }
+        BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
+        BatteryChoice::DryRun(url) => {
+            Arc::new(ReadOnly(SunSpecBattery::new(url, config.revert_timeout())))
+        }
+    };
+    run_with(config, battery, clock, shutdown).await
+}
+
+/// Runs one agent until `shutdown`, driving `battery`: opens its store, connects to the
+/// broker and follows its plans. With `battery = "dry-run:…"` in the config, `battery` is
+/// only read and periods are reported with what would have run. Start-up failures (config,
+/// store, broker address) are returned; everything after start-up is logged and retried.
+#[instrument(skip_all, fields(device_id = %config.device_id))]
+pub async fn run_with(
+    config: AgentConfig,
+    battery: Arc<dyn Battery>,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -98,22 +128,6 @@ pub async fn run(
     let store = Arc::new(store);
 
     let dry_run = matches!(config.battery_choice()?, BatteryChoice::DryRun(_));
-    let battery: Arc<dyn Battery> = match config.battery_choice()? {
-        BatteryChoice::Sim => {
-            // The simulated unit keeps its log and its state of charge beside the store, so
-            // both survive a restart of the agent (and the fault suite can read the log).
-            let mut sim = config.sim.clone();
-            sim.write_log
-                .get_or_insert_with(|| config.data_dir.join("battery-writes.jsonl"));
-            sim.state_file
-                .get_or_insert_with(|| config.data_dir.join("battery-state.json"));
-            Arc::new(SimBattery::new(sim, clock.clone(), config.revert_timeout()))
-        }
-        BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
-        BatteryChoice::DryRun(url) => {
-            Arc::new(ReadOnly(SunSpecBattery::new(url, config.revert_timeout())))
-        }
-    };
 
     let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate)
         .with_catch_up(config.catch_up());

@@ -22,14 +22,6 @@ pub enum AgentError {
     /// The MQTT session cannot be started.
     #[error(transparent)]
     Mqtt(#[from] max300_mqtt::MqttError),
-    /// A simulated battery's write log cannot be read.
-    #[error("write log {path}: {reason}")]
-    WriteLog {
-        /// The log file.
-        path: String,
-        /// What failed.
-        reason: String,
-    },
     /// The battery controller cannot be driven.
     #[error("battery: {0}")]
     Battery(#[from] BatteryError),

@@ -45,7 +45,7 @@ pub enum Bench {
     Plot(plot::PlotArgs),
     /// One agent's memory over a simulated week (its own process), period boundary lateness
     /// for 1 and N agents, and schedule-to-ack time, through the real agent and broker.
-    #[cfg(feature = "agent")]
+    #[cfg(feature = "sim")]
     Agent(crate::bench_agent::AgentArgs),
 }
 
@@ -82,7 +82,7 @@ impl Bench {
             Bench::Dashboard(args) => dashboard(args).await,
             Bench::Ingest(args) => ingest(args).await,
             Bench::Plot(args) => plot::plot(args).await,
-            #[cfg(feature = "agent")]
+            #[cfg(feature = "sim")]
             Bench::Agent(args) => crate::bench_agent::run(args).await,
         }
     }

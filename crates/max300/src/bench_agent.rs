@@ -26,7 +26,6 @@ use clap::Args;
 use jiff::civil::Date;
 use jiff::{SignedDuration, Timestamp};
 use max300_agent::AgentConfig;
-use max300_agent::battery::{WriteLogEntry, read_write_log};
 use max300_mqtt::{Event, Qos, Session, SessionConfig, broker};
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::time_zone;
@@ -35,6 +34,7 @@ use max300_protocol::{
     Channel, Clock, DEFAULT_TIMEZONE, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock,
     Schedule, Setpoint, SystemClock, Topics,
 };
+use max300_sim::battery::{WriteLogEntry, read_write_log};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -408,7 +408,7 @@ async fn fleet(
             .with_context(|| format!("agent {id}"))?;
         let (clock, stop, name) = (clock.clone(), agents.clone(), id.clone());
         set.spawn(async move {
-            if let Err(e) = max300_agent::run(config, clock, stop).await {
+            if let Err(e) = max300_sim::run_agent(config, clock, stop).await {
                 tracing::error!(device_id = %name, error = %e, "agent stopped");
             }
         });

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::ClockArgs;
 #[cfg(feature = "cloud")]
 use crate::sample;
-#[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+#[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 use crate::up;
 use crate::validate;
 
@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Everything on one machine: broker, cloud, sample provider and simulated units.
-    #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+    #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
     Up(up::UpArgs),
     /// The cloud service.
     #[cfg(feature = "cloud")]
@@ -59,7 +59,7 @@ pub enum Command {
     #[cfg(feature = "broker")]
     Broker(BrokerArgs),
     /// A simulated battery served over Modbus TCP as a SunSpec map (models 1 and 124).
-    #[cfg(feature = "battery-sim")]
+    #[cfg(feature = "sim")]
     BatterySim(BatterySimArgs),
     /// One ingestion run, in-process, with the cloud's settings.
     #[cfg(feature = "cloud")]
@@ -275,7 +275,7 @@ pub struct BrokerArgs {
 }
 
 /// `max300 battery-sim`
-#[cfg(feature = "battery-sim")]
+#[cfg(feature = "sim")]
 #[derive(Args, Debug, Clone)]
 pub struct BatterySimArgs {
     /// Where to serve Modbus TCP (port 0: any free port; the bound address is printed).
@@ -323,7 +323,7 @@ pub struct BatterySimArgs {
     /// (writes acknowledged but not taken), no_power (writes taken and held, but the battery
     /// idles: the measured power is 0 and the state of charge stays).
     #[arg(long, default_value = "none")]
-    pub fault: max300_agent::battery::sunspec::server::Fault,
+    pub fault: max300_sim::sunspec::Fault,
     /// Start the fault at this plan time (RFC 3339). Default: at once.
     #[arg(long)]
     pub fault_from: Option<jiff::Timestamp>,
@@ -348,7 +348,7 @@ impl Command {
     /// The log filter when RUST_LOG is not set.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+            #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
             Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
             #[cfg(feature = "fleet")]
@@ -377,7 +377,7 @@ impl Command {
     /// Runs the command.
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self {
-            #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+            #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
             Command::Up(args) => up::run(args).await,
             #[cfg(feature = "cloud")]
             Command::Cloud(args) => run_cloud(args).await,
@@ -387,7 +387,7 @@ impl Command {
             Command::Provider(args) => run_provider(args).await,
             #[cfg(feature = "broker")]
             Command::Broker(args) => run_broker(args).await,
-            #[cfg(feature = "battery-sim")]
+            #[cfg(feature = "sim")]
             Command::BatterySim(args) => run_battery_sim(args).await,
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
@@ -564,6 +564,11 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = agent_config(&args)?;
     let clock = args.service.clock.build()?;
     let shutdown = shutdown_on_signal();
+    // The simulated battery comes with the simulator; the agent-only build has neither, and
+    // its agent refuses `battery = "sim"` with a clear error.
+    #[cfg(feature = "sim")]
+    max300_sim::run_agent(config, clock, shutdown).await?;
+    #[cfg(not(feature = "sim"))]
     max300_agent::run(config, clock, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -609,11 +614,11 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(feature = "battery-sim")]
+#[cfg(feature = "sim")]
 async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
     use max300_agent::SimConfig;
     use max300_agent::battery::sunspec::map::Meter;
-    use max300_agent::battery::sunspec::server::{SimServerConfig, SunSpecSim, serve};
+    use max300_sim::sunspec::{SimServerConfig, SunSpecSim, serve};
 
     let clock = args.clock.build()?;
     let defaults = SimConfig::default();
@@ -634,9 +639,7 @@ async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
         meter: (!args.no_meter).then_some(Meter::Inverter),
         der_models: args.der_models,
     };
-    let sim = std::sync::Arc::new(
-        SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?,
-    );
+    let sim = std::sync::Arc::new(SunSpecSim::new(config, clock).context("battery-sim")?);
     sim.set_fault(args.fault, args.fault_from);
     let listener = tokio::net::TcpListener::bind(args.modbus)
         .await

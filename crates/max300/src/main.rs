@@ -16,7 +16,7 @@
 
 #[cfg(all(feature = "cloud", feature = "broker"))]
 mod bench;
-#[cfg(all(feature = "cloud", feature = "broker", feature = "agent"))]
+#[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 mod bench_agent;
 #[cfg(feature = "cloud")]
 mod certs;
@@ -30,7 +30,7 @@ mod fleet;
 mod lambda;
 #[cfg(feature = "cloud")]
 mod sample;
-#[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+#[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 mod up;
 mod validate;
 

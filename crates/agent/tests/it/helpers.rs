@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use max300_agent::battery::{WriteLogEntry, read_write_log};
 use max300_agent::{AgentConfig, AgentError};
 use max300_mqtt::{Event, Qos, Session, SessionConfig};
 use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
@@ -12,6 +11,7 @@ use max300_protocol::{
     Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock, Schedule,
     Setpoint, StoreId, Topics,
 };
+use max300_sim::battery::{WriteLogEntry, read_write_log};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +113,11 @@ impl TestApp {
     pub fn start_agent(&mut self) {
         let shutdown = CancellationToken::new();
         let clock: Arc<dyn Clock> = self.clock.clone();
-        let task = tokio::spawn(max300_agent::run(self.config(), clock, shutdown.clone()));
+        let task = tokio::spawn(max300_sim::run_agent(
+            self.config(),
+            clock,
+            shutdown.clone(),
+        ));
         self.agent = Some((shutdown, task));
     }
 

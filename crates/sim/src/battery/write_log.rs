@@ -15,7 +15,7 @@ use max300_protocol::{Mode, RateKw, Setpoint};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::AgentError;
+use crate::SimError;
 
 /// One line of the write log.
 ///
@@ -75,24 +75,28 @@ impl WriteLogEntry {
 
 /// Reads a whole write log, in the order it was written. A line that does not parse is an
 /// error naming its line number: an audit must not skip what it cannot read.
-pub fn read_write_log(path: impl AsRef<Path>) -> Result<Vec<WriteLogEntry>, AgentError> {
+pub fn read_write_log(path: impl AsRef<Path>) -> Result<Vec<WriteLogEntry>, SimError> {
     read_json_lines(path.as_ref())
 }
 
 /// Reads a JSON-lines log (blank lines aside), naming the file and line of anything unreadable.
 pub(crate) fn read_json_lines<T: serde::de::DeserializeOwned>(
     path: &Path,
-) -> Result<Vec<T>, AgentError> {
-    let error = |reason: String| AgentError::WriteLog {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+) -> Result<Vec<T>, SimError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SimError::Log {
+        path: path.to_owned(),
+        what: "cannot read".into(),
+        source: source.into(),
+    })?;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| error(format!("line {}: {e}", i + 1)))
+            serde_json::from_str(line).map_err(|source| SimError::Log {
+                path: path.to_owned(),
+                what: format!("line {}", i + 1),
+                source: source.into(),
+            })
         })
         .collect()
 }
