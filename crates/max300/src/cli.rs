@@ -13,11 +13,11 @@ use max300_cloud::{Cloud, CloudConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::ClockArgs;
-#[cfg(feature = "cloud")]
-use crate::sample;
 #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 use crate::up;
 use crate::validate;
+#[cfg(feature = "sim")]
+use max300_sim::sample;
 
 /// MAX300 fleet control: day-ahead battery plans from the provider to every unit.
 #[derive(Parser, Debug)]
@@ -53,7 +53,7 @@ pub enum Command {
     #[cfg(feature = "agent")]
     Agent(AgentArgs),
     /// The sample schedule provider (GET /tomorrow[?date=D]).
-    #[cfg(feature = "cloud")]
+    #[cfg(feature = "sim")]
     Provider(ProviderArgs),
     /// The embedded MQTT broker on its own (loopback only).
     #[cfg(feature = "broker")]
@@ -73,11 +73,11 @@ pub enum Command {
     #[cfg(feature = "fleet")]
     Fleet(crate::fleet::FleetArgs),
     /// Benchmarks through the real components.
-    #[cfg(all(feature = "cloud", feature = "broker"))]
+    #[cfg(feature = "sim")]
     Bench {
         /// What to measure.
         #[command(subcommand)]
-        what: crate::bench::Bench,
+        what: max300_sim::bench::Bench,
     },
     /// Development certificates: a CA, the broker's, the cloud's and each device's.
     #[cfg(feature = "cloud")]
@@ -239,7 +239,7 @@ pub struct AgentArgs {
 }
 
 /// `max300 provider`
-#[cfg(feature = "cloud")]
+#[cfg(feature = "sim")]
 #[derive(Args, Debug, Clone)]
 pub struct ProviderArgs {
     /// Where to listen.
@@ -353,7 +353,7 @@ impl Command {
             Command::Validate(_) | Command::Config { .. } => "warn",
             #[cfg(feature = "fleet")]
             Command::Fleet(_) => "warn",
-            #[cfg(all(feature = "cloud", feature = "broker"))]
+            #[cfg(feature = "sim")]
             Command::Bench { .. } => "warn,rumqttd=off",
             #[cfg(feature = "cloud")]
             Command::Certs { .. } => "warn",
@@ -383,7 +383,7 @@ impl Command {
             Command::Cloud(args) => run_cloud(args).await,
             #[cfg(feature = "agent")]
             Command::Agent(args) => run_agent(args).await,
-            #[cfg(feature = "cloud")]
+            #[cfg(feature = "sim")]
             Command::Provider(args) => run_provider(args).await,
             #[cfg(feature = "broker")]
             Command::Broker(args) => run_broker(args).await,
@@ -396,7 +396,7 @@ impl Command {
             Command::Fleet(args) => crate::fleet::run(args).await,
             #[cfg(feature = "aws")]
             Command::Lambda(args) => crate::lambda::run(args).await,
-            #[cfg(all(feature = "cloud", feature = "broker"))]
+            #[cfg(feature = "sim")]
             Command::Bench { what } => what.run().await,
             #[cfg(feature = "cloud")]
             Command::Certs { action } => {
@@ -573,7 +573,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(feature = "cloud")]
+#[cfg(feature = "sim")]
 async fn run_provider(args: ProviderArgs) -> anyhow::Result<ExitCode> {
     let clock = args.clock.build()?;
     let devices = if args.device_ids.is_empty() {

@@ -94,7 +94,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<ExitCode> {
             args.mqtt
         );
     }
-    crate::fds::ensure_room(args.devices, "--devices")?;
+    max300_sim::fds::ensure_room(args.devices, "--devices")?;
     let ids = device_ids(&args.prefix, args.devices)
         .into_iter()
         .map(DeviceId::parse)

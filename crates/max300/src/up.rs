@@ -22,8 +22,8 @@ use max300_protocol::{Clock, DEFAULT_TIMEZONE, Day, ScaledClock, SystemClock};
 use tokio::task::JoinSet;
 
 use crate::cli::shutdown_on_signal;
-use crate::sample;
 use max300_mqtt::broker;
+use max300_sim::sample;
 
 /// `max300 up`
 #[derive(Args, Debug, Clone)]
@@ -533,7 +533,7 @@ impl Summary {
 
 /// Peak resident memory of this process.
 fn peak_memory() -> Option<String> {
-    let kb = crate::bench::peak_memory_kb()?;
+    let kb = max300_sim::bench::peak_memory_kb()?;
     Some(format!("{:.1} MB", kb as f64 / 1024.0))
 }
 

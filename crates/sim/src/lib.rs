@@ -16,7 +16,11 @@
 
 pub mod agent;
 pub mod battery;
+pub mod bench;
+pub mod cloud;
 pub mod error;
+pub mod fds;
+pub mod sample;
 pub mod sunspec;
 
 pub use agent::run_agent;
