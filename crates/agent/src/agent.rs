@@ -24,8 +24,8 @@ use max300_mqtt::trace;
 use max300_mqtt::{Event, Inbound, Qos, Session, SessionConfig};
 use max300_protocol::clock::monotonic;
 use max300_protocol::message::{
-    AckMsg, AckStatus, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg, RejectReason,
-    ReportMsg, ReportStatus, ScheduleMsg, SyncMsg, V1,
+    ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg, ReportMsg, ReportStatus,
+    ScheduleMsg, SyncMsg, V1,
 };
 use max300_protocol::{
     Channel, Clock, DeviceId, Message, MessageId, RateKw, Setpoint, Topics, TraceParent,
@@ -39,7 +39,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, instrument, warn}
 use crate::battery::{Battery, BatteryStatus, ReadOnly, SunSpecBattery};
 use crate::config::BatteryChoice;
 use crate::energy::PeriodEnergy;
-use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
+use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan, Verdict};
 use crate::metrics::AgentMetrics;
 use crate::safety::{Guard, SafetyConfig};
 use crate::store::{Outgoing, Store};
@@ -432,34 +432,11 @@ impl Agent {
         }
     }
 
-    fn ack(
-        &self,
-        message_id: &MessageId,
-        now: Timestamp,
-        reason: Option<RejectReason>,
-        details: Option<String>,
-        sha256: Option<String>,
-        effective_period: Option<u32>,
-    ) -> Message {
-        Message::Ack(AckMsg {
-            v: V1,
-            // The store stamps its id and the seq inside the transaction.
-            store_id: self.store.store_id().clone(),
-            seq: 0,
-            message_id: message_id.clone(),
-            device_id: self.device_id.clone(),
-            status: if reason.is_some() {
-                AckStatus::Rejected
-            } else {
-                AckStatus::Accepted
-            },
-            reason,
-            details,
-            sha256,
-            effective_period,
-            at: now,
-            traceparent: None,
-        })
+    /// The ack of `message_id` saying `verdict`. The store stamps its id and the seq inside
+    /// the transaction.
+    fn ack(&self, message_id: &MessageId, now: Timestamp, verdict: Verdict) -> Message {
+        let from = (self.store.store_id(), 0);
+        Message::Ack(verdict.ack(message_id, &self.device_id, from, now))
     }
 
     /// Stamps an ack or report with the trace context of the span it is made in, or else
@@ -481,19 +458,16 @@ impl Agent {
         let mid = &msg.message_id;
         let topic = self.topic(Channel::Ack);
         let sent = self.session.is_connected();
-        let (result, plan) = match self.engine.on_schedule(msg, now) {
+        let decision = self.engine.on_schedule(msg, now);
+        let Some(verdict) = decision.verdict() else {
+            if let Decision::Withhold { why } = decision {
+                warn!(device_id = %id, message_id = %mid, why, "ack withheld: the cloud will resend");
+            }
+            return;
+        };
+        let ack = Self::traced(self.ack(mid, now, verdict), msg.traceparent.as_ref());
+        let (result, plan) = match decision {
             Decision::Accept(plan) => {
-                let ack = Self::traced(
-                    self.ack(
-                        mid,
-                        now,
-                        None,
-                        None,
-                        Some(plan.sha256.clone()),
-                        Some(plan.effective_period),
-                    ),
-                    msg.traceparent.as_ref(),
-                );
                 let (m, eff) = (msg.clone(), plan.effective_period);
                 let r = blocking(&self.store, move |s| {
                     s.accept_plan(&m, eff, ack, topic, now, sent)
@@ -501,15 +475,8 @@ impl Agent {
                 .await;
                 (r, Some(plan))
             }
-            Decision::Repeat {
-                effective_period,
-                sha256,
-            } => {
+            Decision::Repeat { .. } => {
                 debug!(device_id = %id, message_id = %mid, "repeated schedule: accepted again");
-                let ack = Self::traced(
-                    self.ack(mid, now, None, None, Some(sha256), Some(effective_period)),
-                    msg.traceparent.as_ref(),
-                );
                 (
                     blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
                     None,
@@ -517,19 +484,13 @@ impl Agent {
             }
             Decision::Reject { reason, details } => {
                 warn!(device_id = %id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "schedule rejected");
-                let ack = Self::traced(
-                    self.ack(mid, now, Some(reason), details, None, None),
-                    msg.traceparent.as_ref(),
-                );
                 (
                     blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
                     None,
                 )
             }
-            Decision::Withhold { why } => {
-                warn!(device_id = %id, message_id = %mid, why, "ack withheld: the cloud will resend");
-                return;
-            }
+            // Answered above: it has no verdict.
+            Decision::Withhold { .. } => return,
         };
         match result {
             Ok(out) => {
@@ -555,7 +516,7 @@ impl Agent {
         let result = match self.engine.on_control(msg) {
             ControlDecision::Cancel { target, held } => {
                 let ack = Self::traced(
-                    self.ack(&mid, now, None, None, None, None),
+                    self.ack(&mid, now, Verdict::ACCEPTED),
                     msg.traceparent.as_ref(),
                 );
                 let (control, t) = (mid.clone(), target.clone());
@@ -580,17 +541,15 @@ impl Agent {
             }
             ControlDecision::Repeat => {
                 let ack = Self::traced(
-                    self.ack(&mid, now, None, None, None, None),
+                    self.ack(&mid, now, Verdict::ACCEPTED),
                     msg.traceparent.as_ref(),
                 );
                 blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
             }
             ControlDecision::Reject { reason, details } => {
                 warn!(device_id = %self.device_id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "control rejected");
-                let ack = Self::traced(
-                    self.ack(&mid, now, Some(reason), details, None, None),
-                    msg.traceparent.as_ref(),
-                );
+                let verdict = Verdict::Rejected { reason, details };
+                let ack = Self::traced(self.ack(&mid, now, verdict), msg.traceparent.as_ref());
                 blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
             }
         };

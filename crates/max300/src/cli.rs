@@ -71,7 +71,7 @@ pub enum Command {
     /// does not measure the agent. Prints "fleet: N connected" once all are subscribed and
     /// serves until SIGTERM or ctrl-c, then disconnects each cleanly.
     #[cfg(feature = "fleet")]
-    Fleet(crate::fleet::FleetArgs),
+    Fleet(FleetCommand),
     /// Benchmarks through the real components.
     #[cfg(feature = "sim")]
     Bench {
@@ -332,6 +332,18 @@ pub struct BatterySimArgs {
     pub clock: ClockArgs,
 }
 
+/// `max300 fleet`
+#[cfg(feature = "fleet")]
+#[derive(Args, Debug, Clone)]
+pub struct FleetCommand {
+    /// The fleet's flags.
+    #[command(flatten)]
+    pub fleet: max300_sim::fleet::FleetArgs,
+    /// Plan time, for the acks' `at` and effective period.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
 /// `max300 ingest`
 #[cfg(feature = "cloud")]
 #[derive(Args, Debug, Clone)]
@@ -393,7 +405,11 @@ impl Command {
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
             #[cfg(feature = "fleet")]
-            Command::Fleet(args) => crate::fleet::run(args).await,
+            Command::Fleet(args) => {
+                let clock = args.clock.build()?;
+                max300_sim::fleet::run(args.fleet, clock, shutdown_on_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             #[cfg(feature = "aws")]
             Command::Lambda(args) => crate::lambda::run(args).await,
             #[cfg(feature = "sim")]

@@ -3,21 +3,19 @@
 //!
 //! # Layout
 //! - `cli`: the command line and the layering of flags over config files and env. Commands
-//!   of the simulator (`provider`, `battery-sim`, `bench`) are thin calls into `max300-sim`.
+//!   of the simulator (`provider`, `battery-sim`, `fleet`, `bench`) are thin calls into
+//!   `max300-sim`.
 //! - `clock`: the `--clock-*` flags.
 //! - `up`: everything on one machine, with a summary: the composition of broker, cloud,
 //!   sample provider and agents on simulated batteries.
 //! - `validate`: offline checking of a provider document.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
-//! - `fleet`: simulated devices, one MQTT connection each, that ack every schedule.
 //! - `lambda`: the Lambda Runtime API client around the cloud's Lambda handler.
 
 #[cfg(feature = "cloud")]
 mod certs;
 mod cli;
 mod clock;
-#[cfg(feature = "fleet")]
-mod fleet;
 #[cfg(feature = "aws")]
 mod lambda;
 #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]

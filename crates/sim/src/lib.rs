@@ -12,6 +12,12 @@
 //! - [`sunspec`]: that unit served as a SunSpec Modbus TCP map (`max300 battery-sim`), with
 //!   faults to play; its tests run the agent's SunSpec client against it.
 //! - [`agent`]: an agent handed a simulated battery when its config says `battery = "sim"`.
+//! - [`sample`]: the sample schedule provider (`max300 provider`).
+//! - [`fleet`]: N simulated devices, one MQTT session each, that ack every schedule through
+//!   the agent's own engine but hold nothing (`max300 fleet`).
+//! - [`cloud`]: the one fake cloud of the agent's tests and the agent benchmark.
+//! - [`bench`]: the drivers of `max300 bench …`.
+//! - [`fds`]: the open-file limit a large fleet needs.
 //! - [`error`]: the crate's error type.
 
 pub mod agent;
@@ -20,6 +26,7 @@ pub mod bench;
 pub mod cloud;
 pub mod error;
 pub mod fds;
+pub mod fleet;
 pub mod sample;
 pub mod sunspec;
 
