@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use jiff::SignedDuration;
 use jiff::tz::TimeZone;
+use max300_config::{ConfigError, Sources};
 use max300_mqtt::BrokerUrl;
 use max300_protocol::{DeviceId, RateKw, Topics};
 use serde::{Deserialize, Serialize};
-use toml::{Table, Value};
 
 use crate::AgentError;
 use crate::battery::{SimConfig, SunSpecUrl};
@@ -89,33 +89,44 @@ pub enum BatteryChoice {
 /// The longest catch-up after an outage: 366 days, 17,568 reports at most.
 const MAX_CATCH_UP_H: u32 = 366 * 24;
 
-/// The env var prefix of every field.
-const ENV_PREFIX: &str = "MAX300_";
-
 impl AgentConfig {
     /// The embedded default configuration, every field commented.
     pub const DEFAULT_TOML: &'static str = include_str!("../agent.default.toml");
 
-    /// Layers `defaults`, then `file`, then `MAX300_<FIELD>` (and `MAX300_SIM_<FIELD>`) from
-    /// `env`, and checks the result. Pure: the caller reads the file and the environment.
+    /// Layers `defaults`, then `file`, then `MAX300_<FIELD>` (and `MAX300_SIM_<FIELD>`,
+    /// `MAX300_SAFETY_<FIELD>`) from `env`, and checks the result. Pure: the caller reads the
+    /// file and the environment.
     pub fn from_toml(
         defaults: &str,
         file: Option<&str>,
         env: &[(String, String)],
     ) -> Result<AgentConfig, AgentError> {
-        let mut table = parse_layer("embedded default", defaults)?;
-        if let Some(file) = file {
-            merge(&mut table, parse_layer("config file", file)?);
-        }
-        apply_env(&mut table, env)?;
-        if !table.contains_key("device_id") {
-            return Err(AgentError::Config(
+        Self::layered(defaults, file, env, &[])
+    }
+
+    /// As [`AgentConfig::from_toml`], with flags (`(key, value)` pairs) as the strongest
+    /// layer: see [`max300_config`]. An unknown key is an error that names it as the user
+    /// wrote it (`sim.colour` in the file, `MAX300_SIM_COLOUR`, `--colour`); `MAX300_*`
+    /// variables that are none of this struct's keys or tables belong to the cloud or the
+    /// command line and are left alone.
+    pub fn layered(
+        defaults: &str,
+        file: Option<&str>,
+        env: &[(String, String)],
+        flags: &[(&str, String)],
+    ) -> Result<AgentConfig, AgentError> {
+        let sources = Sources {
+            default: defaults,
+            file,
+            env,
+            flags,
+        };
+        let config: AgentConfig = max300_config::load(&sources).map_err(|e| match e {
+            ConfigError::Missing { key } if key == "device_id" => AgentError::Config(
                 "device_id: missing (set it in the config, --device-id or MAX300_DEVICE_ID)".into(),
-            ));
-        }
-        let config: AgentConfig = Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| AgentError::Config(one_line(&e.to_string())))?;
+            ),
+            e => AgentError::Config(e.to_string()),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -253,133 +264,6 @@ impl AgentConfig {
     }
 }
 
-fn parse_layer(what: &str, text: &str) -> Result<Table, AgentError> {
-    text.parse::<Table>()
-        .map_err(|e| AgentError::Config(format!("{what}: {}", one_line(&e.to_string()))))
-}
-
-/// toml's messages span several lines with a source excerpt; a config error is one line.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Later layers win key by key; tables (`[sim]`) merge rather than replace.
-fn merge(base: &mut Table, over: Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
-/// Applies `MAX300_<FIELD>` for every top-level field, `MAX300_SIM_<FIELD>` for the sim
-/// table and `MAX300_SAFETY_<FIELD>` for the safety table. A value is taken as a string where the default is a string, else parsed as TOML, so
-/// `MAX300_DURABLE=false` and `MAX300_MAX_RATE_KW=100` work. Other `MAX300_*` variables belong
-/// to other roles and are ignored.
-fn apply_env(table: &mut Table, env: &[(String, String)]) -> Result<(), AgentError> {
-    const TOP: [&str; 18] = [
-        "device_id",
-        "data_dir",
-        "mqtt",
-        "topic_root",
-        "timezone",
-        "max_rate_kw",
-        "heartbeat_interval_s",
-        "resend_after_s",
-        "revert_timeout_s",
-        "catch_up_h",
-        "durable",
-        "battery",
-        "clock_sync",
-        "ca",
-        "cert",
-        "key",
-        "alpn",
-        "metrics",
-    ];
-    const SIM: [&str; 8] = [
-        "capacity_kwh",
-        "initial_soc_pct",
-        "max_charge_kw",
-        "max_discharge_kw",
-        "ramp_kw_per_s",
-        "round_trip_efficiency",
-        "write_log",
-        "state_file",
-    ];
-    const SAFETY: [&str; 5] = [
-        "soc_min_pct",
-        "soc_max_pct",
-        "hysteresis_pct",
-        "power_tolerance_kw",
-        "settle_s",
-    ];
-    const STRINGS: [&str; 14] = [
-        "device_id",
-        "data_dir",
-        "mqtt",
-        "topic_root",
-        "timezone",
-        "battery",
-        "clock_sync",
-        "ca",
-        "cert",
-        "key",
-        "alpn",
-        "metrics",
-        "write_log",
-        "state_file",
-    ];
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let rest = rest.to_ascii_lowercase();
-        let (target, key) = if let Some(key) = TOP.iter().find(|k| **k == rest) {
-            (&mut *table, *key)
-        } else if let Some((section, key)) = [("sim", &SIM[..]), ("safety", &SAFETY[..])]
-            .into_iter()
-            .find_map(|(section, keys)| {
-                let r = rest.strip_prefix(section)?.strip_prefix('_')?;
-                keys.iter().find(|k| **k == r).map(|k| (section, *k))
-            })
-        {
-            let inner = table
-                .entry(section)
-                .or_insert_with(|| Value::Table(Table::new()));
-            let Value::Table(inner) = inner else {
-                return Err(AgentError::Config(format!("{section}: must be a table")));
-            };
-            (inner, key)
-        } else {
-            continue;
-        };
-        let value = if STRINGS.contains(&key) {
-            Value::String(raw.clone())
-        } else {
-            parse_scalar(raw).ok_or_else(|| {
-                AgentError::Config(format!("{name}: {raw:?} is not a number or boolean"))
-            })?
-        };
-        target.insert(key.to_owned(), value);
-    }
-    Ok(())
-}
-
-fn parse_scalar(raw: &str) -> Option<Value> {
-    let raw = raw.trim();
-    if let Ok(b) = raw.parse::<bool>() {
-        return Some(Value::Boolean(b));
-    }
-    if let Ok(i) = raw.parse::<i64>() {
-        return Some(Value::Integer(i));
-    }
-    raw.parse::<f64>().ok().map(Value::Float)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +294,18 @@ mod tests {
         assert!(c.durable);
         assert_eq!(c.sim.capacity_kwh, 300.0);
         assert_eq!(c.store_path(), PathBuf::from("data/agent/agent.sqlite"));
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some(include_str!("../../../config/agent.toml")),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.device_id.as_str(), "max300-0001");
+        assert_eq!((c.max_rate_kw, c.sim.initial_soc_pct), (100.0, 40.0));
     }
 
     #[test]
@@ -444,6 +340,87 @@ mod tests {
         assert_eq!(c.sim.initial_soc_pct, 20.0);
         assert_eq!(c.safety.soc_min_pct, 15.0);
         assert_eq!(c.safety.soc_max_pct, 90.0);
+    }
+
+    #[test]
+    fn each_layer_wins_over_the_one_before_default_file_env_flag() {
+        let file = "device_id = \"from-file\"\nresend_after_s = 20\nheartbeat_interval_s = 30\n\
+                    battery = \"dry-run:sunspec+tcp://plc/1\"\n";
+        let c = AgentConfig::layered(
+            AgentConfig::DEFAULT_TOML,
+            Some(file),
+            &env(&[
+                ("MAX300_HEARTBEAT_INTERVAL_S", "15"),
+                ("MAX300_BATTERY", "sunspec+tcp://plc/2"),
+            ]),
+            &[("battery", "sim".to_owned())],
+        )
+        .unwrap();
+        // The default's topic root, the file's resend, the environment's heartbeat, the
+        // flag's battery.
+        assert_eq!(c.topic_root, "max300");
+        assert_eq!(c.device_id.as_str(), "from-file");
+        assert_eq!((c.resend_after_s, c.heartbeat_interval_s), (20, 15));
+        assert_eq!(c.battery_choice().unwrap(), BatteryChoice::Sim);
+    }
+
+    #[test]
+    fn a_nested_env_key_reaches_its_table_field() {
+        // Both the table and the field have underscores: `safety.settle_s`, not `safety.settle.s`.
+        let c = AgentConfig::from_toml(
+            AgentConfig::DEFAULT_TOML,
+            Some("device_id = \"d1\""),
+            &env(&[
+                ("MAX300_SAFETY_SETTLE_S", "0.5"),
+                ("MAX300_SAFETY_POWER_TOLERANCE_KW", "1.25"),
+                ("MAX300_SIM_ROUND_TRIP_EFFICIENCY", "0.92"),
+                ("MAX300_SIM_STATE_FILE", "/var/lib/max300/soc.json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.safety.settle_s, 0.5);
+        assert_eq!(c.safety.power_tolerance_kw, 1.25);
+        assert_eq!(c.sim.round_trip_efficiency, 0.92);
+        assert_eq!(
+            c.sim.state_file,
+            Some(PathBuf::from("/var/lib/max300/soc.json"))
+        );
+        // The rest of the table keeps the default.
+        assert_eq!(c.safety.soc_max_pct, 90.0);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_from_the_file_and_from_the_environment() {
+        let load = |file: &str, pairs: &[(&str, &str)]| {
+            AgentConfig::from_toml(
+                AgentConfig::DEFAULT_TOML,
+                Some(&format!("device_id = \"d1\"\n{file}")),
+                &env(pairs),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let err = load("[safety]\nsettle = 1", &[]);
+        assert!(
+            err.starts_with(
+                "config: config file: safety.settle: unknown field `settle`, expected one of \
+                 `soc_min_pct`"
+            ),
+            "{err}"
+        );
+        let err = load("", &[("MAX300_SAFETY_SETTLE", "1")]);
+        assert!(
+            err.starts_with(
+                "config: MAX300_SAFETY_SETTLE: unknown field `settle`, expected one of \
+                 `soc_min_pct`"
+            ),
+            "{err}"
+        );
+        let err = load("", &[("MAX300_SIM_COLOUR", "red")]);
+        assert!(
+            err.starts_with("config: MAX300_SIM_COLOUR: unknown field `colour`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,28 +2,42 @@
 //! outbox depth, battery write latency, and boundary lateness (when a period's setpoint was
 //! in effect, minus the period's start).
 //!
-//! The endpoint is a few lines of HTTP/1.1 over tokio rather than a web framework: it answers
-//! one `GET /metrics` per connection, and the agent-only build for the Pi stays small.
+//! The endpoint is hyper's HTTP/1 server with no framework on top (hyper is linked in the
+//! agent-only build anyway, by the OTLP exporter's client, so the Pi binary stays small). It
+//! answers `GET /metrics`, one request per connection, as a scrape is.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::AgentError;
 
-/// A request head larger than this is refused; a scrape is a few hundred bytes.
+/// A request head larger than this is refused (431); a scrape is a few hundred bytes. It is
+/// also the smallest read buffer hyper allows.
 const MAX_REQUEST: usize = 8 * 1024;
-/// A client that says nothing for this long is dropped.
+/// A client that has not sent its request head after this long is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// At shutdown, answers already started get this long to finish.
+const DRAIN: Duration = Duration::from_secs(1);
+/// The Prometheus text format.
+const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The agent's metrics.
 #[derive(Debug)]
@@ -116,69 +130,79 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| AgentError::Config(format!("metrics: {e}")))?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "metrics: accept failed");
-                        continue;
-                    }
-                },
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                if let Err(e) = answer(stream, &metrics).await {
-                    debug!(%peer, error = %e, "metrics: request not answered");
-                }
-            });
-        }
-    });
+    tokio::spawn(accept(listener, metrics, shutdown));
     Ok(bound)
 }
 
-async fn answer(mut stream: TcpStream, metrics: &AgentMetrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
-        }
-        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+/// Accepts connections until shutdown, then closes the listener and gives the answers in
+/// flight [`DRAIN`] to finish; a connection still open after that is not waited for.
+async fn accept(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: CancellationToken) {
+    let mut http = http1::Builder::new();
+    http.keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "metrics: accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let service = service_fn(move |request: Request<_>| {
+            std::future::ready(Ok::<_, Infallible>(answer(&request, &metrics)))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%peer, error = %e, "metrics: request not answered");
+            }
+        });
     }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (parts.next(), parts.next());
-    match (method, path) {
-        (Some(b"GET"), Some(b"/metrics")) => {
-            respond(&mut stream, "200 OK", &metrics.render()).await
-        }
-        (Some(b"GET"), _) => respond(&mut stream, "404 Not Found", "only /metrics is here\n").await,
-        _ => respond(&mut stream, "405 Method Not Allowed", "only GET\n").await,
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        debug!("metrics: answers still in flight at shutdown");
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+/// The response to one request: the metrics, or why not.
+fn answer<B>(request: &Request<B>, metrics: &AgentMetrics) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => respond(StatusCode::OK, metrics.render()),
+        (&Method::GET, _) => respond(StatusCode::NOT_FOUND, "only /metrics is here\n".into()),
+        _ => {
+            let mut response = respond(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET"));
+            response
+        }
+    }
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_TEXT));
+    response
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     use super::*;
 
     async fn get(addr: SocketAddr, request: &str) -> String {
@@ -212,9 +236,82 @@ mod tests {
         );
         let other = get(addr, "GET / HTTP/1.1\r\n\r\n").await;
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
-        let post = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        let post = get(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.to_lowercase().contains("allow: get"), "{post}");
         shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_scrape_is_prometheus_text_on_a_closed_connection() {
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0",
+            Arc::new(AgentMetrics::new()),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        // HTTP/1.1 would keep the connection open: get() reads until the server closes it.
+        let ok = get(
+            addr,
+            "GET /metrics?from=prometheus HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+        let head = ok.to_lowercase();
+        assert!(head.starts_with("http/1.1 200 ok"), "{ok}");
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{ok}"
+        );
+        assert!(head.contains("connection: close"), "{ok}");
+        assert!(ok.contains("max300_agent_outbox_depth 0"), "{ok}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_head_is_refused() {
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0",
+            Arc::new(AgentMetrics::new()),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(2 * MAX_REQUEST)
+        );
+        let refused = get(addr, &huge).await;
+        assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_the_port() {
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0",
+            Arc::new(AgentMetrics::new()),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        shutdown.cancel();
+        // The accept task drops the listener as soon as it sees the cancel.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the listener is closed after shutdown");
     }
 
     #[tokio::test]

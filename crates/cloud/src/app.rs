@@ -51,7 +51,7 @@ impl Cloud {
         shutdown: CancellationToken,
     ) -> Result<Cloud, CloudError> {
         config.validate()?;
-        let store = open_store(&config.store_url()).await?;
+        let store = store_of(&config).await?;
         let topics = Topics::new(config.topic_root.clone());
         let url: BrokerUrl = config
             .mqtt
@@ -173,7 +173,7 @@ impl Cloud {
         shutdown: CancellationToken,
     ) -> Result<(Arc<Ingestor>, Session), CloudError> {
         config.validate()?;
-        let store = open_store(&config.store_url()).await?;
+        let store = store_of(&config).await?;
         let url: BrokerUrl = config
             .mqtt
             .parse()
@@ -302,6 +302,19 @@ impl Core {
             owner,
         }
     }
+}
+
+/// Opens the command store the config names. A DynamoDB table must exist, unless
+/// `create_resources` is set: then a missing one is created with the template's schema.
+pub async fn store_of(config: &CloudConfig) -> Result<Arc<dyn CommandStore>, CloudError> {
+    let url = config.store_url();
+    #[cfg(feature = "aws")]
+    if url.starts_with("dynamodb://") {
+        let store = crate::store::DynamoStore::open(&url).await?;
+        store.ensure_table(config.create_resources).await?;
+        return Ok(Arc::new(store));
+    }
+    open_store(&url).await
 }
 
 /// Opens the command store its URL names: `sqlite://PATH`, or `dynamodb://TABLE` with the

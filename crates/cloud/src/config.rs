@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use jiff::civil::Time;
+use max300_config::Sources;
 use max300_mqtt::BrokerUrl;
 use max300_protocol::{DeviceId, RateKw, day::time_zone};
 use serde::{Deserialize, Serialize};
@@ -85,6 +86,10 @@ pub struct CloudConfig {
     /// MQTT client id; also names this instance as a lease holder.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// Create a missing DynamoDB table at start-up (`--create-resources`), with the schema
+    /// the deployment template declares; without it a missing table is an error.
+    #[serde(default)]
+    pub create_resources: bool,
     /// MQTT shared-subscription group for device feedback, when several instances share it.
     #[serde(default)]
     pub shared_group: Option<String>,
@@ -114,67 +119,25 @@ impl CloudConfig {
 
     /// Layers the default, an optional file and `MAX300_*` variables.
     pub fn load(file: Option<&str>, env: &[(String, String)]) -> Result<CloudConfig, CloudError> {
-        let mut table: toml::Table = Self::DEFAULT_TOML
-            .parse()
-            .map_err(|e| CloudError::Config(format!("embedded default: {e}")))?;
-        if let Some(text) = file {
-            let file: toml::Table = text
-                .parse()
-                .map_err(|e| CloudError::Config(format!("config file: {e}")))?;
-            table.extend(file);
-        }
-        for (key, value) in env {
-            let Some(name) = key.strip_prefix("MAX300_") else {
-                continue;
-            };
-            let name = name.to_ascii_lowercase();
-            if !Self::is_key(&name) {
-                continue;
-            }
-            table.insert(name, env_value(value));
-        }
-        let config: CloudConfig = table
-            .try_into()
-            .map_err(|e: toml::de::Error| CloudError::Config(e.message().to_owned()))?;
-        Ok(config)
+        Self::layered(file, env, &[])
     }
 
-    fn is_key(name: &str) -> bool {
-        const KEYS: &[&str] = &[
-            "data_dir",
-            "mqtt",
-            "http",
-            "provider",
-            "api_token",
-            "protect_reads",
-            "store",
-            "audit",
-            "topic_root",
-            "timezone",
-            "default_max_rate_kw",
-            "max_document_mib",
-            "daily_fetch",
-            "fetch_at",
-            "provider_timeout_s",
-            "auto_register",
-            "heartbeat_interval_s",
-            "ack_timeout_s",
-            "retention_days",
-            "capacity_kwh",
-            "soc_min_pct",
-            "soc_max_pct",
-            "round_trip_efficiency",
-            "offline_alert_s",
-            "plan_due_at",
-            "client_id",
-            "shared_group",
-            "iot_data_endpoint",
-            "ca",
-            "cert",
-            "key",
-            "alpn",
-        ];
-        KEYS.contains(&name)
+    /// Layers the embedded default, then the file, then `MAX300_<KEY>` variables, then flags
+    /// (`(key, value)` pairs): see [`max300_config`]. An unknown key is an error that names it
+    /// as the user wrote it; `MAX300_*` variables that are none of this struct's keys are left
+    /// to the agent and the command line. Pure: the caller reads the file and the environment.
+    pub fn layered(
+        file: Option<&str>,
+        env: &[(String, String)],
+        flags: &[(&str, String)],
+    ) -> Result<CloudConfig, CloudError> {
+        max300_config::load(&Sources {
+            default: Self::DEFAULT_TOML,
+            file,
+            env,
+            flags,
+        })
+        .map_err(|e| CloudError::Config(e.to_string()))
     }
 
     /// Checks every setting once, at start-up, with a message that names it.
@@ -337,19 +300,6 @@ impl CloudConfig {
     }
 }
 
-fn env_value(text: &str) -> toml::Value {
-    // Numbers and booleans keep their type; everything else is a string.
-    if let Ok(b) = text.parse::<bool>() {
-        toml::Value::Boolean(b)
-    } else if let Ok(i) = text.parse::<i64>() {
-        toml::Value::Integer(i)
-    } else if let Ok(f) = text.parse::<f64>() {
-        toml::Value::Float(f)
-    } else {
-        toml::Value::String(text.to_owned())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +320,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads_with_its_devices() {
+        let c = CloudConfig::load(Some(include_str!("../../../config/cloud.toml")), &[]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[0].max_rate_kw, Some(100.0));
+    }
+
+    #[test]
     fn a_file_then_env_override_the_default() {
         let c = CloudConfig::load(
             Some("http = \"127.0.0.1:9000\"\nauto_register = true\n"),
@@ -383,6 +341,73 @@ mod tests {
         assert_eq!(c.http, "127.0.0.1:9100");
         assert!(c.auto_register);
         assert_eq!(c.default_max_rate_kw, 100.0);
+    }
+
+    #[test]
+    fn each_layer_wins_over_the_one_before_default_file_env_flag() {
+        let file = Some("ack_timeout_s = 20\nfetch_at = \"15:00\"\nplan_due_at = \"21:00\"\n");
+        let env = env(&[
+            ("MAX300_FETCH_AT", "14:00"),
+            ("MAX300_PLAN_DUE_AT", "20:00"),
+        ]);
+        let flags = [("plan_due_at", "19:00".to_owned())];
+        let c = CloudConfig::layered(file, &env, &flags).unwrap();
+        // The default's retention, the file's timeout, the environment's fetch, the flag's due.
+        assert_eq!(
+            (
+                c.retention_days,
+                c.ack_timeout_s,
+                c.fetch_at.as_str(),
+                c.plan_due_at.as_str()
+            ),
+            (400, 20, "14:00", "19:00")
+        );
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn env_values_take_the_type_of_their_key() {
+        // A numeric token stays a string; numbers and booleans are parsed where the key has one.
+        let c = CloudConfig::load(
+            None,
+            &env(&[
+                ("MAX300_API_TOKEN", "1234567890123456"),
+                ("MAX300_PROTECT_READS", "true"),
+                ("MAX300_ROUND_TRIP_EFFICIENCY", "0.85"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.api_token.as_deref(), Some("1234567890123456"));
+        assert!(c.protect_reads);
+        assert_eq!(c.round_trip_efficiency, 0.85);
+    }
+
+    #[test]
+    fn an_unknown_key_or_a_bad_value_is_named_where_it_was_set() {
+        let err = CloudConfig::load(Some("htp = \"127.0.0.1:1\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config: config file: htp: unknown field `htp`, expected one of"),
+            "{err}"
+        );
+        let err = CloudConfig::load(None, &env(&[("MAX300_ACK_TIMEOUT_S", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config: MAX300_ACK_TIMEOUT_S: invalid type: found string \"soon\", expected u64"
+        );
+        let err = CloudConfig::layered(None, &[], &[("auto_register", "maybe".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config: --auto-register: "), "{err}");
+        // Variables of the agent or of the command line are not the cloud's business.
+        CloudConfig::load(
+            None,
+            &env(&[("MAX300_DEVICE_ID", "d1"), ("MAX300_LOG_FORMAT", "json")]),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -11,13 +11,18 @@ use std::time::Duration;
 use jiff::civil::Time;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
-use max300_protocol::Clock;
+use max300_protocol::{Backoff, Clock};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::ingest::{Ingestor, LEASE, ingest_lease};
 use crate::store::{Fence, Interrupted};
 use crate::{CloudError, CommandStore};
+
+/// The wait after a failed fetch, in clock time: 30 s doubling to 15 min, so a provider that
+/// is down is not hammered, yet a recovered one is tried within 15 min until the date begins.
+/// No jitter: instances share the date's lease, so at most one of them fetches.
+const RETRY: Backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(15 * 60));
 
 /// When to fetch.
 #[derive(Clone, Debug)]
@@ -61,7 +66,8 @@ impl DailyFetch {
         shutdown: CancellationToken,
     ) {
         let mut startup = true;
-        let mut backoff = SignedDuration::from_secs(30);
+        // Fetches failed since the last one that succeeded: the RETRY attempt.
+        let mut failures = 0u32;
         loop {
             let now = clock.now();
             let lease_until = now + clock.clock_duration(LEASE);
@@ -70,16 +76,17 @@ impl DailyFetch {
                 .await
             {
                 Ok(Step::Done) => {
-                    backoff = SignedDuration::from_secs(30);
+                    failures = 0;
                     None
                 }
                 Ok(Step::NotYet) => None,
                 Ok(Step::Held) => Some(now + SignedDuration::from_secs(30)),
                 Err(e) => {
-                    warn!(error = %e, retry_in_s = backoff.as_secs(), "daily fetch failed");
-                    let at = now + backoff;
-                    backoff = (backoff * 2).min(SignedDuration::from_mins(15));
-                    Some(at)
+                    let wait = SignedDuration::try_from(RETRY.delay(failures))
+                        .unwrap_or(SignedDuration::from_mins(15));
+                    warn!(error = %e, retry_in_s = wait.as_secs(), "daily fetch failed");
+                    failures = failures.saturating_add(1);
+                    Some(now + wait)
                 }
             };
             startup = false;
@@ -247,6 +254,12 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_failed_fetch_is_retried_from_30_s_doubling_to_15_min() {
+        let waits: Vec<u64> = (0..7).map(|n| RETRY.delay(n).as_secs()).collect();
+        assert_eq!(waits, [30, 60, 120, 240, 480, 900, 900]);
     }
 
     #[test]

@@ -1,29 +1,36 @@
 //! The service as an AWS Lambda function: one handler for every event its triggers deliver,
-//! told apart by their shape.
+//! each deserialized into its `aws_lambda_events` type.
 //!
-//! - An EventBridge `Scheduled Event` is a tick: the sweep (resends, `late`, `expired`,
-//!   `incomplete`), commands left unpublished, and tomorrow's fetch once it is due.
-//! - An API Gateway HTTP API request (payload format 2.0) goes to the same axum router as the
-//!   long-running service's.
-//! - An IoT rule's event, `{"topic": ..., "payload": <base64>}` (rule SQL
+//! - An EventBridge `Scheduled Event` ([`EventBridgeEvent`]) is a tick: the sweep (resends,
+//!   `late`, `expired`, `incomplete`), commands left unpublished, and tomorrow's fetch once it
+//!   is due.
+//! - An API Gateway HTTP API request, payload format 2.0 ([`ApiGatewayV2httpRequest`]), goes
+//!   through `lambda_http`'s adapter to the same axum router as the long-running service's.
+//! - An IoT rule's message, `{"topic": ..., "payload": <base64>}` (rule SQL
 //!   `SELECT topic() AS topic, encode(*, 'base64') AS payload FROM ...`), or an SQS batch of
-//!   them, is device feedback.
+//!   them ([`SqsEvent`]), is device feedback; the answer names the records to retry
+//!   ([`SqsBatchResponse`]).
 //!
 //! Commands and receipts go out through the IoT data plane ([`crate::publish::IotDataPlane`]),
 //! and every invocation's counts come back as one CloudWatch Embedded Metric Format line.
+//! The runtime loop is `lambda_runtime`'s, in the binary.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
+use aws_lambda_events::eventbridge::EventBridgeEvent;
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent};
 use axum::Router;
-use axum::body::Body;
-use axum::http::{HeaderName, HeaderValue, Method, Request};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use lambda_http::Adapter;
+use lambda_http::request::LambdaRequest;
+use lambda_runtime::{Context, LambdaEvent, Service};
 use max300_protocol::{Clock, Topics};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tower::ServiceExt;
@@ -42,13 +49,73 @@ use crate::{CloudConfig, CloudError, CommandStore};
 /// How long a tick's hold on a date's fetch lasts: past it, another invocation may try.
 const FETCH_LEASE: Duration = Duration::from_secs(300);
 
-/// What an invocation's event is.
+/// An invocation's event, as one of the shapes the function's triggers deliver.
+///
+/// Untagged: serde tries the variants in order and takes the first that fits, so each must
+/// require something the ones after it do not send, and the most permissive goes last:
+/// - `Http` needs `requestContext.http.method`, which only API Gateway (and function URLs)
+///   send;
+/// - `Schedule` needs `detail-type` and `source`; its `detail` may be absent, as in the
+///   scheduler's input of `deploy/template.yaml`. ([`CloudWatchEvent`] would also want `time`
+///   and `resources`, which that input lacks.)
+/// - `Sqs` needs only `Records`, and every field of a record is optional: any other
+///   `Records` event (S3, SNS) would fit too, so each record's `eventSource` is checked;
+/// - `Rule` needs only `topic`. Put before the others it would take any event with a
+///   top-level `topic` key for feedback, so it comes last.
+///
+/// An event of none of these shapes fails the invocation with the `expecting` message.
+///
+/// [`CloudWatchEvent`]: aws_lambda_events::cloudwatch_events::CloudWatchEvent
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "not a Scheduled Event, an API Gateway HTTP API request (payload format 2.0), \
+                 an IoT rule message {\"topic\", \"payload\"} or an SQS batch of them"
+)]
+pub enum Event {
+    /// An API Gateway HTTP API request.
+    Http(Box<ApiGatewayV2httpRequest>),
+    /// An EventBridge event (from EventBridge Scheduler, with our input, or a scheduled rule).
+    Schedule(Box<EventBridgeEvent<Option<Value>>>),
+    /// An SQS batch of IoT rule messages.
+    Sqs(SqsEvent),
+    /// One IoT rule message, from a rule's Lambda action.
+    Rule(RuleMessage),
+}
+
+/// What an IoT rule forwards of a device message: the topic it came on and its bytes, in
+/// base64 (rule SQL `SELECT topic() AS topic, encode(*, 'base64') AS payload FROM ...`).
+/// The shape is ours: the rule's SQL makes it, so `aws_lambda_events` has no type for it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct RuleMessage {
+    /// `max300/{device_id}/{channel}`.
+    pub topic: String,
+    /// The MQTT payload, base64; optional here so its absence is told apart from another
+    /// shape, and named in the error.
+    #[serde(default)]
+    pub payload: Option<String>,
+}
+
+impl RuleMessage {
+    /// The topic and the payload's bytes, or why the message is unusable.
+    fn decode(self) -> Result<(String, Vec<u8>), String> {
+        let payload = self
+            .payload
+            .ok_or("no \"payload\" (rule SQL: ... encode(*, 'base64') AS payload)")?;
+        let payload = STANDARD
+            .decode(payload)
+            .map_err(|e| format!("payload: not base64: {e}"))?;
+        Ok((self.topic, payload))
+    }
+}
+
+/// What an invocation asks for.
 #[derive(Debug, PartialEq)]
 pub enum Invocation {
     /// A scheduled tick.
     Tick,
     /// An HTTP API request.
-    Http(HttpRequest),
+    Http(Box<ApiGatewayV2httpRequest>),
     /// Device messages, from an IoT rule directly or through SQS.
     Feedback(Vec<RuleRecord>),
 }
@@ -63,133 +130,124 @@ pub struct RuleRecord {
     pub message: Result<(String, Vec<u8>), String>,
 }
 
-/// An API Gateway HTTP API request, payload format 2.0.
-#[derive(Debug, PartialEq)]
-pub struct HttpRequest {
-    /// `GET`, `POST`, ...
-    pub method: String,
-    /// The path and query, as the client sent them.
-    pub uri: String,
-    /// Headers; API Gateway joins repeated ones with commas.
-    pub headers: Vec<(String, String)>,
-    /// The body, decoded.
-    pub body: Vec<u8>,
-}
+impl TryFrom<Event> for Invocation {
+    type Error = CloudError;
 
-impl Invocation {
-    /// Tells an event by its shape; an event of no known shape is an error that says what it
-    /// lacked.
-    pub fn parse(event: &Value) -> Result<Invocation, CloudError> {
+    /// What the event asks for; an event of a known shape that we do not serve, or a broken
+    /// one, is an error that says what is wrong.
+    fn try_from(event: Event) -> Result<Invocation, CloudError> {
         let bad = |why: String| Err(CloudError::Event(why));
-        if event.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event") {
-            return Ok(Invocation::Tick);
-        }
-        if let Some(http) = event.pointer("/requestContext/http") {
-            if event.get("version").and_then(Value::as_str) != Some("2.0") {
-                return bad("HTTP event: only API Gateway payload format 2.0 is served".into());
+        match event {
+            Event::Schedule(event) if event.detail_type == "Scheduled Event" => {
+                Ok(Invocation::Tick)
             }
-            let method = http.get("method").and_then(Value::as_str).ok_or_else(|| {
-                CloudError::Event("HTTP event: no requestContext.http.method".into())
-            })?;
-            let path = event
-                .get("rawPath")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CloudError::Event("HTTP event: no rawPath".into()))?;
-            let query = event
-                .get("rawQueryString")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let mut headers: Vec<(String, String)> = event
-                .get("headers")
-                .and_then(Value::as_object)
-                .map(|h| {
-                    h.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            // Format 2.0 moves cookies out of the headers.
-            if let Some(cookies) = event.get("cookies").and_then(Value::as_array) {
-                let joined: Vec<&str> = cookies.iter().filter_map(Value::as_str).collect();
-                if !joined.is_empty() {
-                    headers.push(("cookie".into(), joined.join("; ")));
+            Event::Schedule(event) => bad(format!(
+                "an EventBridge {:?} event from {:?}: only \"Scheduled Event\" is served",
+                event.detail_type, event.source
+            )),
+            Event::Http(request) => {
+                if request.version.as_deref() != Some("2.0") {
+                    return bad("HTTP event: only API Gateway payload format 2.0 is served".into());
                 }
+                // lambda_http panics on a body that is not the base64 it claims to be.
+                if request.is_base64_encoded
+                    && let Some(body) = &request.body
+                    && let Err(e) = STANDARD.decode(body)
+                {
+                    return bad(format!("HTTP event: body: not base64: {e}"));
+                }
+                Ok(Invocation::Http(request))
             }
-            let body = match event.get("body").and_then(Value::as_str) {
-                None => Vec::new(),
-                Some(b) if event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true) => {
-                    STANDARD
-                        .decode(b)
-                        .map_err(|e| CloudError::Event(format!("HTTP event: body: {e}")))?
-                }
-                Some(b) => b.as_bytes().to_vec(),
-            };
-            let uri = if query.is_empty() {
-                path.to_owned()
-            } else {
-                format!("{path}?{query}")
-            };
-            return Ok(Invocation::Http(HttpRequest {
-                method: method.to_owned(),
-                uri,
-                headers,
-                body,
-            }));
-        }
-        if let Some(records) = event.get("Records").and_then(Value::as_array) {
-            // One bad record fails only itself: it goes back to the queue (and in the end to
-            // the dead-letter queue), never its batch.
-            let messages = records
-                .iter()
-                .enumerate()
-                .map(|(i, record)| {
-                    let id = record
-                        .get("messageId")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned);
-                    let message =
-                        if record.get("eventSource").and_then(Value::as_str) != Some("aws:sqs") {
+            Event::Sqs(batch) => {
+                // One bad record fails only itself: it goes back to the queue (and in the end
+                // to the dead-letter queue), never its batch.
+                let records = batch
+                    .records
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, record)| {
+                        let message = if record.event_source.as_deref() != Some("aws:sqs") {
                             Err(format!("Records[{i}]: not an SQS record"))
                         } else {
-                            let body = record.get("body").and_then(Value::as_str).unwrap_or("");
-                            serde_json::from_str::<Value>(body)
-                                .map_err(|e| e.to_string())
-                                .and_then(|inner| rule_message(&inner))
-                                .map_err(|why| format!("Records[{i}].body: {why}"))
+                            serde_json::from_str::<RuleMessage>(
+                                record.body.as_deref().unwrap_or(""),
+                            )
+                            .map_err(|e| e.to_string())
+                            .and_then(RuleMessage::decode)
+                            .map_err(|why| format!("Records[{i}].body: {why}"))
                         };
-                    RuleRecord { id, message }
-                })
-                .collect();
-            return Ok(Invocation::Feedback(messages));
-        }
-        if event.get("topic").is_some() {
-            let message = rule_message(event).map_err(CloudError::Event)?;
-            return Ok(Invocation::Feedback(vec![RuleRecord {
+                        RuleRecord {
+                            id: record.message_id,
+                            message,
+                        }
+                    })
+                    .collect();
+                Ok(Invocation::Feedback(records))
+            }
+            Event::Rule(message) => Ok(Invocation::Feedback(vec![RuleRecord {
                 id: None,
-                message: Ok(message),
-            }]));
+                message: Ok(message.decode().map_err(CloudError::Event)?),
+            }])),
         }
-        bad(
-            "not a Scheduled Event, an HTTP API request, an IoT rule message or an SQS batch"
-                .into(),
-        )
     }
 }
 
-/// An IoT rule's message: the topic it came on and its base64 payload.
-fn rule_message(event: &Value) -> Result<(String, Vec<u8>), String> {
-    let topic = event
-        .get("topic")
-        .and_then(Value::as_str)
-        .ok_or("no \"topic\" (rule SQL: SELECT topic() AS topic, ...)")?;
-    let payload = event
-        .get("payload")
-        .and_then(Value::as_str)
-        .ok_or("no \"payload\" (rule SQL: ... encode(*, 'base64') AS payload)")?;
-    let payload = STANDARD
-        .decode(payload)
-        .map_err(|e| format!("payload: not base64: {e}"))?;
-    Ok((topic.to_owned(), payload))
+/// The API Gateway payload 2.0 response that `lambda_http`'s adapter makes of the router's
+/// response. (`lambda_http` does not export the type's name; it serializes as an
+/// [`aws_lambda_events::apigw::ApiGatewayV2httpResponse`].)
+pub type HttpResponse = <Adapter<'static, axum::response::Response, Router> as Service<
+    LambdaEvent<LambdaRequest>,
+>>::Response;
+
+/// The function's answer to an invocation.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    /// What a tick did.
+    Tick(TickReport),
+    /// The HTTP response, for API Gateway.
+    Http(Box<HttpResponse>),
+    /// What became of device feedback.
+    Feedback(FeedbackReport),
+}
+
+/// What a tick did: `{"sweep": "ok", "replayed": n, "fetch": ...}`.
+#[derive(Debug, Serialize)]
+pub struct TickReport {
+    /// Always `ok`: a failed sweep fails the invocation.
+    pub sweep: &'static str,
+    /// Interrupted ingestion runs settled (replayed or closed).
+    pub replayed: usize,
+    /// The daily fetch: `off`, `not_due`, `held` (another invocation has it) or `done`.
+    pub fetch: &'static str,
+}
+
+/// What became of device feedback: `{"handled": n, "batchItemFailures": [...]}`. Lambda's SQS
+/// event source reads only `batchItemFailures` (`ReportBatchItemFailures`); a direct
+/// invocation's caller ignores the answer.
+#[derive(Debug, Serialize)]
+pub struct FeedbackReport {
+    /// Messages applied, or refused and receipted: either way not to be retried.
+    pub handled: usize,
+    /// The SQS records to hand back to the queue.
+    #[serde(flatten)]
+    pub batch: SqsBatchResponse,
+}
+
+/// Serves one API Gateway request with `router`, through `lambda_http`'s adapter: the request
+/// becomes an `http::Request` (path and raw query, headers, cookies, the body decoded, the
+/// Lambda context as an extension) and the router's response the payload 2.0 response (text
+/// or base64 by its content type, `set-cookie` as `cookies`).
+pub async fn serve_http(
+    router: Router,
+    request: ApiGatewayV2httpRequest,
+    context: Context,
+) -> HttpResponse {
+    let event = LambdaEvent::new(LambdaRequest::ApiGatewayV2(request), context);
+    match Adapter::from(router).oneshot(event).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
 }
 
 /// The handler and everything it keeps between invocations of a warm function.
@@ -263,48 +321,55 @@ impl LambdaService {
 
     /// Handles one invocation; returns the function's response and the invocation's metrics
     /// as an EMF line (to be written to stdout, where CloudWatch reads it).
-    pub async fn handle(&self, event: &Value) -> Result<(Value, String), CloudError> {
+    pub async fn handle(
+        &self,
+        event: LambdaEvent<Event>,
+    ) -> Result<(Response, String), CloudError> {
+        let (event, context) = event.into_parts();
         let before = self.metrics.totals();
-        let response = match Invocation::parse(event)? {
-            Invocation::Tick => self.tick().await?,
-            Invocation::Http(request) => self.http(request).await?,
-            Invocation::Feedback(records) => {
-                let mut failures = Vec::new();
-                let mut delivered = Vec::with_capacity(records.len());
-                for record in records {
-                    match record.message {
-                        Ok((topic, payload)) => delivered
-                            .push((record.id, Delivered::new(&self.topics, topic, &payload))),
-                        Err(why) => {
-                            warn!(sqs_message_id = ?record.id, error = %why, "feedback record unusable: handed back");
-                            failures.extend(record.id);
-                        }
-                    }
-                }
-                let (ids, batch): (Vec<_>, Vec<_>) = delivered.into_iter().unzip();
-                let handled = self.feedback.lock().await.handle_delivered(&batch).await;
-                // A record the store could not take goes back to the queue for a retry;
-                // one that was handled or refused (and receipted) does not.
-                let mut count = 0;
-                for (id, ok) in ids.into_iter().zip(handled) {
-                    if ok {
-                        count += 1;
-                    } else {
-                        failures.extend(id);
-                    }
-                }
-                let failures: Vec<Value> = failures
-                    .into_iter()
-                    .map(|id| json!({ "itemIdentifier": id }))
-                    .collect();
-                json!({ "handled": count, "batchItemFailures": failures })
-            }
+        let response = match Invocation::try_from(event)? {
+            Invocation::Tick => Response::Tick(self.tick().await?),
+            Invocation::Http(request) => Response::Http(Box::new(
+                serve_http(self.router.clone(), *request, context).await,
+            )),
+            Invocation::Feedback(records) => Response::Feedback(self.feedback(records).await),
         };
         let line = emf(&self.metrics.totals(), &before, self.clock.now());
         Ok((response, line))
     }
 
-    async fn tick(&self) -> Result<Value, CloudError> {
+    async fn feedback(&self, records: Vec<RuleRecord>) -> FeedbackReport {
+        let mut batch = SqsBatchResponse::default();
+        let mut delivered = Vec::with_capacity(records.len());
+        for record in records {
+            match record.message {
+                Ok((topic, payload)) => {
+                    delivered.push((record.id, Delivered::new(&self.topics, topic, &payload)))
+                }
+                Err(why) => {
+                    warn!(sqs_message_id = ?record.id, error = %why, "feedback record unusable: handed back");
+                    if let Some(id) = record.id {
+                        batch.add_failure(id);
+                    }
+                }
+            }
+        }
+        let (ids, messages): (Vec<_>, Vec<_>) = delivered.into_iter().unzip();
+        let applied = self.feedback.lock().await.handle_delivered(&messages).await;
+        // A record the store could not take goes back to the queue for a retry; one that was
+        // handled or refused (and receipted) does not.
+        let mut handled = 0;
+        for (id, ok) in ids.into_iter().zip(applied) {
+            match (ok, id) {
+                (true, _) => handled += 1,
+                (false, Some(id)) => batch.add_failure(id),
+                (false, None) => {}
+            }
+        }
+        FeedbackReport { handled, batch }
+    }
+
+    async fn tick(&self) -> Result<TickReport, CloudError> {
         // The sweep also publishes what was committed and never published: the function
         // that made it stopped first.
         let swept = self.sweeper.sweep_once().await;
@@ -337,58 +402,11 @@ impl LambdaService {
         let fetch = fetch?;
         swept?;
         let replayed = replayed?;
-        Ok(json!({ "sweep": "ok", "replayed": replayed, "fetch": fetch }))
-    }
-
-    async fn http(&self, request: HttpRequest) -> Result<Value, CloudError> {
-        let method = Method::from_bytes(request.method.as_bytes())
-            .map_err(|e| CloudError::Event(format!("HTTP event: method: {e}")))?;
-        let mut builder = Request::builder().method(method).uri(&request.uri);
-        for (name, value) in &request.headers {
-            let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) else {
-                warn!(header = %name, "unusable header dropped");
-                continue;
-            };
-            builder = builder.header(name, value);
-        }
-        let req = builder
-            .body(Body::from(request.body))
-            .map_err(|e| CloudError::Event(format!("HTTP event: {e}")))?;
-        let response = self
-            .router
-            .clone()
-            .oneshot(req)
-            .await
-            .map_err(|e| CloudError::Event(format!("HTTP: {e}")))?;
-        let status = response.status().as_u16();
-        let mut headers = BTreeMap::new();
-        for (name, value) in response.headers() {
-            if let Ok(v) = value.to_str() {
-                headers
-                    .entry(name.as_str().to_owned())
-                    .and_modify(|all: &mut String| {
-                        all.push(',');
-                        all.push_str(v);
-                    })
-                    .or_insert_with(|| v.to_owned());
-            }
-        }
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .map_err(|e| CloudError::Event(format!("HTTP: response body: {e}")))?;
-        let (body, base64) = match std::str::from_utf8(&body) {
-            Ok(text) => (text.to_owned(), false),
-            Err(_) => (STANDARD.encode(&body), true),
-        };
-        Ok(json!({
-            "statusCode": status,
-            "headers": headers,
-            "body": body,
-            "isBase64Encoded": base64,
-        }))
+        Ok(TickReport {
+            sweep: "ok",
+            replayed,
+            fetch,
+        })
     }
 }
 
@@ -418,81 +436,235 @@ pub fn emf(after: &Totals, before: &Totals, now: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_lambda_events::apigw::ApiGatewayV2httpResponse;
+    use axum::extract::Request;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::IntoResponse;
+    use max300_protocol::Message;
+
+    /// The AWS documentation's example events (`tests/events/README.md`).
+    fn example(name: &str) -> String {
+        let path = format!("{}/tests/events/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// What the function's runtime hands the handler for `json`: the payload, as
+    /// `lambda_runtime` deserializes it, in its `LambdaEvent` with a context.
+    fn invocation(json: &str) -> LambdaEvent<Event> {
+        let mut context = Context::default();
+        context.request_id = "8476a536-e9f4-11e8-9739-2dfe598c3fcd".into();
+        context.xray_trace_id = Some("Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700".into());
+        LambdaEvent::new(serde_json::from_str(json).unwrap(), context)
+    }
+
+    fn what(json: &str) -> Result<Invocation, CloudError> {
+        Invocation::try_from(invocation(json).payload)
+    }
 
     #[test]
-    fn tells_events_apart_by_their_shape() {
-        let tick =
-            json!({"version": "0", "detail-type": "Scheduled Event", "source": "aws.events"});
-        assert_eq!(Invocation::parse(&tick).unwrap(), Invocation::Tick);
-
-        let http = json!({
-            "version": "2.0", "rawPath": "/api/commands", "rawQueryString": "device=d1",
-            "headers": {"authorization": "Bearer x"}, "cookies": ["a=1", "b=2"],
-            "requestContext": {"http": {"method": "GET", "path": "/api/commands"}},
-            "body": STANDARD.encode(b"{}"), "isBase64Encoded": true,
-        });
-        let Invocation::Http(req) = Invocation::parse(&http).unwrap() else {
-            panic!("not http")
-        };
-        assert_eq!(req.uri, "/api/commands?device=d1");
-        assert_eq!(req.method, "GET");
-        assert!(req.headers.contains(&("cookie".into(), "a=1; b=2".into())));
-        assert_eq!(req.body, b"{}");
-
-        let rule = json!({"topic": "max300/d1/ack", "payload": STANDARD.encode(b"{\"x\":1}")});
-        let message = Ok(("max300/d1/ack".into(), b"{\"x\":1}".to_vec()));
+    fn a_scheduled_event_is_a_tick_from_eventbridge_or_from_our_scheduler() {
         assert_eq!(
-            Invocation::parse(&rule).unwrap(),
-            Invocation::Feedback(vec![RuleRecord {
-                id: None,
-                message: message.clone()
-            }])
+            what(&example("eventbridge-scheduled.json")).unwrap(),
+            Invocation::Tick
         );
-        let sqs = json!({"Records": [
-            {"eventSource": "aws:sqs", "messageId": "m1", "body": rule.to_string()},
-            {"eventSource": "aws:sqs", "messageId": "m2", "body": "{not json"},
-        ]});
-        let Invocation::Feedback(records) = Invocation::parse(&sqs).unwrap() else {
+        // What deploy/template.yaml's schedules send: no `detail`, `time` or `resources`.
+        let ours = r#"{"detail-type":"Scheduled Event","source":"max300.scheduler"}"#;
+        assert_eq!(what(ours).unwrap(), Invocation::Tick);
+    }
+
+    #[test]
+    fn an_iot_rule_message_is_one_device_message() {
+        let Invocation::Feedback(records) = what(&example("iot-rule.json")).unwrap() else {
             panic!("not feedback")
         };
-        assert_eq!(
-            records[0],
+        let [
             RuleRecord {
-                id: Some("m1".into()),
-                message
-            }
+                id: None,
+                message: Ok((topic, payload)),
+            },
+        ] = &records[..]
+        else {
+            panic!("{records:?}")
+        };
+        assert_eq!(topic, "max300/max300-0001/heartbeat");
+        assert!(matches!(
+            Message::decode(payload),
+            Ok(Message::Heartbeat(_))
+        ));
+    }
+
+    #[test]
+    fn an_sqs_batch_is_feedback_record_by_record() {
+        let Invocation::Feedback(records) = what(&example("sqs-event.json")).unwrap() else {
+            panic!("not feedback")
+        };
+        let ids: Vec<_> = records.iter().map(|r| r.id.as_deref()).collect();
+        assert_eq!(
+            ids,
+            [
+                Some("059f36b4-87a3-44ab-83d2-661975830a7d"),
+                Some("2e1424d4-f796-459a-8184-9c92662be6da")
+            ]
         );
-        assert_eq!(records[1].id.as_deref(), Some("m2"));
+        let topics: Vec<_> = records
+            .iter()
+            .map(|r| r.message.as_ref().map(|(topic, _)| topic.as_str()))
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                Ok("max300/max300-0001/ack"),
+                Ok("max300/max300-0001/heartbeat")
+            ]
+        );
+        for record in &records {
+            let (_, payload) = record.message.as_ref().unwrap();
+            Message::decode(payload).unwrap();
+        }
+
+        // A broken record, or one from another source, fails only itself.
+        let mut batch: Value = serde_json::from_str(&example("sqs-event.json")).unwrap();
+        let records = batch["Records"].as_array_mut().unwrap();
+        records[0]["body"] = json!("{not json");
+        records[1]["eventSource"] = json!("aws:s3");
+        let Invocation::Feedback(records) = what(&batch.to_string()).unwrap() else {
+            panic!("not feedback")
+        };
+        let errors: Vec<_> = records
+            .iter()
+            .map(|r| r.message.as_ref().unwrap_err())
+            .collect();
         assert!(
-            records[1]
-                .message
-                .as_ref()
-                .unwrap_err()
-                .starts_with("Records[1].body")
+            errors[0].starts_with("Records[0].body: key must be a string"),
+            "{errors:?}"
         );
+        assert_eq!(errors[1], "Records[1]: not an SQS record");
     }
 
     #[test]
     fn an_unknown_or_broken_event_says_what_is_wrong() {
-        let err = Invocation::parse(&json!({"hello": 1}))
+        let err = serde_json::from_str::<Event>(r#"{"hello": 1}"#)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not a Scheduled Event"), "{err}");
-        let err = Invocation::parse(&json!({"topic": "max300/d1/ack", "payload": "%%%"}))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not base64"), "{err}");
-        let err = Invocation::parse(&json!({"topic": "max300/d1/ack"}))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("encode(*, 'base64')"), "{err}");
-        let v1 = json!({"version": "1.0", "requestContext": {"http": {}}});
         assert!(
-            Invocation::parse(&v1)
-                .unwrap_err()
-                .to_string()
-                .contains("2.0")
+            err.starts_with("not a Scheduled Event, an API Gateway HTTP API"),
+            "{err}"
         );
+
+        let err = what(r#"{"topic": "max300/d1/ack", "payload": "%%%"}"#).unwrap_err();
+        assert!(err.to_string().contains("payload: not base64"), "{err}");
+        let err = what(r#"{"topic": "max300/d1/ack"}"#).unwrap_err();
+        assert!(err.to_string().contains("encode(*, 'base64')"), "{err}");
+
+        let mut request: Value = serde_json::from_str(&example("apigw-v2-request.json")).unwrap();
+        request["isBase64Encoded"] = json!(true);
+        let err = what(&request.to_string()).unwrap_err();
+        assert!(
+            err.to_string().contains("HTTP event: body: not base64"),
+            "{err}"
+        );
+        request["version"] = json!("1.0");
+        let err = what(&request.to_string()).unwrap_err();
+        assert!(err.to_string().contains("payload format 2.0"), "{err}");
+
+        let mut other: Value =
+            serde_json::from_str(&example("eventbridge-scheduled.json")).unwrap();
+        other["detail-type"] = json!("EC2 Instance State-change Notification");
+        let err = what(&other.to_string()).unwrap_err();
+        assert!(
+            err.to_string().contains(r#"only "Scheduled Event""#),
+            "{err}"
+        );
+    }
+
+    /// Says back what reached the router, and sets a cookie.
+    async fn echo(request: Request) -> impl IntoResponse {
+        let (parts, body) = request.into_parts();
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let seen = json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "header2": header("header2"),
+            "cookie": header("cookie"),
+            "trace": header("x-amzn-trace-id"),
+            "request_id": parts.extensions.get::<Context>().map(|c| c.request_id.clone()),
+            "body": String::from_utf8(body.to_vec()).unwrap(),
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SET_COOKIE, "session=1; Secure".parse().unwrap());
+        (StatusCode::CREATED, headers, axum::Json(seen))
+    }
+
+    async fn serve(router: Router, json: &str) -> ApiGatewayV2httpResponse {
+        let (event, context) = invocation(json).into_parts();
+        let Ok(Invocation::Http(request)) = Invocation::try_from(event) else {
+            panic!("not an HTTP request")
+        };
+        let response = serve_http(router, *request, context).await;
+        // As Lambda reads it.
+        serde_json::from_value(serde_json::to_value(response).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_http_api_request_reaches_the_router_as_api_gateway_sent_it() {
+        let router = Router::new().fallback(echo);
+        let response = serve(router, &example("apigw-v2-request.json")).await;
+        assert_eq!(response.status_code, 201);
+        assert!(!response.is_base64_encoded);
+        assert_eq!(response.cookies, ["session=1; Secure"]);
+        assert_eq!(response.headers["content-type"], "application/json");
+        let Some(aws_lambda_events::encodings::Body::Text(body)) = &response.body else {
+            panic!("{:?}", response.body)
+        };
+        let seen: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            seen,
+            json!({
+                "method": "POST",
+                "path": "/my/path",
+                "query": "parameter1=value1&parameter1=value2&parameter2=value",
+                "header2": "value1,value2",
+                "cookie": "cookie1; cookie2",
+                "trace": "Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700",
+                "request_id": "8476a536-e9f4-11e8-9739-2dfe598c3fcd",
+                "body": "Hello from Lambda",
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_binary_body_goes_both_ways_in_base64() {
+        let router = Router::new().fallback(|body: axum::body::Bytes| async move {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], body)
+        });
+        let mut request: Value = serde_json::from_str(&example("apigw-v2-request.json")).unwrap();
+        request["body"] = json!(STANDARD.encode([0u8, 159, 146, 150]));
+        request["isBase64Encoded"] = json!(true);
+        let response = serve(router, &request.to_string()).await;
+        assert!(response.is_base64_encoded);
+        let Some(aws_lambda_events::encodings::Body::Text(body)) = &response.body else {
+            panic!("{:?}", response.body)
+        };
+        assert_eq!(STANDARD.decode(body).unwrap(), [0u8, 159, 146, 150]);
+    }
+
+    #[test]
+    fn the_feedback_answer_is_an_sqs_batch_response() {
+        let mut batch = SqsBatchResponse::default();
+        batch.add_failure("m3");
+        let answer =
+            serde_json::to_value(Response::Feedback(FeedbackReport { handled: 2, batch })).unwrap();
+        assert_eq!(answer["handled"], 2);
+        let read: SqsBatchResponse = serde_json::from_value(answer).unwrap();
+        assert_eq!(read.batch_item_failures.len(), 1);
+        assert_eq!(read.batch_item_failures[0].item_identifier, "m3");
     }
 
     #[test]

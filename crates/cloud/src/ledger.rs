@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use max300_protocol::message::{AckMsg, ReportMsg};
-use max300_protocol::{DeviceId, MessageId};
+use max300_protocol::{Backoff, DeviceId, MessageId};
 
 use crate::CloudError;
 use crate::lifecycle::feedback::{self, AckOutcome, AckTarget, ReportOutcome};
@@ -557,17 +557,34 @@ fn capped_report(report: &ReportMsg) -> ReportMsg {
     report
 }
 
-/// A short, growing pause before trying again after a lost race, with jitter so two
-/// instances that collided do not collide again.
+/// The pause after a lost race (0-based attempt): 5 ms doubling to 320 ms, then up to twice
+/// that at random, so two instances that collided do not collide again. Real time; short,
+/// because the winner has already written and a read shows what it did.
+const LOST_RACE: Backoff = Backoff::new(
+    std::time::Duration::from_millis(5),
+    std::time::Duration::from_millis(320),
+)
+.jitter(1.0, 2.0);
+
+/// Sleeps the [`LOST_RACE`] pause for `attempt`.
 async fn backoff(attempt: u32) {
-    let base = 5u64 << attempt.min(6);
-    let ms = base + fastrand::u64(0..=base);
-    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    tokio::time::sleep(LOST_RACE.jittered(attempt, fastrand::f64())).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_race_waits_5_ms_doubling_to_320_ms_and_up_to_double() {
+        // 5 ms << attempt, as far as 320 ms; then up to double at random.
+        for attempt in 0..12u32 {
+            let base = std::time::Duration::from_millis(5 << attempt.min(6));
+            assert_eq!(LOST_RACE.delay(attempt), base);
+            assert_eq!(LOST_RACE.jittered(attempt, 0.0), base);
+            assert_eq!(LOST_RACE.jittered(attempt, 1.0), base * 2);
+        }
+    }
 
     #[test]
     fn long_free_text_from_a_device_is_capped() {

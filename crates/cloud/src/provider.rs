@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use jiff::civil::Date;
+use max300_protocol::Backoff;
 use tracing::warn;
 
 use crate::CloudError;
+
+/// The pause between attempts of one fetch: 0.5 s, then 2 s (three attempts). A provider that
+/// stays down longer is the daily fetch's business, which retries for hours.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8)).factor(4);
 
 /// Fetches provider documents.
 #[derive(Clone, Debug)]
@@ -50,15 +55,13 @@ impl ProviderClient {
 
     /// GETs the document for `date`, retrying transient failures with backoff.
     pub async fn fetch(&self, date: Date) -> Result<Bytes, CloudError> {
-        let mut delay = Duration::from_millis(500);
         let mut attempt = 1;
         loop {
             match self.fetch_once(date).await {
                 Ok(body) => return Ok(body),
                 Err((error, retryable)) if retryable && attempt < self.attempts => {
                     warn!(attempt, error = %error, url = %self.url, "provider fetch failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
+                    tokio::time::sleep(RETRY.delay(attempt - 1)).await;
                     attempt += 1;
                 }
                 Err((error, _)) => return Err(error),
@@ -109,5 +112,16 @@ impl ProviderClient {
             ));
         }
         Ok(body.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_waits_half_a_second_then_two_before_its_last_attempt() {
+        assert_eq!(RETRY.delay(0), Duration::from_millis(500));
+        assert_eq!(RETRY.delay(1), Duration::from_secs(2));
     }
 }

@@ -1,5 +1,5 @@
-//! The command line (DESIGN §8). Flags are layered over config files and `MAX300_*`
-//! variables by passing them on as the last, strongest layer of variables.
+//! The command line (DESIGN §8). Flags are layered over the embedded default, the config
+//! file and `MAX300_*` variables as the last, strongest layer of the service's config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -217,6 +217,10 @@ pub struct CloudArgs {
     /// Register devices on their first message.
     #[arg(long)]
     pub auto_register: bool,
+    /// Create a missing DynamoDB table (store = dynamodb://TABLE) with the deployment
+    /// template's schema. Buckets come from the template or the operator.
+    #[arg(long)]
+    pub create_resources: bool,
 }
 
 /// `max300 agent`
@@ -498,17 +502,20 @@ fn read_config_file(path: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
-/// The process environment, then the flags given as `MAX300_*` pairs (the last layer wins).
-fn layered_env(flags: Vec<(&str, Option<String>)>) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = std::env::vars()
+/// The process's `MAX300_*` variables, the third layer of a config.
+fn max300_env() -> Vec<(String, String)> {
+    std::env::vars()
         .filter(|(k, _)| k.starts_with("MAX300_"))
-        .collect();
-    env.extend(
-        flags
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v))),
-    );
-    env
+        .collect()
+}
+
+/// The flags that were given, as `(key, value)` overrides: the last, strongest layer. A key
+/// is the setting's name; an error about it names the flag (`--data-dir`).
+fn flag_overrides(flags: Vec<(&str, Option<String>)>) -> Vec<(&str, String)> {
+    flags
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
 }
 
 fn path_flag(p: &Option<PathBuf>) -> Option<String> {
@@ -519,25 +526,29 @@ fn path_flag(p: &Option<PathBuf>) -> Option<String> {
 #[cfg(feature = "cloud")]
 pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
     let file = read_config_file(&args.service.config)?;
-    let env = layered_env(vec![
-        ("MAX300_DATA_DIR", path_flag(&args.service.data_dir)),
-        ("MAX300_MQTT", args.service.mqtt.clone()),
-        ("MAX300_CA", path_flag(&args.service.ca)),
-        ("MAX300_CERT", path_flag(&args.service.cert)),
-        ("MAX300_KEY", path_flag(&args.service.key)),
-        ("MAX300_HTTP", args.http.clone()),
-        ("MAX300_PROVIDER", args.provider.clone()),
-        ("MAX300_API_TOKEN", args.api_token.clone()),
-        ("MAX300_STORE", args.store.clone()),
-        ("MAX300_AUDIT", args.audit.clone()),
-        ("MAX300_SHARED_GROUP", args.shared_group.clone()),
-        ("MAX300_CLIENT_ID", args.client_id.clone()),
+    let flags = flag_overrides(vec![
+        ("data_dir", path_flag(&args.service.data_dir)),
+        ("mqtt", args.service.mqtt.clone()),
+        ("ca", path_flag(&args.service.ca)),
+        ("cert", path_flag(&args.service.cert)),
+        ("key", path_flag(&args.service.key)),
+        ("http", args.http.clone()),
+        ("provider", args.provider.clone()),
+        ("api_token", args.api_token.clone()),
+        ("store", args.store.clone()),
+        ("audit", args.audit.clone()),
+        ("shared_group", args.shared_group.clone()),
+        ("client_id", args.client_id.clone()),
         (
-            "MAX300_AUTO_REGISTER",
+            "auto_register",
             args.auto_register.then(|| "true".to_owned()),
         ),
+        (
+            "create_resources",
+            args.create_resources.then(|| "true".to_owned()),
+        ),
     ]);
-    let config = CloudConfig::load(file.as_deref(), &env)?;
+    let config = CloudConfig::layered(file.as_deref(), &max300_env(), &flags)?;
     config.validate()?;
     Ok(config)
 }
@@ -546,20 +557,21 @@ pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
 #[cfg(feature = "agent")]
 pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let file = read_config_file(&args.service.config)?;
-    let env = layered_env(vec![
-        ("MAX300_DATA_DIR", path_flag(&args.service.data_dir)),
-        ("MAX300_MQTT", args.service.mqtt.clone()),
-        ("MAX300_CA", path_flag(&args.service.ca)),
-        ("MAX300_CERT", path_flag(&args.service.cert)),
-        ("MAX300_KEY", path_flag(&args.service.key)),
-        ("MAX300_DEVICE_ID", args.device_id.clone()),
-        ("MAX300_BATTERY", args.battery.clone()),
-        ("MAX300_METRICS", args.metrics.clone()),
+    let flags = flag_overrides(vec![
+        ("data_dir", path_flag(&args.service.data_dir)),
+        ("mqtt", args.service.mqtt.clone()),
+        ("ca", path_flag(&args.service.ca)),
+        ("cert", path_flag(&args.service.cert)),
+        ("key", path_flag(&args.service.key)),
+        ("device_id", args.device_id.clone()),
+        ("battery", args.battery.clone()),
+        ("metrics", args.metrics.clone()),
     ]);
-    Ok(AgentConfig::from_toml(
+    Ok(AgentConfig::layered(
         AgentConfig::DEFAULT_TOML,
         file.as_deref(),
-        &env,
+        &max300_env(),
+        &flags,
     )?)
 }
 

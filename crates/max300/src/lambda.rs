@@ -1,29 +1,32 @@
-//! `max300 lambda`: the Lambda Runtime API client around the cloud's Lambda handler.
-//!
-//! The runtime interface is a small HTTP API at `AWS_LAMBDA_RUNTIME_API`: take the next
-//! invocation (`GET /2018-06-01/runtime/invocation/next`), then post its response or its
-//! error; a failure to start is posted to `/runtime/init/error`. The function is packaged as
-//! `bootstrap`, which Lambda starts with no arguments (see `main`).
+//! `max300 lambda`: the cloud's Lambda handler under `lambda_runtime`, which speaks the Lambda
+//! Runtime API at `AWS_LAMBDA_RUNTIME_API` (take the next invocation, post its response or its
+//! error). The function is packaged as `bootstrap`, which Lambda starts with no arguments (see
+//! `main`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use clap::Args;
-use max300_cloud::lambda::LambdaService;
+use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
+use max300_cloud::CloudError;
+use max300_cloud::lambda::{Event, LambdaService, Response};
 use max300_protocol::{Clock, SystemClock};
-use serde_json::{Value, json};
 use tracing::{Instrument, error, info, info_span};
 
-const API: &str = "2018-06-01/runtime";
+/// What Lambda sets in every function's environment, and `lambda_runtime` reads (it panics
+/// without them, so they are checked first).
+const LAMBDA_ENV: [&str; 4] = [
+    "AWS_LAMBDA_RUNTIME_API",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+];
 
 /// `max300 lambda`
 #[derive(Args, Debug, Clone, Default)]
 pub struct LambdaArgs {
-    /// The Runtime API's host:port (Lambda sets it).
-    #[arg(long, env = "AWS_LAMBDA_RUNTIME_API")]
-    pub runtime_api: String,
     /// A TOML config file; `MAX300_*` variables override it, as for `max300 cloud`.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
@@ -31,77 +34,78 @@ pub struct LambdaArgs {
 
 /// Serves invocations until the Runtime API goes away.
 pub async fn run(args: LambdaArgs) -> anyhow::Result<ExitCode> {
-    let base = format!("http://{}/{API}", args.runtime_api);
-    // No timeout on the whole request: `next` blocks until there is an invocation.
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("http client")?;
+    if let Some(missing) = LAMBDA_ENV
+        .iter()
+        .find(|name| std::env::var_os(name).is_none())
+    {
+        anyhow::bail!(
+            "{missing} is not set: `max300 lambda` runs inside AWS Lambda (or its runtime \
+             interface emulator), which sets it"
+        );
+    }
     let service = match start(&args).await {
-        Ok(s) => s,
+        Ok(service) => service,
         Err(e) => {
-            let body = json!({"errorMessage": format!("{e:#}"), "errorType": "Init"});
             // Lambda shows this to whoever invoked; the process ends either way.
-            let _ = http
-                .post(format!("{base}/init/error"))
-                .header("Lambda-Runtime-Function-Error-Type", "Init")
-                .json(&body)
-                .send()
-                .await;
+            report_init_error(&e).await;
             return Err(e);
         }
     };
-    info!(runtime_api = %args.runtime_api, "lambda handler ready");
-    loop {
-        let next = match http.get(format!("{base}/invocation/next")).send().await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => anyhow::bail!("runtime API: next invocation: {}", r.status()),
-            // The runtime is gone (the sandbox is shutting down).
-            Err(e) => anyhow::bail!("runtime API: {e}"),
-        };
-        let header = |name: &str| {
-            next.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned()
-        };
-        let request_id = header("Lambda-Runtime-Aws-Request-Id");
-        let trace_id = header("Lambda-Runtime-Trace-Id");
-        let deadline_ms: i64 = header("Lambda-Runtime-Deadline-Ms").parse().unwrap_or(0);
-        let event: Result<Value, _> = next.json().await;
-        let span = info_span!("invocation", request_id = %request_id, trace_id = %trace_id);
-        let outcome = async {
-            let event = event.context("the event is not JSON")?;
-            let budget = deadline_budget(deadline_ms);
-            match tokio::time::timeout(budget, service.handle(&event)).await {
-                Ok(handled) => Ok(handled?),
-                Err(_) => anyhow::bail!("out of time: the deadline came first"),
-            }
+    info!("lambda handler ready");
+    let service = &service;
+    lambda_runtime::run(service_fn(move |event| handle(service, event)))
+        .await
+        // The Runtime API is gone (the sandbox is shutting down).
+        .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One invocation, within its deadline; on success, the invocation's metrics line goes to
+/// stdout, where CloudWatch reads EMF.
+async fn handle(
+    service: &LambdaService,
+    event: LambdaEvent<Event>,
+) -> Result<Response, Diagnostic> {
+    let span = info_span!(
+        "invocation",
+        request_id = %event.context.request_id,
+        trace_id = event.context.xray_trace_id.as_deref().unwrap_or(""),
+    );
+    let budget = deadline_budget(event.context.deadline);
+    let outcome = async {
+        match tokio::time::timeout(budget, service.handle(event)).await {
+            Ok(Ok(handled)) => Ok(handled),
+            Ok(Err(e)) => Err(diagnostic(&e)),
+            Err(_) => Err(Diagnostic {
+                error_type: "Timeout".into(),
+                error_message: "out of time: the deadline came first".into(),
+            }),
         }
-        .instrument(span.clone())
-        .await;
-        let posted = match outcome {
-            Ok((response, metrics)) => {
-                // CloudWatch reads EMF lines from stdout.
-                println!("{metrics}");
-                http.post(format!("{base}/invocation/{request_id}/response"))
-                    .json(&response)
-                    .send()
-                    .await
-            }
-            Err(e) => {
-                span.in_scope(|| error!(error = %format!("{e:#}"), "invocation failed"));
-                http.post(format!("{base}/invocation/{request_id}/error"))
-                    .header("Lambda-Runtime-Function-Error-Type", "Unhandled")
-                    .json(&json!({"errorMessage": format!("{e:#}"), "errorType": "Error"}))
-                    .send()
-                    .await
-            }
-        };
-        if let Err(e) = posted.and_then(|r| r.error_for_status()) {
-            anyhow::bail!("runtime API: posting the result of {request_id}: {e}");
+    }
+    .instrument(span.clone())
+    .await;
+    match outcome {
+        Ok((response, metrics)) => {
+            println!("{metrics}");
+            Ok(response)
         }
+        Err(diagnostic) => {
+            span.in_scope(|| error!(error = %diagnostic.error_message, "invocation failed"));
+            Err(diagnostic)
+        }
+    }
+}
+
+/// The `errorType` says which part failed; the message is the error's, with its causes.
+fn diagnostic(e: &CloudError) -> Diagnostic {
+    let error_type = match e {
+        CloudError::Event(_) => "Event",
+        CloudError::Config(_) => "Config",
+        _ => "Error",
+    };
+    Diagnostic {
+        error_type: error_type.into(),
+        error_message: format!("{e:#}"),
     }
 }
 
@@ -120,13 +124,60 @@ async fn start(args: &LambdaArgs) -> anyhow::Result<LambdaService> {
     Ok(LambdaService::start(config, clock, owner).await?)
 }
 
+/// Posts a failed start to `/runtime/init/error` with `lambda_runtime`'s own client, since
+/// `lambda_runtime` reports only its own (SnapStart) init failures there. Best effort: the
+/// process exits after it anyway, and Lambda records that too.
+async fn report_init_error(e: &anyhow::Error) {
+    let diagnostic = Diagnostic {
+        error_type: "Runtime.InitError".into(),
+        error_message: format!("{e:#}"),
+    };
+    let sent = async {
+        let client = lambda_runtime_api_client::PooledClient::builder().build();
+        let request = lambda_runtime_api_client::build_request()
+            .method("POST")
+            .uri("/2018-06-01/runtime/init/error")
+            .header("lambda-runtime-function-error-type", "Runtime.InitError")
+            .body(serde_json::to_vec(&diagnostic)?.into())?;
+        let response = client
+            .call(request)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(response.status().is_success(), "{}", response.status());
+        Ok::<_, anyhow::Error>(())
+    };
+    if let Err(report) = sent.await {
+        error!(error = %format!("{report:#}"), "init error not reported to the runtime API");
+    }
+}
+
 /// The time left before the deadline, less a margin to post the result; at least a second.
-fn deadline_budget(deadline_ms: i64) -> Duration {
-    let now_ms = SystemClock.now().as_millisecond();
-    let left = deadline_ms.saturating_sub(now_ms).saturating_sub(500);
+fn deadline_budget(deadline_ms: u64) -> Duration {
     if deadline_ms == 0 {
-        Duration::from_secs(900)
-    } else {
-        Duration::from_millis(u64::try_from(left).unwrap_or(0).max(1000))
+        return Duration::from_secs(900);
+    }
+    let now_ms = u64::try_from(SystemClock.now().as_millisecond()).unwrap_or(0);
+    let left = deadline_ms.saturating_sub(now_ms).saturating_sub(500);
+    Duration::from_millis(left.max(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_deadline_the_budget_is_lambdas_longest_run() {
+        assert_eq!(deadline_budget(0), Duration::from_secs(900));
+    }
+
+    #[test]
+    fn the_budget_keeps_half_a_second_to_post_the_result_and_is_never_under_a_second() {
+        let now_ms = u64::try_from(SystemClock.now().as_millisecond()).unwrap();
+        let budget = deadline_budget(now_ms + 10_000);
+        assert!(
+            budget <= Duration::from_millis(9_500) && budget >= Duration::from_millis(9_000),
+            "{budget:?}"
+        );
+        assert_eq!(deadline_budget(now_ms - 5_000), Duration::from_secs(1));
     }
 }

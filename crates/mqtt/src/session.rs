@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use max300_protocol::clock::monotonic;
-use max300_protocol::{Channel, DeviceId, Message, ProtocolError, Topics};
+use max300_protocol::{Backoff, Channel, DeviceId, Message, ProtocolError, Topics};
 use rumqttc::{
     AsyncClient, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request,
     TlsConfiguration, Transport,
@@ -51,8 +51,10 @@ use window::Window;
 const MAX_PACKET_BYTES: usize = 192 * 1024;
 /// At most this many QoS 1 publishes wait for a PUBACK.
 const MAX_INFLIGHT: u16 = 100;
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The pause before connecting again: 200 ms doubling to 30 s, each spread ±50 % so a fleet
+/// that lost its broker together does not return in step. Real time.
+const RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).jitter(0.5, 1.5);
 /// How long a publish may wait for a slot in the window and room in the client's queue. Both
 /// free up only while the session task runs, so an unbounded wait could deadlock with it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -478,7 +480,7 @@ pub fn connect(
         flow: session.flow.clone(),
         pubacks: session.pubacks.clone(),
         link_up: false,
-        backoff: BACKOFF_MIN,
+        failures: 0,
         last_failure: None,
     };
     tokio::spawn(task.run(shutdown));
@@ -497,10 +499,10 @@ struct Driver {
     subscription: Subscription,
     /// A connection was established (CONNACK) and has not been settled as lost yet.
     link_up: bool,
-    /// The pause before the next attempt, doubled by every failure until a subscription is
-    /// confirmed: a broker that accepts connections but refuses the subscription is not
-    /// retried every 200 ms.
-    backoff: Duration,
+    /// Connections lost since a subscription was last confirmed, the [`RECONNECT`] attempt:
+    /// a broker that accepts connections but refuses the subscription is not retried every
+    /// 200 ms.
+    failures: u32,
     /// Logged once per kind, so a broker that stays away doesn't flood the log, but a new
     /// reason (e.g. a TLS refusal) is always seen.
     last_failure: Option<String>,
@@ -552,8 +554,8 @@ impl Driver {
                 Some(Trouble::Subscription(failure)) => self.abandon(failure),
                 Some(Trouble::Lost(error)) => self.disconnected(&error).await,
             }
-            let pause = jitter(self.backoff);
-            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            let pause = RECONNECT.jittered(self.failures, fastrand::f64());
+            self.failures = self.failures.saturating_add(1);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(pause) => {}
@@ -625,7 +627,7 @@ impl Driver {
                 }
             }
             Step::Up => {
-                self.backoff = BACKOFF_MIN;
+                self.failures = 0;
                 self.last_failure = None;
                 self.status.send_replace(Status {
                     up: true,
@@ -782,10 +784,6 @@ async fn sleep_until(deadline: Option<std::time::Instant>) -> std::time::Instant
         }
         None => std::future::pending().await,
     }
-}
-
-fn jitter(base: Duration) -> Duration {
-    base.mul_f64(0.5 + fastrand::f64())
 }
 
 #[cfg(test)]
@@ -1028,9 +1026,21 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_half_to_one_and_a_half() {
-        for _ in 0..100 {
-            let d = jitter(Duration::from_secs(2));
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3));
+        for failures in 0..12 {
+            let base = RECONNECT.delay(failures);
+            for _ in 0..100 {
+                let d = RECONNECT.jittered(failures, fastrand::f64());
+                assert!(d >= base / 2 && d <= base * 3 / 2, "{d:?} around {base:?}");
+            }
         }
+    }
+
+    #[test]
+    fn reconnects_back_off_from_200_ms_to_30_s() {
+        let pauses: Vec<u128> = (0..10).map(|n| RECONNECT.delay(n).as_millis()).collect();
+        assert_eq!(
+            pauses,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
     }
 }

@@ -41,7 +41,25 @@ pub enum ProtocolError {
         /// What is wrong with it.
         why: String,
     },
+    /// A name that is not one of an enum's wire names (read back from storage).
+    #[error("unknown {what} {value:?}")]
+    UnknownName {
+        /// Which enum.
+        what: &'static str,
+        /// The offending text (truncated).
+        value: String,
+    },
     /// A schedule message whose plan breaks the rules (count, grid, sha256).
     #[error("invalid plan: {0}")]
     Plan(String),
+}
+
+impl ProtocolError {
+    /// `text` is not one of `what`'s wire names.
+    pub fn unknown_name(what: &'static str, text: &str) -> ProtocolError {
+        ProtocolError::UnknownName {
+            what,
+            value: text.chars().take(80).collect(),
+        }
+    }
 }

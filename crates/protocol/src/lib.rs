@@ -12,9 +12,11 @@
 //! - [`message`]: the MQTT payloads and their decoding.
 //! - [`topic`]: topic names, built and parsed in one place.
 //! - [`trace`]: the W3C `traceparent` that carries a trace across the broker.
+//! - [`backoff`]: [`Backoff`], the pause before trying again, for every retry loop.
 //! - [`clock`]: system, scaled and manual clocks; the only place wall time is read.
 //! - [`error`]: the crate's error type.
 
+pub mod backoff;
 pub mod clock;
 pub mod day;
 pub mod document;
@@ -26,6 +28,7 @@ pub mod setpoint;
 pub mod topic;
 pub mod trace;
 
+pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, ScaledClock, SystemClock};
 pub use day::Day;
 pub use document::{FieldError, Fleet, Normalized, NormalizedSchedule, Rejection};

@@ -338,6 +338,15 @@ pub enum Fallback {
 }
 
 impl Fallback {
+    /// Every fallback.
+    pub const ALL: [Fallback; 5] = [
+        Fallback::NoSchedule,
+        Fallback::ClockUnsynced,
+        Fallback::ControllerFault,
+        Fallback::Cancelled,
+        Fallback::DryRun,
+    ];
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -347,6 +356,17 @@ impl Fallback {
             Fallback::Cancelled => "cancelled",
             Fallback::DryRun => "dry_run",
         }
+    }
+}
+
+/// The exact wire name, as stored.
+impl std::str::FromStr for Fallback {
+    type Err = ProtocolError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Fallback::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| ProtocolError::unknown_name("fallback", s))
     }
 }
 
@@ -528,6 +548,15 @@ impl ScheduleMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fallback_reads_back_from_its_wire_name_and_serde_agrees() {
+        for f in Fallback::ALL {
+            assert_eq!(f.as_str().parse::<Fallback>(), Ok(f));
+            assert_eq!(serde_json::to_value(f).unwrap(), f.as_str());
+        }
+        assert!("no schedule".parse::<Fallback>().is_err());
+    }
 
     #[test]
     fn a_long_decimal_decodes_to_the_float_it_encodes_back_to() {

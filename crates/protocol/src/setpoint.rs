@@ -19,6 +19,9 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode.
+    pub const ALL: [Mode; 3] = [Mode::Charge, Mode::Discharge, Mode::Idle];
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -30,9 +33,20 @@ impl Mode {
 
     /// Parses a mode, ignoring case as the provider contract allows.
     pub fn parse_loose(text: &str) -> Option<Mode> {
-        [Mode::Charge, Mode::Discharge, Mode::Idle]
+        Mode::ALL
             .into_iter()
             .find(|m| m.as_str().eq_ignore_ascii_case(text))
+    }
+}
+
+/// The exact wire name, as stored.
+impl std::str::FromStr for Mode {
+    type Err = ProtocolError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| ProtocolError::unknown_name("mode", s))
     }
 }
 
@@ -209,5 +223,14 @@ mod tests {
     fn parses_modes_ignoring_case() {
         assert_eq!(Mode::parse_loose("DisCharge"), Some(Mode::Discharge));
         assert_eq!(Mode::parse_loose("hold"), None);
+    }
+
+    #[test]
+    fn a_stored_mode_is_read_back_exactly_or_refused_by_name() {
+        for mode in Mode::ALL {
+            assert_eq!(mode.as_str().parse::<Mode>(), Ok(mode));
+        }
+        let err = "Charge".parse::<Mode>().unwrap_err();
+        assert_eq!(err.to_string(), r#"unknown mode "Charge""#);
     }
 }

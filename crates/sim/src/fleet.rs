@@ -4,9 +4,10 @@
 //! says nothing about the agent.
 //!
 //! Each device is the agent's two halves without the battery and the disk: a
-//! [`max300_mqtt::Session`] (reconnect with backoff, resubscribe, PUBACK order, a clean
-//! DISCONNECT at shutdown) and an [`Engine`] whose [`Engine::on_schedule`] decides each ack,
-//! so the fleet answers exactly as an agent would to a first delivery. It never
+//! [`max300_mqtt::Session`] (reconnect after the session's protocol `Backoff`, resubscribe,
+//! PUBACK order, a clean DISCONNECT at shutdown) and an [`Engine`] whose
+//! [`Engine::on_schedule`] decides each ack, so the fleet answers exactly as an agent would
+//! to a first delivery. It never
 //! [holds](Engine::hold) a plan: a device's memory stays flat however many days it runs, and
 //! a repeat or an older version is judged afresh instead of against a held plan.
 //!

@@ -9,13 +9,13 @@ use axum::extract::{Path, Query, State};
 use jiff::civil::{Date, Time};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
-use max300_protocol::message::ReportMsg;
+use max300_protocol::message::{Fallback, LimitedBy, PeriodReason, ReportMsg, ReportStatus};
 use max300_protocol::{Day, DeviceId, Mode};
 use serde::Serialize;
 
 use super::{ApiError, ApiState, DateQuery, parse_date};
-use crate::CommandState;
 use crate::store::{CommandDetail, CommandSummary, FleetRow, HistoryEntry};
+use crate::{CommandState, PeriodStatus};
 
 /// Every period is half an hour; the clock changes alter how many there are, not how long.
 const PERIOD: SignedDuration = SignedDuration::from_mins(30);
@@ -107,10 +107,10 @@ pub struct DeviceLine {
     online: bool,
     last_seen: Option<Timestamp>,
     heartbeat_age_s: Option<f64>,
-    mode: Option<String>,
+    mode: Option<Mode>,
     rate_kw: Option<f64>,
     soc_pct: Option<f64>,
-    fallback: Option<String>,
+    fallback: Option<Fallback>,
     today: Option<CommandBadge>,
     tomorrow: Option<CommandBadge>,
     conformance: Conformance,
@@ -307,20 +307,41 @@ pub struct DayPeriod {
     local_start: String,
     local_end: String,
     utc_offset: String,
-    mode: &'static str,
+    mode: Mode,
     rate_kw: f64,
     /// Charge is positive, discharge negative.
     signed_kw: f64,
-    /// `none` when no command governs the period.
-    status: &'static str,
+    status: DayStatus,
     applied_kw: Option<f64>,
     soc_pct: Option<f64>,
     planned_kwh: f64,
     delivered_kwh: Option<f64>,
-    limited_by: Option<String>,
-    reason: Option<String>,
+    limited_by: Option<LimitedBy>,
+    reason: Option<PeriodReason>,
     error: Option<String>,
     reported_at: Option<Timestamp>,
+}
+
+/// A period's status in the device view: its command's, or the device's own word on a
+/// period no command governs, or `none` when there is neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DayStatus {
+    /// Under the command.
+    Command(PeriodStatus),
+    /// Reported with no command.
+    Reported(ReportStatus),
+    /// Neither.
+    None,
+}
+
+impl Serialize for DayStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            DayStatus::Command(status) => status.as_str(),
+            DayStatus::Reported(status) => status.as_str(),
+            DayStatus::None => "none",
+        })
+    }
 }
 
 /// The command behind the device view, with its timeline.
@@ -377,9 +398,7 @@ pub fn day_view(
             let planned = command
                 .as_ref()
                 .and_then(|c| c.periods.iter().find(|p| p.period == n));
-            let mode = planned
-                .and_then(|p| Mode::parse_loose(&p.mode))
-                .unwrap_or(Mode::Idle);
+            let mode = planned.map_or(Mode::Idle, |p| p.mode);
             let rate = planned.map(|p| p.rate_kw.kw()).unwrap_or(0.0);
             let applied = planned.and_then(|p| p.applied_kw).map(|r| r.kw());
             let report = planned.is_none().then(|| reported.get(&n)).flatten();
@@ -391,13 +410,13 @@ pub fn day_view(
                 local_start: zoned.strftime("%H:%M").to_string(),
                 local_end: local(end).strftime("%H:%M").to_string(),
                 utc_offset: zoned.strftime("%:z").to_string(),
-                mode: mode.as_str(),
+                mode,
                 rate_kw: rate,
                 signed_kw: signed(mode, rate),
                 status: planned
-                    .map(|p| p.status.as_str())
-                    .or(report.map(|r| r.status.as_str()))
-                    .unwrap_or("none"),
+                    .map(|p| DayStatus::Command(p.status))
+                    .or(report.map(|r| DayStatus::Reported(r.status)))
+                    .unwrap_or(DayStatus::None),
                 applied_kw: applied,
                 soc_pct: planned
                     .and_then(|p| p.soc_pct)
@@ -406,11 +425,10 @@ pub fn day_view(
                 // What the unit says it delivered in the period (integrated over it), not
                 // its rate times the period: a unit limited mid-period delivers less.
                 delivered_kwh: reported.get(&n).and_then(|r| r.energy_kwh),
-                limited_by: planned.and_then(|p| p.limited_by.clone()),
-                reason: planned.and_then(|p| p.reason.clone()).or_else(|| {
-                    let reason = serde_json::to_value(report?.reason?).ok()?;
-                    reason.as_str().map(str::to_owned)
-                }),
+                limited_by: planned.and_then(|p| p.limited_by),
+                reason: planned
+                    .and_then(|p| p.reason)
+                    .or(report.and_then(|r| r.reason)),
                 error: planned.and_then(|p| p.error.clone()),
                 reported_at: planned.and_then(|p| p.at).or(report.map(|r| r.at)),
             }

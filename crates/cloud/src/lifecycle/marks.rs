@@ -5,7 +5,7 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
-use max300_protocol::message::ReportStatus;
+use max300_protocol::message::{PeriodReason, ReportStatus};
 
 use super::PeriodStatus;
 
@@ -82,8 +82,8 @@ impl Mark {
     }
 
     /// Why a period marked without a report was skipped.
-    pub fn reason(self) -> Option<&'static str> {
-        (self == Mark::Superseded).then_some("superseded")
+    pub fn reason(self) -> Option<PeriodReason> {
+        (self == Mark::Superseded).then_some(PeriodReason::Superseded)
     }
 
     /// Whether the period needs nothing more for its command to complete.

@@ -1,7 +1,10 @@
 //! The lifecycle's timing: when an unacknowledged message goes out again, when an
 //! acknowledged command is given up as incomplete, and how far back a report still counts.
 
+use std::time::Duration;
+
 use jiff::SignedDuration;
+use max300_protocol::Backoff;
 
 /// The longest wait between two publishes of the same message.
 pub const RESEND_MAX: SignedDuration = SignedDuration::from_mins(15);
@@ -35,13 +38,15 @@ impl Default for Policy {
 
 impl Policy {
     /// The wait after the `attempt`-th publish (1-based): the ack timeout, doubling with each
-    /// attempt up to 15 minutes, and never under the floor.
+    /// attempt up to 15 minutes ([`RESEND_MAX`]), and never under the floor. No jitter: the
+    /// attempt count is stored with the command, and the wait is a pure function of it.
     pub fn resend_delay(&self, attempt: u32) -> SignedDuration {
-        let doublings = attempt.saturating_sub(1).min(16);
-        self.ack_timeout
-            .checked_mul(1 << doublings)
+        // A negative ack timeout (refused by the config) would wait the floor.
+        let first = Duration::try_from(self.ack_timeout).unwrap_or(Duration::ZERO);
+        let max = Duration::try_from(RESEND_MAX).unwrap_or(Duration::MAX);
+        let wait = Backoff::new(first, max).delay(attempt.saturating_sub(1));
+        SignedDuration::try_from(wait)
             .unwrap_or(RESEND_MAX)
-            .min(RESEND_MAX)
             .max(self.floor)
     }
 }

@@ -28,8 +28,10 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
-use max300_protocol::message::{AckMsg, ControlMsg, HeartbeatMsg, ReportMsg, ScheduleMsg};
-use max300_protocol::{DeviceId, MessageId, RateKw, Schedule, Setpoint, TraceParent};
+use max300_protocol::message::{
+    AckMsg, ControlMsg, Fallback, HeartbeatMsg, LimitedBy, PeriodReason, ReportMsg, ScheduleMsg,
+};
+use max300_protocol::{DeviceId, MessageId, Mode, RateKw, Schedule, Setpoint, TraceParent};
 use serde::Serialize;
 
 pub use crate::lifecycle::HistoryEntry;
@@ -49,13 +51,13 @@ pub struct DeviceRecord {
     /// When anything was last heard from it.
     pub last_seen: Option<Timestamp>,
     /// Mode from the last heartbeat.
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
     /// Rate from the last heartbeat.
     pub rate_kw: Option<RateKw>,
     /// State of charge from the last heartbeat.
     pub soc_pct: Option<f64>,
     /// Fallback from the last heartbeat.
-    pub fallback: Option<String>,
+    pub fallback: Option<Fallback>,
     /// The plan it says it follows.
     pub active_message_id: Option<String>,
     /// Its outbox depth.
@@ -117,7 +119,7 @@ pub struct PeriodView {
     /// Its start.
     pub start: Timestamp,
     /// Planned mode.
-    pub mode: String,
+    pub mode: Mode,
     /// Planned rate.
     pub rate_kw: RateKw,
     /// Its status.
@@ -125,9 +127,9 @@ pub struct PeriodView {
     /// What ran.
     pub applied_kw: Option<RateKw>,
     /// Why it differed.
-    pub limited_by: Option<String>,
+    pub limited_by: Option<LimitedBy>,
     /// Why it was skipped or limited.
-    pub reason: Option<String>,
+    pub reason: Option<PeriodReason>,
     /// Why it failed.
     pub error: Option<String>,
     /// State of charge reported with it.
@@ -675,20 +677,20 @@ impl CommandDetail {
                 let mut view = PeriodView {
                     period: p.period,
                     start: p.start,
-                    mode: p.setpoint.mode().as_str().to_owned(),
+                    mode: p.setpoint.mode(),
                     rate_kw: p.setpoint.rate(),
                     status: mark.status(),
                     applied_kw: None,
                     limited_by: None,
-                    reason: mark.reason().map(str::to_owned),
+                    reason: mark.reason(),
                     error: None,
                     soc_pct: None,
                     at: None,
                 };
                 if let (Mark::Reported { .. }, Some(r)) = (mark, by_start.get(&p.start)) {
                     view.applied_kw = r.applied_kw;
-                    view.limited_by = r.limited_by.and_then(wire_name);
-                    view.reason = r.reason.and_then(wire_name);
+                    view.limited_by = r.limited_by;
+                    view.reason = r.reason;
                     view.error = r.error.clone();
                     view.soc_pct = r.soc_pct;
                     view.at = Some(r.at);
@@ -708,11 +710,4 @@ impl CommandDetail {
             periods,
         }
     }
-}
-
-/// A wire enum's name (`soc_max`, `superseded`).
-fn wire_name(v: impl Serialize) -> Option<String> {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
 }

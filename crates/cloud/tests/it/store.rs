@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use max300_cloud::lifecycle::Subject;
 use max300_cloud::store::{Cancel, CommandStore, IngestionCounts, Insert, NewCommand, Recorded};
 use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
-use max300_protocol::message::{AckMsg, AckStatus, ReportMsg, ReportStatus, V1};
+use max300_protocol::message::{AckMsg, AckStatus, Fallback, ReportMsg, ReportStatus, V1};
 use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId, TraceParent};
 
 use crate::{day, eve, schedule};
@@ -433,7 +433,7 @@ async fn registers_devices_and_records_heartbeats(l: &Ledger) {
     let rec = store.device(&d).await.unwrap().unwrap();
     assert_eq!(rec.last_seen, Some(seen));
     assert_eq!(rec.rate_kw, Some(RateKw::from_watts(12_500)));
-    assert_eq!(rec.fallback.as_deref(), Some("no_schedule"));
+    assert_eq!(rec.fallback, Some(Fallback::NoSchedule));
     assert_eq!(store.devices().await.unwrap().len(), 1);
 }
 
@@ -1173,6 +1173,24 @@ contract!(dynamodb, super::dynamodb().await, {
                 .unwrap(),
             Cancel::AlreadyEnded(CommandState::Completed)
         );
+    }
+
+    /// A missing table is a clear error that names the way to create it; with
+    /// `create_resources` it is created, with the template's schema.
+    #[tokio::test]
+    async fn a_missing_table_names_the_flag_and_the_flag_creates_it() {
+        let moto = crate::moto::Moto::start();
+        let store = max300_cloud::store::DynamoStore::from_client(moto.dynamodb(), "absent");
+        let err = store.ensure_table(false).await.unwrap_err().to_string();
+        assert!(
+            err.contains("absent") && err.contains("--create-resources"),
+            "{err}"
+        );
+        store.ensure_table(true).await.unwrap();
+        store.ensure_table(false).await.unwrap();
+        let l = super::ledger(Arc::new(store));
+        let (id, _) = super::create(&l, "d1", 10).await;
+        assert_eq!(super::state(&**l.store(), &id).await, CommandState::Created);
     }
 
     /// The table `create_table` makes is the one the deployment template declares, and

@@ -1,11 +1,17 @@
 //! `max300 lambda` as Lambda runs it: the binary started with no arguments beside a Lambda
 //! Runtime API of our own (the documented `2018-06-01` interface), on DynamoDB and S3 in moto.
 //! The IoT data plane is the one part played by a recorder: IoT Core has no emulator here.
+//! The events are the AWS documentation's examples (`crates/cloud/tests/events`), carrying our
+//! payloads; the answers are read as Lambda reads them, into `aws_lambda_events` and
+//! `lambda_runtime` types.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aws_lambda_events::apigw::ApiGatewayV2httpResponse;
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::sqs::SqsBatchResponse;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -14,6 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use lambda_runtime::Diagnostic;
 use max300_protocol::message::{AckMsg, AckStatus, HeartbeatMsg, ReportMsg, ReportStatus, V1};
 use max300_protocol::{Clock, DeviceId, Message, Mode, RateKw, StoreId, SystemClock};
 use serde_json::{Value, json};
@@ -85,6 +92,28 @@ async fn init_error(State(rt): State<Arc<Runtime>>, body: Bytes) -> StatusCode {
     StatusCode::ACCEPTED
 }
 
+/// The Runtime API's routes.
+fn runtime_api(runtime: Arc<Runtime>) -> Router {
+    Router::new()
+        .route("/2018-06-01/runtime/invocation/next", get(next))
+        .route("/2018-06-01/runtime/invocation/{id}/{kind}", post(respond))
+        .route("/2018-06-01/runtime/init/error", post(init_error))
+        .with_state(runtime)
+}
+
+/// The variables Lambda sets for every function.
+fn lambda_env(runtime_api: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_LAMBDA_RUNTIME_API", runtime_api),
+        ("AWS_LAMBDA_FUNCTION_NAME", "max300-tick"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", "2026/11/29/[$LATEST]abc"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .into()
+}
+
 /// What the IoT data plane was asked to publish: (topic, qos, payload).
 type Published = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
 
@@ -131,30 +160,69 @@ impl Function {
     }
 }
 
+/// An example event of the AWS documentation (`crates/cloud/tests/events`).
+fn example(name: &str) -> Value {
+    let path = format!(
+        "{}/../cloud/tests/events/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The documentation's HTTP API request, made ours: method, path, query, headers and body.
 fn http(method: &str, path: &str, query: &str, token: Option<&str>, body: Option<&str>) -> Value {
-    let mut headers = serde_json::Map::new();
-    headers.insert("content-type".into(), json!("application/json"));
+    let mut event = example("apigw-v2-request.json");
+    let mut headers = json!({"content-type": "application/json"});
     if let Some(t) = token {
-        headers.insert("authorization".into(), json!(format!("Bearer {t}")));
+        headers["authorization"] = json!(format!("Bearer {t}"));
     }
-    json!({
-        "version": "2.0",
-        "routeKey": "$default",
-        "rawPath": path,
-        "rawQueryString": query,
-        "headers": headers,
-        "requestContext": {"http": {"method": method, "path": path, "sourceIp": "192.0.2.1"}},
-        "body": body,
-        "isBase64Encoded": false,
-    })
+    event["headers"] = headers;
+    event["rawPath"] = json!(path);
+    event["rawQueryString"] = json!(query);
+    event
+        .as_object_mut()
+        .unwrap()
+        .remove("queryStringParameters");
+    event["requestContext"]["http"]["method"] = json!(method);
+    event["requestContext"]["http"]["path"] = json!(path);
+    event["body"] = json!(body);
+    event["isBase64Encoded"] = json!(false);
+    event
 }
 
+/// The documentation's IoT rule message, carrying `message` as received on `topic`.
 fn rule_event(topic: &str, message: &Message) -> Value {
-    json!({"topic": topic, "payload": STANDARD.encode(message.encode())})
+    let mut event = example("iot-rule.json");
+    event["topic"] = json!(topic);
+    event["payload"] = json!(STANDARD.encode(message.encode()));
+    event
 }
 
-fn body(response: &Value) -> Value {
-    serde_json::from_str(response["body"].as_str().unwrap()).unwrap()
+/// The documentation's SQS event with one record for each (message id, body).
+fn sqs_batch(records: &[(&str, String)]) -> Value {
+    let mut event = example("sqs-event.json");
+    let template = event["Records"][0].clone();
+    event["Records"] = records
+        .iter()
+        .map(|(id, body)| {
+            let mut record = template.clone();
+            record["messageId"] = json!(id);
+            record["body"] = json!(body);
+            record
+        })
+        .collect();
+    event
+}
+
+/// An HTTP answer, as API Gateway reads it; and its body, as JSON.
+fn http_response(answer: Value) -> (ApiGatewayV2httpResponse, Value) {
+    let response: ApiGatewayV2httpResponse = serde_json::from_value(answer).unwrap();
+    let body = match &response.body {
+        Some(Body::Text(text)) => serde_json::from_str(text).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    (response, body)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,14 +234,7 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     let runtime = Arc::new(Runtime::default());
     let (tx, results) = mpsc::unbounded_channel();
     *runtime.results.lock().unwrap() = Some(tx);
-    let runtime_api = serve(
-        Router::new()
-            .route("/2018-06-01/runtime/invocation/next", get(next))
-            .route("/2018-06-01/runtime/invocation/{id}/{kind}", post(respond))
-            .route("/2018-06-01/runtime/init/error", post(init_error))
-            .with_state(runtime.clone()),
-    )
-    .await;
+    let runtime_api = serve(runtime_api(runtime.clone())).await;
     let published: Published = Arc::default();
     let data_plane = serve(
         Router::new()
@@ -196,12 +257,12 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     let provider_url = provider.expect_line("listening on");
 
     let token = "lambda-test-token-0123456789";
+    let data_plane_url = format!("http://{data_plane}");
     let mut env = aws.env();
+    env.extend(lambda_env(&runtime_api));
     env.extend(
         [
-            ("AWS_LAMBDA_RUNTIME_API", runtime_api.as_str()),
-            ("AWS_LAMBDA_LOG_STREAM_NAME", "2026/11/29/[$LATEST]abc"),
-            ("MAX300_IOT_DATA_ENDPOINT", &format!("http://{data_plane}")),
+            ("MAX300_IOT_DATA_ENDPOINT", data_plane_url.as_str()),
             ("MAX300_PROVIDER", &provider_url),
             // Due all day, so the first tick fetches whatever the hour.
             ("MAX300_FETCH_AT", "00:00"),
@@ -220,11 +281,7 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     let store = aws.store();
 
     // A scheduled tick: the sweep, and tomorrow's fetch, published through the data plane.
-    let tick = json!({
-        "version": "0", "id": "e1", "detail-type": "Scheduled Event", "source": "aws.events",
-        "account": "000000000000", "time": "2026-11-29T16:00:00Z", "region": "eu-west-2",
-        "resources": ["arn:aws:events:eu-west-2:000000000000:rule/max300-tick"], "detail": {},
-    });
+    let tick = example("eventbridge-scheduled.json");
     let first = function.invoke(tick.clone()).await.unwrap();
     assert_eq!(first["fetch"], "done", "{first}");
     let commands = store.commands(None, None).await.unwrap();
@@ -289,13 +346,15 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
         ))
         .await
         .unwrap();
-    assert_eq!(listed["statusCode"], 200, "{listed}");
-    assert_eq!(body(&listed).as_array().unwrap().len(), 2);
+    let (listed, body) = http_response(listed);
+    assert_eq!(listed.status_code, 200, "{listed:?}");
+    assert_eq!(body.as_array().unwrap().len(), 2);
     let refused = function
         .invoke(http("POST", "/api/schedules", "", None, Some("{}")))
         .await
         .unwrap();
-    assert_eq!(refused["statusCode"], 401, "{refused}");
+    let (refused, _) = http_response(refused);
+    assert_eq!(refused.status_code, 401, "{refused:?}");
 
     // Feedback from IoT rules: an ack, a report and a heartbeat of unit-a.
     let cmd = commands
@@ -352,9 +411,10 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
         ))
         .await
         .unwrap();
-    assert_eq!(posted["statusCode"], 200, "{posted}");
+    let (posted, body) = http_response(posted);
+    assert_eq!(posted.status_code, 200, "{posted:?}");
     let todays: max300_protocol::MessageId =
-        serde_json::from_value(body(&posted)["accepted"][0]["message_id"].clone()).unwrap();
+        serde_json::from_value(body["accepted"][0]["message_id"].clone()).unwrap();
     let current = today.period_at(now).unwrap();
     let report = Message::Report(ReportMsg {
         v: V1,
@@ -392,17 +452,26 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     });
     // Through SQS this time: a batch of rule messages, one of them broken. Only the broken
     // one is handed back (to be retried, and in the end dead-lettered).
-    let batch = json!({"Records": [
-        {"eventSource": "aws:sqs", "messageId": "m1", "body": rule_event("max300/unit-a/report", &report).to_string()},
-        {"eventSource": "aws:sqs", "messageId": "m2", "body": rule_event("max300/unit-a/heartbeat", &heartbeat).to_string()},
-        {"eventSource": "aws:sqs", "messageId": "m3", "body": "{\"topic\": \"max300/unit-a/report\"}"},
-    ]});
+    let batch = sqs_batch(&[
+        (
+            "m1",
+            rule_event("max300/unit-a/report", &report).to_string(),
+        ),
+        (
+            "m2",
+            rule_event("max300/unit-a/heartbeat", &heartbeat).to_string(),
+        ),
+        ("m3", json!({"topic": "max300/unit-a/report"}).to_string()),
+    ]);
     let handled = function.invoke(batch).await.unwrap();
     assert_eq!(handled["handled"], 2, "{handled}");
-    assert_eq!(
-        handled["batchItemFailures"],
-        json!([{"itemIdentifier": "m3"}])
-    );
+    let handed_back: SqsBatchResponse = serde_json::from_value(handled).unwrap();
+    let ids: Vec<_> = handed_back
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(ids, ["m3"]);
     let reported = store.command(&todays).await.unwrap().unwrap();
     assert_eq!(
         reported.periods[current as usize - 1].status,
@@ -410,7 +479,7 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     );
     let seen = store.device(&device).await.unwrap().unwrap();
     assert_eq!(seen.soc_pct, Some(55.0));
-    assert_eq!(seen.mode.as_deref(), Some("idle"));
+    assert_eq!(seen.mode, Some(Mode::Idle));
     // Each handled message got its receipt through the data plane.
     let receipts: Vec<Vec<u64>> = published
         .lock()
@@ -425,16 +494,16 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
     assert_eq!(receipts.concat(), [1, 2], "{receipts:?}");
 
     // An event of no known shape fails the invocation, and says why.
-    let failed = function
-        .invoke(json!({"hello": "world"}))
-        .await
-        .unwrap_err();
+    let failed: Diagnostic = serde_json::from_value(
+        function
+            .invoke(json!({"hello": "world"}))
+            .await
+            .unwrap_err(),
+    )
+    .unwrap();
     assert!(
-        failed["errorMessage"]
-            .as_str()
-            .unwrap()
-            .contains("not a Scheduled Event"),
-        "{failed}"
+        failed.error_message.contains("not a Scheduled Event"),
+        "{failed:?}"
     );
 
     // The first tick's line counts its publishes and its ingestion.
@@ -454,4 +523,30 @@ async fn the_lambda_handler_serves_ticks_http_and_iot_rule_feedback() {
         "MAX300"
     );
     assert_eq!(tick_line["Published"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lambda_handler_reports_a_failed_start_to_the_runtime_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(Runtime::default());
+    let (tx, mut results) = mpsc::unbounded_channel();
+    *runtime.results.lock().unwrap() = Some(tx);
+    let runtime_api = serve(runtime_api(runtime)).await;
+    // No MAX300_IOT_DATA_ENDPOINT: the function cannot publish, so it must not start.
+    let mut env = lambda_env(&runtime_api);
+    env.push(("MAX300_DATA_DIR".into(), dir.path().display().to_string()));
+    let mut lambda = Proc::start_with_env("lambda", &[], &env, dir.path());
+    let (id, result) = tokio::time::timeout(Duration::from_secs(30), results.recv())
+        .await
+        .expect("the failed start was reported within 30 s")
+        .expect("runtime open");
+    assert_eq!(id, "init");
+    let reported: Diagnostic = serde_json::from_value(result.unwrap_err()).unwrap();
+    assert_eq!(reported.error_type, "Runtime.InitError");
+    assert!(
+        reported.error_message.contains("iot_data_endpoint"),
+        "{reported:?}"
+    );
+    let status = lambda.stop();
+    assert!(!status.success(), "{status:?}");
 }

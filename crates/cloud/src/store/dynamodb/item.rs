@@ -106,7 +106,10 @@ where
     need(item, k)?.parse().map_err(|e| format!("{k}: {e}"))
 }
 
-fn opt_ts(item: &Item, k: &str) -> Result<Option<Timestamp>, String> {
+fn opt_parse<T: std::str::FromStr>(item: &Item, k: &str) -> Result<Option<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
     get_s(item, k)
         .map(|t| t.parse().map_err(|e| format!("{k}: {e}")))
         .transpose()
@@ -121,11 +124,11 @@ pub(super) fn device_record(item: &Item) -> Result<DeviceRecord, String> {
         device_id: parse(item, "device_id")?,
         max_rate_kw: rate(item, "max_rate_w"),
         registered_at: parse(item, "registered_at")?,
-        last_seen: opt_ts(item, "last_seen")?,
-        mode: get_s(item, "mode").map(str::to_owned),
+        last_seen: opt_parse(item, "last_seen")?,
+        mode: opt_parse(item, "mode")?,
         rate_kw: rate(item, "rate_w"),
         soc_pct: get_n(item, "soc_pct"),
-        fallback: get_s(item, "fallback").map(str::to_owned),
+        fallback: opt_parse(item, "fallback")?,
         active_message_id: get_s(item, "active_message_id").map(str::to_owned),
         outbox: get_n(item, "outbox"),
     })
@@ -295,8 +298,8 @@ pub(super) fn command_of(item: &Item) -> Result<Command, String> {
         acked_sha256,
         publishes: get_n(item, "publishes").unwrap_or(0),
         attempts: get_n(item, "attempts").unwrap_or(0),
-        last_sent_at: opt_ts(item, "last_sent_at")?,
-        retry_at: opt_ts(item, "retry_at")?,
+        last_sent_at: opt_parse(item, "last_sent_at")?,
+        retry_at: opt_parse(item, "retry_at")?,
         marks,
         traceparent: get_s(item, "traceparent").and_then(|t| TraceParent::parse(t).ok()),
         rev: get_n(item, "rev").unwrap_or(0),
@@ -357,8 +360,8 @@ pub(super) fn control_of(item: &Item) -> Result<Control, String> {
         ends_at: parse(item, "ends_at")?,
         publishes: get_n(item, "publishes").unwrap_or(0),
         attempts: get_n(item, "attempts").unwrap_or(0),
-        last_sent_at: opt_ts(item, "last_sent_at")?,
-        retry_at: opt_ts(item, "retry_at")?,
+        last_sent_at: opt_parse(item, "last_sent_at")?,
+        retry_at: opt_parse(item, "retry_at")?,
         rev: get_n(item, "rev").unwrap_or(0),
     })
 }

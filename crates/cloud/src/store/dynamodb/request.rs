@@ -9,6 +9,7 @@ use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, Put, ReturnValue, TransactWriteItem, Update,
 };
+use max300_protocol::Backoff;
 use tokio::task::JoinSet;
 
 use super::item::{Item, key, num};
@@ -292,12 +293,18 @@ where
     }
 }
 
-/// A short, growing pause before retrying a lost race or a throttled batch, with jitter so
-/// two instances that collided do not collide again.
+/// The pause before retrying a lost race or a throttled batch (0-based attempt): 5 ms
+/// doubling to 320 ms, then up to twice that at random, so two instances that collided do
+/// not collide again. Real time.
+const RETRY: Backoff = Backoff::new(
+    std::time::Duration::from_millis(5),
+    std::time::Duration::from_millis(320),
+)
+.jitter(1.0, 2.0);
+
+/// Sleeps the [`RETRY`] pause for `attempt`.
 pub(super) async fn backoff(attempt: u32) {
-    let base = 5u64 << attempt.min(6);
-    let ms = base + fastrand::u64(0..=base);
-    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    tokio::time::sleep(RETRY.jittered(attempt, fastrand::f64())).await;
 }
 
 pub(super) fn chunked<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
@@ -443,6 +450,17 @@ mod tests {
 
     use super::*;
     use crate::store::dynamodb::item::s;
+
+    #[test]
+    fn a_retry_waits_5_ms_doubling_to_320_ms_and_up_to_double() {
+        // 5 ms << attempt, as far as 320 ms; then up to double at random.
+        for attempt in 0..12u32 {
+            let base = std::time::Duration::from_millis(5 << attempt.min(6));
+            assert_eq!(RETRY.delay(attempt), base);
+            assert_eq!(RETRY.jittered(attempt, 0.0), base);
+            assert_eq!(RETRY.jittered(attempt, 1.0), base * 2);
+        }
+    }
 
     #[test]
     fn an_update_puts_every_name_behind_a_placeholder() {

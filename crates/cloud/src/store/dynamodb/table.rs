@@ -12,6 +12,36 @@ use super::DynamoStore;
 use crate::CloudError;
 
 impl DynamoStore {
+    /// Checks that the table exists; when it does not, creates it if `create` (the
+    /// `--create-resources` flag), or says how to.
+    pub async fn ensure_table(&self, create: bool) -> Result<(), CloudError> {
+        let described = self
+            .client
+            .describe_table()
+            .table_name(&*self.table)
+            .send()
+            .await;
+        match described {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                if create {
+                    self.create_table().await
+                } else {
+                    Err(CloudError::Config(format!(
+                        "store: the DynamoDB table {} does not exist: start once with \
+                         --create-resources (create_resources = true) to create it, or deploy \
+                         deploy/template.yaml",
+                        self.table
+                    )))
+                }
+            }
+            Err(e) => Err(self.err("DescribeTable", DisplayErrorContext(e))),
+        }
+    }
+
     /// Creates the table (on-demand capacity) with the schema the deployment template also
     /// declares, unless it exists, waits until it is active, and turns on TTL on `ttl`.
     pub async fn create_table(&self) -> Result<(), CloudError> {

@@ -302,10 +302,10 @@ pub(super) fn device_row(row: &rusqlite::Row) -> rusqlite::Result<DeviceRecord> 
         max_rate_kw: rate(row.get(1)?),
         registered_at: ts(row.get(2)?)?,
         last_seen: opt_ts(row.get(3)?)?,
-        mode: row.get(4)?,
+        mode: row.get::<_, Option<String>>(4)?.map(parsed).transpose()?,
         rate_kw: rate(row.get(5)?),
         soc_pct: row.get(6)?,
-        fallback: row.get(7)?,
+        fallback: row.get::<_, Option<String>>(7)?.map(parsed).transpose()?,
         active_message_id: row.get(8)?,
         outbox: row.get::<_, Option<i64>>(9)?.map(|n| n.max(0) as u64),
     })
