@@ -25,8 +25,8 @@ use max300_mqtt::trace;
 use max300_mqtt::{Event, Inbound, Qos, Session, SessionConfig};
 use max300_protocol::clock::monotonic;
 use max300_protocol::message::{
-    AckMsg, AckStatus, ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg, RejectReason,
-    ReportMsg, ReportStatus, ScheduleMsg, SyncMsg, V1,
+    ControlMsg, Fallback, HeartbeatMsg, PeriodReason, ReceiptMsg, ReportMsg, ReportStatus,
+    ScheduleMsg, SyncMsg, V1,
 };
 use max300_protocol::{
     Channel, Clock, DeviceId, Message, MessageId, RateKw, Setpoint, Topics, TraceParent,
@@ -37,10 +37,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, error, info, info_span, instrument, warn};
 
-use crate::battery::{Battery, BatteryStatus, ReadOnly, SimBattery, SunSpecBattery};
+use crate::battery::{Battery, BatteryStatus, ReadOnly, SunSpecBattery};
 use crate::config::BatteryChoice;
 use crate::energy::PeriodEnergy;
-use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan};
+use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan, Verdict};
 use crate::metrics::AgentMetrics;
 use crate::safety::{Guard, SafetyConfig};
 use crate::store::{Outgoing, Store};
@@ -66,12 +66,42 @@ const PERIOD: jiff::SignedDuration = jiff::SignedDuration::from_secs(max300_prot
 /// How often the measured power is read while it settles on a new setpoint (real time).
 const SETTLE_POLL: Duration = Duration::from_millis(100);
 
-/// Runs one agent until `shutdown`: opens its store, builds its battery, connects to the
-/// broker and follows its plans. Start-up failures (config, store, broker address) are
-/// returned; everything after start-up is logged and retried.
-#[instrument(skip_all, fields(device_id = %config.device_id))]
+/// Runs one agent until `shutdown` on the controller its config names: a SunSpec controller,
+/// or one only read (`dry-run:`). A simulated battery (`battery = "sim"`) is not built here:
+/// it stands in for the outside world and lives in `max300-sim`, which hands one to
+/// [`run_with`]; asked for one, this returns a config error saying so. Start-up failures
+/// (config, store, broker address) are returned; everything after start-up is logged and
+/// retried.
 pub async fn run(
     config: AgentConfig,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let battery: Arc<dyn Battery> = match config.battery_choice()? {
+        BatteryChoice::Sim => {
+            return Err(AgentError::Config(
+                "battery = \"sim\": this build has no simulated battery (it is left out of the \
+                 agent-only build); use sunspec+tcp://host:port/unit or dry-run:sunspec+tcp://…"
+                    .into(),
+            ));
+        }
+        BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
+        BatteryChoice::DryRun(url) => {
+            Arc::new(ReadOnly(SunSpecBattery::new(url, config.revert_timeout())))
+        }
+    };
+    run_with(config, battery, clock, shutdown).await
+}
+
+/// Runs one agent until `shutdown`, driving `battery`: opens its store, connects to the
+/// broker and follows its plans. With `battery = "dry-run:…"` in the config, `battery` is
+/// only read and periods are reported with what would have run. Start-up failures (config,
+/// store, broker address) are returned; everything after start-up is logged and retried.
+#[instrument(skip_all, fields(device_id = %config.device_id))]
+pub async fn run_with(
+    config: AgentConfig,
+    battery: Arc<dyn Battery>,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -95,22 +125,6 @@ pub async fn run(
     let store = Arc::new(store);
 
     let dry_run = matches!(config.battery_choice()?, BatteryChoice::DryRun(_));
-    let battery: Arc<dyn Battery> = match config.battery_choice()? {
-        BatteryChoice::Sim => {
-            // The simulated unit keeps its log and its state of charge beside the store, so
-            // both survive a restart of the agent (and the fault suite can read the log).
-            let mut sim = config.sim.clone();
-            sim.write_log
-                .get_or_insert_with(|| config.data_dir.join("battery-writes.jsonl"));
-            sim.state_file
-                .get_or_insert_with(|| config.data_dir.join("battery-state.json"));
-            Arc::new(SimBattery::new(sim, clock.clone(), config.revert_timeout()))
-        }
-        BatteryChoice::SunSpec(url) => Arc::new(SunSpecBattery::new(url, config.revert_timeout())),
-        BatteryChoice::DryRun(url) => {
-            Arc::new(ReadOnly(SunSpecBattery::new(url, config.revert_timeout())))
-        }
-    };
 
     let mut engine = Engine::new(device_id.clone(), tz, &config.timezone, max_rate)
         .with_catch_up(config.catch_up());
@@ -412,34 +426,11 @@ impl Agent {
         }
     }
 
-    fn ack(
-        &self,
-        message_id: &MessageId,
-        now: Timestamp,
-        reason: Option<RejectReason>,
-        details: Option<String>,
-        sha256: Option<String>,
-        effective_period: Option<u32>,
-    ) -> Message {
-        Message::Ack(AckMsg {
-            v: V1,
-            // The store stamps its id and the seq inside the transaction.
-            store_id: self.store.store_id().clone(),
-            seq: 0,
-            message_id: message_id.clone(),
-            device_id: self.device_id.clone(),
-            status: if reason.is_some() {
-                AckStatus::Rejected
-            } else {
-                AckStatus::Accepted
-            },
-            reason,
-            details,
-            sha256,
-            effective_period,
-            at: now,
-            traceparent: None,
-        })
+    /// The ack of `message_id` saying `verdict`. The store stamps its id and the seq inside
+    /// the transaction.
+    fn ack(&self, message_id: &MessageId, now: Timestamp, verdict: Verdict) -> Message {
+        let from = (self.store.store_id(), 0);
+        Message::Ack(verdict.ack(message_id, &self.device_id, from, now))
     }
 
     /// Stamps an ack or report with the trace context of the span it is made in, or else
@@ -461,19 +452,16 @@ impl Agent {
         let mid = &msg.message_id;
         let topic = self.topic(Channel::Ack);
         let sent = self.session.is_connected();
-        let (result, plan) = match self.engine.on_schedule(msg, now) {
+        let decision = self.engine.on_schedule(msg, now);
+        let Some(verdict) = decision.verdict() else {
+            if let Decision::Withhold { why } = decision {
+                warn!(device_id = %id, message_id = %mid, why, "ack withheld: the cloud will resend");
+            }
+            return;
+        };
+        let ack = Self::traced(self.ack(mid, now, verdict), msg.traceparent.as_ref());
+        let (result, plan) = match decision {
             Decision::Accept(plan) => {
-                let ack = Self::traced(
-                    self.ack(
-                        mid,
-                        now,
-                        None,
-                        None,
-                        Some(plan.sha256.clone()),
-                        Some(plan.effective_period),
-                    ),
-                    msg.traceparent.as_ref(),
-                );
                 let (m, eff) = (msg.clone(), plan.effective_period);
                 let r = blocking(&self.store, move |s| {
                     s.accept_plan(&m, eff, ack, topic, now, sent)
@@ -481,15 +469,8 @@ impl Agent {
                 .await;
                 (r, Some(plan))
             }
-            Decision::Repeat {
-                effective_period,
-                sha256,
-            } => {
+            Decision::Repeat { .. } => {
                 debug!(device_id = %id, message_id = %mid, "repeated schedule: accepted again");
-                let ack = Self::traced(
-                    self.ack(mid, now, None, None, Some(sha256), Some(effective_period)),
-                    msg.traceparent.as_ref(),
-                );
                 (
                     blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
                     None,
@@ -497,19 +478,13 @@ impl Agent {
             }
             Decision::Reject { reason, details } => {
                 warn!(device_id = %id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "schedule rejected");
-                let ack = Self::traced(
-                    self.ack(mid, now, Some(reason), details, None, None),
-                    msg.traceparent.as_ref(),
-                );
                 (
                     blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await,
                     None,
                 )
             }
-            Decision::Withhold { why } => {
-                warn!(device_id = %id, message_id = %mid, why, "ack withheld: the cloud will resend");
-                return;
-            }
+            // Answered above: it has no verdict.
+            Decision::Withhold { .. } => return,
         };
         match result {
             Ok(out) => {
@@ -535,7 +510,7 @@ impl Agent {
         let result = match self.engine.on_control(msg) {
             ControlDecision::Cancel { target, held } => {
                 let ack = Self::traced(
-                    self.ack(&mid, now, None, None, None, None),
+                    self.ack(&mid, now, Verdict::ACCEPTED),
                     msg.traceparent.as_ref(),
                 );
                 let (control, t) = (mid.clone(), target.clone());
@@ -560,17 +535,15 @@ impl Agent {
             }
             ControlDecision::Repeat => {
                 let ack = Self::traced(
-                    self.ack(&mid, now, None, None, None, None),
+                    self.ack(&mid, now, Verdict::ACCEPTED),
                     msg.traceparent.as_ref(),
                 );
                 blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
             }
             ControlDecision::Reject { reason, details } => {
                 warn!(device_id = %self.device_id, message_id = %mid, reason = ?reason, details = details.as_deref().unwrap_or(""), "control rejected");
-                let ack = Self::traced(
-                    self.ack(&mid, now, Some(reason), details, None, None),
-                    msg.traceparent.as_ref(),
-                );
+                let verdict = Verdict::Rejected { reason, details };
+                let ack = Self::traced(self.ack(&mid, now, verdict), msg.traceparent.as_ref());
                 blocking(&self.store, move |s| s.enqueue(ack, topic, sent)).await
             }
         };

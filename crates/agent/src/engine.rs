@@ -15,10 +15,10 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use max300_protocol::day::period_start_at;
 use max300_protocol::message::{
-    ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg,
+    AckMsg, AckStatus, ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg, V1,
 };
 use max300_protocol::{
-    Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint, TraceParent,
+    Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint, StoreId, TraceParent,
 };
 
 /// How far back missed periods are still reported unless set otherwise (`catch_up_h`): 48
@@ -79,6 +79,91 @@ pub enum Decision {
         /// Why, for the log.
         why: &'static str,
     },
+}
+
+impl Decision {
+    /// What the ack of this decision says; `None` for [`Decision::Withhold`], which sends none.
+    pub fn verdict(&self) -> Option<Verdict> {
+        match self {
+            Decision::Accept(plan) => Some(Verdict::Accepted {
+                sha256: Some(plan.sha256.clone()),
+                effective_period: Some(plan.effective_period),
+            }),
+            Decision::Repeat {
+                effective_period,
+                sha256,
+            } => Some(Verdict::Accepted {
+                sha256: Some(sha256.clone()),
+                effective_period: Some(*effective_period),
+            }),
+            Decision::Reject { reason, details } => Some(Verdict::Rejected {
+                reason: *reason,
+                details: details.clone(),
+            }),
+            Decision::Withhold { .. } => None,
+        }
+    }
+}
+
+/// What an ack says about a schedule or control message, apart from who sends it and when.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Accepted; a schedule's ack also has its sha256 and the first period it governs.
+    Accepted {
+        /// The plan's sha256, as computed here.
+        sha256: Option<String>,
+        /// The first period the plan governs.
+        effective_period: Option<u32>,
+    },
+    /// Rejected.
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+        /// Details, for `invalid` and a few others.
+        details: Option<String>,
+    },
+}
+
+impl Verdict {
+    /// Accepted, as a control message's ack says it (no sha256, no period).
+    pub const ACCEPTED: Verdict = Verdict::Accepted {
+        sha256: None,
+        effective_period: None,
+    };
+
+    /// The ack of `message_id` that `device_id` sends at `now` from its store `store_id` as
+    /// entry `seq`, with no trace context.
+    pub fn ack(
+        self,
+        message_id: &MessageId,
+        device_id: &DeviceId,
+        (store_id, seq): (&StoreId, u64),
+        now: Timestamp,
+    ) -> AckMsg {
+        let (status, reason, details, sha256, effective_period) = match self {
+            Verdict::Accepted {
+                sha256,
+                effective_period,
+            } => (AckStatus::Accepted, None, None, sha256, effective_period),
+            Verdict::Rejected { reason, details } => {
+                (AckStatus::Rejected, Some(reason), details, None, None)
+            }
+        };
+        AckMsg {
+            v: V1,
+            store_id: store_id.clone(),
+            seq,
+            message_id: message_id.clone(),
+            device_id: device_id.clone(),
+            status,
+            reason,
+            details,
+            sha256,
+            effective_period,
+            at: now,
+            traceparent: None,
+        }
+    }
 }
 
 /// What to do with a control message.
@@ -204,6 +289,11 @@ impl Engine {
     pub fn restore(&mut self, last_done: Option<Timestamp>, last_instant: Option<Timestamp>) {
         self.last_done = last_done;
         self.last_instant = last_instant;
+    }
+
+    /// The device it decides for.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
     }
 
     /// The zone of schedule dates.
@@ -609,7 +699,7 @@ impl Engine {
 mod tests {
     use super::*;
     use max300_protocol::Mode;
-    use max300_protocol::message::{ControlAction, V1};
+    use max300_protocol::message::ControlAction;
 
     const TZ: &str = "Europe/London";
     /// The uptime of an agent that has just (re)started: every missed period was missed
@@ -644,6 +734,42 @@ mod tests {
         let schedule = Schedule::new(device(), day, vec![charge(kw); n]).unwrap();
         let at = ts("2026-01-01T00:00:00Z");
         ScheduleMsg::new(&schedule, MessageId::generate(at), version, at)
+    }
+
+    #[test]
+    fn every_decision_but_withhold_has_the_ack_the_contract_says() {
+        let e = engine();
+        let m = msg("2026-11-30", 1, 50);
+        let store = StoreId::parse("s1").unwrap();
+        let now = ts("2026-11-29T16:00:00Z");
+        let verdict = e.on_schedule(&m, now).verdict().unwrap();
+        let ack = verdict.ack(&m.message_id, &device(), (&store, 7), now);
+        assert_eq!(
+            (ack.status, ack.seq, ack.effective_period, ack.at),
+            (AckStatus::Accepted, 7, Some(1), now)
+        );
+        assert_eq!(ack.sha256.as_deref(), Some(m.sha256.as_str()));
+        let reject = Decision::Reject {
+            reason: RejectReason::Past,
+            details: Some("over".into()),
+        };
+        let ack = reject
+            .verdict()
+            .unwrap()
+            .ack(&m.message_id, &device(), (&store, 8), now);
+        assert_eq!(
+            (ack.status, ack.reason, ack.details.as_deref(), ack.sha256),
+            (
+                AckStatus::Rejected,
+                Some(RejectReason::Past),
+                Some("over"),
+                None
+            )
+        );
+        let withheld = Decision::Withhold {
+            why: "clock_unsynced",
+        };
+        assert_eq!(withheld.verdict(), None);
     }
 
     fn accept(e: &mut Engine, m: &ScheduleMsg, now: Timestamp) -> u32 {

@@ -29,14 +29,6 @@ pub enum AgentError {
     /// The MQTT session cannot be started.
     #[error(transparent)]
     Mqtt(#[from] max300_mqtt::MqttError),
-    /// A simulated battery's write log cannot be read.
-    #[error("write log {path}: {reason}")]
-    WriteLog {
-        /// The log file.
-        path: String,
-        /// What failed.
-        reason: String,
-    },
     /// A listener could not be opened.
     #[error("{what}")]
     Io {

@@ -12,6 +12,8 @@
 //! - [`config`]: the agent's settings, layered from defaults, a file and `MAX300_*` variables.
 //! - [`agent`]: the async shell: one `select!` over MQTT events, period boundaries, heartbeats,
 //!   re-asserts, outbox resends and shutdown. It carries out what the engine decides.
+//!   [`run`] drives the controller the config names; [`run_with`] is handed one (the
+//!   simulated battery of `max300-sim`, which this crate does not contain).
 //! - [`engine`]: pure decisions: which plans are held (and which are cancelled, before or after
 //!   they arrive), what each period runs or skips and why, when to wake next, and the fallback
 //!   when there is no plan.
@@ -22,10 +24,9 @@
 //! - [`store`]: the SQLite store: plans, control messages, reports (one per period; the
 //!   current one open until the period ends), the outbox of acks and reports awaiting a
 //!   receipt, and the store's id and sequence.
-//! - [`battery`]: the controller seam ([`Battery`]), the simulated unit ([`SimBattery`]) with
-//!   its optional write log on disk, and the SunSpec controller over Modbus TCP
-//!   ([`SunSpecBattery`]); with feature `sim-server`, the simulated unit served as a SunSpec
-//!   Modbus map (`max300 battery-sim`).
+//! - [`battery`]: the controller seam ([`Battery`]), the SunSpec controller over Modbus TCP
+//!   ([`SunSpecBattery`]) with its register map (shared with the simulator's server), and the
+//!   settings of a simulated unit ([`SimConfig`], the `[sim]` table).
 //! - [`metrics`]: the agent's Prometheus metrics and its optional local endpoint.
 //! - [`systemd`]: `READY=1` and the watchdog, when run by systemd with `Type=notify`.
 //! - [`timesync`]: whether the system clock is synchronized (NTP), for `clock_sync`.
@@ -43,7 +44,7 @@ pub mod store;
 pub mod systemd;
 pub mod timesync;
 
-pub use agent::run;
-pub use battery::{Battery, BatteryStatus, SimBattery, SimConfig, SunSpecBattery, SunSpecUrl};
+pub use agent::{run, run_with};
+pub use battery::{Battery, BatteryStatus, SimConfig, SunSpecBattery, SunSpecUrl};
 pub use config::AgentConfig;
 pub use error::AgentError;

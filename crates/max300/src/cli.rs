@@ -13,11 +13,11 @@ use max300_cloud::{Cloud, CloudConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::ClockArgs;
-#[cfg(feature = "cloud")]
-use crate::sample;
-#[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+#[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 use crate::up;
 use crate::validate;
+#[cfg(feature = "sim")]
+use max300_sim::sample;
 
 /// MAX300 fleet control: day-ahead battery plans from the provider to every unit.
 #[derive(Parser, Debug)]
@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Everything on one machine: broker, cloud, sample provider and simulated units.
-    #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+    #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
     Up(up::UpArgs),
     /// The cloud service.
     #[cfg(feature = "cloud")]
@@ -53,13 +53,13 @@ pub enum Command {
     #[cfg(feature = "agent")]
     Agent(AgentArgs),
     /// The sample schedule provider (GET /tomorrow[?date=D]).
-    #[cfg(feature = "cloud")]
+    #[cfg(feature = "sim")]
     Provider(ProviderArgs),
     /// The embedded MQTT broker on its own (loopback only).
     #[cfg(feature = "broker")]
     Broker(BrokerArgs),
     /// A simulated battery served over Modbus TCP as a SunSpec map (models 1 and 124).
-    #[cfg(feature = "battery-sim")]
+    #[cfg(feature = "sim")]
     BatterySim(BatterySimArgs),
     /// One ingestion run, in-process, with the cloud's settings.
     #[cfg(feature = "cloud")]
@@ -71,13 +71,13 @@ pub enum Command {
     /// does not measure the agent. Prints "fleet: N connected" once all are subscribed and
     /// serves until SIGTERM or ctrl-c, then disconnects each cleanly.
     #[cfg(feature = "fleet")]
-    Fleet(crate::fleet::FleetArgs),
+    Fleet(FleetCommand),
     /// Benchmarks through the real components.
-    #[cfg(all(feature = "cloud", feature = "broker"))]
+    #[cfg(feature = "sim")]
     Bench {
         /// What to measure.
         #[command(subcommand)]
-        what: crate::bench::Bench,
+        what: max300_sim::bench::Bench,
     },
     /// Development certificates: a CA, the broker's, the cloud's and each device's.
     #[cfg(feature = "cloud")]
@@ -243,7 +243,7 @@ pub struct AgentArgs {
 }
 
 /// `max300 provider`
-#[cfg(feature = "cloud")]
+#[cfg(feature = "sim")]
 #[derive(Args, Debug, Clone)]
 pub struct ProviderArgs {
     /// Where to listen.
@@ -279,7 +279,7 @@ pub struct BrokerArgs {
 }
 
 /// `max300 battery-sim`
-#[cfg(feature = "battery-sim")]
+#[cfg(feature = "sim")]
 #[derive(Args, Debug, Clone)]
 pub struct BatterySimArgs {
     /// Where to serve Modbus TCP (port 0: any free port; the bound address is printed).
@@ -327,11 +327,23 @@ pub struct BatterySimArgs {
     /// (writes acknowledged but not taken), no_power (writes taken and held, but the battery
     /// idles: the measured power is 0 and the state of charge stays).
     #[arg(long, default_value = "none")]
-    pub fault: max300_agent::battery::sunspec::server::Fault,
+    pub fault: max300_sim::sunspec::Fault,
     /// Start the fault at this plan time (RFC 3339). Default: at once.
     #[arg(long)]
     pub fault_from: Option<jiff::Timestamp>,
     /// Plan time (state of charge); the revert timer runs on real seconds.
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+/// `max300 fleet`
+#[cfg(feature = "fleet")]
+#[derive(Args, Debug, Clone)]
+pub struct FleetCommand {
+    /// The fleet's flags.
+    #[command(flatten)]
+    pub fleet: max300_sim::fleet::FleetArgs,
+    /// Plan time, for the acks' `at` and effective period.
     #[command(flatten)]
     pub clock: ClockArgs,
 }
@@ -352,12 +364,12 @@ impl Command {
     /// The log filter when RUST_LOG is not set.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+            #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
             Command::Up(_) => "warn,rumqttd=off",
             Command::Validate(_) | Command::Config { .. } => "warn",
             #[cfg(feature = "fleet")]
             Command::Fleet(_) => "warn",
-            #[cfg(all(feature = "cloud", feature = "broker"))]
+            #[cfg(feature = "sim")]
             Command::Bench { .. } => "warn,rumqttd=off",
             #[cfg(feature = "cloud")]
             Command::Certs { .. } => "warn",
@@ -381,26 +393,30 @@ impl Command {
     /// Runs the command.
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self {
-            #[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+            #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
             Command::Up(args) => up::run(args).await,
             #[cfg(feature = "cloud")]
             Command::Cloud(args) => run_cloud(args).await,
             #[cfg(feature = "agent")]
             Command::Agent(args) => run_agent(args).await,
-            #[cfg(feature = "cloud")]
+            #[cfg(feature = "sim")]
             Command::Provider(args) => run_provider(args).await,
             #[cfg(feature = "broker")]
             Command::Broker(args) => run_broker(args).await,
-            #[cfg(feature = "battery-sim")]
+            #[cfg(feature = "sim")]
             Command::BatterySim(args) => run_battery_sim(args).await,
             #[cfg(feature = "cloud")]
             Command::Ingest(args) => run_ingest(args).await,
             Command::Validate(args) => validate::run(args),
             #[cfg(feature = "fleet")]
-            Command::Fleet(args) => crate::fleet::run(args).await,
+            Command::Fleet(args) => {
+                let clock = args.clock.build()?;
+                max300_sim::fleet::run(args.fleet, clock, shutdown_on_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             #[cfg(feature = "aws")]
             Command::Lambda(args) => crate::lambda::run(args).await,
-            #[cfg(all(feature = "cloud", feature = "broker"))]
+            #[cfg(feature = "sim")]
             Command::Bench { what } => what.run().await,
             #[cfg(feature = "cloud")]
             Command::Certs { action } => {
@@ -576,11 +592,16 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = agent_config(&args)?;
     let clock = args.service.clock.build()?;
     let shutdown = shutdown_on_signal();
+    // The simulated battery comes with the simulator; the agent-only build has neither, and
+    // its agent refuses `battery = "sim"` with a clear error.
+    #[cfg(feature = "sim")]
+    max300_sim::run_agent(config, clock, shutdown).await?;
+    #[cfg(not(feature = "sim"))]
     max300_agent::run(config, clock, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(feature = "cloud")]
+#[cfg(feature = "sim")]
 async fn run_provider(args: ProviderArgs) -> anyhow::Result<ExitCode> {
     let clock = args.clock.build()?;
     let devices = if args.device_ids.is_empty() {
@@ -621,11 +642,11 @@ async fn run_broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(feature = "battery-sim")]
+#[cfg(feature = "sim")]
 async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
     use max300_agent::SimConfig;
     use max300_agent::battery::sunspec::map::Meter;
-    use max300_agent::battery::sunspec::server::{SimServerConfig, SunSpecSim, serve};
+    use max300_sim::sunspec::{SimServerConfig, SunSpecSim, serve};
 
     let clock = args.clock.build()?;
     let defaults = SimConfig::default();
@@ -646,9 +667,7 @@ async fn run_battery_sim(args: BatterySimArgs) -> anyhow::Result<ExitCode> {
         meter: (!args.no_meter).then_some(Meter::Inverter),
         der_models: args.der_models,
     };
-    let sim = std::sync::Arc::new(
-        SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?,
-    );
+    let sim = std::sync::Arc::new(SunSpecSim::new(config, clock).context("battery-sim")?);
     sim.set_fault(args.fault, args.fault_from);
     let listener = tokio::net::TcpListener::bind(args.modbus)
         .await

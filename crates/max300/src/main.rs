@@ -2,35 +2,23 @@
 //! calls into the libraries; the business logic lives in the crates.
 //!
 //! # Layout
-//! - `cli`: the command line and the layering of flags over config files and env.
+//! - `cli`: the command line and the layering of flags over config files and env. Commands
+//!   of the simulator (`provider`, `battery-sim`, `fleet`, `bench`) are thin calls into
+//!   `max300-sim`.
 //! - `clock`: the `--clock-*` flags.
-//! - `sample`: the sample schedule provider.
-//! - `up`: everything on one machine, with a summary.
+//! - `up`: everything on one machine, with a summary: the composition of broker, cloud,
+//!   sample provider and agents on simulated batteries.
 //! - `validate`: offline checking of a provider document.
-//! - `bench`: benchmarks through the real components.
-//! - `bench_agent`: `bench agent`, one agent's memory, boundary lateness and ack time.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
-//! - `fleet`: simulated devices, one MQTT connection each, that ack every schedule.
-//! - `fds`: the open-file limit, raised and checked for runs with many connections.
 //! - `lambda`: the Lambda Runtime API client around the cloud's Lambda handler.
 
-#[cfg(all(feature = "cloud", feature = "broker"))]
-mod bench;
-#[cfg(all(feature = "cloud", feature = "broker", feature = "agent"))]
-mod bench_agent;
 #[cfg(feature = "cloud")]
 mod certs;
 mod cli;
 mod clock;
-#[cfg(any(feature = "fleet", all(feature = "cloud", feature = "broker")))]
-mod fds;
-#[cfg(feature = "fleet")]
-mod fleet;
 #[cfg(feature = "aws")]
 mod lambda;
-#[cfg(feature = "cloud")]
-mod sample;
-#[cfg(all(feature = "cloud", feature = "agent", feature = "broker"))]
+#[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 mod up;
 mod validate;
 

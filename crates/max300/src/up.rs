@@ -23,8 +23,8 @@ use max300_protocol::{Clock, DEFAULT_TIMEZONE, Day, ScaledClock, SystemClock};
 use tokio::task::JoinSet;
 
 use crate::cli::shutdown_on_signal;
-use crate::sample;
 use max300_mqtt::broker;
+use max300_sim::sample;
 
 /// `max300 up`
 #[derive(Args, Debug, Clone)]
@@ -65,7 +65,6 @@ pub struct UpArgs {
 }
 
 /// An in-process `battery-sim` with one SunSpec unit per device, on a loopback port.
-#[cfg(feature = "battery-sim")]
 async fn start_battery_sim(
     devices: usize,
     data_dir: &std::path::Path,
@@ -73,7 +72,7 @@ async fn start_battery_sim(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     use max300_agent::SimConfig;
-    use max300_agent::battery::sunspec::server::{SimServerConfig, SunSpecSim, serve};
+    use max300_sim::sunspec::{SimServerConfig, SunSpecSim, serve};
 
     let units = u8::try_from(devices)
         .ok()
@@ -89,8 +88,7 @@ async fn start_battery_sim(
         meter: Some(max300_agent::battery::sunspec::map::Meter::Inverter),
         der_models: false,
     };
-    let sim =
-        Arc::new(SunSpecSim::new(config, clock).map_err(|e| anyhow::anyhow!("battery-sim: {e}"))?);
+    let sim = Arc::new(SunSpecSim::new(config, clock).context("battery-sim")?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -99,16 +97,6 @@ async fn start_battery_sim(
         }
     });
     Ok(addr)
-}
-
-#[cfg(not(feature = "battery-sim"))]
-async fn start_battery_sim(
-    _devices: usize,
-    _data_dir: &std::path::Path,
-    _clock: Arc<dyn Clock>,
-    _shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<SocketAddr> {
-    anyhow::bail!("--modbus: this build has no battery-sim (feature battery-sim)")
 }
 
 /// Real seconds between heartbeats of the simulated units.
@@ -207,7 +195,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("agent {id}"))?;
         let (clock, shutdown) = (clock.clone(), shutdown.clone());
         agents.spawn(async move {
-            if let Err(e) = max300_agent::run(config, clock, shutdown).await {
+            if let Err(e) = max300_sim::run_agent(config, clock, shutdown).await {
                 tracing::error!(device_id = %id, error = %Chain(&e), "agent stopped");
             }
         });
@@ -546,7 +534,7 @@ impl Summary {
 
 /// Peak resident memory of this process.
 fn peak_memory() -> Option<String> {
-    let kb = crate::bench::peak_memory_kb()?;
+    let kb = max300_sim::bench::peak_memory_kb()?;
     Some(format!("{:.1} MB", kb as f64 / 1024.0))
 }
 

@@ -58,6 +58,8 @@ const RECONNECT: Backoff =
 /// How long a publish may wait for a slot in the window and room in the client's queue. Both
 /// free up only while the session task runs, so an unbounded wait could deadlock with it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the DISCONNECT at shutdown may take to be written before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to connect.
 #[derive(Clone, Debug)]
@@ -217,6 +219,9 @@ struct Status {
     up: bool,
     /// The last subscription failure, until a subscription is confirmed.
     subscription_error: Option<String>,
+    /// Why the last connection attempt failed or the connection was lost, until a
+    /// subscription is confirmed.
+    connection_error: Option<String>,
 }
 
 /// Flow control for QoS 1 publishes. rumqttc stops reading its request queue while its
@@ -369,6 +374,29 @@ impl Session {
     pub async fn wait_connected(&self) {
         let mut rx = self.status.clone();
         let _ = rx.wait_for(|s| s.up).await;
+    }
+
+    /// Waits for the first outcome of connecting: connected and subscribed, or why an
+    /// attempt failed (no broker, a TLS refusal, a refused filter). After a failure the
+    /// session goes on trying, as always.
+    pub async fn first_connection(&self) -> Result<(), String> {
+        let mut rx = self.status.clone();
+        let status = match rx
+            .wait_for(|s| s.up || s.connection_error.is_some() || s.subscription_error.is_some())
+            .await
+        {
+            Ok(status) => status.clone(),
+            Err(_) => return Err(MqttError::Closed.to_string()),
+        };
+        match (
+            status.up,
+            status.subscription_error,
+            status.connection_error,
+        ) {
+            (true, _, _) => Ok(()),
+            (false, Some(reason), _) | (false, None, Some(reason)) => Err(reason),
+            (false, None, None) => Err(MqttError::Closed.to_string()),
+        }
     }
 
     /// Messages dropped because the application was not keeping up.
@@ -542,8 +570,28 @@ impl Driver {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        let _ = self.client.try_disconnect();
+        self.close().await;
         self.status.send_modify(|s| s.up = false);
+    }
+
+    /// Sends DISCONNECT on a live connection and waits, briefly, until it is written, so the
+    /// broker sees a clean close rather than a dropped socket.
+    async fn close(&mut self) {
+        if self.client.try_disconnect().is_err() || !self.link_up {
+            return;
+        }
+        let written = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if written.is_err() {
+            debug!(client_id = %self.config.client_id, "disconnect not written in time: socket dropped");
+        }
     }
 
     /// One event of a live connection. `Some` if the subscription failed.
@@ -592,7 +640,7 @@ impl Driver {
                 self.last_failure = None;
                 self.status.send_replace(Status {
                     up: true,
-                    subscription_error: None,
+                    ..Status::default()
                 });
                 let _ = self.events.send(Event::Connected).await;
                 None
@@ -618,6 +666,7 @@ impl Driver {
         self.status.send_replace(Status {
             up: false,
             subscription_error: Some(reason),
+            connection_error: None,
         });
         self.subscription.disconnected();
         // Settles the connection like a lost one, and closes it: rumqttc connects afresh on
@@ -635,6 +684,8 @@ impl Driver {
             .status
             .send_if_modified(|s| std::mem::replace(&mut s.up, false));
         let reason = describe(error);
+        self.status
+            .send_modify(|s| s.connection_error = Some(reason.clone()));
         let client_id = &self.config.client_id;
         if was_up {
             warn!(client_id = %client_id, error = %reason, "mqtt disconnected");
@@ -939,6 +990,39 @@ mod tests {
             gaps[2] >= Duration::from_millis(400),
             "the backoff does not grow: {gaps:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_first_connection_says_why_it_failed_or_that_it_is_up() {
+        let absent = ScriptedBroker::start().await;
+        let url = absent.url();
+        drop(absent);
+        let (lonely, _events, _stop) = start(SessionConfig::new(url, "test", vec![]));
+        let error = lonely.first_connection().await.unwrap_err();
+        assert!(!error.is_empty() && !lonely.is_connected(), "{error}");
+
+        let broker = ScriptedBroker::start().await;
+        let (session, _events, _stop) = session(&broker, 16);
+        let mut peer = broker.accept().await;
+        peer.grant().await;
+        assert_eq!(session.first_connection().await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn shutdown_sends_disconnect_and_then_the_session_ends() {
+        let broker = ScriptedBroker::start().await;
+        let (session, mut events, stop) = session(&broker, 16);
+        let mut peer = broker.accept().await;
+        peer.grant().await;
+        assert!(matches!(next(&mut events).await, Event::Connected));
+        drop(stop);
+        assert!(matches!(peer.read().await, Some(Packet::Disconnect)));
+        let ended = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+        assert!(
+            matches!(ended, Ok(None)),
+            "the session task ends: {ended:?}"
+        );
+        assert!(!session.is_connected());
     }
 
     #[test]

@@ -1,21 +1,20 @@
 //! The battery controller seam: what the agent asks of any controller, in domain words.
-//! [`sim`] is the simulated unit (the one battery model), which can keep a [`write_log`] on
-//! disk for tests and audits; [`sunspec`] drives a real controller over Modbus TCP, and serves
-//! the simulated unit the same way for `max300 battery-sim`.
+//! [`sunspec`] drives a real controller over Modbus TCP. The simulated unit is not here: it
+//! stands in for the outside world, so it lives in `max300-sim`, which hands one to
+//! [`crate::run_with`]. Only its settings ([`SimConfig`], the `[sim]` table) stay, because
+//! the agent's config carries them.
 
 use std::fmt::Debug;
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 use max300_protocol::{RateKw, Setpoint};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub mod sim;
 pub mod sunspec;
-pub mod write_log;
 
-pub use sim::{SimBattery, SimConfig};
 pub use sunspec::{SunSpecBattery, SunSpecUrl};
-pub use write_log::{WriteLogEntry, read_write_log};
 
 /// A battery controller: takes a setpoint, and says what it runs and what it can do.
 #[async_trait]
@@ -82,25 +81,90 @@ pub enum BatteryError {
     },
 }
 
-/// The contract every [`Battery`] meets; each implementation's tests run it.
-#[cfg(test)]
-pub(crate) async fn contract(battery: &dyn Battery) {
-    use max300_protocol::Mode;
+/// The simulated unit: its size, limits and losses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Usable capacity in kWh.
+    pub capacity_kwh: f64,
+    /// State of charge at start-up, percent.
+    pub initial_soc_pct: f64,
+    /// The controller's own charge limit, kW.
+    pub max_charge_kw: f64,
+    /// The controller's own discharge limit, kW.
+    pub max_discharge_kw: f64,
+    /// How fast the power follows a new setpoint, kW per second of clock time; 0: at once.
+    pub ramp_kw_per_s: f64,
+    /// The fraction of the energy charged that can be discharged again (0 < η ≤ 1); the loss
+    /// is split evenly between charging and discharging (√η each way).
+    pub round_trip_efficiency: f64,
+    /// Appends every controller write as one JSON line; for tests and audits. Unset: no log.
+    /// (The simulated unit, in `max300-sim`, keeps it.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_log: Option<PathBuf>,
+    /// Keeps the state of charge here, so a restarted unit resumes where it was rather than
+    /// at `initial_soc_pct`. Unset: the state lives in memory only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
+}
 
-    let charge = Setpoint::new(Mode::Charge, RateKw::from_watts(10_000)).unwrap();
-    battery.apply(charge).await.unwrap();
-    let status = battery.read().await.unwrap();
-    assert_eq!(status.setpoint, charge, "reads back what was applied");
-    assert!(
-        (0.0..=100.0).contains(&status.soc_pct),
-        "{}",
-        status.soc_pct
-    );
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            capacity_kwh: 300.0,
+            initial_soc_pct: 50.0,
+            max_charge_kw: 150.0,
+            max_discharge_kw: 150.0,
+            ramp_kw_per_s: 0.0,
+            round_trip_efficiency: 1.0,
+            write_log: None,
+            state_file: None,
+        }
+    }
+}
 
-    let discharge = Setpoint::new(Mode::Discharge, RateKw::from_watts(5_000)).unwrap();
-    battery.apply(discharge).await.unwrap();
-    assert_eq!(battery.read().await.unwrap().setpoint, discharge);
-
-    battery.apply(Setpoint::IDLE).await.unwrap();
-    assert_eq!(battery.read().await.unwrap().setpoint, Setpoint::IDLE);
+impl SimConfig {
+    /// Checks the ranges; the message starts with the field name.
+    pub fn validate(&self) -> Result<(), String> {
+        let pct = |name: &str, v: f64| {
+            if v.is_finite() && (0.0..=100.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name}: {v} must be from 0 to 100"))
+            }
+        };
+        if !(self.capacity_kwh.is_finite() && self.capacity_kwh > 0.0) {
+            return Err(format!(
+                "capacity_kwh: {} must be above 0",
+                self.capacity_kwh
+            ));
+        }
+        pct("initial_soc_pct", self.initial_soc_pct)?;
+        for (name, v) in [
+            ("max_charge_kw", self.max_charge_kw),
+            ("max_discharge_kw", self.max_discharge_kw),
+        ] {
+            RateKw::try_from(v).map_err(|e| format!("{name}: {e}"))?;
+        }
+        if !(self.ramp_kw_per_s.is_finite() && self.ramp_kw_per_s >= 0.0) {
+            return Err(format!(
+                "ramp_kw_per_s: {} must be 0 (instant) or above",
+                self.ramp_kw_per_s
+            ));
+        }
+        if !(self.round_trip_efficiency > 0.0 && self.round_trip_efficiency <= 1.0) {
+            return Err(format!(
+                "round_trip_efficiency: {} must be above 0 and at most 1",
+                self.round_trip_efficiency
+            ));
+        }
+        if self
+            .write_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("write_log: must be a file path when set".into());
+        }
+        Ok(())
+    }
 }

@@ -464,17 +464,28 @@ async fn start_up_failures_are_returned_with_clear_messages() {
     )
     .unwrap();
     let clock = Arc::new(SystemClock);
-    let err = max300_agent::run(config.clone(), clock.clone(), CancellationToken::new())
+    let err = max300_sim::run_agent(config.clone(), clock.clone(), CancellationToken::new())
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("data directory"), "{err}");
 
-    let mut bad_url = config;
+    let mut bad_url = config.clone();
     bad_url.mqtt = "http://127.0.0.1:1883".into();
-    let err = max300_agent::run(bad_url, clock, CancellationToken::new())
+    let err = max300_sim::run_agent(bad_url, clock.clone(), CancellationToken::new())
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("mqtt:"), "{err}");
+
+    // The agent on its own has no simulated battery (that is max300-sim's): it says so
+    // rather than start without a controller.
+    let err = max300_agent::run(config, clock, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("battery = \"sim\": this build has no simulated battery"),
+        "{err}"
+    );
 }

@@ -1,18 +1,17 @@
-//! `TestApp`: starts the broker, the "cloud" client and the agent, with one method per action.
+//! `TestApp`: starts the broker, the fake cloud and the agent, with one method per action.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use max300_agent::battery::{WriteLogEntry, read_write_log};
 use max300_agent::{AgentConfig, AgentError};
-use max300_mqtt::{Event, Qos, Session, SessionConfig};
-use max300_protocol::message::{ReceiptMsg, ScheduleMsg, V1};
+use max300_protocol::message::ScheduleMsg;
 use max300_protocol::{
     Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock, Schedule,
-    Setpoint, StoreId, Topics,
+    Setpoint, StoreId,
 };
-use tokio::sync::mpsc;
+use max300_sim::battery::{WriteLogEntry, read_write_log};
+use max300_sim::cloud::{FakeCloud, Receipts};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -52,17 +51,15 @@ pub fn plan(
     ScheduleMsg::new(&schedule, MessageId::generate(at), version, at)
 }
 
-/// The broker, the cloud client, and one agent.
+/// The broker, the fake cloud (receipts are the tests' own), and one agent.
 pub struct TestApp {
     pub port: u16,
-    pub cloud: Session,
-    inbox: mpsc::Receiver<Message>,
+    cloud: FakeCloud,
     /// Every message the cloud has seen, in arrival order.
     pub seen: Vec<Message>,
     pub clock: Arc<ScaledClock>,
     pub dir: tempfile::TempDir,
     agent: Option<(CancellationToken, JoinHandle<Result<(), AgentError>>)>,
-    topics: Topics,
     /// TOML appended to the agent's config file (tables such as `[safety]` and `[sim]`).
     extra: String,
 }
@@ -76,16 +73,18 @@ impl TestApp {
     /// As [`TestApp::start`], with `extra` TOML appended to the agent's config.
     pub async fn start_with(start: &str, speed: f64, extra: &str) -> TestApp {
         let port = start_broker();
-        let (cloud, inbox) = cloud_client(port).await;
+        let url = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
+        let shutdown = CancellationToken::new();
+        let cloud = FakeCloud::connect(url, "cloud-test", Receipts::Manual, WAIT, shutdown)
+            .await
+            .unwrap();
         let mut app = TestApp {
             port,
             cloud,
-            inbox,
             seen: Vec::new(),
             clock: Arc::new(ScaledClock::starting_now(ts(start), speed)),
             dir: tempfile::tempdir().unwrap(),
             agent: None,
-            topics: Topics::default(),
             extra: extra.to_owned(),
         };
         app.start_agent();
@@ -113,7 +112,11 @@ impl TestApp {
     pub fn start_agent(&mut self) {
         let shutdown = CancellationToken::new();
         let clock: Arc<dyn Clock> = self.clock.clone();
-        let task = tokio::spawn(max300_agent::run(self.config(), clock, shutdown.clone()));
+        let task = tokio::spawn(max300_sim::run_agent(
+            self.config(),
+            clock,
+            shutdown.clone(),
+        ));
         self.agent = Some((shutdown, task));
     }
 
@@ -155,62 +158,32 @@ impl TestApp {
     }
 
     pub async fn publish(&self, channel: Channel, payload: Vec<u8>) {
-        let topic = self.topics.topic(&device(), channel);
         self.cloud
-            .publish(topic, payload, Qos::AtLeastOnce)
+            .publish(&device(), channel, payload)
             .await
             .unwrap();
     }
 
     pub async fn send(&self, msg: Message) {
-        let channel = msg.channel();
-        self.publish(channel, msg.encode()).await;
+        self.cloud.send(&device(), &msg).await.unwrap();
     }
 
     pub async fn receipt(&self, store_id: &StoreId, seqs: Vec<u64>) {
-        self.send(Message::Receipt(ReceiptMsg {
-            v: V1,
-            device_id: device(),
-            store_id: store_id.clone(),
-            seqs,
-        }))
-        .await;
+        self.cloud.receipt(&device(), store_id, seqs).await.unwrap();
     }
 
     /// Waits for the first message that `pick` takes.
     pub async fn next<T>(&mut self, what: &str, pick: impl Fn(&Message) -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::from_std(max300_protocol::clock::monotonic()) + WAIT;
+        let deadline = max300_protocol::clock::monotonic() + WAIT;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.inbox.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}; seen: {:#?}", self.seen))
-                .expect("the cloud client stopped");
+            let msg = match self.cloud.next_before(deadline).await {
+                Ok(msg) => msg,
+                Err(e) => panic!("{e} while waiting for {what}; seen: {:#?}", self.seen),
+            };
             self.seen.push(msg.clone());
             if let Some(found) = pick(&msg) {
                 return found;
             }
         }
     }
-}
-
-/// The cloud's MQTT session, subscribed to every device channel before it returns.
-pub async fn cloud_client(port: u16) -> (Session, mpsc::Receiver<Message>) {
-    let url = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
-    let config = SessionConfig::new(url, "cloud-test", Topics::default().cloud_filters());
-    let (session, mut events) = max300_mqtt::connect(config, CancellationToken::new()).unwrap();
-    let (tx, rx) = mpsc::channel(4096);
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            if let Event::Message(inbound) = event {
-                if let Ok(msg) = &inbound.message {
-                    let _ = tx.try_send(msg.clone());
-                }
-                inbound.ack().await;
-            }
-        }
-    });
-    tokio::time::timeout(WAIT, session.wait_connected())
-        .await
-        .unwrap();
-    (session, rx)
 }

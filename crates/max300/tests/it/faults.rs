@@ -16,7 +16,6 @@ use jiff::{SignedDuration, Timestamp};
 use std::sync::Arc;
 
 use max300_agent::AgentConfig;
-use max300_agent::battery::read_write_log;
 use max300_mqtt::{Event, Qos, SessionConfig};
 use max300_protocol::message::{
     AckMsg, AckStatus, RejectReason, ReportMsg, ReportStatus, ScheduleMsg,
@@ -24,6 +23,7 @@ use max300_protocol::message::{
 use max300_protocol::{
     Channel, Clock, Day, DeviceId, Message, ScaledClock, Setpoint, SystemClock, Topics,
 };
+use max300_sim::battery::read_write_log;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -159,7 +159,7 @@ impl Rig {
             let config = AgentConfig::from_toml(AgentConfig::DEFAULT_TOML, None, &env).unwrap();
             let (clock, stop) = (clock.clone(), stop.clone());
             set.spawn(async move {
-                if let Err(e) = max300_agent::run(config, clock, stop).await {
+                if let Err(e) = max300_sim::run_agent(config, clock, stop).await {
                     panic!("{id} stopped: {e}");
                 }
             });

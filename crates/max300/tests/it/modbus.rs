@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
-use max300_agent::battery::sunspec::server::{SimLogEntry, WriteOutcome, read_sim_log};
 use max300_protocol::clock::monotonic;
 use max300_protocol::{Clock, SystemClock};
+use max300_sim::sunspec::{SimLogEntry, WriteOutcome, read_sim_log};
 use serde_json::{Value, json};
 
 use crate::{Proc, free_port};

@@ -50,8 +50,6 @@ use super::{Battery, BatteryError, BatteryStatus};
 use map::{Control, DerControl, Meter, Storage};
 
 pub mod map;
-#[cfg(feature = "sim-server")]
-pub mod server;
 
 /// How long one Modbus request may take before the controller counts as not answering.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);

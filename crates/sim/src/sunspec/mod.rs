@@ -2,7 +2,9 @@
 //! model 1, storage model 124, the measuring inverter model 103 (unless left out) and, when
 //! asked for, the DER models 704 and 713, all over [`SimBattery`] (one per unit id); a
 //! JSON-lines log of every register write, and faults that can be switched on while it
-//! serves: no answer, Modbus exceptions, a stuck setpoint, no power delivered.
+//! serves: no answer, Modbus exceptions, a stuck setpoint, no power delivered. The register
+//! map is the agent's own ([`max300_agent::battery::sunspec::map`]), so client and server
+//! cannot drift apart.
 //!
 //! ```text
 //!  40000 "SunS" │ 40002 model 1 (66) │ 40070 model 124 (24)
@@ -22,6 +24,7 @@
 //! while discharging. Its other points are "not implemented", except a plausible frequency
 //! and operating state.
 
+use max300_protocol::error::Chain;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
@@ -41,11 +44,13 @@ use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::map::{
+use max300_agent::battery::sunspec::map::{
     self, Control, DerControl, Meter, ScaleFactor, cha_st, der_ctl, der_storage, offset,
 };
-use crate::AgentError;
-use crate::battery::{SimBattery, SimConfig};
+use max300_agent::battery::{BatteryError, SimConfig};
+
+use crate::SimError;
+use crate::battery::SimBattery;
 
 /// Model 124's offset from the base.
 const STORAGE_AT: u16 = 2 + 2 + map::COMMON_LEN;
@@ -199,7 +204,7 @@ pub enum WriteOutcome {
 }
 
 /// Reads a simulator log, in order; a line that does not parse is an error naming it.
-pub fn read_sim_log(path: impl AsRef<Path>) -> Result<Vec<SimLogEntry>, AgentError> {
+pub fn read_sim_log(path: impl AsRef<Path>) -> Result<Vec<SimLogEntry>, SimError> {
     crate::battery::write_log::read_json_lines(path.as_ref())
 }
 
@@ -426,13 +431,16 @@ pub struct SunSpecSim {
 impl SunSpecSim {
     /// Units idle at their initial state of charge, with their revert timers off until the
     /// first write of `InOutWRte_RvrtTms`.
-    pub fn new(config: SimServerConfig, clock: Arc<dyn Clock>) -> Result<SunSpecSim, String> {
-        config.sim.validate()?;
+    pub fn new(config: SimServerConfig, clock: Arc<dyn Clock>) -> Result<SunSpecSim, SimError> {
+        config.sim.validate().map_err(SimError::Config)?;
         if config.units == 0 {
-            return Err("units: must be at least 1".into());
+            return Err(SimError::Config("units: must be at least 1".into()));
         }
         if !map::BASES.contains(&config.base) {
-            return Err(format!("base: {} is not 40000, 0 or 50000", config.base));
+            return Err(SimError::Config(format!(
+                "base: {} is not 40000, 0 or 50000",
+                config.base
+            )));
         }
         let w = config.sim.max_charge_kw * 1000.0;
         // The smallest scale factor at which WChaMax fits a register.
@@ -440,10 +448,10 @@ impl SunSpecSim {
             .filter_map(ScaleFactor::new)
             .find(|sf| sf.raw(w, 1, 65534).is_some())
             .ok_or_else(|| {
-                format!(
+                SimError::Config(format!(
                     "max_charge_kw: {} does not fit WChaMax",
                     config.sim.max_charge_kw
-                )
+                ))
             })?;
         let w_cha_max = w_sf.value(w_sf.raw(w, 1, 65534).unwrap_or(1));
         // The smallest scale factors at which the measured power (int16) and the capacity
@@ -452,12 +460,14 @@ impl SunSpecSim {
         let meter_sf = (0..=10)
             .filter_map(ScaleFactor::new)
             .find(|sf| sf.raw(peak, 0, i32::from(i16::MAX)).is_some())
-            .ok_or_else(|| format!("max_discharge_kw: {peak} W does not fit W"))?;
+            .ok_or_else(|| {
+                SimError::Config(format!("max_discharge_kw: {peak} W does not fit W"))
+            })?;
         let wh = config.sim.capacity_kwh * 1000.0;
         let wh_sf = (0..=10)
             .filter_map(ScaleFactor::new)
             .find(|sf| sf.raw(wh, 0, 65534).is_some())
-            .ok_or_else(|| format!("capacity_kwh: {wh} Wh does not fit WHRtg"))?;
+            .ok_or_else(|| SimError::Config(format!("capacity_kwh: {wh} Wh does not fit WHRtg")))?;
         let units = (1..=config.units)
             .map(|id| Unit {
                 id,
@@ -472,7 +482,11 @@ impl SunSpecSim {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| format!("write_log {}: {e}", path.display()))?,
+                    .map_err(|source| SimError::Log {
+                        path: path.clone(),
+                        what: "cannot open".into(),
+                        source: source.into(),
+                    })?,
             ),
             None => None,
         };
@@ -552,7 +566,7 @@ impl SunSpecSim {
         line.push(b'\n');
         // One write of the whole line, so a kill never leaves half of one.
         if let Err(e) = file.write_all(&line) {
-            warn!(error = %e, "battery-sim: write log line lost");
+            warn!(error = %Chain(&e), "battery-sim: write log line lost");
         }
     }
 
@@ -719,7 +733,7 @@ impl SunSpecSim {
     }
 
     /// The setpoint the held registers of the model written last stand for.
-    fn commanded(&self, held: &Held) -> Result<Setpoint, crate::battery::BatteryError> {
+    fn commanded(&self, held: &Held) -> Result<Setpoint, BatteryError> {
         match held.source {
             Source::Storage => map::decode(&held.control(), self.w_cha_max, self.rate_sf),
             Source::Der => held.der().setpoint(self.w_set_sf()),
@@ -774,7 +788,7 @@ impl SunSpecSim {
         if unit.battery.read_now().setpoint != Setpoint::IDLE
             && let Err(e) = unit.battery.apply_now(Setpoint::IDLE)
         {
-            warn!(unit = unit.id, error = %e, "battery-sim: no_power could not idle the unit");
+            warn!(unit = unit.id, error = %Chain(&e), "battery-sim: no_power could not idle the unit");
         }
         unit.starved.store(true, Ordering::Relaxed);
     }
@@ -827,7 +841,7 @@ impl SunSpecSim {
                                 Ok(WriteOutcome::Ok)
                             }
                             Err(e) => {
-                                debug!(unit = unit.id, error = %e, "battery-sim: write refused");
+                                debug!(unit = unit.id, error = %Chain(&e), "battery-sim: write refused");
                                 Err(ExceptionCode::IllegalDataValue)
                             }
                         }
@@ -937,7 +951,7 @@ pub async fn serve(
         let service = Service { sim: sim.clone() };
         async move { Ok(Some((service, stream))) }
     };
-    let on_error = |e: io::Error| debug!(error = %e, "battery-sim: connection ended");
+    let on_error = |e: io::Error| debug!(error = %Chain(&e), "battery-sim: connection ended");
     let served = tokio::select! {
         r = server.serve(&on_connected, on_error) => r,
         _ = shutdown.cancelled() => Ok(()),
@@ -946,3 +960,6 @@ pub async fn serve(
     let _ = watch.await;
     served
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,6 +3,7 @@
 //! run that cannot fit fails at start with the numbers rather than half-way with EMFILE.
 
 use anyhow::Context;
+use max300_protocol::error::Chain;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 /// Files a process needs besides its sockets: the runtime, the store, logs, listeners.
@@ -19,7 +20,7 @@ pub fn raise_to_hard() -> anyhow::Result<u64> {
     match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
         Ok(()) => Ok(target),
         Err(e) => {
-            tracing::warn!(soft, hard, error = %e, "open-file limit not raised");
+            tracing::warn!(soft, hard, error = %Chain(&e), "open-file limit not raised");
             Ok(soft)
         }
     }

@@ -37,6 +37,7 @@ pub struct Point {
     pub mb: f64,
 }
 
+/// Runs `bench ingest` per fleet size and draws the SVG.
 pub async fn plot(args: PlotArgs) -> anyhow::Result<ExitCode> {
     if args.devices.is_empty() || args.devices.contains(&0) {
         bail!("--devices: give one or more fleet sizes above 0, e.g. 1000,10000,100000");

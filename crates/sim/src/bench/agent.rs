@@ -1,6 +1,6 @@
 //! `max300 bench agent`: what one edge agent costs and how punctual it is, through the real
-//! agent (`max300_agent::run`, its SQLite store, the simulated battery), the embedded broker,
-//! and a "cloud" that is a plain MQTT session sending plans and receipting acks and reports.
+//! agent (its SQLite store, the simulated battery), the embedded broker, and the
+//! [`FakeCloud`], one MQTT session sending plans and receipting acks and reports.
 //!
 //! Three measurements, each on the component that answers it most directly:
 //!
@@ -16,28 +16,33 @@
 //!            cloud session, so two broker hops, the decode, the checks and the fsync.
 //! ```
 
+use max300_protocol::error::Chain;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use jiff::civil::Date;
 use jiff::{SignedDuration, Timestamp};
 use max300_agent::AgentConfig;
-use max300_agent::battery::{WriteLogEntry, read_write_log};
-use max300_mqtt::{Event, Qos, Session, SessionConfig, broker};
+use max300_agent::SimConfig;
+use max300_agent::battery::sunspec::map::Meter;
+use max300_mqtt::broker;
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::time_zone;
-use max300_protocol::message::{AckStatus, HeartbeatMsg, ReceiptMsg, ScheduleMsg, V1};
+use max300_protocol::message::{AckStatus, HeartbeatMsg, ScheduleMsg, V1};
 use max300_protocol::{
-    Channel, Clock, DEFAULT_TIMEZONE, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock,
-    Schedule, Setpoint, SystemClock, Topics,
+    Clock, DEFAULT_TIMEZONE, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock,
+    Schedule, Setpoint, SystemClock,
 };
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::battery::{WriteLogEntry, read_write_log};
+use crate::cloud::{FakeCloud, Receipts};
+use crate::sunspec::{SimServerConfig, SunSpecSim};
 
 /// `max300 bench agent`
 #[derive(Args, Debug, Clone)]
@@ -62,7 +67,9 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 100)]
     pub schedules: usize,
     /// The binary whose `agent` runs in its own process for the memory and ack figures,
-    /// e.g. the agent-only `--profile pi` build. Default: this binary.
+    /// e.g. the agent-only `--profile pi` build. Default: this binary. An agent-only build
+    /// has no simulated battery, so with this flag its unit is a battery-sim that the bench
+    /// serves on loopback (`--battery sunspec+tcp://…`), as a Pi drives its controller.
     #[arg(long)]
     pub agent_binary: Option<std::path::PathBuf>,
 }
@@ -149,7 +156,15 @@ async fn measure(
     mqtt: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Figures> {
-    let mut cloud = CloudSide::connect(mqtt, shutdown.child_token()).await?;
+    let url = mqtt.parse().with_context(|| format!("broker {mqtt}"))?;
+    let mut cloud = FakeCloud::connect(
+        url,
+        "bench-cloud",
+        Receipts::Every,
+        PATIENCE,
+        shutdown.child_token(),
+    )
+    .await?;
     let tz = time_zone(DEFAULT_TIMEZONE)?;
     let mut days = vec![Day::new(FIRST, tz.clone())?];
     while days.len() < args.days as usize {
@@ -186,7 +201,7 @@ async fn week(
     dir: &Path,
     exe: &Path,
     mqtt: &str,
-    cloud: &mut CloudSide,
+    cloud: &mut FakeCloud,
 ) -> anyhow::Result<Figures> {
     let device = DeviceId::parse("bench-week")?;
     let data = dir.join("week");
@@ -199,10 +214,14 @@ async fn week(
         &data,
         mqtt,
         (days[0].start(), anchor, args.speed),
-    )?;
+        args.agent_binary.is_some(),
+    )
+    .await?;
     let pid = child.pid;
     cloud
-        .wait_for("the agent's first message", |m| m.device_id() == &device)
+        .wait_for("the agent's first message", PATIENCE, |m| {
+            m.device_id() == &device
+        })
         .await
         .with_context(|| child.log_hint())?;
     let rss_start_kb = memory(pid, "VmRSS:").with_context(|| child.log_hint())?;
@@ -216,11 +235,12 @@ async fn week(
         let send_at = day.start() - SignedDuration::from_hours(8);
         cloud.idle_until(&clock, send_at).await?;
         let msg = plan(&device, day, 1)?;
-        cloud.send(&device, Message::Schedule(msg.clone())).await?;
+        cloud.send(&device, &Message::Schedule(msg.clone())).await?;
         let mid = msg.message_id.clone();
         let acked = cloud
             .wait_for(
                 "an ack of the day's plan",
+                PATIENCE,
                 |m| matches!(m, Message::Ack(a) if a.message_id == mid),
             )
             .await
@@ -294,7 +314,7 @@ fn memory(pid: u32, field: &str) -> anyhow::Result<u64> {
 
 /// The broker's share of an ack's time: a message from the cloud session to itself, one
 /// publish and one delivery (an ack is two of each).
-async fn echo(args: &AgentArgs, cloud: &mut CloudSide) -> anyhow::Result<Vec<f64>> {
+async fn echo(args: &AgentArgs, cloud: &mut FakeCloud) -> anyhow::Result<Vec<f64>> {
     let device = DeviceId::parse("bench-echo")?;
     let mut took = Vec::new();
     for i in 0..args.schedules.min(20) as u64 {
@@ -312,10 +332,11 @@ async fn echo(args: &AgentArgs, cloud: &mut CloudSide) -> anyhow::Result<Vec<f64
             outbox: 0,
         });
         let t0 = monotonic();
-        cloud.send(&device, heartbeat).await?;
+        cloud.send(&device, &heartbeat).await?;
         cloud
             .wait_for(
                 "the cloud's own heartbeat",
+                PATIENCE,
                 |m| matches!(m, Message::Heartbeat(h) if h.device_id == device && h.uptime_s == i),
             )
             .await?;
@@ -329,7 +350,7 @@ async fn acks(
     dir: &Path,
     exe: &Path,
     mqtt: &str,
-    cloud: &mut CloudSide,
+    cloud: &mut FakeCloud,
 ) -> anyhow::Result<Vec<f64>> {
     let device = DeviceId::parse("bench-acks")?;
     let tz = time_zone(DEFAULT_TIMEZONE)?;
@@ -338,9 +359,19 @@ async fn acks(
     // for a whole day ahead, and no boundary work interleaves with the acks.
     let anchor = SystemClock.now();
     let start = day.start() - SignedDuration::from_hours(12);
-    let mut child = Child::start(exe, &device, &dir.join("acks"), mqtt, (start, anchor, 1.0))?;
+    let mut child = Child::start(
+        exe,
+        &device,
+        &dir.join("acks"),
+        mqtt,
+        (start, anchor, 1.0),
+        args.agent_binary.is_some(),
+    )
+    .await?;
     cloud
-        .wait_for("the agent's first message", |m| m.device_id() == &device)
+        .wait_for("the agent's first message", PATIENCE, |m| {
+            m.device_id() == &device
+        })
         .await
         .with_context(|| child.log_hint())?;
     let mut took = Vec::with_capacity(args.schedules);
@@ -348,10 +379,11 @@ async fn acks(
         let msg = plan(&device, &day, u32::try_from(version)?)?;
         let mid = msg.message_id.clone();
         let t0 = monotonic();
-        cloud.send(&device, Message::Schedule(msg)).await?;
+        cloud.send(&device, &Message::Schedule(msg)).await?;
         let ack = cloud
             .wait_for(
                 "an ack",
+                PATIENCE,
                 |m| matches!(m, Message::Ack(a) if a.message_id == mid),
             )
             .await
@@ -374,7 +406,7 @@ async fn fleet(
     args: &AgentArgs,
     dir: &Path,
     mqtt: &str,
-    cloud: &mut CloudSide,
+    cloud: &mut FakeCloud,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Lateness> {
     let tz = time_zone(DEFAULT_TIMEZONE)?;
@@ -408,8 +440,8 @@ async fn fleet(
             .with_context(|| format!("agent {id}"))?;
         let (clock, stop, name) = (clock.clone(), agents.clone(), id.clone());
         set.spawn(async move {
-            if let Err(e) = max300_agent::run(config, clock, stop).await {
-                tracing::error!(device_id = %name, error = %e, "agent stopped");
+            if let Err(e) = crate::run_agent(config, clock, stop).await {
+                tracing::error!(device_id = %name, error = %Chain(&e), "agent stopped");
             }
         });
         ids.push(id);
@@ -426,7 +458,7 @@ async fn play_fleet(
     ids: &[DeviceId],
     dir: &Path,
     clock: &dyn Clock,
-    cloud: &mut CloudSide,
+    cloud: &mut FakeCloud,
 ) -> anyhow::Result<Lateness> {
     let mut waiting: std::collections::HashSet<&DeviceId> = ids.iter().collect();
     let deadline = monotonic() + PATIENCE * 3;
@@ -442,7 +474,7 @@ async fn play_fleet(
         for day in days {
             let msg = plan(id, day, 1)?;
             pending.insert(msg.message_id.clone());
-            cloud.send(id, Message::Schedule(msg)).await?;
+            cloud.send(id, &Message::Schedule(msg)).await?;
         }
     }
     let deadline = monotonic() + PATIENCE * 3;
@@ -665,23 +697,34 @@ struct Child {
     child: tokio::process::Child,
     pid: u32,
     log: PathBuf,
+    /// Stops the battery-sim serving its unit, if it has one.
+    _battery: Option<DropGuard>,
 }
 
 impl Child {
     /// Starts a durable agent whose plan time reads `start` at the real instant `anchor` and
-    /// runs `speed` times faster than real time.
-    fn start(
+    /// runs `speed` times faster than real time; with `modbus`, on a battery-sim served here.
+    async fn start(
         exe: &Path,
         device: &DeviceId,
         data: &Path,
         mqtt: &str,
         (start, anchor, speed): (Timestamp, Timestamp, f64),
+        modbus: bool,
     ) -> anyhow::Result<Child> {
         std::fs::create_dir_all(data).with_context(|| format!("{}", data.display()))?;
         let log = data.with_extension("log");
         let stderr = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+        let (battery, guard) = if modbus {
+            let clock = Arc::new(ScaledClock::new(start, anchor, speed));
+            let (url, guard) = serve_battery(data, clock).await?;
+            (vec!["--battery".to_owned(), url], Some(guard))
+        } else {
+            (Vec::new(), None)
+        };
         let child = tokio::process::Command::new(exe)
             .arg("agent")
+            .args(battery)
             .args(["--device-id", device.as_str()])
             .arg("--data-dir")
             .arg(data)
@@ -702,7 +745,12 @@ impl Child {
         let pid = child
             .id()
             .context("the agent process exited as it started")?;
-        Ok(Child { child, pid, log })
+        Ok(Child {
+            child,
+            pid,
+            log,
+            _battery: guard,
+        })
     }
 
     fn log_hint(&self) -> String {
@@ -715,123 +763,29 @@ impl Child {
     }
 }
 
-/// The cloud, played by one MQTT session: it sends plans, receipts every ack and report as
-/// the real cloud does (else the agents' outboxes would grow and resend), and hands each
-/// message to the bench.
-struct CloudSide {
-    session: Session,
-    topics: Topics,
-    inbox: mpsc::Receiver<Message>,
-}
-
-impl CloudSide {
-    async fn connect(mqtt: &str, shutdown: CancellationToken) -> anyhow::Result<CloudSide> {
-        let topics = Topics::default();
-        let url = mqtt.parse().with_context(|| format!("broker {mqtt}"))?;
-        let mut config = SessionConfig::new(url, "bench-cloud", topics.cloud_filters());
-        config.channel_capacity = 4096;
-        let (session, mut events) = max300_mqtt::connect(config, shutdown)?;
-        let (tx, inbox) = mpsc::channel(16_384);
-        let receipts = session.clone();
-        let receipt_topics = topics.clone();
-        // Receipts go out from a task of their own, as the cloud sends them: a consumer that
-        // waited on its own publish could not PUBACK what it receives, and with its window
-        // full the broker would hold back the PUBACKs it waits for.
-        // Bounded: a receipt that finds it full is dropped, and its device sends again.
-        let (receipt_tx, mut receipt_rx) = mpsc::channel::<(String, Message)>(16_384);
-        tokio::spawn(async move {
-            while let Some((topic, msg)) = receipt_rx.recv().await {
-                let _ = receipts.send(topic, &msg, Qos::AtLeastOnce).await;
-            }
-        });
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                let Event::Message(inbound) = event else {
-                    continue;
-                };
-                if let Ok(msg) = &inbound.message {
-                    let receipt = match msg {
-                        Message::Ack(a) => Some((a.device_id.clone(), a.store_id.clone(), a.seq)),
-                        Message::Report(r) => {
-                            Some((r.device_id.clone(), r.store_id.clone(), r.seq))
-                        }
-                        _ => None,
-                    };
-                    if let Some((device_id, store_id, seq)) = receipt {
-                        let topic = receipt_topics.topic(&device_id, Channel::Receipt);
-                        let msg = Message::Receipt(ReceiptMsg {
-                            v: V1,
-                            device_id,
-                            store_id,
-                            seqs: vec![seq],
-                        });
-                        let _ = receipt_tx.try_send((topic, msg));
-                    }
-                    if tx.send(msg.clone()).await.is_err() {
-                        return;
-                    }
-                }
-                inbound.ack().await;
-            }
-        });
-        tokio::time::timeout(PATIENCE, session.wait_connected())
-            .await
-            .with_context(|| format!("the broker at {mqtt} did not answer"))?;
-        Ok(CloudSide {
-            session,
-            topics,
-            inbox,
-        })
-    }
-
-    async fn send(&self, device: &DeviceId, msg: Message) -> anyhow::Result<()> {
-        let topic = self.topics.topic(device, msg.channel());
-        self.session
-            .send(topic.clone(), &msg, Qos::AtLeastOnce)
-            .await
-            .with_context(|| format!("publish to {topic}"))
-    }
-
-    async fn next_before(&mut self, deadline: Instant) -> anyhow::Result<Message> {
-        tokio::time::timeout_at(deadline.into(), self.inbox.recv())
-            .await
-            .context("timed out")?
-            .context("the cloud session stopped")
-    }
-
-    /// The first message `pick` takes, within [`PATIENCE`]; others are passed over.
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        pick: impl Fn(&Message) -> bool,
-    ) -> anyhow::Result<Message> {
-        let deadline = monotonic() + PATIENCE;
-        loop {
-            let msg = self
-                .next_before(deadline)
-                .await
-                .with_context(|| format!("waiting for {what}"))?;
-            if pick(&msg) {
-                return Ok(msg);
-            }
-        }
-    }
-
-    /// Passes over what arrives until `clock` reads `until`.
-    async fn idle_until(&mut self, clock: &dyn Clock, until: Timestamp) -> anyhow::Result<()> {
-        loop {
-            let left = clock.real_until(until);
-            if left.is_zero() {
-                return Ok(());
-            }
-            tokio::select! {
-                msg = self.inbox.recv() => {
-                    msg.context("the cloud session stopped")?;
-                }
-                _ = tokio::time::sleep(left) => {}
-            }
-        }
-    }
+/// One battery-sim unit on a loopback port, for an agent binary without a simulated battery
+/// (the Pi's agent-only build). Its write log is where the agent's own simulated battery keeps
+/// one (`DATA/battery-writes.jsonl`), so lateness is read the same way. Served until the guard
+/// drops.
+async fn serve_battery(data: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<(String, DropGuard)> {
+    let config = SimServerConfig {
+        units: 1,
+        base: 40000,
+        sim: SimConfig {
+            write_log: Some(data.join("battery-writes.jsonl")),
+            ..SimConfig::default()
+        },
+        reserve_pct: 10.0,
+        write_log: None,
+        meter: Some(Meter::Inverter),
+        der_models: false,
+    };
+    let sim = Arc::new(SunSpecSim::new(config, clock)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    tokio::spawn(crate::sunspec::serve(sim, listener, stop.clone()));
+    Ok((format!("sunspec+tcp://{addr}/1"), stop.drop_guard()))
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! `max300 bench …`: measurements anyone can repeat on their own machine, through the real
-//! components. Each prints a table and one closing line with every figure.
+//! components. Each prints a table and one closing line with every figure. The binary's
+//! `bench` command is [`Bench`] and a call of [`Bench::run`]; the benches that need another
+//! process (`bench plot`, `bench ingest --fleet`, `bench agent`) start this binary again
+//! (`std::env::current_exe`) with another command.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -26,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::sample::SampleProvider;
 
-mod plot;
+pub mod agent;
+pub mod plot;
 
 /// What to measure.
 #[derive(Subcommand, Debug, Clone)]
@@ -45,8 +49,7 @@ pub enum Bench {
     Plot(plot::PlotArgs),
     /// One agent's memory over a simulated week (its own process), period boundary lateness
     /// for 1 and N agents, and schedule-to-ack time, through the real agent and broker.
-    #[cfg(feature = "agent")]
-    Agent(crate::bench_agent::AgentArgs),
+    Agent(agent::AgentArgs),
 }
 
 /// `max300 bench ingest`
@@ -82,8 +85,7 @@ impl Bench {
             Bench::Dashboard(args) => dashboard(args).await,
             Bench::Ingest(args) => ingest(args).await,
             Bench::Plot(args) => plot::plot(args).await,
-            #[cfg(feature = "agent")]
-            Bench::Agent(args) => crate::bench_agent::run(args).await,
+            Bench::Agent(args) => agent::run(args).await,
         }
     }
 }
@@ -429,7 +431,7 @@ impl FleetChild {
 }
 
 /// Peak resident memory of this process in KiB (Linux: VmHWM).
-pub(crate) fn peak_memory_kb() -> Option<u64> {
+pub fn peak_memory_kb() -> Option<u64> {
     vm_hwm_kb(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,10 +13,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use jiff::civil::{Date, Time};
 use jiff::tz::TimeZone;
-use max300_protocol::{Clock, Day};
+use max300_protocol::{Clock, Day, ProtocolError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+use crate::SimError;
 
 /// The provider's settings.
 #[derive(Clone, Debug)]
@@ -37,7 +38,7 @@ impl SampleProvider {
     }
 
     /// The document for `date`.
-    pub fn document(&self, date: Date, generated_at: jiff::Timestamp) -> anyhow::Result<Value> {
+    pub fn document(&self, date: Date, generated_at: jiff::Timestamp) -> Result<Value, SimError> {
         let day = Day::new(date, self.timezone.clone())?;
         let tz_name = day.tz_name().to_owned();
         let schedules = self
@@ -45,7 +46,7 @@ impl SampleProvider {
             .iter()
             .enumerate()
             .map(|(i, id)| self.device_plan(&day, i, id))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(json!({
             "schedule_date": date.to_string(),
             "timezone": tz_name,
@@ -61,7 +62,7 @@ impl SampleProvider {
         &self,
         date: Date,
         generated_at: jiff::Timestamp,
-    ) -> anyhow::Result<Vec<u8>> {
+    ) -> Result<Vec<u8>, SimError> {
         let day = Day::new(date, self.timezone.clone())?;
         let head = json!({
             "schedule_date": date.to_string(),
@@ -82,7 +83,7 @@ impl SampleProvider {
         Ok(out)
     }
 
-    fn device_plan(&self, day: &Day, index: usize, id: &str) -> anyhow::Result<Value> {
+    fn device_plan(&self, day: &Day, index: usize, id: &str) -> Result<Value, SimError> {
         let mut rng = fastrand::Rng::with_seed(
             self.seed
                 ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -121,9 +122,12 @@ impl SampleProvider {
                 .to_datetime(at)
                 .to_zoned_datetime(self.timezone.clone())?
                 .timestamp();
-            let first = day
-                .period_at(start)
-                .context("block starts outside the day")?;
+            let first = day.period_at(start).ok_or_else(|| {
+                ProtocolError::InvalidDate(
+                    day.date().to_string(),
+                    format!("a block at {at} starts outside the day"),
+                )
+            })?;
             if by_period {
                 for p in first..first + periods {
                     intervals.push(json!({"period": p, "mode": mode, "rate_kw": kw}));
@@ -186,15 +190,18 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     addr: SocketAddr,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), SimError> {
     let state = Arc::new(ProviderState { provider, clock });
     let app = Router::new()
         .route("/tomorrow", get(tomorrow))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("provider: cannot listen on {addr}"))?;
-    let bound = listener.local_addr()?;
+    let listen = |source| SimError::Listen {
+        what: "provider",
+        addr,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+    let bound = listener.local_addr().map_err(listen)?;
     let handle = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

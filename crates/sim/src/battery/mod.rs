@@ -1,113 +1,30 @@
 //! A simulated battery: state of charge integrated over clock time (with a ramp rate and a
 //! round-trip efficiency), live limits at the ends of its range, and a revert timer on real
-//! time, as a real controller has. It is the one battery model: the agent drives it in-process
-//! (`battery = "sim"`), and `max300 battery-sim` serves it over Modbus as a SunSpec map
-//! (see [`super::sunspec`]).
+//! time, as a real controller has. It is the one battery model: an agent is handed one
+//! in-process (`battery = "sim"`, see [`crate::run_agent`]), and `max300 battery-sim` serves
+//! it over Modbus as a SunSpec map (see [`crate::sunspec`]). Its settings are the agent's
+//! [`SimConfig`]; it can keep a [`write_log`] on disk for tests and audits.
 
+use max300_protocol::error::Chain;
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use jiff::{SignedDuration, Timestamp};
+use max300_agent::AgentConfig;
+use max300_agent::battery::{Battery, BatteryError, BatteryStatus, SimConfig};
 use max300_protocol::clock::monotonic;
 use max300_protocol::{Clock, Mode, RateKw, Setpoint};
 use serde::{Deserialize, Serialize};
 
-use super::write_log::{WriteLog, WriteLogEntry};
-use super::{Battery, BatteryError, BatteryStatus};
+pub mod write_log;
+
+use write_log::WriteLog;
+pub use write_log::{WriteLogEntry, read_write_log};
 
 /// How many writes [`SimBattery::writes`] keeps.
 const WRITES_KEPT: usize = 1024;
-
-/// The simulated unit: its size, limits and losses.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimConfig {
-    /// Usable capacity in kWh.
-    pub capacity_kwh: f64,
-    /// State of charge at start-up, percent.
-    pub initial_soc_pct: f64,
-    /// The controller's own charge limit, kW.
-    pub max_charge_kw: f64,
-    /// The controller's own discharge limit, kW.
-    pub max_discharge_kw: f64,
-    /// How fast the power follows a new setpoint, kW per second of clock time; 0: at once.
-    pub ramp_kw_per_s: f64,
-    /// The fraction of the energy charged that can be discharged again (0 < η ≤ 1); the loss
-    /// is split evenly between charging and discharging (√η each way).
-    pub round_trip_efficiency: f64,
-    /// Appends every controller write as one JSON line; for tests and audits. Unset: no log.
-    /// See [`super::write_log`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub write_log: Option<PathBuf>,
-    /// Keeps the state of charge here, so a restarted unit resumes where it was rather than
-    /// at `initial_soc_pct`. Unset: the state lives in memory only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_file: Option<PathBuf>,
-}
-
-impl Default for SimConfig {
-    fn default() -> Self {
-        SimConfig {
-            capacity_kwh: 300.0,
-            initial_soc_pct: 50.0,
-            max_charge_kw: 150.0,
-            max_discharge_kw: 150.0,
-            ramp_kw_per_s: 0.0,
-            round_trip_efficiency: 1.0,
-            write_log: None,
-            state_file: None,
-        }
-    }
-}
-
-impl SimConfig {
-    /// Checks the ranges; the message starts with the field name.
-    pub fn validate(&self) -> Result<(), String> {
-        let pct = |name: &str, v: f64| {
-            if v.is_finite() && (0.0..=100.0).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!("{name}: {v} must be from 0 to 100"))
-            }
-        };
-        if !(self.capacity_kwh.is_finite() && self.capacity_kwh > 0.0) {
-            return Err(format!(
-                "capacity_kwh: {} must be above 0",
-                self.capacity_kwh
-            ));
-        }
-        pct("initial_soc_pct", self.initial_soc_pct)?;
-        for (name, v) in [
-            ("max_charge_kw", self.max_charge_kw),
-            ("max_discharge_kw", self.max_discharge_kw),
-        ] {
-            RateKw::try_from(v).map_err(|e| format!("{name}: {e}"))?;
-        }
-        if !(self.ramp_kw_per_s.is_finite() && self.ramp_kw_per_s >= 0.0) {
-            return Err(format!(
-                "ramp_kw_per_s: {} must be 0 (instant) or above",
-                self.ramp_kw_per_s
-            ));
-        }
-        if !(self.round_trip_efficiency > 0.0 && self.round_trip_efficiency <= 1.0) {
-            return Err(format!(
-                "round_trip_efficiency: {} must be above 0 and at most 1",
-                self.round_trip_efficiency
-            ));
-        }
-        if self
-            .write_log
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Err("write_log: must be a file path when set".into());
-        }
-        Ok(())
-    }
-}
 
 /// A simulated controller. Cheap: one mutex, never held across an await.
 #[derive(Debug)]
@@ -137,6 +54,18 @@ struct SimState {
 }
 
 impl SimBattery {
+    /// The unit an agent with `battery = "sim"` drives: its `[sim]` settings and revert
+    /// timer, with its write log and state of charge kept beside the agent's store (unless
+    /// set), so both survive a restart of the agent and the fault suite can read the log.
+    pub fn for_agent(config: &AgentConfig, clock: Arc<dyn Clock>) -> SimBattery {
+        let mut sim = config.sim.clone();
+        sim.write_log
+            .get_or_insert_with(|| config.data_dir.join("battery-writes.jsonl"));
+        sim.state_file
+            .get_or_insert_with(|| config.data_dir.join("battery-state.json"));
+        SimBattery::new(sim, clock, config.revert_timeout())
+    }
+
     /// A unit at `initial_soc_pct`. `revert_timeout` is real time; zero disables it.
     pub fn new(config: SimConfig, clock: Arc<dyn Clock>, revert_timeout: Duration) -> SimBattery {
         let now = clock.now();
@@ -314,7 +243,7 @@ fn save_energy(path: &std::path::Path, energy_kwh: f64, at: Timestamp) {
     };
     let tmp = path.with_extension("tmp");
     if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
-        tracing::warn!(path = %path.display(), error = %e, "battery state not saved");
+        tracing::warn!(path = %path.display(), error = %Chain(&e), "battery state not saved");
     }
 }
 
@@ -380,6 +309,28 @@ impl Battery for SimBattery {
     }
 }
 
+/// The contract every [`Battery`] meets; the tests of both implementations (this one, and
+/// the agent's SunSpec controller against [`crate::sunspec`]) run it.
+#[cfg(test)]
+pub(crate) async fn contract(battery: &dyn Battery) {
+    let charge = Setpoint::new(Mode::Charge, RateKw::from_watts(10_000)).unwrap();
+    battery.apply(charge).await.unwrap();
+    let status = battery.read().await.unwrap();
+    assert_eq!(status.setpoint, charge, "reads back what was applied");
+    assert!(
+        (0.0..=100.0).contains(&status.soc_pct),
+        "{}",
+        status.soc_pct
+    );
+
+    let discharge = Setpoint::new(Mode::Discharge, RateKw::from_watts(5_000)).unwrap();
+    battery.apply(discharge).await.unwrap();
+    assert_eq!(battery.read().await.unwrap().setpoint, discharge);
+
+    battery.apply(Setpoint::IDLE).await.unwrap();
+    assert_eq!(battery.read().await.unwrap().setpoint, Setpoint::IDLE);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,7 +348,7 @@ mod tests {
     async fn the_sim_meets_the_battery_contract() {
         let clock = Arc::new(ManualClock::new(t0()));
         let sim = SimBattery::new(SimConfig::default(), clock, Duration::from_secs(30));
-        crate::battery::contract(&sim).await;
+        contract(&sim).await;
         assert_eq!(sim.writes().len(), 3);
     }
 
@@ -493,7 +444,7 @@ mod tests {
         clock.advance(SignedDuration::from_secs(1800));
         second.apply(kw(Mode::Charge, 5.5)).await.unwrap();
 
-        let log = crate::battery::read_write_log(&path).unwrap();
+        let log = read_write_log(&path).unwrap();
         let seen: Vec<_> = log
             .iter()
             .map(|e| (e.at, e.setpoint().unwrap(), e.start))
@@ -565,7 +516,7 @@ mod tests {
         .await
         .expect("the revert timer fires");
 
-        let log = crate::battery::read_write_log(&path).unwrap();
+        let log = read_write_log(&path).unwrap();
         assert_eq!(log.len(), 3, "{log:?}");
         assert!(log[0].start);
         assert!(!log[1].revert);
@@ -587,9 +538,7 @@ mod tests {
             "{\"at\":\"2026-11-30T00:00:00Z\",\"mode\":\"idle\",\"rate_kw\":0.0}\nnot json\n",
         )
         .unwrap();
-        let err = crate::battery::read_write_log(&path)
-            .unwrap_err()
-            .to_string();
+        let err = read_write_log(&path).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
     }
 }

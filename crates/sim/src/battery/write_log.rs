@@ -6,6 +6,7 @@
 //! adding to the same log, and each line goes to the kernel in one `write` before the apply
 //! returns, so a SIGKILL never loses a line already logged.
 
+use max300_protocol::error::Chain;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use max300_protocol::{Mode, RateKw, Setpoint};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::AgentError;
+use crate::SimError;
 
 /// One line of the write log.
 ///
@@ -75,24 +76,28 @@ impl WriteLogEntry {
 
 /// Reads a whole write log, in the order it was written. A line that does not parse is an
 /// error naming its line number: an audit must not skip what it cannot read.
-pub fn read_write_log(path: impl AsRef<Path>) -> Result<Vec<WriteLogEntry>, AgentError> {
+pub fn read_write_log(path: impl AsRef<Path>) -> Result<Vec<WriteLogEntry>, SimError> {
     read_json_lines(path.as_ref())
 }
 
 /// Reads a JSON-lines log (blank lines aside), naming the file and line of anything unreadable.
 pub(crate) fn read_json_lines<T: serde::de::DeserializeOwned>(
     path: &Path,
-) -> Result<Vec<T>, AgentError> {
-    let error = |reason: String| AgentError::WriteLog {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+) -> Result<Vec<T>, SimError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SimError::Log {
+        path: path.to_owned(),
+        what: "cannot read".into(),
+        source: source.into(),
+    })?;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| error(format!("line {}: {e}", i + 1)))
+            serde_json::from_str(line).map_err(|source| SimError::Log {
+                path: path.to_owned(),
+                what: format!("line {}", i + 1),
+                source: source.into(),
+            })
         })
         .collect()
 }
@@ -126,7 +131,7 @@ impl WriteLog {
         let mut line = match serde_json::to_vec(entry) {
             Ok(line) => line,
             Err(e) => {
-                warn!(path = %self.path.display(), error = %e, "write log: cannot encode a line");
+                warn!(path = %self.path.display(), error = %Chain(&e), "write log: cannot encode a line");
                 return;
             }
         };
@@ -134,7 +139,7 @@ impl WriteLog {
         // One write_all of the whole line: with O_APPEND it lands as one piece even when two
         // processes share the file, and `File` has no user-space buffer to lose on a SIGKILL.
         if let Err(e) = file.write_all(&line) {
-            warn!(path = %self.path.display(), error = %e, "write log: cannot append a line");
+            warn!(path = %self.path.display(), error = %Chain(&e), "write log: cannot append a line");
             self.file = None;
         }
     }
@@ -146,6 +151,6 @@ fn open_append(path: &Path) -> Option<File> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| warn!(path = %path.display(), error = %e, "write log: cannot open"))
+        .map_err(|e| warn!(path = %path.display(), error = %Chain(&e), "write log: cannot open"))
         .ok()
 }
