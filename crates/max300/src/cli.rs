@@ -511,9 +511,21 @@ fn max300_env() -> Vec<(String, String)> {
 
 /// The flags that were given, as `(key, value)` overrides: the last, strongest layer. A key
 /// is the setting's name; an error about it names the flag (`--data-dir`).
-fn flag_overrides(flags: Vec<(&str, Option<String>)>) -> Vec<(&str, String)> {
-    flags
+/// The flags set, as config keys: the ones both services take, then `flags`.
+fn flag_overrides<'a>(
+    service: &ServiceArgs,
+    flags: Vec<(&'a str, Option<String>)>,
+) -> Vec<(&'a str, String)> {
+    let common = [
+        ("data_dir", path_flag(&service.data_dir)),
+        ("mqtt", service.mqtt.clone()),
+        ("ca", path_flag(&service.ca)),
+        ("cert", path_flag(&service.cert)),
+        ("key", path_flag(&service.key)),
+    ];
+    common
         .into_iter()
+        .chain(flags)
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect()
 }
@@ -526,28 +538,26 @@ fn path_flag(p: &Option<PathBuf>) -> Option<String> {
 #[cfg(feature = "cloud")]
 pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
     let file = read_config_file(&args.service.config)?;
-    let flags = flag_overrides(vec![
-        ("data_dir", path_flag(&args.service.data_dir)),
-        ("mqtt", args.service.mqtt.clone()),
-        ("ca", path_flag(&args.service.ca)),
-        ("cert", path_flag(&args.service.cert)),
-        ("key", path_flag(&args.service.key)),
-        ("http", args.http.clone()),
-        ("provider", args.provider.clone()),
-        ("api_token", args.api_token.clone()),
-        ("store", args.store.clone()),
-        ("audit", args.audit.clone()),
-        ("shared_group", args.shared_group.clone()),
-        ("client_id", args.client_id.clone()),
-        (
-            "auto_register",
-            args.auto_register.then(|| "true".to_owned()),
-        ),
-        (
-            "create_resources",
-            args.create_resources.then(|| "true".to_owned()),
-        ),
-    ]);
+    let flags = flag_overrides(
+        &args.service,
+        vec![
+            ("http", args.http.clone()),
+            ("provider", args.provider.clone()),
+            ("api_token", args.api_token.clone()),
+            ("store", args.store.clone()),
+            ("audit", args.audit.clone()),
+            ("shared_group", args.shared_group.clone()),
+            ("client_id", args.client_id.clone()),
+            (
+                "auto_register",
+                args.auto_register.then(|| "true".to_owned()),
+            ),
+            (
+                "create_resources",
+                args.create_resources.then(|| "true".to_owned()),
+            ),
+        ],
+    );
     let config = CloudConfig::layered(file.as_deref(), &max300_env(), &flags)?;
     config.validate()?;
     Ok(config)
@@ -557,16 +567,14 @@ pub fn cloud_config(args: &CloudArgs) -> anyhow::Result<CloudConfig> {
 #[cfg(feature = "agent")]
 pub fn agent_config(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let file = read_config_file(&args.service.config)?;
-    let flags = flag_overrides(vec![
-        ("data_dir", path_flag(&args.service.data_dir)),
-        ("mqtt", args.service.mqtt.clone()),
-        ("ca", path_flag(&args.service.ca)),
-        ("cert", path_flag(&args.service.cert)),
-        ("key", path_flag(&args.service.key)),
-        ("device_id", args.device_id.clone()),
-        ("battery", args.battery.clone()),
-        ("metrics", args.metrics.clone()),
-    ]);
+    let flags = flag_overrides(
+        &args.service,
+        vec![
+            ("device_id", args.device_id.clone()),
+            ("battery", args.battery.clone()),
+            ("metrics", args.metrics.clone()),
+        ],
+    );
     Ok(AgentConfig::layered(
         AgentConfig::DEFAULT_TOML,
         file.as_deref(),
