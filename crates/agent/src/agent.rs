@@ -697,7 +697,7 @@ impl Agent {
             return true;
         };
         if let Err(e) = self.read().await {
-            self.faulted(e.to_string());
+            self.faulted(Chain(&e).to_string());
         }
         let Some(open) = self.open.as_ref() else {
             return true;
@@ -827,7 +827,7 @@ impl Agent {
                 report.soc_pct = Some(status.soc_pct);
                 self.fault = None;
             }
-            Err(e) => report.error = Some(self.faulted(e.to_string())),
+            Err(e) => report.error = Some(self.faulted(Chain(&e).to_string())),
         }
     }
 
@@ -837,20 +837,20 @@ impl Agent {
     async fn execute(&mut self, planned: Setpoint, period_start: Option<Timestamp>) -> Run {
         let status = match self.read().await {
             Ok(s) => s,
-            Err(e) => return Run::failed(self.faulted(e.to_string()), None),
+            Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
         };
         let clamped = self.guard.clamp(planned, &status);
         if status.setpoint != clamped.setpoint
             && let Err(e) = self.apply(clamped.setpoint).await
         {
-            let error = self.faulted(e.to_string());
+            let error = self.faulted(Chain(&e).to_string());
             // Say what the unit runs instead, if it still answers.
             let observed = self.read().await.ok();
             return Run::failed(error, observed.as_ref());
         }
         let mut back = match self.read().await {
             Ok(s) => s,
-            Err(e) => return Run::failed(self.faulted(e.to_string()), None),
+            Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
         };
         if let Some(start) = period_start {
             // Plan time after the boundary, in real seconds.
@@ -890,7 +890,7 @@ impl Agent {
             tokio::time::sleep(SETTLE_POLL).await;
             back = match self.read().await {
                 Ok(s) => s,
-                Err(e) => return Run::failed(self.faulted(e.to_string()), None),
+                Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
             };
         }
         Run {
@@ -933,7 +933,7 @@ impl Agent {
         let status = match self.read().await {
             Ok(s) => s,
             Err(e) => {
-                self.faulted(e.to_string());
+                self.faulted(Chain(&e).to_string());
                 return;
             }
         };
@@ -942,7 +942,7 @@ impl Agent {
             match self.apply(clamped.setpoint).await {
                 Ok(()) => self.fault = None,
                 Err(e) => {
-                    self.faulted(e.to_string());
+                    self.faulted(Chain(&e).to_string());
                     return;
                 }
             }
@@ -953,7 +953,7 @@ impl Agent {
                 && self.open.is_some()
                 && let Err(e) = self.read().await
             {
-                self.faulted(e.to_string());
+                self.faulted(Chain(&e).to_string());
             }
         }
     }
@@ -1053,7 +1053,7 @@ impl Agent {
         let status = match self.read().await {
             Ok(s) => Some(s),
             Err(e) => {
-                self.faulted(e.to_string());
+                self.faulted(Chain(&e).to_string());
                 None
             }
         };

@@ -4,13 +4,13 @@
 //! [`crate::run_with`]. Only its settings ([`SimConfig`], the `[sim]` table) stay, because
 //! the agent's config carries them.
 
-use std::fmt::Debug;
+use std::fmt::{self, Debug};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use max300_protocol::{RateKw, Setpoint};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 pub mod sunspec;
 
@@ -61,16 +61,23 @@ pub struct BatteryStatus {
 }
 
 /// Why a controller could not be driven.
-#[derive(Clone, Debug, Error, PartialEq)]
+///
+/// `Display` and `Error` are written out rather than derived: a transport failure's cause is
+/// shared (`Arc`, so the back-off after it can answer with the same error), and `source`
+/// hands out the error inside the `Arc`, so that a caller can downcast it.
+#[derive(Clone, Debug)]
 pub enum BatteryError {
     /// The controller could not be reached.
-    #[error("controller unreachable: {0}")]
-    Transport(String),
+    Transport {
+        /// Which request, to where, and what happened (`read model 124 at 40070: no answer
+        /// within 1000 ms`).
+        what: String,
+        /// The I/O or Modbus error underneath, if one.
+        cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// The controller answered with an error, or with registers that make no sense.
-    #[error("controller refused: {0}")]
     Device(String),
     /// The controller took a write but reads back something else.
-    #[error("controller read back {register} = {read}, but {wrote} was written")]
     ReadBack {
         /// The register's SunSpec name.
         register: &'static str,
@@ -79,6 +86,55 @@ pub enum BatteryError {
         /// What it holds.
         read: u16,
     },
+}
+
+impl fmt::Display for BatteryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatteryError::Transport { what, .. } => write!(f, "controller unreachable: {what}"),
+            BatteryError::Device(what) => write!(f, "controller refused: {what}"),
+            BatteryError::ReadBack {
+                register,
+                wrote,
+                read,
+            } => write!(
+                f,
+                "controller read back {register} = {read}, but {wrote} was written"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BatteryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BatteryError::Transport {
+                cause: Some(cause), ..
+            } => Some(cause.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl BatteryError {
+    /// The controller could not be reached: `what` says which request and what happened.
+    pub fn unreachable(what: impl Into<String>) -> BatteryError {
+        BatteryError::Transport {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// The controller could not be reached because of `cause`.
+    pub fn unreachable_because(
+        what: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> BatteryError {
+        BatteryError::Transport {
+            what: what.into(),
+            cause: Some(Arc::new(cause)),
+        }
+    }
 }
 
 /// The simulated unit: its size, limits and losses.

@@ -135,13 +135,15 @@ async fn a_stuck_setpoint_is_a_read_back_error_naming_the_register() {
     battery.apply(kw(Mode::Charge, 30.0)).await.unwrap();
     served.sim.set_fault(Fault::Stuck, None);
     let err = battery.apply(kw(Mode::Discharge, 30.0)).await.unwrap_err();
-    assert_eq!(
-        err,
-        BatteryError::ReadBack {
-            register: "StorCtl_Mod",
-            wrote: 2,
-            read: 1
-        },
+    assert!(
+        matches!(
+            err,
+            BatteryError::ReadBack {
+                register: "StorCtl_Mod",
+                wrote: 2,
+                read: 1
+            }
+        ),
         "{err}"
     );
     assert_eq!(served.sim.unit_status(1).unwrap().0, kw(Mode::Charge, 30.0));
@@ -163,7 +165,7 @@ async fn a_silent_controller_and_exceptions_are_clear_errors() {
     served.sim.set_fault(Fault::Silent, None);
     let err = battery.apply(kw(Mode::Charge, 10.0)).await.unwrap_err();
     assert!(
-        matches!(&err, BatteryError::Transport(m) if m.contains("no answer within 1000 ms")),
+        matches!(&err, BatteryError::Transport { what, .. } if what.contains("no answer within 1000 ms")),
         "{err}"
     );
     // It answers again, but for a moment calls fail at once rather than wait for another
@@ -407,13 +409,15 @@ async fn a_stuck_704_setting_is_a_read_back_error_naming_the_register() {
     battery.apply(kw(Mode::Charge, 30.0)).await.unwrap();
     served.sim.set_fault(Fault::Stuck, None);
     let err = battery.apply(kw(Mode::Discharge, 30.0)).await.unwrap_err();
-    assert_eq!(
-        err,
-        BatteryError::ReadBack {
-            register: "WSet (high word)",
-            wrote: 0,
-            read: 0xFFFF
-        },
+    assert!(
+        matches!(
+            err,
+            BatteryError::ReadBack {
+                register: "WSet (high word)",
+                wrote: 0,
+                read: 0xFFFF
+            }
+        ),
         "{err}"
     );
 }
@@ -463,4 +467,34 @@ async fn no_power_holds_every_write_but_the_battery_delivers_nothing() {
     assert_eq!(Fault::NoPower.to_string(), "no_power");
     let err = "none_power".parse::<Fault>().unwrap_err();
     assert!(err.contains("no_power"), "{err}");
+}
+
+#[tokio::test]
+async fn a_refused_connection_keeps_the_io_error_as_its_cause() {
+    // A port that was free a moment ago: nothing listens there now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url: SunSpecUrl = format!("sunspec+tcp://127.0.0.1:{port}/1").parse().unwrap();
+    let battery = SunSpecBattery::new(url, Duration::from_secs(30));
+    let err = battery.read().await.unwrap_err();
+    let io = std::error::Error::source(&err)
+        .and_then(|c| c.downcast_ref::<std::io::Error>())
+        .unwrap_or_else(|| panic!("no io::Error under {err:?}"));
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+    let shown = max300_protocol::error::Chain(&err).to_string();
+    assert!(
+        shown.starts_with(&format!(
+            "controller unreachable: 127.0.0.1:{port}: connect: "
+        )),
+        "{shown}"
+    );
+    // During the back-off the same cause comes back at once.
+    let again = battery.read().await.unwrap_err();
+    assert!(
+        std::error::Error::source(&again).is_some(),
+        "{again:?} lost its cause"
+    );
 }

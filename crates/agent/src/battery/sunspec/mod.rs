@@ -310,7 +310,7 @@ struct Conn {
     /// setpoint reads back as written rather than as the register's steps.
     written: Option<(Setpoint, Written)>,
     /// After a transport failure: until when calls fail at once, and with what.
-    unreachable: Option<(Instant, String)>,
+    unreachable: Option<(Instant, BatteryError)>,
 }
 
 impl fmt::Debug for Conn {
@@ -345,21 +345,23 @@ impl SunSpecBattery {
         let addrs: Vec<SocketAddr> =
             tokio::time::timeout(REQUEST_TIMEOUT, tokio::net::lookup_host(target.clone()))
                 .await
-                .map_err(|_| BatteryError::Transport(format!("{target}: name lookup timed out")))?
-                .map_err(|e| BatteryError::Transport(format!("{target}: {e}")))?
+                .map_err(|_| BatteryError::unreachable(format!("{target}: name lookup timed out")))?
+                .map_err(|e| {
+                    BatteryError::unreachable_because(format!("{target}: name lookup"), e)
+                })?
                 .collect();
         let addr = addrs
             .first()
             .copied()
-            .ok_or_else(|| BatteryError::Transport(format!("{target}: no address")))?;
+            .ok_or_else(|| BatteryError::unreachable(format!("{target}: no address")))?;
         let slave = Slave(self.url.unit);
         tokio::time::timeout(
             REQUEST_TIMEOUT,
             tokio_modbus::client::tcp::connect_slave(addr, slave),
         )
         .await
-        .map_err(|_| BatteryError::Transport(format!("{target}: connect timed out")))?
-        .map_err(|e| BatteryError::Transport(format!("{target}: connect: {e}")))
+        .map_err(|_| BatteryError::unreachable(format!("{target}: connect timed out")))?
+        .map_err(|e| BatteryError::unreachable_because(format!("{target}: connect"), e))
     }
 
     /// Connects and walks the chain if needed; returns the addresses of the models used.
@@ -573,19 +575,24 @@ impl Battery for SunSpecBattery {
 /// After a transport failure the connection may still deliver a late answer to the request
 /// that timed out: the next request starts on a new one.
 fn drop_after_transport_failure(conn: &mut Conn, error: &BatteryError) {
-    if let BatteryError::Transport(e) = error {
+    if let BatteryError::Transport { .. } = error {
         conn.ctx = None;
-        conn.unreachable = Some((monotonic() + UNREACHABLE_BACKOFF, e.clone()));
+        conn.unreachable = Some((monotonic() + UNREACHABLE_BACKOFF, error.clone()));
     }
 }
 
 /// The last transport error, while the back-off after it lasts.
 fn backing_off(conn: &Conn) -> Result<(), BatteryError> {
     match &conn.unreachable {
-        Some((until, e)) if monotonic() < *until => Err(BatteryError::Transport(format!(
-            "{e} (not tried again for {} s)",
-            UNREACHABLE_BACKOFF.as_secs()
-        ))),
+        Some((until, BatteryError::Transport { what, cause })) if monotonic() < *until => {
+            Err(BatteryError::Transport {
+                what: format!(
+                    "{what} (not tried again for {} s)",
+                    UNREACHABLE_BACKOFF.as_secs()
+                ),
+                cause: cause.clone(),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -602,11 +609,14 @@ async fn request<T>(
     call: impl Future<Output = tokio_modbus::Result<T>>,
 ) -> Result<T, BatteryError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
-        Err(_) => Err(BatteryError::Transport(format!(
+        Err(_) => Err(BatteryError::unreachable(format!(
             "{what} at {addr}: no answer within {} ms",
             REQUEST_TIMEOUT.as_millis()
         ))),
-        Ok(Err(e)) => Err(BatteryError::Transport(format!("{what} at {addr}: {e}"))),
+        Ok(Err(e)) => Err(BatteryError::unreachable_because(
+            format!("{what} at {addr}"),
+            e,
+        )),
         Ok(Ok(Err(code))) => Err(BatteryError::Device(format!(
             "{what} at {addr}: Modbus exception {:#04x} ({code})",
             u8::from(code)
@@ -653,15 +663,16 @@ pub async fn discover(ctx: &mut Context) -> Result<Chain, BatteryError> {
         match tokio::time::timeout(REQUEST_TIMEOUT, ctx.read_holding_registers(candidate, 2)).await
         {
             Err(_) => {
-                return Err(BatteryError::Transport(format!(
+                return Err(BatteryError::unreachable(format!(
                     "probe for SunS at {candidate}: no answer within {} ms",
                     REQUEST_TIMEOUT.as_millis()
                 )));
             }
             Ok(Err(e)) => {
-                return Err(BatteryError::Transport(format!(
-                    "probe for SunS at {candidate}: {e}"
-                )));
+                return Err(BatteryError::unreachable_because(
+                    format!("probe for SunS at {candidate}"),
+                    e,
+                ));
             }
             Ok(Ok(Ok(words))) if words == map::MARKER => {
                 base = Some(candidate);
