@@ -53,15 +53,13 @@ pub struct Sources<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A TOML layer is not valid TOML.
-    #[error("{layer}: {message}")]
+    #[error("{layer}")]
     Syntax {
         /// `embedded default` or `config file`.
         layer: &'static str,
-        /// The parser's message, on one line.
-        message: String,
-        /// The parser's error (boxed: it is large, and errors are rare).
+        /// The parser's error.
         #[source]
-        source: Box<toml::de::Error>,
+        source: TomlSyntax,
     },
     /// A required key is set in no layer.
     #[error("{key}: missing")]
@@ -139,10 +137,9 @@ impl Layer {
     fn toml(origin: Origin, text: &str) -> Result<Layer, ConfigError> {
         let table: toml::Table =
             text.parse()
-                .map_err(|source: toml::de::Error| ConfigError::Syntax {
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
                     layer: origin.name(),
-                    message: one_line(&source.to_string()),
-                    source: Box::new(source),
+                    source: TomlSyntax(Box::new(e)),
                 })?;
         // A TOML table always serializes to a dict; an empty one stands in otherwise.
         let dict = match Value::serialize(&table) {
@@ -452,10 +449,27 @@ fn one_of(names: &[&str]) -> String {
     }
 }
 
-/// The TOML parser's messages span lines with a source excerpt; a config error is one line.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// A TOML parser's error, written on one line: the parser's own message spans lines with a
+/// source excerpt, and a config error is one line. Its own `source` is none, as the parser's
+/// message would only say the same again; the error itself is [`TomlSyntax::parse_error`].
+#[derive(Debug)]
+pub struct TomlSyntax(Box<toml::de::Error>);
+
+impl TomlSyntax {
+    /// The parser's error, with its span.
+    pub fn parse_error(&self) -> &toml::de::Error {
+        &self.0
+    }
 }
+
+impl std::fmt::Display for TomlSyntax {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.0.to_string();
+        f.write_str(&text.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+}
+
+impl std::error::Error for TomlSyntax {}
 
 /// The keys of a settings struct, and the schema of each key that is itself a table.
 ///
@@ -881,7 +895,12 @@ mod tests {
     #[test]
     fn a_file_that_is_not_toml_is_one_line_naming_the_file() {
         let err = load_role(Some("rate_kw = = 1"), &[], &[]).unwrap_err();
-        let text = err.to_string();
+        let cause = std::error::Error::source(&err).expect("the parser's error is kept");
+        assert!(
+            cause.source().is_none(),
+            "the parser's message is said once"
+        );
+        let text = format!("{err}: {cause}");
         assert!(text.starts_with("config file: TOML parse error"), "{text}");
         assert!(!text.contains('\n'), "{text}");
     }
