@@ -210,6 +210,19 @@ mod tests {
 
     use super::*;
 
+    /// A metrics server on a free port, with its shutdown.
+    async fn serving() -> (SocketAddr, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0",
+            Arc::new(AgentMetrics::new()),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        (addr, shutdown)
+    }
+
     async fn get(addr: SocketAddr, request: &str) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
@@ -249,14 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_scrape_is_prometheus_text_on_a_closed_connection() {
-        let shutdown = CancellationToken::new();
-        let addr = serve(
-            "127.0.0.1:0",
-            Arc::new(AgentMetrics::new()),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        let (addr, shutdown) = serving().await;
         // HTTP/1.1 would keep the connection open: get() reads until the server closes it.
         let ok = get(
             addr,
@@ -276,14 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_request_head_is_refused() {
-        let shutdown = CancellationToken::new();
-        let addr = serve(
-            "127.0.0.1:0",
-            Arc::new(AgentMetrics::new()),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        let (addr, shutdown) = serving().await;
         let huge = format!(
             "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
             "a".repeat(2 * MAX_REQUEST)
@@ -295,14 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_closes_the_port() {
-        let shutdown = CancellationToken::new();
-        let addr = serve(
-            "127.0.0.1:0",
-            Arc::new(AgentMetrics::new()),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        let (addr, shutdown) = serving().await;
         assert!(
             get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
