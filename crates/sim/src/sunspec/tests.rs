@@ -192,19 +192,24 @@ async fn a_silent_controller_and_exceptions_are_clear_errors() {
     );
 }
 
-#[tokio::test]
-async fn a_unit_that_hears_nothing_goes_idle_after_its_revert_timer() {
-    let served = serve(40000, 1).await;
-    let battery = SunSpecBattery::new(served.url.clone(), Duration::from_secs(1));
-    battery.apply(kw(Mode::Discharge, 20.0)).await.unwrap();
-    // The timer runs on real time: wait for the unit to notice it, with a deadline.
+/// Polls until the unit reads back idle. A revert timer runs on the unit's real time, so
+/// the wait has a deadline rather than a clock to advance.
+async fn until_idle(battery: &SunSpecBattery, why: &str) {
     tokio::time::timeout(Duration::from_secs(10), async {
         while battery.read().await.unwrap().setpoint != Setpoint::IDLE {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("the revert timer sends the unit idle");
+    .expect(why);
+}
+
+#[tokio::test]
+async fn a_unit_that_hears_nothing_goes_idle_after_its_revert_timer() {
+    let served = serve(40000, 1).await;
+    let battery = SunSpecBattery::new(served.url.clone(), Duration::from_secs(1));
+    battery.apply(kw(Mode::Discharge, 20.0)).await.unwrap();
+    until_idle(&battery, "the revert timer sends the unit idle").await;
     let log = read_sim_log(served.sim.write_log().unwrap()).unwrap();
     let last_write = log
         .iter()
@@ -427,13 +432,7 @@ async fn the_704_revert_timer_sends_the_unit_idle() {
     let served = serve_with(40000, 1, None, true).await;
     let battery = SunSpecBattery::new(der_url(&served), Duration::from_secs(1));
     battery.apply(kw(Mode::Discharge, 20.0)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while battery.read().await.unwrap().setpoint != Setpoint::IDLE {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("WSetRvrtTms sends the unit idle");
+    until_idle(&battery, "WSetRvrtTms sends the unit idle").await;
     assert_eq!(served.sim.unit_status(1).unwrap().0, Setpoint::IDLE);
 }
 
