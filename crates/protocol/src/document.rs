@@ -15,6 +15,10 @@ use serde_json::value::RawValue;
 
 use crate::day::{OffGrid, time_zone};
 use crate::error::Chain;
+mod split;
+
+use split::{Piece, Splitter};
+
 use crate::{Day, DeviceId, Mode, PERIOD_SECS, ProtocolError, RateKw, Schedule, Setpoint};
 
 /// What normalization needs to know about the fleet.
@@ -113,18 +117,6 @@ pub struct Normalized {
 }
 
 #[derive(Deserialize)]
-struct RawDocument<'a> {
-    #[serde(borrow, default)]
-    schedule_date: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    timezone: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    generated_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    schedules: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
 struct RawSchedule<'a> {
     #[serde(borrow, default)]
     device_id: Option<&'a RawValue>,
@@ -162,140 +154,339 @@ enum Target {
     Invalid(FieldError, String),
 }
 
-/// Parses and normalizes a provider document.
+/// Parses and normalizes a provider document held whole: [`Survey`], then [`Normalizer`],
+/// each over all of `input`.
 ///
 /// `Err` rejects the document whole (not JSON, too large, date or zone missing or wrong);
 /// otherwise each schedule is accepted or rejected on its own.
 pub fn normalize(input: &[u8], fleet: &Fleet) -> Result<Normalized, ProtocolError> {
-    if input.len() > fleet.max_document_bytes {
-        return Err(ProtocolError::Document(format!(
-            "{} bytes exceeds the limit of {} bytes",
-            input.len(),
-            fleet.max_document_bytes
-        )));
-    }
-    // Some tools write a UTF-8 byte order mark; it is not part of the JSON.
-    let input = input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input);
-    if input.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ProtocolError::Document(
-            "not a JSON object: the document must start with '{'".into(),
-        ));
-    }
-    let doc: RawDocument = serde_json::from_slice(input)
-        .map_err(|e| ProtocolError::Document(format!("not a JSON object: {e}")))?;
-
-    let date_text = required_string(doc.schedule_date, "schedule_date")?;
-    let date: Date = date_text.parse().map_err(|_| {
-        ProtocolError::Document(format!(
-            "schedule_date: {date_text:?} is not a date (YYYY-MM-DD)"
-        ))
-    })?;
-    let tz_text = required_string(doc.timezone, "timezone")?;
-    let tz = time_zone(&tz_text).map_err(|_| {
-        ProtocolError::Document(format!("timezone: {tz_text:?} is not a known zone"))
-    })?;
-    if tz.iana_name() != fleet.timezone.iana_name() {
-        return Err(ProtocolError::Document(format!(
-            "timezone: {tz_text:?} is not the fleet's zone {}",
-            fleet.timezone.iana_name().unwrap_or("UTC")
-        )));
-    }
-    let day = Day::new(date, tz).map_err(|e| ProtocolError::Document(Chain(&e).to_string()))?;
-    let generated_at = doc
-        .generated_at
-        .and_then(string_value)
-        .and_then(|s| s.parse().ok());
-
-    let entries: Vec<&RawValue> = match doc.schedules {
-        None => return Err(ProtocolError::Document("schedules: missing".into())),
-        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
-            ProtocolError::Document(format!(
-                "schedules: expected an array, got {}",
-                quote(raw.get())
-            ))
-        })?,
-    };
-
-    // First pass: who each entry is for, so that duplicates and "*" can be resolved.
-    let parsed: Vec<(Target, Option<RawSchedule>)> = entries
-        .iter()
-        .enumerate()
-        .map(|(i, raw)| read_entry(i, raw))
-        .collect();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for (target, _) in &parsed {
-        let key = match target {
-            Target::Device(id) => id.as_str().to_owned(),
-            Target::Wildcard => "*".to_owned(),
-            Target::Invalid(..) => continue,
-        };
-        *seen.entry(key).or_default() += 1;
-    }
-
+    let mut survey = Survey::new(fleet);
+    survey.feed(input)?;
+    let outline = survey.finish()?;
     let mut out = Normalized {
-        day: day.clone(),
-        generated_at,
+        day: outline.day.clone(),
+        generated_at: outline.generated_at,
         schedules: Vec::new(),
         rejected: Vec::new(),
     };
-    for (i, (target, body)) in parsed.into_iter().enumerate() {
-        let path = format!("schedules[{i}]");
-        let (device_id, label) = match target {
-            Target::Invalid(err, label) => {
-                out.rejected.push(Rejection {
+    let mut normalizer = Normalizer::new(&outline, fleet);
+    normalizer.feed(input, &mut |outcome| match outcome {
+        Outcome::Accepted(s) => out.schedules.push(s),
+        Outcome::Rejected(r) => out.rejected.push(r),
+    })?;
+    normalizer.finish()?;
+    Ok(out)
+}
+
+/// The first pass over a document, fed its bytes as they arrive: it checks that the whole
+/// document is JSON within the size limit, and learns its date and zone and whom each entry
+/// is for. Nothing may be committed before it finishes: a device listed twice is refused in
+/// both places, and a document broken at its last byte is refused whole.
+#[derive(Debug)]
+pub struct Survey {
+    splitter: Splitter,
+    max_bytes: usize,
+    bytes: usize,
+    schedule_date: Option<String>,
+    timezone: Option<String>,
+    generated_at: Option<String>,
+    /// The raw `schedules` value when it is not an array.
+    schedules_other: Option<String>,
+    schedules_seen: bool,
+    listed: HashMap<String, u32>,
+    fleet_timezone: TimeZone,
+}
+
+/// What a [`Survey`] learnt: enough to normalize each entry on its own in a second pass.
+#[derive(Clone, Debug)]
+pub struct Outline {
+    /// The local date and its grid.
+    pub day: Day,
+    /// The provider's `generated_at`, when it gave a valid one.
+    pub generated_at: Option<Timestamp>,
+    /// How many entries `schedules` has.
+    pub entries: usize,
+    /// How often each device id (and `"*"`) is listed.
+    listed: HashMap<String, u32>,
+}
+
+impl Survey {
+    /// A survey against `fleet`'s zone and size limit.
+    pub fn new(fleet: &Fleet) -> Survey {
+        Survey {
+            splitter: Splitter::new(),
+            max_bytes: fleet.max_document_bytes,
+            bytes: 0,
+            schedule_date: None,
+            timezone: None,
+            generated_at: None,
+            schedules_other: None,
+            schedules_seen: false,
+            listed: HashMap::new(),
+            fleet_timezone: fleet.timezone.clone(),
+        }
+    }
+
+    /// Reads the next chunk of the document.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), ProtocolError> {
+        self.bytes = self.bytes.saturating_add(chunk.len());
+        if self.bytes > self.max_bytes {
+            return Err(ProtocolError::Document(format!(
+                "{} bytes exceeds the limit of {} bytes",
+                self.bytes, self.max_bytes
+            )));
+        }
+        let Survey {
+            splitter,
+            schedule_date,
+            timezone,
+            generated_at,
+            schedules_other,
+            schedules_seen,
+            listed,
+            ..
+        } = self;
+        splitter.feed(chunk, &mut |piece| {
+            match piece {
+                Piece::Field { key, value } => {
+                    let text = utf8(value, || key.to_owned())?;
+                    json(text, || key.to_owned())?;
+                    let slot = match key {
+                        "schedule_date" => &mut *schedule_date,
+                        "timezone" => &mut *timezone,
+                        "generated_at" => &mut *generated_at,
+                        "schedules" => &mut *schedules_other,
+                        _ => return Ok(()),
+                    };
+                    if key == "schedules" {
+                        if *schedules_seen {
+                            return Err(duplicate_field(key));
+                        }
+                        *schedules_seen = true;
+                    } else if slot.is_some() {
+                        return Err(duplicate_field(key));
+                    }
+                    // As serde reads an optional field: `null` is absent.
+                    *slot = (text != "null").then(|| text.to_owned());
+                }
+                Piece::Schedules => {
+                    if *schedules_seen {
+                        return Err(duplicate_field("schedules"));
+                    }
+                    *schedules_seen = true;
+                }
+                Piece::Entry { index, value } => {
+                    let place = || format!("schedules[{index}]");
+                    let text = utf8(value, place)?;
+                    match read_entry(index, text).0 {
+                        Target::Device(id) => {
+                            *listed.entry(id.as_str().to_owned()).or_default() += 1
+                        }
+                        Target::Wildcard => *listed.entry("*".to_owned()).or_default() += 1,
+                        // Read whole, an entry is JSON; one that could not be read may
+                        // have stopped at its first wrong type, so check the rest.
+                        Target::Invalid(..) => json(text, place)?,
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Checks the document's end and its date and zone.
+    pub fn finish(self) -> Result<Outline, ProtocolError> {
+        self.splitter.finish()?;
+        let date_text = required_string(self.schedule_date.as_deref(), "schedule_date")?;
+        let date: Date = date_text.parse().map_err(|_| {
+            ProtocolError::Document(format!(
+                "schedule_date: {date_text:?} is not a date (YYYY-MM-DD)"
+            ))
+        })?;
+        let tz_text = required_string(self.timezone.as_deref(), "timezone")?;
+        let tz = time_zone(&tz_text).map_err(|_| {
+            ProtocolError::Document(format!("timezone: {tz_text:?} is not a known zone"))
+        })?;
+        if tz.iana_name() != self.fleet_timezone.iana_name() {
+            return Err(ProtocolError::Document(format!(
+                "timezone: {tz_text:?} is not the fleet's zone {}",
+                self.fleet_timezone.iana_name().unwrap_or("UTC")
+            )));
+        }
+        let day = Day::new(date, tz).map_err(|e| ProtocolError::Document(Chain(&e).to_string()))?;
+        let generated_at = self
+            .generated_at
+            .as_deref()
+            .and_then(|raw| serde_json::from_str::<String>(raw).ok())
+            .and_then(|s| s.parse().ok());
+        if let Some(other) = &self.schedules_other {
+            return Err(ProtocolError::Document(format!(
+                "schedules: expected an array, got {}",
+                quote(other)
+            )));
+        }
+        if !self.schedules_seen {
+            return Err(ProtocolError::Document("schedules: missing".into()));
+        }
+        Ok(Outline {
+            day,
+            generated_at,
+            entries: self.splitter.entries(),
+            listed: self.listed,
+        })
+    }
+}
+
+impl Outline {
+    /// How many schedules the document can yield at most: one per entry, and the `"*"`
+    /// entry's for every registered device not listed.
+    pub fn most_schedules(&self, fleet: &Fleet) -> usize {
+        let wildcard = if self.listed.contains_key("*") {
+            fleet
+                .devices
+                .keys()
+                .filter(|id| !self.listed.contains_key(id.as_str()))
+                .count()
+        } else {
+            0
+        };
+        self.entries + wildcard
+    }
+}
+
+/// What normalization decided for one device (or one unreadable entry).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// An accepted schedule.
+    Accepted(NormalizedSchedule),
+    /// A refused one, with every reason.
+    Rejected(Rejection),
+}
+
+/// The second pass over a surveyed document, fed the same bytes again: it normalizes each
+/// entry as soon as it is read, in document order. `"*"` yields one outcome per registered
+/// device the document does not list, where the `"*"` entry stands.
+#[derive(Debug)]
+pub struct Normalizer<'a> {
+    outline: &'a Outline,
+    fleet: &'a Fleet,
+    splitter: Splitter,
+}
+
+impl<'a> Normalizer<'a> {
+    /// A normalizer for the document `outline` describes.
+    pub fn new(outline: &'a Outline, fleet: &'a Fleet) -> Normalizer<'a> {
+        Normalizer {
+            outline,
+            fleet,
+            splitter: Splitter::new(),
+        }
+    }
+
+    /// Reads the next chunk, handing each outcome to `out` as its entry completes.
+    pub fn feed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut dyn FnMut(Outcome),
+    ) -> Result<(), ProtocolError> {
+        let (outline, fleet) = (self.outline, self.fleet);
+        self.splitter.feed(chunk, &mut |piece| {
+            if let Piece::Entry { index, value } = piece {
+                // The survey checked that it is JSON.
+                let text = utf8(value, || format!("schedules[{index}]"))?;
+                entry(outline, fleet, index, text, out);
+            }
+            Ok(())
+        })
+    }
+
+    /// Checks that the document ended as it did when surveyed.
+    pub fn finish(self) -> Result<(), ProtocolError> {
+        self.splitter.finish()?;
+        if self.splitter.entries() != self.outline.entries {
+            return Err(ProtocolError::Document(format!(
+                "schedules: {} entries, but {} when surveyed: the document changed",
+                self.splitter.entries(),
+                self.outline.entries
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Normalizes entry `i` of `schedules`.
+fn entry(outline: &Outline, fleet: &Fleet, i: usize, text: &str, out: &mut dyn FnMut(Outcome)) {
+    let day = &outline.day;
+    let path = format!("schedules[{i}]");
+    let (target, body) = read_entry(i, text);
+    let (device_id, label) = match target {
+        Target::Invalid(err, label) => {
+            return out(Outcome::Rejected(Rejection {
+                device_id: None,
+                label,
+                errors: vec![err],
+            }));
+        }
+        Target::Device(id) => (Some(id.clone()), id.to_string()),
+        Target::Wildcard => (None, "*".to_owned()),
+    };
+    let key = device_id.as_ref().map_or("*", |d| d.as_str());
+    if outline.listed.get(key).copied().unwrap_or(0) > 1 {
+        let message = format!("{key} is listed more than once");
+        return out(Outcome::Rejected(Rejection {
+            device_id,
+            label,
+            errors: vec![FieldError {
+                path: format!("{path}.device_id"),
+                message,
+            }],
+        }));
+    }
+    let body = body.expect("a device or wildcard target always comes with its body");
+    let plan = read_plan(day, body.intervals, &path);
+    match device_id {
+        Some(id) => {
+            let max = fleet.max_rate(&id);
+            out(outcome(id, label, day, &plan, max, false));
+        }
+        None => {
+            if let Err(errors) = &plan {
+                // Name the wildcard itself once rather than once per device.
+                return out(Outcome::Rejected(Rejection {
                     device_id: None,
                     label,
-                    errors: vec![err],
-                });
-                continue;
+                    errors: errors.clone(),
+                }));
             }
-            Target::Device(id) => (Some(id.clone()), id.to_string()),
-            Target::Wildcard => (None, "*".to_owned()),
-        };
-        let key = device_id.as_ref().map_or("*", |d| d.as_str()).to_owned();
-        if seen.get(&key).copied().unwrap_or(0) > 1 {
-            out.rejected.push(Rejection {
-                device_id,
-                label,
-                errors: vec![FieldError {
-                    path: format!("{path}.device_id"),
-                    message: format!("{key} is listed more than once"),
-                }],
-            });
-            continue;
-        }
-        let body = body.expect("a device or wildcard target always comes with its body");
-        let plan = read_plan(&day, body.intervals, &path);
-        match device_id {
-            Some(id) => {
-                let max = fleet.max_rate(&id);
-                out.push(id, label, &day, &plan, max, false);
-            }
-            None => {
-                let targets: Vec<DeviceId> = fleet
-                    .devices
-                    .keys()
-                    .filter(|id| !seen.contains_key(id.as_str()))
-                    .cloned()
-                    .collect();
-                if let Err(errors) = &plan {
-                    // Name the wildcard itself once rather than once per device.
-                    out.rejected.push(Rejection {
-                        device_id: None,
-                        label,
-                        errors: errors.clone(),
-                    });
-                    continue;
-                }
-                for id in targets {
-                    let max = fleet.max_rate(&id);
-                    let label = id.to_string();
-                    out.push(id, label, &day, &plan, max, true);
-                }
+            for id in fleet
+                .devices
+                .keys()
+                .filter(|id| !outline.listed.contains_key(id.as_str()))
+            {
+                let max = fleet.max_rate(id);
+                out(outcome(id.clone(), id.to_string(), day, &plan, max, true));
             }
         }
     }
-    Ok(out)
+}
+
+/// A piece's text: the whole document is refused when it is not UTF-8.
+fn utf8(value: &[u8], place: impl Fn() -> String) -> Result<&str, ProtocolError> {
+    std::str::from_utf8(value).map_err(|e| not_json(&place(), e))
+}
+
+/// Checks that a piece is JSON: the whole document is refused when it is not.
+fn json(text: &str, place: impl Fn() -> String) -> Result<(), ProtocolError> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| not_json(&place(), e))
+}
+
+fn not_json(place: &str, why: impl fmt::Display) -> ProtocolError {
+    ProtocolError::Document(format!("not a JSON object: {place}: {why}"))
+}
+
+fn duplicate_field(key: &str) -> ProtocolError {
+    ProtocolError::Document(format!("not a JSON object: duplicate field `{key}`"))
 }
 
 /// A schedule entry's intervals, read into a full day of setpoints.
@@ -308,62 +499,58 @@ struct PlanOk<'a> {
 
 type Plan<'a> = Result<PlanOk<'a>, Vec<FieldError>>;
 
-impl Normalized {
-    fn push(
-        &mut self,
-        id: DeviceId,
-        label: String,
-        day: &Day,
-        plan: &Plan,
-        max: RateKw,
-        from_wildcard: bool,
-    ) {
-        let plan = match plan {
-            Ok(p) => p,
-            Err(errors) => {
-                self.rejected.push(Rejection {
-                    device_id: Some(id),
-                    label,
-                    errors: errors.clone(),
-                });
-                return;
-            }
-        };
-        let over: Vec<FieldError> = plan
-            .spans
-            .iter()
-            .filter(|s| s.setpoint.rate() > max)
-            .map(|s| FieldError {
-                path: format!("{}.intervals[{}].rate_kw", plan.path, s.index),
-                message: format!("{} exceeds max_rate_kw {max}", s.rate_text),
-            })
-            .collect();
-        if !over.is_empty() {
-            self.rejected.push(Rejection {
+/// One device's outcome under `plan`, held to the device's own limit.
+fn outcome(
+    id: DeviceId,
+    label: String,
+    day: &Day,
+    plan: &Plan,
+    max: RateKw,
+    from_wildcard: bool,
+) -> Outcome {
+    let plan = match plan {
+        Ok(p) => p,
+        Err(errors) => {
+            return Outcome::Rejected(Rejection {
                 device_id: Some(id),
                 label,
-                errors: over,
+                errors: errors.clone(),
             });
-            return;
         }
-        let schedule = Schedule::new(id, day.clone(), plan.setpoints.clone())
-            .expect("read_plan yields exactly one setpoint per period");
-        self.schedules.push(NormalizedSchedule {
-            schedule,
-            filled: plan.filled,
-            from_wildcard,
+    };
+    let over: Vec<FieldError> = plan
+        .spans
+        .iter()
+        .filter(|s| s.setpoint.rate() > max)
+        .map(|s| FieldError {
+            path: format!("{}.intervals[{}].rate_kw", plan.path, s.index),
+            message: format!("{} exceeds max_rate_kw {max}", s.rate_text),
+        })
+        .collect();
+    if !over.is_empty() {
+        return Outcome::Rejected(Rejection {
+            device_id: Some(id),
+            label,
+            errors: over,
         });
     }
+    let schedule = Schedule::new(id, day.clone(), plan.setpoints.clone())
+        .expect("read_plan yields exactly one setpoint per period");
+    Outcome::Accepted(NormalizedSchedule {
+        schedule,
+        filled: plan.filled,
+        from_wildcard,
+    })
 }
 
-fn read_entry<'a>(i: usize, raw: &'a RawValue) -> (Target, Option<RawSchedule<'a>>) {
+fn read_entry(i: usize, text: &str) -> (Target, Option<RawSchedule<'_>>) {
     let path = format!("schedules[{i}]");
-    let body: RawSchedule = match serde_json::from_str(raw.get()) {
+    let body: RawSchedule = match serde_json::from_str(text) {
         Ok(b) => b,
         Err(_) => {
             let err = FieldError {
                 path: path.clone(),
-                message: format!("expected an object, got {}", quote(raw.get())),
+                message: format!("expected an object, got {}", quote(text)),
             };
             return (Target::Invalid(err, path), None);
         }
@@ -623,13 +810,10 @@ fn looks_numeric(text: &str) -> bool {
     text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
 }
 
-fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
+fn required_string(raw: Option<&str>, field: &str) -> Result<String, ProtocolError> {
     let raw = raw.ok_or_else(|| ProtocolError::Document(format!("{field}: missing")))?;
-    string_value(raw).ok_or_else(|| {
-        ProtocolError::Document(format!(
-            "{field}: expected a string, got {}",
-            quote(raw.get())
-        ))
+    serde_json::from_str::<String>(raw).map_err(|_| {
+        ProtocolError::Document(format!("{field}: expected a string, got {}", quote(raw)))
     })
 }
 

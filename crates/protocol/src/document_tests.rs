@@ -528,5 +528,76 @@ mod properties {
             prop_assert_eq!(first.schedule.sha256(), second.schedule.sha256());
             prop_assert_eq!(second.filled, 0);
         }
+
+        /// Fed in chunks of any size, a document normalizes exactly as held whole.
+        #[test]
+        fn streaming_in_any_chunks_gives_the_same_result(size in 1usize..300, cut in 0usize..2000) {
+            let input = doc("2026-11-30", json!([
+                {"device_id": "d1", "intervals": [{"period": 1, "mode": "Charge", "rate_kw": 5}]},
+                {"device_id": "*", "intervals": [{"start": "2026-11-30T10:00:00+00:00", "end": "2026-11-30T11:00:00+00:00", "mode": "DISCHARGE", "rate_kw": 3.5}]},
+                {"device_id": "d1", "intervals": []},
+                {"device_id": "d2", "intervals": [{"period": 99, "mode": "idle"}]},
+                7,
+                {"device_id": "d4 bad", "intervals": []},
+                {"device_id": "d5", "intervals": [{"period": 2, "mode": "idle", "rate_kw": 0}]}
+            ]));
+            let mut f = fleet();
+            for id in ["d1", "d3", "d6"] {
+                f.devices.insert(DeviceId::parse(id).unwrap(), RateKw::from_watts(150_000));
+            }
+            let whole = normalize(&input, &f).unwrap();
+            let cut = cut.min(input.len());
+            let (a, b) = input.split_at(cut);
+            let mut survey = Survey::new(&f);
+            for chunk in a.chunks(size).chain(b.chunks(size)) {
+                survey.feed(chunk).unwrap();
+            }
+            let outline = survey.finish().unwrap();
+            let mut outcomes = Vec::new();
+            let mut normalizer = Normalizer::new(&outline, &f);
+            for chunk in input.chunks(size) {
+                normalizer.feed(chunk, &mut |o| outcomes.push(o)).unwrap();
+            }
+            normalizer.finish().unwrap();
+            let (mut schedules, mut rejected) = (Vec::new(), Vec::new());
+            for o in outcomes {
+                match o {
+                    Outcome::Accepted(s) => schedules.push(s),
+                    Outcome::Rejected(r) => rejected.push(r),
+                }
+            }
+            prop_assert_eq!(&schedules, &whole.schedules);
+            prop_assert_eq!(&rejected, &whole.rejected);
+            // Seven entries, and "*" for d3 and d6.
+            prop_assert_eq!(outline.most_schedules(&f), 7 + 2);
+        }
+
+        /// A document is refused as not JSON exactly when serde_json cannot read it.
+        #[test]
+        fn not_json_exactly_when_serde_json_says_so(
+            edits in proptest::collection::vec((0usize..400, prop_oneof![
+                Just(b'{'), Just(b'}'), Just(b'['), Just(b']'), Just(b'"'), Just(b'\\'),
+                Just(b','), Just(b':'), Just(b' '), Just(b'1'), Just(b'x'), Just(0xff)
+            ], any::<bool>()), 1..4),
+        ) {
+            let mut input = doc("2026-11-30", json!([
+                {"device_id": "d1", "intervals": [{"period": 1, "mode": "charge", "rate_kw": 5}], "note": ["a", {"b": null}]},
+                {"device_id": "d2", "intervals": []}
+            ]));
+            for (at, byte, insert) in edits {
+                let at = at % (input.len() + 1);
+                if insert || at == input.len() {
+                    input.insert(at, byte);
+                } else {
+                    input[at] = byte;
+                }
+            }
+            let serde_ok = std::str::from_utf8(&input)
+                .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
+                && input.trim_ascii_start().starts_with(b"{");
+            let ours = normalize(&input, &fleet());
+            let not_json = matches!(&ours, Err(e) if e.to_string().contains("not a JSON object"));
+            prop_assert_eq!(!not_json, serde_ok, "{:?}: {:?}", String::from_utf8_lossy(&input), ours.err());
+        }
     }
 }
