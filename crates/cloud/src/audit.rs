@@ -10,7 +10,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use crate::CloudError;
 
@@ -18,12 +18,58 @@ use crate::CloudError;
 #[derive(Clone, Debug)]
 pub struct Audit {
     store: Arc<dyn ObjectStore>,
+    /// The size of the parts a streamed document is written in, and so the most of it held
+    /// at once: S3 takes no part under 5 MiB but the last; a folder takes any.
+    part_bytes: usize,
+}
+
+/// A raw document being written as it arrives ([`Audit::raw_writer`]).
+pub struct RawWriter {
+    key: String,
+    upload: WriteMultipart,
+}
+
+impl std::fmt::Debug for RawWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawWriter").field("key", &self.key).finish()
+    }
+}
+
+impl RawWriter {
+    /// Appends the next chunk; waits while two parts are on their way.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), CloudError> {
+        self.upload
+            .wait_for_capacity(2)
+            .await
+            .map_err(|e| CloudError::audit_failed(&self.key, e))?;
+        self.upload.put(chunk);
+        Ok(())
+    }
+
+    /// Completes the object; returns its key.
+    pub async fn finish(self) -> Result<String, CloudError> {
+        self.upload
+            .finish()
+            .await
+            .map_err(|e| CloudError::audit_failed(&self.key, e))?;
+        Ok(self.key)
+    }
+
+    /// Gives up on the object (a transfer that failed half-way): nothing is kept.
+    pub async fn abort(self) {
+        if let Err(e) = self.upload.abort().await {
+            tracing::warn!(key = %self.key, error = %max300_protocol::error::Chain(&e), "a partial raw document was not removed");
+        }
+    }
 }
 
 impl Audit {
     /// An audit store on `store`.
     pub fn new(store: Arc<dyn ObjectStore>) -> Audit {
-        Audit { store }
+        Audit {
+            store,
+            part_bytes: 5 * 1024 * 1024,
+        }
     }
 
     /// Opens an audit store from its URL: `file://DIR` (the default), a bare path, or
@@ -49,7 +95,10 @@ impl Audit {
             .map_err(|e| CloudError::audit_failed(format!("cannot create {dir}"), e))?;
         let fs = LocalFileSystem::new_with_prefix(Path::new(dir))
             .map_err(|e| CloudError::audit_failed(dir, e))?;
-        Ok(Audit::new(Arc::new(fs)))
+        Ok(Audit {
+            part_bytes: 256 * 1024,
+            ..Audit::new(Arc::new(fs))
+        })
     }
 
     /// Keeps a raw document; returns its key.
@@ -67,6 +116,51 @@ impl Audit {
         );
         self.put(&key, body).await?;
         Ok(key)
+    }
+
+    /// Starts keeping a raw document that arrives in chunks. Its key has the same shape as
+    /// [`Audit::put_raw`]'s, but its 8 hex digits are random: the content is not known yet.
+    pub async fn raw_writer(
+        &self,
+        source: &str,
+        received: Timestamp,
+    ) -> Result<RawWriter, CloudError> {
+        let key = format!(
+            "raw/{}/{}-{source}-{:08x}-{:04x}.json",
+            received.strftime("%Y-%m-%d"),
+            received.strftime("%Y%m%dT%H%M%S%.3fZ"),
+            fastrand::u32(..),
+            fastrand::u16(..)
+        );
+        let path = ObjectPath::parse(&key).map_err(|e| CloudError::audit_failed(&key, e))?;
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(|e| CloudError::audit_failed(&key, e))?;
+        Ok(RawWriter {
+            upload: WriteMultipart::new_with_chunk_size(upload, self.part_bytes),
+            key,
+        })
+    }
+
+    /// Reads an object back as a stream of chunks, so a large one is never held whole.
+    pub async fn stream(
+        &self,
+        key: &str,
+    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, CloudError>> + use<>, CloudError>
+    {
+        use futures_util::TryStreamExt;
+        let path = ObjectPath::parse(key).map_err(|e| CloudError::audit_failed(key, e))?;
+        let got = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| CloudError::audit_failed(key, e))?;
+        let key = key.to_owned();
+        Ok(got
+            .into_stream()
+            .map_err(move |e| CloudError::audit_failed(&key, e)))
     }
 
     /// Keeps the rejections of one ingestion; returns the key.
@@ -176,6 +270,59 @@ mod tests {
         assert!(key.starts_with("raw/2026-11-29/20261129T154500"), "{key}");
         assert_eq!(audit.get(&key).await.unwrap(), Bytes::from_static(b"{}"));
         assert!(dir.path().join(&key).exists());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_document_reads_back_whole_in_chunks() {
+        use futures_util::TryStreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(&format!("file://{}", dir.path().display())).unwrap();
+        let t: Timestamp = "2026-11-29T15:45:00Z".parse().unwrap();
+        let body: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let mut writer = audit.raw_writer("fetch", t).await.unwrap();
+        for chunk in body.chunks(64 * 1024) {
+            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        let key = writer.finish().await.unwrap();
+        assert!(
+            key.starts_with("raw/2026-11-29/20261129T154500.000Z-fetch-"),
+            "{key}"
+        );
+        let chunks: Vec<Bytes> = audit
+            .stream(&key)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), body);
+        assert_eq!(audit.get(&key).await.unwrap(), body);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_document_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(&format!("file://{}", dir.path().display())).unwrap();
+        let t: Timestamp = "2026-11-29T15:45:00Z".parse().unwrap();
+        let mut writer = audit.raw_writer("fetch", t).await.unwrap();
+        writer.write(Bytes::from_static(b"{\"half")).await.unwrap();
+        writer.abort().await;
+        let left: Vec<_> = walk(dir.path());
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                if e.path().is_dir() {
+                    walk(&e.path())
+                } else {
+                    vec![e.path()]
+                }
+            })
+            .collect()
     }
 
     #[test]

@@ -6,15 +6,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use max300_mqtt::trace;
+use max300_protocol::ProtocolError;
 use max300_protocol::day::period_start_at;
-use max300_protocol::document::{Fleet, Normalized, normalize};
+use max300_protocol::document::{
+    Fleet, NormalizedSchedule, Normalizer, Outcome, Outline, Rejection, Survey,
+};
 use max300_protocol::{Clock, Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use serde::Serialize;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 use tracing::field::Empty;
 use tracing::{Span, info, info_span, instrument, warn};
 
@@ -113,8 +117,42 @@ pub enum Stage {
     Done,
 }
 
-/// Commands are published in batches of this many, so progress moves as they go out.
-const PUBLISH_BATCH: usize = 500;
+/// Devices go through the stages in batches of this many: each batch is one commit and one
+/// publish, and progress moves as they go out.
+const BATCH: usize = 500;
+
+/// Where the second pass reads the document again.
+enum Document {
+    /// Held whole already (a POST, limited in size by the HTTP layer).
+    Held(Bytes),
+    /// Under this key in the audit store.
+    Kept(String),
+}
+
+/// What the first stage hands the second: a batch of outcomes, in document order.
+#[derive(Default)]
+struct Batch {
+    schedules: Vec<NormalizedSchedule>,
+    rejected: Vec<Rejection>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.schedules.len() + self.rejected.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the feasibility check needs of the fleet, read once per ingestion.
+struct Outlook {
+    soc: HashMap<DeviceId, f64>,
+    rest_of_today: HashMap<DeviceId, Vec<Setpoint>>,
+    today: Date,
+    from: Timestamp,
+}
 
 /// Runs ingestions.
 #[derive(Debug)]
@@ -182,6 +220,9 @@ impl Ingestor {
 
     /// Fetches the document for `date` from the provider and ingests it; under `fence`, the
     /// date's lease taken before the fetch, when several instances share the store.
+    ///
+    /// The body is written to the audit store and surveyed as it arrives; the second pass
+    /// reads it back from there, so no copy of a fleet's document is ever held whole.
     #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = %date, source = "fetch"))]
     pub async fn fetch(
         &self,
@@ -193,10 +234,58 @@ impl Ingestor {
         })?;
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         self.stage.send_replace(Stage::Fetching);
-        let body = provider.fetch(date).await?;
         let received = self.clock.now();
-        let audit_key = self.audit.put_raw(body.clone(), "fetch", received).await?;
-        self.run(body, "fetch", audit_key, Some(date), fence).await
+        let fleet = self.fleet().await?;
+        let (audit_key, outline) = provider
+            .with_retries(|| self.download(provider, date, &fleet, received))
+            .await?;
+        let document = Document::Kept(audit_key.clone());
+        self.run(
+            document,
+            fleet,
+            outline,
+            "fetch",
+            audit_key,
+            Some(date),
+            fence,
+        )
+        .await
+    }
+
+    /// One attempt at the provider's document: each chunk goes to the audit store and to the
+    /// survey. The audit store keeps a document that is not JSON too; a transfer that breaks
+    /// off keeps nothing.
+    async fn download(
+        &self,
+        provider: &ProviderClient,
+        date: Date,
+        fleet: &Fleet,
+        received: Timestamp,
+    ) -> Result<(String, Result<Outline, ProtocolError>), CloudError> {
+        let mut download = provider.open(date).await?;
+        let mut writer = self.audit.raw_writer("fetch", received).await?;
+        let mut survey = Ok(Survey::new(fleet));
+        loop {
+            let chunk = match download.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => {
+                    writer.abort().await;
+                    return Err(e);
+                }
+            };
+            if let Ok(s) = &mut survey
+                && let Err(e) = s.feed(&chunk)
+            {
+                survey = Err(e);
+            }
+            if let Err(e) = writer.write(chunk).await {
+                writer.abort().await;
+                return Err(e);
+            }
+        }
+        let key = writer.finish().await?;
+        Ok((key, survey.and_then(Survey::finish)))
     }
 
     /// Runs an interrupted ingestion again from its raw document (under `fence`, as
@@ -210,19 +299,34 @@ impl Ingestor {
         fence: Option<Fence>,
     ) -> Result<IngestReport, CloudError> {
         let _guard = self.running.lock().await;
-        let report = match self.audit.get(&run.audit_key).await {
-            Ok(body) => {
-                self.run(
-                    body,
-                    &run.source,
-                    run.audit_key.clone(),
-                    Some(run.schedule_date),
-                    fence,
-                )
-                .await
+        let report = async {
+            let fleet = self.fleet().await?;
+            let mut survey = Survey::new(&fleet);
+            let mut chunks = std::pin::pin!(self.audit.stream(&run.audit_key).await?);
+            let mut failed = None;
+            while let Some(chunk) = chunks.next().await {
+                if let Err(e) = survey.feed(&chunk?) {
+                    failed = Some(e);
+                    break;
+                }
             }
-            Err(e) => Err(e),
-        };
+            let outline = match failed {
+                Some(e) => Err(e),
+                None => survey.finish(),
+            };
+            let document = Document::Kept(run.audit_key.clone());
+            self.run(
+                document,
+                fleet,
+                outline,
+                &run.source,
+                run.audit_key.clone(),
+                Some(run.schedule_date),
+                fence,
+            )
+            .await
+        }
+        .await;
         // The replay recorded its own run; close the interrupted one either way.
         let outcome = match &report {
             Ok(r) => Ok(counts(r)),
@@ -234,25 +338,42 @@ impl Ingestor {
         report
     }
 
-    /// Ingests a POSTed document.
+    /// Ingests a POSTed document (already held whole: the HTTP layer limits its size).
     #[instrument(parent = None, name = "ingest", skip_all, fields(schedule_date = Empty, source = "post"))]
     pub async fn post(&self, body: Bytes) -> Result<IngestReport, CloudError> {
         let _guard = self.running.try_lock().map_err(|_| CloudError::Busy)?;
         let received = self.clock.now();
         let audit_key = self.audit.put_raw(body.clone(), "post", received).await?;
-        self.run(body, "post", audit_key, None, None).await
+        let fleet = self.fleet().await?;
+        let mut survey = Survey::new(&fleet);
+        let outline = survey.feed(&body).and_then(|()| survey.finish());
+        self.run(
+            Document::Held(body),
+            fleet,
+            outline,
+            "post",
+            audit_key,
+            None,
+            None,
+        )
+        .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
-        body: Bytes,
+        document: Document,
+        fleet: Fleet,
+        outline: Result<Outline, ProtocolError>,
         source: &str,
         audit_key: String,
         want: Option<Date>,
         fence: Option<Fence>,
     ) -> Result<IngestReport, CloudError> {
         self.stage.send_replace(Stage::Normalizing);
-        let report = self.run_once(body, source, audit_key, want, fence).await;
+        let report = self
+            .run_once(document, fleet, outline, source, audit_key, want, fence)
+            .await;
         self.stage.send_replace(Stage::Done);
         match &report {
             Ok(_) => self.metrics.ingestion(source, "ok"),
@@ -261,18 +382,20 @@ impl Ingestor {
         report
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_once(
         &self,
-        body: Bytes,
+        document: Document,
+        fleet: Fleet,
+        outline: Result<Outline, ProtocolError>,
         source: &str,
         audit_key: String,
         want: Option<Date>,
         fence: Option<Fence>,
     ) -> Result<IngestReport, CloudError> {
         let received = self.clock.now();
-        let fleet = self.fleet().await?;
-        let normalized = match normalize(&body, &fleet) {
-            Ok(n) => n,
+        let outline = match outline {
+            Ok(outline) => outline,
             Err(e) => {
                 self.metrics.rejection("document");
                 warn!(audit_key = %audit_key, error = %Chain(&e), "document rejected");
@@ -284,7 +407,7 @@ impl Ingestor {
                 return Err(e.into());
             }
         };
-        let date = normalized.day.date();
+        let date = outline.day.date();
         Span::current().record("schedule_date", tracing::field::display(date));
         if let Some(want) = want
             && want != date
@@ -297,7 +420,6 @@ impl Ingestor {
                 cause: None,
             });
         }
-        drop(body);
         // A POST takes the date's lease here, as the daily fetch did before fetching: of
         // several instances, one ingests a date at a time.
         let (fence, taken) = match (fence, &self.owner) {
@@ -326,7 +448,7 @@ impl Ingestor {
             .begin_ingestion(date, source, &audit_key, received)
             .await?;
         let result = self
-            .commit_and_publish(normalized, &fleet, received, fence.as_ref())
+            .commit_and_publish(document, outline, fleet, received, fence.as_ref())
             .await;
         let outcome = match &result {
             Ok(report) => Ok(counts(report)),
@@ -355,17 +477,147 @@ impl Ingestor {
         Ok(report)
     }
 
-    /// Everything an ingestion does once its run is recorded: commit, keep the rejections,
-    /// publish.
+    /// Everything an ingestion does once its run is recorded, in three stages joined by
+    /// bounded channels, each working while the others do: normalize a batch (a blocking
+    /// thread, reading the document a second time), commit it (one transaction), publish
+    /// what it created. A batch is published only once committed. A failure part-way leaves
+    /// the batches before it committed, each device whole; the run is closed as failed, and
+    /// a retry finds them `unchanged`.
     async fn commit_and_publish(
         &self,
-        normalized: Normalized,
-        fleet: &Fleet,
+        document: Document,
+        outline: Outline,
+        fleet: Fleet,
         received: Timestamp,
         fence: Option<&Fence>,
     ) -> Result<IngestReport, CloudError> {
-        let date = normalized.day.date();
-        let newcomers: Vec<DeviceId> = normalized
+        let (outline, fleet) = (Arc::new(outline), Arc::new(fleet));
+        let total = outline.most_schedules(&fleet);
+        let (batches_tx, mut batches) = mpsc::channel::<Batch>(2);
+        let normalizing =
+            self.normalize_in_batches(document, outline.clone(), fleet.clone(), batches_tx);
+        let (ids_tx, mut ids) = mpsc::channel::<Vec<MessageId>>(2);
+        let mut report = IngestReport {
+            schedule_date: outline.day.date(),
+            accepted: Vec::new(),
+            unchanged: Vec::new(),
+            rejected: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let mut outlook = None;
+        let committing = async {
+            while let Some(batch) = batches.recv().await {
+                self.stage.send_replace(Stage::Committing);
+                let created = self
+                    .commit(batch, &fleet, received, fence, &mut report)
+                    .await?;
+                if created.is_empty() {
+                    continue;
+                }
+                let warned = self.feasibility(&created, received, &mut outlook).await?;
+                report.warnings.extend(warned);
+                let batch: Vec<MessageId> = created.into_iter().map(|c| c.message_id).collect();
+                if ids_tx.send(batch).await.is_err() {
+                    // The publishing stopped; its error is the one returned.
+                    break;
+                }
+            }
+            drop(ids_tx);
+            Ok::<(), CloudError>(())
+        };
+        let publishing = async {
+            let mut done = 0;
+            while let Some(batch) = ids.recv().await {
+                self.stage.send_replace(Stage::Publishing { done, total });
+                self.publisher.publish(&batch).await?;
+                done += batch.len();
+            }
+            Ok::<(), CloudError>(())
+        };
+        let (committed, published) = tokio::join!(committing, publishing);
+        drop(batches);
+        let normalized = normalizing
+            .await
+            .map_err(|e| CloudError::store_failed("the normalizing thread", e))?;
+        committed?;
+        published?;
+        normalized?;
+        if !report.rejected.is_empty() {
+            let json = serde_json::to_vec_pretty(&report.rejected)
+                .map_err(|e| CloudError::audit_failed("rejections", e))?;
+            self.audit
+                .put_rejections(&report.schedule_date.to_string(), received, json)
+                .await?;
+        }
+        Ok(report)
+    }
+
+    /// The first stage: reads the document again and normalizes it on a blocking thread,
+    /// sending each [`BATCH`] of outcomes on as it fills. Stops when the next stage does.
+    fn normalize_in_batches(
+        &self,
+        document: Document,
+        outline: Arc<Outline>,
+        fleet: Arc<Fleet>,
+        tx: mpsc::Sender<Batch>,
+    ) -> tokio::task::JoinHandle<Result<(), CloudError>> {
+        let audit = self.audit.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut normalizer = Normalizer::new(&outline, &fleet);
+            let mut batch = Batch::default();
+            let mut open = true;
+            let mut out = |outcome: Outcome| {
+                match outcome {
+                    Outcome::Accepted(s) => batch.schedules.push(s),
+                    Outcome::Rejected(r) => batch.rejected.push(r),
+                }
+                if open && batch.len() >= BATCH {
+                    open = tx.blocking_send(std::mem::take(&mut batch)).is_ok();
+                }
+            };
+            match document {
+                Document::Held(body) => {
+                    for chunk in body.chunks(64 * 1024) {
+                        normalizer.feed(chunk, &mut out)?;
+                    }
+                }
+                Document::Kept(key) => {
+                    let mut chunks = Box::pin(handle.block_on(audit.stream(&key))?);
+                    while let Some(chunk) = handle.block_on(chunks.next()) {
+                        normalizer.feed(&chunk?, &mut out)?;
+                    }
+                }
+            }
+            normalizer.finish()?;
+            if open && !batch.is_empty() {
+                let _ = tx.blocking_send(batch);
+            }
+            Ok(())
+        })
+    }
+
+    /// The second stage for one batch: registers its newcomers and commits its commands in
+    /// one transaction; adds it to the report. Returns the commands it created.
+    async fn commit(
+        &self,
+        batch: Batch,
+        fleet: &Fleet,
+        received: Timestamp,
+        fence: Option<&Fence>,
+        report: &mut IngestReport,
+    ) -> Result<Vec<Created>, CloudError> {
+        for r in &batch.rejected {
+            if let Some(first) = r.errors.first() {
+                self.metrics.rejection(field_at_fault(&first.path));
+            }
+            warn!(device_id = %r.label, errors = ?r.errors.iter().map(ToString::to_string).collect::<Vec<_>>(), "schedule rejected");
+            report.rejected.push(RejectedRef {
+                device_id: r.label.clone(),
+                errors: r.errors.iter().map(ToString::to_string).collect(),
+            });
+        }
+        let newcomers: Vec<DeviceId> = batch
             .schedules
             .iter()
             .filter(|s| !s.from_wildcard && !fleet.devices.contains_key(s.schedule.device_id()))
@@ -376,8 +628,8 @@ impl Ingestor {
         }
         // One span per device schedule, a child of the ingestion; its context is stored with
         // the command, so the publish, the ack and the reports join this trace.
-        let mut spans = Vec::with_capacity(normalized.schedules.len());
-        let commands: Vec<NewCommand> = normalized
+        let mut spans = Vec::with_capacity(batch.schedules.len());
+        let commands: Vec<NewCommand> = batch
             .schedules
             .into_iter()
             .map(|s| {
@@ -398,29 +650,14 @@ impl Ingestor {
                 }
             })
             .collect();
-        self.stage.send_replace(Stage::Committing);
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
         let inserts = self
             .ledger
             .insert_commands(&commands, received, fence)
             .await?;
-
-        let mut report = IngestReport {
-            schedule_date: date,
-            accepted: Vec::new(),
-            unchanged: Vec::new(),
-            rejected: normalized
-                .rejected
-                .iter()
-                .map(|r| RejectedRef {
-                    device_id: r.label.clone(),
-                    errors: r.errors.iter().map(ToString::to_string).collect(),
-                })
-                .collect(),
-            warnings: Vec::new(),
-        };
-        // Messages are built a batch at a time as they are published: held all at once they
-        // would be most of the ingestion's memory.
-        let mut created: Vec<Created> = Vec::new();
+        let mut created = Vec::new();
         for ((cmd, insert), span) in commands.into_iter().zip(inserts).zip(spans) {
             let device_id = cmd.schedule.device_id().clone();
             match insert {
@@ -461,55 +698,25 @@ impl Ingestor {
                 }
             }
         }
-        report.warnings = self.feasibility(&created, received).await?;
-        for r in &normalized.rejected {
-            if let Some(first) = r.errors.first() {
-                self.metrics.rejection(field_at_fault(&first.path));
-            }
-            warn!(device_id = %r.label, errors = ?r.errors.iter().map(ToString::to_string).collect::<Vec<_>>(), "schedule rejected");
-        }
-        if !report.rejected.is_empty() {
-            let json = serde_json::to_vec_pretty(&report.rejected)
-                .map_err(|e| CloudError::audit_failed("rejections", e))?;
-            self.audit
-                .put_rejections(&date.to_string(), received, json)
-                .await?;
-        }
-        let total = created.len();
-        for (i, batch) in created.chunks(PUBLISH_BATCH).enumerate() {
-            self.stage.send_replace(Stage::Publishing {
-                done: i * PUBLISH_BATCH,
-                total,
-            });
-            let ids: Vec<MessageId> = batch.iter().map(|c| c.message_id.clone()).collect();
-            self.publisher.publish(&ids).await?;
-        }
-        Ok(report)
+        Ok(created)
     }
 
     /// Estimates whether each new plan runs into its unit's SoC limits, from the unit's last
-    /// reported SoC and what is left of today's plan; keeps and returns the warnings.
+    /// reported SoC and what is left of today's plan; keeps and returns the warnings. What it
+    /// needs of the fleet is read once per ingestion, on the first batch, into `outlook`.
     async fn feasibility(
         &self,
         created: &[Created],
         now: Timestamp,
+        outlook: &mut Option<Outlook>,
     ) -> Result<Vec<WarningRef>, CloudError> {
         if created.is_empty() {
             return Ok(Vec::new());
         }
-        let soc: HashMap<DeviceId, f64> = self
-            .store
-            .devices()
-            .await?
-            .into_iter()
-            .filter_map(|d| Some((d.device_id, d.soc_pct?)))
-            .collect();
-        let today = Day::containing(now, &self.timezone)?;
-        let from = period_start_at(now, &self.timezone)?;
-        let mut rest_of_today: HashMap<DeviceId, Vec<Setpoint>> = HashMap::new();
-        for (device, setpoint) in self.store.planned_from(today.date(), from).await? {
-            rest_of_today.entry(device).or_default().push(setpoint);
-        }
+        let outlook = match outlook {
+            Some(o) => o,
+            None => outlook.insert(self.outlook(now).await?),
+        };
         let mut warnings = Vec::new();
         for Created {
             message_id,
@@ -518,18 +725,22 @@ impl Ingestor {
         } in created
         {
             let device = schedule.device_id();
-            let Some(&soc) = soc.get(device) else {
+            let Some(&soc) = outlook.soc.get(device) else {
                 continue;
             };
-            let later_day = schedule.day().date() > today.date();
+            let later_day = schedule.day().date() > outlook.today;
             let before = if later_day {
-                rest_of_today.get(device).map(Vec::as_slice).unwrap_or(&[])
+                outlook
+                    .rest_of_today
+                    .get(device)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
             } else {
                 &[]
             };
             let plan = schedule
                 .periods()
-                .filter(|p| later_day || p.start >= from)
+                .filter(|p| later_day || p.start >= outlook.from)
                 .map(|p| (p.period, p.setpoint));
             if let Some(bad) = self.pack.check(soc, before, plan) {
                 warn!(device_id = %device, message_id = %message_id, warning = %bad.message(), "plan may not run as written");
@@ -540,12 +751,39 @@ impl Ingestor {
                 });
             }
         }
-        let kept: Vec<_> = warnings
-            .iter()
-            .map(|w| (w.message_id.clone(), w.warning.clone()))
-            .collect();
-        self.store.record_warnings(&kept).await?;
+        if !warnings.is_empty() {
+            let kept: Vec<_> = warnings
+                .iter()
+                .map(|w| (w.message_id.clone(), w.warning.clone()))
+                .collect();
+            self.store.record_warnings(&kept).await?;
+        }
         Ok(warnings)
+    }
+
+    /// The units' last SoC and the rest of today's plans, for [`Ingestor::feasibility`].
+    async fn outlook(&self, now: Timestamp) -> Result<Outlook, CloudError> {
+        let soc: HashMap<DeviceId, f64> = self
+            .store
+            .devices()
+            .await?
+            .into_iter()
+            .filter_map(|d| Some((d.device_id, d.soc_pct?)))
+            .collect();
+        let today = Day::containing(now, &self.timezone)?;
+        let from = period_start_at(now, &self.timezone)?;
+        let mut rest_of_today: HashMap<DeviceId, Vec<Setpoint>> = HashMap::new();
+        if !soc.is_empty() {
+            for (device, setpoint) in self.store.planned_from(today.date(), from).await? {
+                rest_of_today.entry(device).or_default().push(setpoint);
+            }
+        }
+        Ok(Outlook {
+            soc,
+            rest_of_today,
+            today: today.date(),
+            from,
+        })
     }
 
     async fn fleet(&self) -> Result<Fleet, CloudError> {

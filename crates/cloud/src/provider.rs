@@ -57,74 +57,124 @@ impl ProviderClient {
 
     /// GETs the document for `date`, retrying transient failures with backoff.
     pub async fn fetch(&self, date: Date) -> Result<Bytes, CloudError> {
-        let mut attempt = 1;
+        self.with_retries(|| async move {
+            let mut download = self.open(date).await?;
+            let mut body = BytesMut::new();
+            while let Some(chunk) = download.chunk().await? {
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body.freeze())
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or has run as often as a fetch
+    /// may: a transfer that breaks half-way is begun again from the start.
+    pub async fn with_retries<T, F>(&self, mut attempt: impl FnMut() -> F) -> Result<T, CloudError>
+    where
+        F: Future<Output = Result<T, CloudError>>,
+    {
+        let mut n = 1;
         loop {
-            match self.fetch_once(date).await {
-                Ok(body) => return Ok(body),
-                Err(error) if error.is_retryable() && attempt < self.attempts => {
-                    warn!(attempt, error = %Chain(&error), url = %self.url, "provider fetch failed, retrying");
-                    tokio::time::sleep(RETRY.delay(attempt - 1)).await;
-                    attempt += 1;
+            match attempt().await {
+                Ok(done) => return Ok(done),
+                Err(error) if error.is_retryable() && n < self.attempts => {
+                    warn!(attempt = n, error = %Chain(&error), url = %self.url, "provider fetch failed, retrying");
+                    tokio::time::sleep(RETRY.delay(n - 1)).await;
+                    n += 1;
                 }
                 Err(error) => return Err(error),
             }
         }
     }
 
-    async fn fetch_once(&self, date: Date) -> Result<Bytes, CloudError> {
-        // The network and a busy or failing server may do better next time; a body over the
-        // limit or a 4xx will not.
-        let err = |what: String, transient: bool| CloudError::Provider {
-            what,
-            transient,
-            cause: None,
-        };
-        let failed = |what: String, e: reqwest::Error| CloudError::Provider {
-            what,
-            transient: true,
-            cause: Some(e.into()),
-        };
+    /// Starts one GET of the document for `date`: `Ok` once the provider answered 2xx; the
+    /// body then arrives through [`Download::chunk`]. Not retried.
+    pub async fn open(&self, date: Date) -> Result<Download, CloudError> {
         let mut response = self
             .http
             .get(&self.url)
             .query(&[("date", date.to_string())])
             .send()
             .await
-            .map_err(|e| failed(format!("GET {}", self.url), e))?;
+            .map_err(|e| transfer_failed(format!("GET {}", self.url), e))?;
         let status = response.status();
         if let Some(len) = response.content_length()
             && len > self.max_bytes as u64
         {
-            return Err(err(
-                format!(
-                    "body of {len} bytes exceeds the limit of {} bytes",
-                    self.max_bytes
-                ),
-                false,
-            ));
-        }
-        let mut body = BytesMut::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| failed("reading the body".into(), e))?
-        {
-            if body.len() + chunk.len() > self.max_bytes {
-                return Err(err(
-                    format!("body exceeds the limit of {} bytes", self.max_bytes),
-                    false,
-                ));
-            }
-            body.extend_from_slice(&chunk);
+            return Err(too_large(format!(
+                "body of {len} bytes exceeds the limit of {} bytes",
+                self.max_bytes
+            )));
         }
         if !status.is_success() {
-            let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-            return Err(err(
-                format!("GET {} answered {status}: {text}", self.url),
-                status.is_server_error() || status.as_u16() == 429,
-            ));
+            // What went wrong, in the provider's words: the start of its answer is enough.
+            let mut text = Vec::new();
+            while text.len() < 1024
+                && let Ok(Some(chunk)) = response.chunk().await
+            {
+                text.extend_from_slice(&chunk);
+            }
+            let text: String = String::from_utf8_lossy(&text).chars().take(200).collect();
+            return Err(CloudError::Provider {
+                what: format!("GET {} answered {status}: {text}", self.url),
+                // A busy or failing server may do better next time; a 4xx will not.
+                transient: status.is_server_error() || status.as_u16() == 429,
+                cause: None,
+            });
         }
-        Ok(body.freeze())
+        Ok(Download {
+            response,
+            max_bytes: self.max_bytes,
+            read: 0,
+        })
+    }
+}
+
+/// A document's body as it arrives.
+#[derive(Debug)]
+pub struct Download {
+    response: reqwest::Response,
+    max_bytes: usize,
+    read: usize,
+}
+
+impl Download {
+    /// The next chunk, or `None` at the end; a body over the limit is refused.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, CloudError> {
+        let chunk = self
+            .response
+            .chunk()
+            .await
+            .map_err(|e| transfer_failed("reading the body".into(), e))?;
+        if let Some(chunk) = &chunk {
+            self.read += chunk.len();
+            if self.read > self.max_bytes {
+                return Err(too_large(format!(
+                    "body exceeds the limit of {} bytes",
+                    self.max_bytes
+                )));
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+/// The network may do better next time.
+fn transfer_failed(what: String, e: reqwest::Error) -> CloudError {
+    CloudError::Provider {
+        what,
+        transient: true,
+        cause: Some(e.into()),
+    }
+}
+
+/// A body over the limit will not shrink on a retry.
+fn too_large(what: String) -> CloudError {
+    CloudError::Provider {
+        what,
+        transient: false,
+        cause: None,
     }
 }
 

@@ -1270,3 +1270,133 @@ async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
     let (_, day) = app.get("/api/devices/d1/day?date=2026-11-30").await;
     assert_eq!(day["command"]["warning"], warning);
 }
+
+/// A document of `n` devices `s0001`… with one charge period each; `twice` lists the first
+/// device again at the end.
+fn fleet_document(n: usize, twice: bool) -> String {
+    let mut entries: Vec<Value> = (1..=n)
+        .map(|i| json!({"device_id": format!("s{i:04}"), "intervals": [{"period": 1 + i % 48, "mode": "Charge", "rate_kw": 5}]}))
+        .collect();
+    if twice {
+        entries.push(json!({"device_id": "s0001", "intervals": []}));
+    }
+    json!({"schedule_date": "2026-11-30", "timezone": "Europe/London", "schedules": entries})
+        .to_string()
+}
+
+/// A provider that serves `bodies` in turn, the last one from then on; a body of `None`
+/// breaks off half-way through `full` (the connection is cut after its first half).
+async fn provider_of(full: String, bodies: Vec<Option<String>>) -> String {
+    use axum::body::Body;
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/tomorrow",
+        get(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let body = bodies[n.min(bodies.len() - 1)].clone();
+            let full = full.clone();
+            async move {
+                match body {
+                    Some(body) => axum::response::Response::new(Body::from(body)),
+                    None => {
+                        let half = full.as_bytes()[..full.len() / 2].to_vec();
+                        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                            vec![Ok(half), Err(std::io::Error::other("cut"))];
+                        axum::response::Response::builder()
+                            .header("content-length", full.len())
+                            .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                            .unwrap()
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/tomorrow", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn raw_documents(app: &TestApp) -> Vec<String> {
+    std::fs::read_dir(app.dir.path().join("audit/raw/2026-11-29"))
+        .map(|dir| {
+            dir.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The document streams to the audit store as it arrives: a transfer cut half-way is begun
+/// again, and only the whole document is kept.
+#[tokio::test]
+async fn a_fetch_cut_off_half_way_is_fetched_again_and_only_the_whole_document_kept() {
+    let full = fleet_document(1200, false);
+    let url = provider_of(full.clone(), vec![None, Some(full.clone())]).await;
+    let app = TestApp::start_with(tempfile::tempdir().unwrap(), None, Some(url)).await;
+    let (status, report) = app.post("/api/ingest?date=2026-11-30", "").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["accepted"].as_array().unwrap().len(), 1200);
+    let raws = raw_documents(&app);
+    assert_eq!(raws.len(), 1, "{raws:?}");
+    let kept = std::fs::read_to_string(app.dir.path().join("audit/raw/2026-11-29").join(&raws[0]))
+        .unwrap();
+    assert_eq!(kept, full);
+}
+
+/// Read as a stream, a document broken at its last byte is still refused whole: nothing is
+/// committed or published, though its devices came first.
+#[tokio::test]
+async fn a_document_broken_at_its_last_byte_commits_nothing() {
+    let mut broken = fleet_document(1200, false);
+    broken.pop();
+    let url = provider_of(broken.clone(), vec![Some(broken)]).await;
+    let app = TestApp::start_with(tempfile::tempdir().unwrap(), None, Some(url)).await;
+    let (_client, mut inbox) = app.device("s0001").await;
+    let (status, body) = app.post("/api/ingest?date=2026-11-30", "").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a JSON object"),
+        "{body}"
+    );
+    let (_, commands) = app.get("/api/commands?date=2026-11-30").await;
+    assert_eq!(commands, json!([]));
+    assert_eq!(raw_documents(&app).len(), 1, "the raw document is kept");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), inbox.recv())
+            .await
+            .is_err(),
+        "nothing was published"
+    );
+}
+
+/// A device listed first and last is refused in both places, though the first entry was
+/// read long before the second; every other device goes ahead.
+#[tokio::test]
+async fn a_device_listed_first_and_last_is_refused_and_the_rest_go_ahead() {
+    let doc = fleet_document(1200, true);
+    let url = provider_of(doc.clone(), vec![Some(doc)]).await;
+    let app = TestApp::start_with(tempfile::tempdir().unwrap(), None, Some(url)).await;
+    let (status, report) = app.post("/api/ingest?date=2026-11-30", "").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["accepted"].as_array().unwrap().len(), 1199);
+    assert_eq!(
+        report["accepted"][0]["device_id"], "s0002",
+        "document order"
+    );
+    let rejected: Vec<&str> = report["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(rejected, ["s0001", "s0001"]);
+    let (_, none) = app
+        .get("/api/commands?device_id=s0001&date=2026-11-30")
+        .await;
+    assert_eq!(none, json!([]));
+}

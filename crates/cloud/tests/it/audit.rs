@@ -30,6 +30,20 @@ async fn keeps_documents_and_rejections_under_the_same_keys(audit: &Audit) {
         audit.get(&rejected).await.unwrap(),
         Bytes::from_static(b"[{\"field\": \"x\"}]")
     );
+    // A document streamed in as it arrives, over more than one 5 MiB part, reads back whole.
+    let big: Vec<u8> = (0..6_000_000u32)
+        .map(|i| b"{}[], \"ab"[i as usize % 8])
+        .collect();
+    let mut writer = audit.raw_writer("fetch", t).await.unwrap();
+    for chunk in big.chunks(100_000) {
+        writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    let streamed = writer.finish().await.unwrap();
+    assert!(
+        streamed.starts_with("raw/2026-11-29/20261129T154500.123Z-fetch-"),
+        "{streamed}"
+    );
+    assert_eq!(audit.get(&streamed).await.unwrap(), big);
     let missing = audit.get("raw/2026-11-29/none.json").await.unwrap_err();
     assert!(missing.to_string().contains("none.json"), "{missing}");
 }
@@ -79,7 +93,11 @@ async fn an_s3_bucket_under_a_prefix() {
     .text()
     .await
     .unwrap();
-    assert_eq!(listing.matches("<Key>").count(), 2, "{listing}");
+    assert_eq!(
+        listing.matches("<Key>").count(),
+        3,
+        "two documents put, one streamed: {listing}"
+    );
 }
 
 #[test]
