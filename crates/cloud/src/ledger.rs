@@ -328,7 +328,7 @@ impl Ledger {
                             commands: vec![tick.step.clone()],
                             ..Unit::default()
                         });
-                        changes.push(Change::Command(tick));
+                        changes.push(Change::Command(Box::new(tick)));
                     }
                 }
                 Due::Control(control) => {
@@ -453,7 +453,7 @@ impl Feed for ReportMsg {
 
 /// A change a sweep made.
 enum Change {
-    Command(crate::lifecycle::Tick),
+    Command(Box<crate::lifecycle::Tick>),
     Control(Control, bool),
 }
 

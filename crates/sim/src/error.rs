@@ -42,6 +42,9 @@ pub enum SimError {
     /// A document cannot be encoded.
     #[error("cannot encode a document")]
     Json(#[from] serde_json::Error),
+    /// A document cannot be written out.
+    #[error("cannot write a document")]
+    Write(#[from] std::io::Error),
     /// The MQTT session cannot be started or used.
     #[error(transparent)]
     Mqtt(#[from] max300_mqtt::MqttError),

@@ -63,24 +63,109 @@ impl SampleProvider {
         date: Date,
         generated_at: jiff::Timestamp,
     ) -> Result<Vec<u8>, SimError> {
+        self.shaped_bytes(date, generated_at, Shape::Compact)
+    }
+
+    /// The same plans in the [rich](Shape::Rich) shape, serialized one device at a time.
+    pub fn rich_document_bytes(
+        &self,
+        date: Date,
+        generated_at: jiff::Timestamp,
+    ) -> Result<Vec<u8>, SimError> {
+        self.shaped_bytes(date, generated_at, Shape::Rich)
+    }
+
+    fn shaped_bytes(
+        &self,
+        date: Date,
+        generated_at: jiff::Timestamp,
+        shape: Shape,
+    ) -> Result<Vec<u8>, SimError> {
+        let mut out = Vec::new();
+        self.write_document(&mut out, date, generated_at, shape)?;
+        Ok(out)
+    }
+
+    /// Writes the document for `date` in `shape`, one device at a time: a large fleet's
+    /// document can go straight to a file, never held.
+    pub fn write_document(
+        &self,
+        out: &mut dyn std::io::Write,
+        date: Date,
+        generated_at: jiff::Timestamp,
+        shape: Shape,
+    ) -> Result<(), SimError> {
         let day = Day::new(date, self.timezone.clone())?;
         let head = json!({
             "schedule_date": date.to_string(),
             "timezone": day.tz_name(),
             "generated_at": generated_at.to_string(),
         });
-        let mut out = serde_json::to_vec(&head)?;
+        let mut head = serde_json::to_vec(&head)?;
         // `{...}` becomes `{..., "schedules": [` followed by each plan.
-        out.pop();
-        out.extend_from_slice(b",\"schedules\":[");
+        head.pop();
+        out.write_all(&head)?;
+        out.write_all(b",\"schedules\":[")?;
         for (i, id) in self.devices.iter().enumerate() {
             if i > 0 {
-                out.push(b',');
+                out.write_all(b",")?;
             }
-            serde_json::to_writer(&mut out, &self.device_plan(&day, i, id)?)?;
+            let plan = match shape {
+                Shape::Compact => self.device_plan(&day, i, id)?,
+                Shape::Rich => self.rich_plan(&day, i, id)?,
+            };
+            serde_json::to_writer(&mut *out, &plan)?;
         }
-        out.extend_from_slice(b"]}");
-        Ok(out)
+        out.write_all(b"]}")?;
+        Ok(())
+    }
+
+    /// A device's plan in the rich shape: every period listed, for even devices by number
+    /// and for odd ones as `start`/`end` spans (each run of one setpoint, idle included) with
+    /// the start written at +01:00; modes in mixed case.
+    fn rich_plan(&self, day: &Day, index: usize, id: &str) -> Result<Value, SimError> {
+        let compact = self.device_plan(day, index, id)?;
+        let fleet = max300_protocol::document::Fleet::new(self.timezone.clone());
+        let doc = json!({
+            "schedule_date": day.date().to_string(),
+            "timezone": day.tz_name(),
+            "schedules": [compact],
+        });
+        let normalized = max300_protocol::document::normalize(doc.to_string().as_bytes(), &fleet)?;
+        let schedule = &normalized
+            .schedules
+            .first()
+            .ok_or_else(|| ProtocolError::Plan(format!("{id}: the sample plan was refused")))?
+            .schedule;
+        let mode = |m: max300_protocol::Mode, p: u32| match (m, p % 3) {
+            (max300_protocol::Mode::Charge, 0) => "CHARGE",
+            (max300_protocol::Mode::Charge, 1) => "Charge",
+            (max300_protocol::Mode::Charge, _) => "charge",
+            (max300_protocol::Mode::Discharge, 0) => "Discharge",
+            (max300_protocol::Mode::Discharge, _) => "DISCHARGE",
+            (max300_protocol::Mode::Idle, 0) => "IDLE",
+            (max300_protocol::Mode::Idle, _) => "Idle",
+        };
+        let plus_one = jiff::tz::TimeZone::fixed(jiff::tz::offset(1));
+        let mut intervals = Vec::new();
+        let periods: Vec<_> = schedule.periods().collect();
+        if index.is_multiple_of(2) {
+            for p in &periods {
+                intervals.push(json!({"period": p.period, "mode": mode(p.setpoint.mode(), p.period), "rate_kw": p.setpoint.rate().kw()}));
+            }
+        } else {
+            for run in periods.chunk_by(|a, b| a.setpoint == b.setpoint) {
+                let (first, last) = (run[0], run[run.len() - 1]);
+                let end = day.period_start(last.period + 1);
+                intervals.push(json!({
+                    "start": first.start.to_zoned_datetime(plus_one.clone()).strftime("%Y-%m-%dT%H:%M:%S%:z").to_string(),
+                    "end": end.to_string(),
+                    "mode": mode(first.setpoint.mode(), first.period),
+                    "rate_kw": first.setpoint.rate().kw(),
+                }));
+            }
+        }
+        Ok(json!({"device_id": id, "intervals": intervals}))
     }
 
     fn device_plan(&self, day: &Day, index: usize, id: &str) -> Result<Value, SimError> {
@@ -144,6 +229,16 @@ impl SampleProvider {
         }
         Ok(json!({"device_id": id, "intervals": intervals}))
     }
+}
+
+/// How a document is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Only the busy periods: numbered for even devices, spans for odd ones.
+    Compact,
+    /// Every period, mixed-case modes, spans with offsets: about 1.2 KB a device, the shape
+    /// the issue 16 benchmarks use.
+    Rich,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +355,17 @@ mod tests {
             a["schedules"][0]["intervals"],
             a["schedules"][2]["intervals"]
         );
+        let rich = provider().rich_document_bytes(date, t).unwrap();
+        let fleet = Fleet::new(TimeZone::get("Europe/London").unwrap());
+        let (a_plans, rich_plans) = (
+            normalize(a.to_string().as_bytes(), &fleet).unwrap(),
+            normalize(&rich, &fleet).unwrap(),
+        );
+        assert!(rich_plans.rejected.is_empty(), "{:?}", rich_plans.rejected);
+        for (x, y) in a_plans.schedules.iter().zip(&rich_plans.schedules) {
+            assert_eq!(x.schedule, y.schedule, "the rich shape says the same");
+            assert_eq!(y.filled, 0, "every period is listed");
+        }
         let mut other = provider();
         other.seed = 8;
         assert_ne!(other.document(date, t).unwrap(), a);

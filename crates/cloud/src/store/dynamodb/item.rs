@@ -277,8 +277,11 @@ pub(super) fn command_of(item: &Item) -> Result<Command, String> {
     let day = Day::named(date, need(item, "timezone")?).map_err(|e| e.to_string())?;
     let periods = day.period_count();
     let setpoints = decode_plan(need(item, "plan")?)?;
-    let schedule = Schedule::new(parse(item, "device_id")?, day, setpoints)
+    let mut schedule = Schedule::new(parse(item, "device_id")?, day, setpoints)
         .ok_or("the stored plan does not match its date")?;
+    if let Some(sha) = get_s(item, "sha256") {
+        schedule = schedule.with_sha256(sha.to_owned());
+    }
     let marks = match get_s(item, "marks") {
         Some(text) => Marks::parse(text, periods)?,
         None => Marks::pending(periods),

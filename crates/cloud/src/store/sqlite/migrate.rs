@@ -246,6 +246,17 @@ mod tests {
         let eve: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
         let (acked, sent) = (MessageId::generate(eve), MessageId::generate(eve));
         let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+        // Both plans: charge 40 kW in periods 1 and 2, idle after; kept with their sha256.
+        let charge = max300_protocol::Setpoint::new(
+            max300_protocol::Mode::Charge,
+            RateKw::from_watts(40_000),
+        )
+        .unwrap();
+        let mut setpoints = vec![max300_protocol::Setpoint::IDLE; 48];
+        setpoints[..2].fill(charge);
+        let sha = max300_protocol::Schedule::new("d1".parse().unwrap(), day.clone(), setpoints)
+            .unwrap()
+            .sha256();
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(OLD).unwrap();
@@ -254,10 +265,10 @@ mod tests {
                     "INSERT INTO commands (message_id, device_id, schedule_date, timezone, version,
                                            sha256, state, governs_from, ends_at, created_at,
                                            publishes, last_sent_at)
-                     VALUES (?1, ?2, '2026-11-30', 'Europe/London', 1, 'x', ?3,
+                     VALUES (?1, ?2, '2026-11-30', 'Europe/London', 1, ?4, ?3,
                              '2026-11-30T00:00:00.000Z', '2026-12-01T00:00:00.000Z',
                              '2026-11-29T16:00:00.000Z', 2, '2026-11-29T16:01:00.000Z')",
-                    params![id.as_str(), device, state],
+                    params![id.as_str(), device, state, sha],
                 )
                 .unwrap();
                 for p in 1..=day.period_count() {

@@ -489,7 +489,7 @@ impl CommandStore for SqliteStore {
                 .query_map([&now], |r| {
                     Ok(Due::Command {
                         command: command_row(r)?,
-                        newest: r.get(19)?,
+                        newest: r.get(20)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;

@@ -46,7 +46,7 @@ pub(super) fn rate(watts: Option<i64>) -> Option<RateKw> {
 
 pub(super) const COMMAND_COLUMNS: &str = "message_id, device_id, schedule_date, timezone, version, state, \
     late, governs_from, created_at, effective_period, acked_sha256, publishes, attempts, \
-    last_sent_at, retry_at, plan, marks, traceparent, rev";
+    last_sent_at, retry_at, plan, marks, traceparent, rev, sha256";
 
 /// A command row (selected as [`COMMAND_COLUMNS`]) as the lifecycle sees it.
 pub(super) fn command_row(r: &Row) -> rusqlite::Result<Command> {
@@ -54,7 +54,8 @@ pub(super) fn command_row(r: &Row) -> rusqlite::Result<Command> {
     let setpoints = decode_plan(&r.get::<_, String>(15)?).map_err(conversion)?;
     let periods = day.period_count();
     let schedule = Schedule::new(parsed(r.get(1)?)?, day, setpoints)
-        .ok_or_else(|| conversion("stored plan does not match its date"))?;
+        .ok_or_else(|| conversion("stored plan does not match its date"))?
+        .with_sha256(r.get(19)?);
     let marks = match r.get::<_, Option<String>>(16)? {
         Some(text) => Marks::parse(&text, periods).map_err(conversion)?,
         None => Marks::pending(periods),
