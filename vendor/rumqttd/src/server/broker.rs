@@ -400,6 +400,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // A link writes each batch of packets with one write, so Nagle's algorithm has
+            // nothing to coalesce: it only holds a small packet (a PUBACK, a QoS 1 publish)
+            // back until the peer's delayed ACK, about 40 ms on Linux.
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "Unable to set TCP_NODELAY");
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
