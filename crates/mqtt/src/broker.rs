@@ -157,7 +157,7 @@ mod tests {
     /// The schedule → ack path: cloud → broker → device, device → broker → cloud, QoS 1 both
     /// ways. Without TCP_NODELAY on the broker's sockets each round waits about 40 ms (the
     /// broker's forwarded ack sits behind its own unacknowledged PUBACK until the cloud's
-    /// delayed ACK); with it, well under 1 ms here. The median of 20 is far from both.
+    /// delayed ACK); with it, about 1 ms in a debug build. The median of 20 is far from both.
     #[tokio::test]
     async fn a_message_and_its_reply_go_round_in_a_few_ms_not_in_nagles_40() {
         let addr = start("127.0.0.1:0".parse().unwrap(), 10).unwrap();
