@@ -1,42 +1,59 @@
 //! `max300 fleet`: a fleet of simulated devices in one process, each with its own MQTT
-//! session (client id = device id), that acks every schedule as the agent's engine decides
-//! but holds nothing. It exists to load the cloud and the broker with real connections; it
-//! says nothing about the agent.
+//! session (client id = device id), that plays each unit's day as the agent would, without a
+//! battery or a disk. It exists to load the cloud and the broker with real connections; it
+//! says nothing about the agent's own timing.
 //!
-//! Each device is the agent's two halves without the battery and the disk: a
+//! Each device is the agent's halves without the battery and the disk: a
 //! [`max300_mqtt::Session`] (reconnect after the session's protocol `Backoff`, resubscribe,
-//! PUBACK order, a clean DISCONNECT at shutdown) and an [`Engine`] whose
-//! [`Engine::on_schedule`] decides each ack, so the fleet answers exactly as an agent would
-//! to a first delivery. It never
-//! [holds](Engine::hold) a plan: a device's memory stays flat however many days it runs, and
-//! a repeat or an older version is judged afresh instead of against a held plan.
+//! PUBACK order, a clean DISCONNECT at shutdown), a [`Unit`] whose engine (the agent's
+//! [`Engine`]) decides each ack and holds each accepted plan's setpoints, and an [`Outbox`]
+//! that keeps every ack and report until the cloud's receipt names it, sending again what
+//! has none after `--resend-after-s` (real time) and on every reconnect, at most 100 a
+//! second, as the agent does.
 //!
 //! ```text
 //!  batch 1: 500 sessions ──connect, subscribe──▶ all up? ──▶ batch 2 … ──▶ "fleet: N connected"
-//!  each device: SCHEDULE ──▶ Engine::on_schedule ──▶ ACK (QoS 1), resent until receipted
-//!  shutdown: every session sends DISCONNECT, then "fleet: N connections closed, M acks sent"
+//!  each device: SCHEDULE ──▶ engine: ACK (QoS 1), plan held ──▶ outbox until receipted
+//!  one tick task: plan time reaches a boundary ──watch──▶ every device
+//!      each device, after its own jitter in [0, --jitter-ms): REPORT of the period that
+//!      ended (executed as planned) ──▶ outbox until receipted
+//!      the tick task, once every report of a boundary is receipted (or the next boundary
+//!      comes): "fleet: boundary B reports N receipted N last receipt +S s resent K"
+//!  each device, every --heartbeat-s (real time): HEARTBEAT (QoS 0)
+//!  shutdown: every session sends DISCONNECT, then "fleet: N connections closed, …"
 //! ```
+//!
+//! Plan time is the binary's clock (`--clock-*`): the tick task sleeps the real time the
+//! clock says is left to the next boundary, so a scaled clock plays a day in minutes and
+//! nothing sleeps per device except its own jitter, heartbeat and resend.
 
 use max300_protocol::error::Chain;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use max300_agent::engine::Engine;
-use max300_mqtt::{BrokerUrl, Event, Inbound, Qos, Session, SessionConfig};
+use max300_mqtt::{BrokerUrl, Event, Inbound, Qos, Session, SessionConfig, SessionLimits};
 use max300_protocol::clock::monotonic;
-use max300_protocol::day::time_zone;
-use max300_protocol::message::{AckMsg, ScheduleMsg};
+use max300_protocol::day::{period_start_at, time_zone};
 use max300_protocol::{
-    Channel, Clock, DEFAULT_TIMEZONE, DeviceId, Message, RateKw, StoreId, Topics,
+    Channel, Clock, DEFAULT_TIMEZONE, DeviceId, Message, PERIOD_SECS, RateKw, StoreId, Topics,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
+
+mod outbox;
+mod tally;
+mod unit;
+
+pub use outbox::{Entry, Outbox};
+pub use tally::{Tally, jitter};
+pub use unit::Unit;
 
 /// `max300 fleet` (plan time comes from the binary's `--clock-*` flags).
 #[derive(Args, Debug, Clone)]
@@ -62,6 +79,17 @@ pub struct FleetArgs {
     /// The devices' limit, as an agent's `max_rate_kw`: a schedule above it is rejected.
     #[arg(long, default_value_t = 150.0)]
     pub max_rate_kw: f64,
+    /// Each device reports this long after a boundary at most (real ms): a delay drawn
+    /// uniformly in [0, N) at each boundary, from the device's own seed.
+    #[arg(long, default_value_t = 1000)]
+    pub jitter_ms: u64,
+    /// Heartbeat interval (real seconds), as an agent's `heartbeat_interval_s`.
+    #[arg(long, default_value_t = 60)]
+    pub heartbeat_s: u64,
+    /// An ack or report with no receipt this long (real seconds) is sent again, as an
+    /// agent's `resend_after_s`; at least 2.
+    #[arg(long, default_value_t = 10)]
+    pub resend_after_s: u64,
 }
 
 /// The most devices one process simulates; the open-file limit usually binds first.
@@ -71,8 +99,23 @@ const KEEP_ALIVE: Duration = Duration::from_secs(60);
 /// Events a device's session may queue for it: a schedule, a receipt or two at a time. One
 /// that finds the queue full is dropped, and the cloud sends it again.
 const EVENT_QUEUE: usize = 8;
-/// How long an ack waits for the cloud's receipt before it is sent again.
-const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// A device's session is sized to its traffic: a schedule or a receipt in, an ack, a report
+/// or a heartbeat out, a few at a time (see [`SessionLimits`]). The largest message a device
+/// takes is a 50-period schedule, about 4 KB.
+const DEVICE_LIMITS: SessionLimits = SessionLimits {
+    inflight: 10,
+    requests: 16,
+    max_packet_bytes: 16 * 1024,
+};
+/// At most this many outbox entries go out per resend round, one round a second: the agent's
+/// rate (AWS IoT Core allows 100 publishes a second per connection).
+const RESEND_BATCH: usize = 100;
+const RESEND_ROUND: Duration = Duration::from_secs(1);
+/// How often the tick task looks for boundaries whose figures are complete.
+const TALLY_EVERY: Duration = Duration::from_millis(100);
+/// The tick task's longest sleep, so a clock that jumps is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+const PERIOD: SignedDuration = SignedDuration::from_secs(PERIOD_SECS);
 
 /// Device ids `{prefix}0001` … `{prefix}N`, as `SampleProvider::numbered` makes them.
 pub fn device_ids(prefix: &str, n: usize) -> Vec<String> {
@@ -80,8 +123,9 @@ pub fn device_ids(prefix: &str, n: usize) -> Vec<String> {
 }
 
 /// Runs the fleet until `shutdown`: prints "fleet: N connected" once every device is
-/// subscribed, and "fleet: N connections closed, M acks sent" once each has sent DISCONNECT.
-/// Fails if a device's first connection fails, after closing those already made.
+/// subscribed, a "fleet: boundary …" line per period boundary, and "fleet: N connections
+/// closed, …" once each device has sent DISCONNECT. Fails if a device's first connection
+/// fails, after closing those already made.
 pub async fn run(
     args: FleetArgs,
     clock: Arc<dyn Clock>,
@@ -95,6 +139,15 @@ pub async fn run(
     }
     if args.batch == 0 {
         anyhow::bail!("--batch: must be at least 1");
+    }
+    if args.heartbeat_s == 0 {
+        anyhow::bail!("--heartbeat-s: must be at least 1");
+    }
+    if args.resend_after_s < 2 {
+        anyhow::bail!(
+            "--resend-after-s: {} is below the minimum of 2",
+            args.resend_after_s
+        );
     }
     let url: BrokerUrl = args.mqtt.parse().context("--mqtt")?;
     if url.tls {
@@ -116,12 +169,20 @@ pub async fn run(
         tz_name: args.timezone.clone(),
         max_rate: RateKw::try_from(args.max_rate_kw).context("--max-rate-kw")?,
         clock,
+        jitter: Duration::from_millis(args.jitter_ms),
+        heartbeat_every: Duration::from_secs(args.heartbeat_s),
+        resend_after: Duration::from_secs(args.resend_after_s),
+        tally: Mutex::new(Tally::new(ids.len())),
         acks: AtomicU64::new(0),
+        reports: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
     });
     // Its own token, so a failed start closes the connections already made, cleanly.
     let stop = shutdown.child_token();
+    let (ticks, _) = watch::channel(None);
+    let ticker = tokio::spawn(tick(shared.clone(), ticks.clone(), stop.clone()));
     let mut tasks = JoinSet::new();
-    let started = connect_all(&ids, args.batch, &shared, &mut tasks, &stop).await;
+    let started = connect_all(&ids, args.batch, &shared, &ticks, &mut tasks, &stop).await;
     if started.is_ok() {
         println!("fleet: {} connected", ids.len());
         stop.cancelled().await;
@@ -129,11 +190,14 @@ pub async fn run(
     stop.cancel();
     // A device's task ends with its session, once its DISCONNECT is written.
     while tasks.join_next().await.is_some() {}
+    let _ = ticker.await;
     started?;
     println!(
-        "fleet: {} connections closed, {} acks sent",
+        "fleet: {} connections closed, {} acks sent, {} reports sent, {} resent",
         ids.len(),
-        shared.acks.load(Ordering::Relaxed)
+        shared.acks.load(Ordering::Relaxed),
+        shared.reports.load(Ordering::Relaxed),
+        shared.resent.load(Ordering::Relaxed),
     );
     Ok(())
 }
@@ -144,12 +208,13 @@ async fn connect_all(
     ids: &[DeviceId],
     batch: usize,
     shared: &Arc<Shared>,
+    ticks: &watch::Sender<Option<Timestamp>>,
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    for chunk in ids.chunks(batch) {
+    for (b, chunk) in ids.chunks(batch).enumerate() {
         let mut waiting = Vec::with_capacity(chunk.len());
-        for id in chunk {
+        for (i, id) in chunk.iter().enumerate() {
             let mut config = SessionConfig::new(
                 shared.url.clone(),
                 id.as_str(),
@@ -158,10 +223,11 @@ async fn connect_all(
             config.topics = shared.topics.clone();
             config.keep_alive = KEEP_ALIVE;
             config.channel_capacity = EVENT_QUEUE;
+            config.limits = DEVICE_LIMITS;
             let (session, events) = max300_mqtt::connect(config, stop.clone())
                 .with_context(|| format!("{id}: session"))?;
-            let device = Device::new(id.clone(), session.clone(), shared);
-            tasks.spawn(device.serve(events, shared.clone()));
+            let device = Device::new(id.clone(), b * batch + i + 1, session.clone(), shared);
+            tasks.spawn(device.serve(events, ticks.subscribe(), shared.clone()));
             waiting.push((id, session));
         }
         for (id, session) in waiting {
@@ -177,6 +243,62 @@ async fn connect_all(
     Ok(())
 }
 
+/// The one timer of plan time: at each period boundary it tells every device (a watch of
+/// the boundary), and it prints each boundary's figures once they are complete.
+async fn tick(
+    shared: Arc<Shared>,
+    ticks: watch::Sender<Option<Timestamp>>,
+    stop: CancellationToken,
+) {
+    let clock = shared.clock.clone();
+    let mut next = next_boundary(clock.now(), &shared.tz);
+    let mut tally_every = tokio::time::interval(TALLY_EVERY);
+    tally_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let sleep = clock.real_until(next).min(MAX_SLEEP);
+        if sleep.is_zero() {
+            let now = clock.now();
+            // When the clock read the boundary, in real time: a late wake-up is not counted
+            // against the fleet's receipts.
+            let late = clock.real_duration(now.duration_since(next));
+            let real_at = monotonic().checked_sub(late).unwrap_or_else(monotonic);
+            let lines = {
+                let mut tally = shared.tally();
+                tally.begin(next, real_at);
+                tally.finished(Some(next), false)
+            };
+            print_lines(&lines);
+            ticks.send_replace(Some(next));
+            next = next_boundary(now, &shared.tz);
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(sleep) => {}
+            _ = tally_every.tick() => {
+                let lines = shared.tally().finished(None, false);
+                print_lines(&lines);
+            }
+        }
+    }
+    let lines = shared.tally().finished(None, true);
+    print_lines(&lines);
+}
+
+fn print_lines(lines: &[String]) {
+    for line in lines {
+        println!("{line}");
+    }
+}
+
+/// The first period boundary after `now`.
+fn next_boundary(now: Timestamp, tz: &jiff::tz::TimeZone) -> Timestamp {
+    match period_start_at(now, tz) {
+        Ok(start) => start + PERIOD,
+        Err(_) => now + PERIOD,
+    }
+}
+
 /// What every device shares.
 struct Shared {
     url: BrokerUrl,
@@ -185,162 +307,291 @@ struct Shared {
     tz_name: String,
     max_rate: RateKw,
     clock: Arc<dyn Clock>,
+    jitter: Duration,
+    heartbeat_every: Duration,
+    resend_after: Duration,
+    tally: Mutex<Tally>,
     acks: AtomicU64,
+    reports: AtomicU64,
+    resent: AtomicU64,
 }
 
-/// One simulated device: its session, its engine and the acks the cloud has not receipted.
+impl Shared {
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        // Every update leaves the figures consistent: a panic elsewhere cannot poison them.
+        self.tally.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One simulated device: its session, its unit's day and its outbox.
 struct Device {
     id: DeviceId,
     session: Session,
-    engine: Engine,
-    ack_topic: String,
-    store_id: StoreId,
-    seq: u64,
-    /// Acks not receipted yet, by seq, resent as the agent resends its outbox: a busy cloud
-    /// drops what it cannot take and relies on the device sending again.
-    unreceipted: Vec<(u64, Vec<u8>)>,
-    /// When the unreceipted acks go again; `None` while there are none.
-    resend_at: Option<std::time::Instant>,
+    unit: Unit,
+    outbox: Outbox,
+    /// This device's jitter, seeded by its number: runs compare.
+    rng: fastrand::Rng,
+    started: Instant,
+    /// The boundary to report next, and when (after this device's jitter).
+    report_at: Option<(Timestamp, Instant)>,
+    heartbeat_at: Instant,
+    /// When outbox entries come due for a resend; `None` while it is empty.
+    resend_at: Option<Instant>,
+    /// When the last resend round went out (real time).
+    last_round: Option<Instant>,
 }
 
 impl Device {
-    fn new(id: DeviceId, session: Session, shared: &Shared) -> Device {
+    fn new(id: DeviceId, number: usize, session: Session, shared: &Shared) -> Device {
+        let mut rng = fastrand::Rng::with_seed(number as u64);
+        let engine = Engine::new(
+            id.clone(),
+            shared.tz.clone(),
+            &shared.tz_name,
+            shared.max_rate,
+        );
+        // Units start the day at different states of charge, 30 to 70 %.
+        let soc_pct = 30.0 + (number % 41) as f32;
+        let started = monotonic();
         Device {
-            engine: Engine::new(
-                id.clone(),
-                shared.tz.clone(),
-                &shared.tz_name,
-                shared.max_rate,
-            ),
-            ack_topic: shared.topics.topic(&id, Channel::Ack),
-            store_id: StoreId::generate(),
-            seq: 0,
-            unreceipted: Vec::new(),
+            unit: Unit::new(engine, soc_pct),
+            outbox: Outbox::new(StoreId::generate()),
+            // Spread over the interval, so a fleet started at once does not beat in step.
+            heartbeat_at: started + jitter(&mut rng, shared.heartbeat_every),
+            rng,
+            started,
+            report_at: None,
             resend_at: None,
+            last_round: None,
             id,
             session,
         }
     }
 
-    /// Answers schedules and takes receipts until its session has ended (after shutdown,
-    /// once its DISCONNECT is written): what arrives until then is still taken, not dropped
-    /// as if the device were busy.
-    async fn serve(mut self, mut events: mpsc::Receiver<Event>, shared: Arc<Shared>) {
+    /// Plays the unit's day and answers the cloud until its session has ended (after
+    /// shutdown, once its DISCONNECT is written): what arrives until then is still taken,
+    /// not dropped as if the device were busy.
+    async fn serve(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut ticks: watch::Receiver<Option<Timestamp>>,
+        shared: Arc<Shared>,
+    ) {
+        // As the agent does at its start: the current period is opened at once.
+        self.on_boundary(None, &shared).await;
+        let mut ticking = true;
         loop {
-            let resend_at = self.resend_at;
-            let resend = async {
-                match resend_at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let wake = [
+                self.report_at.map(|(_, at)| at),
+                Some(self.heartbeat_at),
+                self.resend_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 event = events.recv() => match event {
                     Some(Event::Message(inbound)) => self.on_message(*inbound, &shared).await,
                     // As an agent flushes its outbox on every connect.
-                    Some(Event::Connected) => self.resend().await,
+                    Some(Event::Connected) => self.resend(Duration::ZERO, &shared).await,
                     Some(Event::Disconnected(_)) => {}
                     None => return,
                 },
-                _ = resend => self.resend().await,
+                changed = ticks.changed(), if ticking => match changed {
+                    Ok(()) => {
+                        let boundary = *ticks.borrow_and_update();
+                        if let Some(boundary) = boundary {
+                            // A boundary still waiting for its jitter goes out now.
+                            if let Some((waiting, _)) = self.report_at.take() {
+                                self.on_boundary(Some(waiting), &shared).await;
+                            }
+                            let delay = jitter(&mut self.rng, shared.jitter);
+                            self.report_at = Some((boundary, monotonic() + delay));
+                        }
+                    }
+                    Err(_) => ticking = false,
+                },
+                _ = sleep_until(wake) => self.on_wake(&shared).await,
             }
         }
     }
 
+    async fn on_wake(&mut self, shared: &Shared) {
+        let now = monotonic();
+        if let Some((boundary, _)) = self.report_at.take_if(|(_, at)| *at <= now) {
+            self.on_boundary(Some(boundary), shared).await;
+        }
+        if self.heartbeat_at <= now {
+            self.heartbeat_at = now + shared.heartbeat_every;
+            self.heartbeat(shared).await;
+        }
+        if self.resend_at.is_some_and(|at| at <= now) {
+            self.resend(shared.resend_after, shared).await;
+        }
+    }
+
+    /// Closes the period that ended and opens the current one, sending what is due; the
+    /// reports count towards `boundary`'s figures.
+    async fn on_boundary(&mut self, boundary: Option<Timestamp>, shared: &Shared) {
+        let now = shared.clock.now();
+        let uptime = shared
+            .clock
+            .clock_duration(monotonic().saturating_duration_since(self.started));
+        let store_id = self.outbox.store_id().clone();
+        let reports = self.unit.boundary(&store_id, now, uptime);
+        if let Some(b) = boundary {
+            shared.tally().reported(b, reports.len());
+        }
+        shared
+            .reports
+            .fetch_add(reports.len() as u64, Ordering::Relaxed);
+        for mut report in reports {
+            report.seq = self.outbox.next_seq();
+            self.send(Channel::Report, &Message::Report(report), boundary, shared)
+                .await;
+        }
+    }
+
     async fn on_message(&mut self, inbound: Inbound, shared: &Shared) {
+        let now = shared.clock.now();
+        let from = |outbox: &Outbox| (outbox.store_id().clone(), outbox.next_seq());
         match (&inbound.route, &inbound.message) {
             (Some((_, Channel::Schedule)), Ok(Message::Schedule(msg))) => {
-                let now = shared.clock.now();
-                if let Some(ack) = answer(&self.engine, msg, (&self.store_id, self.seq + 1), now) {
-                    self.seq += 1;
-                    self.send(ack, shared).await;
+                let (store_id, seq) = from(&self.outbox);
+                if let Some(ack) = self.unit.on_schedule(msg, (&store_id, seq), now) {
+                    shared.acks.fetch_add(1, Ordering::Relaxed);
+                    self.send(Channel::Ack, &Message::Ack(ack), None, shared)
+                        .await;
                 }
+            }
+            (Some((_, Channel::Control)), Ok(Message::Control(msg))) => {
+                let (store_id, seq) = from(&self.outbox);
+                let ack = self.unit.on_control(msg, (&store_id, seq), now);
+                shared.acks.fetch_add(1, Ordering::Relaxed);
+                self.send(Channel::Ack, &Message::Ack(ack), None, shared)
+                    .await;
             }
             (Some((_, Channel::Receipt)), Ok(Message::Receipt(receipt))) => {
-                self.unreceipted.retain(|(s, _)| !receipt.seqs.contains(s));
-                if self.unreceipted.is_empty() {
-                    self.resend_at = None;
+                let removed = self.outbox.receipt(&receipt.store_id, &receipt.seqs);
+                let at = monotonic();
+                let mut tally = shared.tally();
+                for boundary in removed.iter().filter_map(|e| e.boundary) {
+                    tally.receipted(boundary, at);
                 }
+                drop(tally);
+                self.resend_at = self.outbox.next_due(shared.resend_after);
             }
-            (Some((_, Channel::Schedule)), Err(e)) => {
-                warn!(device_id = %self.id, error = %Chain(e), "schedule not decoded: not acked");
+            (Some((_, channel)), Err(e)) => {
+                warn!(device_id = %self.id, channel = channel.as_str(), error = %Chain(e), "message not decoded: dropped");
             }
             _ => {}
         }
         inbound.ack().await;
     }
 
-    /// Sends a new ack and keeps it until it is receipted.
-    async fn send(&mut self, ack: AckMsg, shared: &Shared) {
-        let message_id = ack.message_id.clone();
-        let payload = Message::Ack(ack).encode();
-        self.unreceipted.push((self.seq, payload.clone()));
-        self.resend_at
-            .get_or_insert_with(|| monotonic() + RESEND_AFTER);
-        match self
-            .session
-            .publish(self.ack_topic.clone(), payload, Qos::AtLeastOnce)
-            .await
+    /// Keeps a new ack or report in the outbox until it is receipted, and sends it.
+    async fn send(
+        &mut self,
+        channel: Channel,
+        message: &Message,
+        boundary: Option<Timestamp>,
+        shared: &Shared,
+    ) {
+        let seq = self.outbox.push(channel, message.encode(), boundary);
+        if self.session.is_connected() {
+            let topic = shared.topics.topic(&self.id, channel);
+            match self.session.send(topic, message, Qos::AtLeastOnce).await {
+                Ok(()) => self.outbox.mark_sent(seq, monotonic()),
+                Err(e) => {
+                    debug!(device_id = %self.id, seq, error = %Chain(&e), "not sent: left to the resend");
+                }
+            }
+        }
+        self.resend_at = self.outbox.next_due(shared.resend_after);
+    }
+
+    /// Sends outbox entries not sent within `older_than`, at most one round of 100 a
+    /// second, if connected; a failed publish leaves the rest to the next round.
+    async fn resend(&mut self, older_than: Duration, shared: &Shared) {
+        let now = monotonic();
+        self.resend_at = self.outbox.next_due(shared.resend_after);
+        if self.outbox.is_empty() || !self.session.is_connected() {
+            return;
+        }
+        if let Some(last) = self.last_round
+            && now.saturating_duration_since(last) < RESEND_ROUND
         {
-            Ok(()) => {
-                shared.acks.fetch_add(1, Ordering::Relaxed);
+            self.resend_at = Some(last + RESEND_ROUND);
+            return;
+        }
+        self.last_round = Some(now);
+        for entry in self.outbox.due(now, older_than, RESEND_BATCH) {
+            let topic = shared.topics.topic(&self.id, entry.channel);
+            if let Err(e) = self
+                .session
+                .publish(topic, entry.payload.to_vec(), Qos::AtLeastOnce)
+                .await
+            {
+                debug!(device_id = %self.id, seq = entry.seq, error = %Chain(&e), "not resent: next round");
+                break;
             }
-            Err(e) => {
-                warn!(device_id = %self.id, message_id = %message_id, error = %Chain(&e), "ack not sent: resent later");
+            if entry.was_sent() {
+                shared.resent.fetch_add(1, Ordering::Relaxed);
+                if let Some(b) = entry.boundary {
+                    shared.tally().resent(b);
+                }
             }
+            self.outbox.mark_sent(entry.seq, monotonic());
+        }
+        self.resend_at = self.outbox.next_due(shared.resend_after);
+        if let Some(at) = self.resend_at {
+            // Never two rounds within a second.
+            self.resend_at = Some(at.max(now + RESEND_ROUND));
         }
     }
 
-    /// Sends every unreceipted ack again, if connected; a failed publish waits for the next
-    /// round.
-    async fn resend(&mut self) {
-        if self.unreceipted.is_empty() {
-            return;
-        }
-        self.resend_at = Some(monotonic() + RESEND_AFTER);
+    /// A heartbeat at QoS 0, as the agent sends it; none while disconnected.
+    async fn heartbeat(&mut self, shared: &Shared) {
         if !self.session.is_connected() {
             return;
         }
-        for (_, payload) in &self.unreceipted {
-            let topic = self.ack_topic.clone();
-            if let Err(e) = self
-                .session
-                .publish(topic, payload.clone(), Qos::AtLeastOnce)
-                .await
-            {
-                warn!(device_id = %self.id, error = %Chain(&e), "ack not resent");
-                return;
-            }
+        let uptime_s = monotonic()
+            .saturating_duration_since(self.started)
+            .as_secs();
+        let msg = self
+            .unit
+            .heartbeat(shared.clock.now(), uptime_s, self.outbox.len());
+        let topic = shared.topics.topic(&self.id, Channel::Heartbeat);
+        if let Err(e) = self
+            .session
+            .send(topic, &Message::Heartbeat(msg), Qos::AtMostOnce)
+            .await
+        {
+            debug!(device_id = %self.id, error = %Chain(&e), "heartbeat not sent");
         }
     }
 }
 
-/// The ack the device of `engine` sends for `msg` at `now` as entry `from` (store id, seq):
-/// the engine's decision, continuing the schedule's trace. `None` if the engine withholds
-/// it (never here: the fleet's clock is not checked).
-pub fn answer(
-    engine: &Engine,
-    msg: &ScheduleMsg,
-    from: (&StoreId, u64),
-    now: Timestamp,
-) -> Option<AckMsg> {
-    let verdict = engine.on_schedule(msg, now).verdict()?;
-    let mut ack = verdict.ack(&msg.message_id, engine.device_id(), from, now);
-    ack.traceparent = msg.traceparent.clone();
-    Some(ack)
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use jiff::civil::date;
-    use max300_protocol::message::{AckStatus, RejectReason};
+    use max300_protocol::message::{AckStatus, RejectReason, ScheduleMsg};
     use max300_protocol::{Day, MessageId, Schedule, Setpoint};
 
-    fn engine(device: &str) -> Engine {
+    fn unit(device: &str) -> Unit {
         let tz = time_zone(DEFAULT_TIMEZONE).unwrap();
         let max = RateKw::try_from(150.0).unwrap();
-        Engine::new(DeviceId::parse(device).unwrap(), tz, DEFAULT_TIMEZONE, max)
+        let engine = Engine::new(DeviceId::parse(device).unwrap(), tz, DEFAULT_TIMEZONE, max);
+        Unit::new(engine, 50.0)
     }
 
     fn message(device: &str) -> ScheduleMsg {
@@ -368,17 +619,51 @@ mod tests {
         let msg = message("max300-0001");
         let store = StoreId::generate();
         let now: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
-        let ack = answer(&engine("max300-0001"), &msg, (&store, 3), now).unwrap();
+        let ack = unit("max300-0001")
+            .on_schedule(&msg, (&store, 3), now)
+            .unwrap();
         assert_eq!(
             (ack.status, ack.effective_period, ack.seq, &ack.store_id),
             (AckStatus::Accepted, Some(1), 3, &store)
         );
         assert_eq!(ack.sha256.as_deref(), Some(msg.sha256.as_str()));
         assert_eq!((&ack.message_id, ack.at), (&msg.message_id, now));
-        let ack = answer(&engine("max300-0002"), &msg, (&store, 4), now).unwrap();
+        let ack = unit("max300-0002")
+            .on_schedule(&msg, (&store, 4), now)
+            .unwrap();
         assert_eq!(
             (ack.status, ack.reason),
             (AckStatus::Rejected, Some(RejectReason::WrongDevice))
+        );
+    }
+
+    #[test]
+    fn a_repeated_schedule_is_accepted_again_from_the_held_plan() {
+        let msg = message("max300-0001");
+        let store = StoreId::generate();
+        let mut u = unit("max300-0001");
+        let now: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
+        u.on_schedule(&msg, (&store, 1), now).unwrap();
+        let again = u
+            .on_schedule(&msg, (&store, 2), now + SignedDuration::from_mins(5))
+            .unwrap();
+        assert_eq!(
+            (again.status, again.effective_period, again.seq),
+            (AckStatus::Accepted, Some(1), 2)
+        );
+    }
+
+    #[test]
+    fn the_next_boundary_is_the_end_of_the_current_period() {
+        let tz = time_zone(DEFAULT_TIMEZONE).unwrap();
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        assert_eq!(
+            next_boundary(at("2026-11-30T00:10:00Z"), &tz),
+            at("2026-11-30T00:30:00Z")
+        );
+        assert_eq!(
+            next_boundary(at("2026-11-30T00:30:00Z"), &tz),
+            at("2026-11-30T01:00:00Z")
         );
     }
 }
