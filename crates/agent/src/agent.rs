@@ -749,37 +749,11 @@ impl Agent {
         is_current: bool,
         now: Timestamp,
     ) -> Message {
-        let mut report = ReportMsg {
-            v: V1,
-            store_id: self.store.store_id().clone(),
-            seq: 0,
-            message_id: None,
-            device_id: self.device_id.clone(),
-            period: due.period,
-            interval_start: due.start,
-            mode: Setpoint::IDLE.mode(),
-            rate_kw: RateKw::ZERO,
-            status: ReportStatus::Skipped,
-            applied_kw: None,
-            limited_by: None,
-            reason: None,
-            would_kw: None,
-            soc_pct: None,
-            energy_kwh: None,
-            error: None,
-            at: now,
-            traceparent: None,
-        };
+        let mut report = due.report(&self.device_id, self.store.store_id(), now);
         match &due.action {
             Action::Skip {
-                reason,
-                message_id,
-                planned,
+                reason, message_id, ..
             } => {
-                report.message_id = message_id.clone();
-                report.mode = planned.mode();
-                report.rate_kw = planned.rate();
-                report.reason = Some(*reason);
                 if is_current {
                     self.drive(false).await;
                 }
@@ -794,9 +768,6 @@ impl Agent {
                 setpoint,
                 message_id,
             } => {
-                report.message_id = Some(message_id.clone());
-                report.mode = setpoint.mode();
-                report.rate_kw = setpoint.rate();
                 if self.dry_run {
                     self.would_run(&mut report, *setpoint).await;
                     return report.into_message();

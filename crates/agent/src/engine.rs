@@ -15,7 +15,8 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use max300_protocol::day::period_start_at;
 use max300_protocol::message::{
-    AckMsg, AckStatus, ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ScheduleMsg, V1,
+    AckMsg, AckStatus, ControlMsg, Fallback, HeldPlan, PeriodReason, RejectReason, ReportMsg,
+    ReportStatus, ScheduleMsg, V1,
 };
 use max300_protocol::{
     Day, DeviceId, MessageId, PERIOD_SECS, RateKw, Schedule, Setpoint, StoreId, TraceParent,
@@ -199,6 +200,46 @@ pub struct PeriodDue {
     pub period: u32,
     /// What to do about it.
     pub action: Action,
+}
+
+impl PeriodDue {
+    /// The period's report as the agent starts it at `now`, with seq 0 (stamped when it is
+    /// queued): a skip complete with its reason and what its plan said; a run with its plan
+    /// and setpoint, `skipped` until the run says how it went.
+    pub fn report(&self, device_id: &DeviceId, store_id: &StoreId, now: Timestamp) -> ReportMsg {
+        let (message_id, planned, reason) = match &self.action {
+            Action::Skip {
+                reason,
+                message_id,
+                planned,
+            } => (message_id.clone(), *planned, Some(*reason)),
+            Action::Run {
+                setpoint,
+                message_id,
+            } => (Some(message_id.clone()), *setpoint, None),
+        };
+        ReportMsg {
+            v: V1,
+            store_id: store_id.clone(),
+            seq: 0,
+            message_id,
+            device_id: device_id.clone(),
+            period: self.period,
+            interval_start: self.start,
+            mode: planned.mode(),
+            rate_kw: planned.rate(),
+            status: ReportStatus::Skipped,
+            applied_kw: None,
+            limited_by: None,
+            reason,
+            would_kw: None,
+            soc_pct: None,
+            energy_kwh: None,
+            error: None,
+            at: now,
+            traceparent: None,
+        }
+    }
 }
 
 /// Run a period or report it skipped.

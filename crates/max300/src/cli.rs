@@ -67,9 +67,11 @@ pub enum Command {
     /// Check a provider document offline and print every error with its place.
     Validate(validate::ValidateArgs),
     /// Simulated devices, one real MQTT connection each, that ack every schedule as an agent
-    /// does. They keep no plans and drive no battery: this loads the cloud and the broker, it
-    /// does not measure the agent. Prints "fleet: N connected" once all are subscribed and
-    /// serves until SIGTERM or ctrl-c, then disconnects each cleanly.
+    /// does, hold the plans and report every period at its boundary (after a jitter), with
+    /// heartbeats and the agent's outbox and receipts, on the --clock-* clock. They drive no
+    /// battery: this loads the cloud and the broker, it does not measure the agent. Prints
+    /// "fleet: N connected" once all are subscribed, a "fleet: boundary …" line per period
+    /// boundary, and serves until SIGTERM or ctrl-c, then disconnects each cleanly.
     #[cfg(feature = "fleet")]
     Fleet(FleetCommand),
     /// Benchmarks through the real components.

@@ -21,7 +21,7 @@ pub mod tls;
 pub mod trace;
 pub mod url;
 
-pub use session::{Event, Inbound, Qos, Session, SessionConfig, connect};
+pub use session::{Event, Inbound, Qos, Session, SessionConfig, SessionLimits, connect};
 pub use tls::TlsFiles;
 
 use max300_protocol::error::Cause;

@@ -47,10 +47,6 @@ use acks::{Acks, Done, Ticket};
 use subscription::{Failure, Step, Subscription};
 use window::Window;
 
-/// Largest packet either way: a 128 KiB payload plus topic and header, with room to spare.
-const MAX_PACKET_BYTES: usize = 192 * 1024;
-/// At most this many QoS 1 publishes wait for a PUBACK.
-const MAX_INFLIGHT: u16 = 100;
 /// The pause before connecting again: 200 ms doubling to 30 s, each spread ±50 % so a fleet
 /// that lost its broker together does not return in step. Real time.
 const RECONNECT: Backoff =
@@ -80,6 +76,43 @@ pub struct SessionConfig {
     pub tls: Option<TlsFiles>,
     /// How long a SUBACK may take (real time) before the connection is dropped and made again.
     pub subscribe_timeout: Duration,
+    /// What the connection's buffers are sized for.
+    pub limits: SessionLimits,
+}
+
+/// What a session's buffers are sized for. rumqttc allocates some of them up front, per
+/// connection, whatever the traffic: a slot per in-flight publish, and a queue of events as
+/// long as the in-flight window. The defaults suit the cloud and an agent; a process that
+/// holds thousands of quiet connections (the fleet simulator) sizes them to its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// QoS 1 publishes that may await the broker's PUBACK at once (rumqttc's in-flight
+    /// window). Our own publishes are held to four fifths of it, so the request queue always
+    /// has room for the PUBACKs of what we receive.
+    pub inflight: u16,
+    /// Requests (publishes, PUBACKs, the subscription) that may queue for the session task.
+    pub requests: usize,
+    /// The largest packet either way.
+    pub max_packet_bytes: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            inflight: 100,
+            requests: 256,
+            // A 128 KiB payload plus topic and header, with room to spare.
+            max_packet_bytes: 192 * 1024,
+        }
+    }
+}
+
+impl SessionLimits {
+    /// Our QoS 1 publishes that may be queued or in flight at once: below the in-flight
+    /// window (80 of the default 100).
+    fn publish_window(&self) -> usize {
+        (usize::from(self.inflight) * 4 / 5).max(1)
+    }
 }
 
 impl SessionConfig {
@@ -94,6 +127,7 @@ impl SessionConfig {
             channel_capacity: 512,
             tls: None,
             subscribe_timeout: Duration::from_secs(10),
+            limits: SessionLimits::default(),
         }
     }
 }
@@ -235,14 +269,10 @@ struct Flow {
     room: Notify,
 }
 
-/// QoS 1 publishes that may be queued or await the broker's PUBACK at once: below
-/// [`MAX_INFLIGHT`].
-const PUBLISH_WINDOW: usize = 80;
-
 impl Flow {
-    fn new() -> Flow {
+    fn new(window: usize) -> Flow {
         Flow {
-            window: Mutex::new(Window::new(PUBLISH_WINDOW)),
+            window: Mutex::new(Window::new(window)),
             room: Notify::new(),
         }
     }
@@ -454,13 +484,19 @@ pub fn connect(
             cause: None,
         });
     }
+    let limits = config.limits;
     options
         .set_keep_alive(config.keep_alive)
         .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
-        .set_inflight(MAX_INFLIGHT)
+        .set_max_packet_size(limits.max_packet_bytes, limits.max_packet_bytes)
+        .set_inflight(limits.inflight.max(1))
         .set_manual_acks(true);
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let (client, mut eventloop) = AsyncClient::new(options, limits.requests.max(1));
+    // rumqttc reserves room for 100 events per connection (each the size of its largest
+    // packet type); a burst is at most a window's worth of PUBACKs and publishes, and the
+    // queue grows if one is ever larger.
+    eventloop.state.events =
+        std::collections::VecDeque::with_capacity(usize::from(limits.inflight).clamp(8, 100));
     // Every message here is small and waited for (a command, its ack, a report): Nagle's
     // algorithm would hold each one back until the peer's delayed ACK, tens of ms per hop.
     let mut network = eventloop.network_options();
@@ -472,7 +508,7 @@ pub fn connect(
         client: client.clone(),
         status: status_rx,
         dropped: Arc::new(AtomicU64::new(0)),
-        flow: Arc::new(Flow::new()),
+        flow: Arc::new(Flow::new(limits.publish_window())),
         pubacks: Arc::new(Pubacks {
             acks: Mutex::new(Acks::default()),
             client: client.clone(),

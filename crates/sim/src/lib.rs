@@ -14,7 +14,8 @@
 //! - [`agent`]: an agent handed a simulated battery when its config says `battery = "sim"`.
 //! - [`sample`]: the sample schedule provider (`max300 provider`).
 //! - [`fleet`]: N simulated devices, one MQTT session each, that ack every schedule through
-//!   the agent's own engine but hold nothing (`max300 fleet`).
+//!   the agent's own engine, hold the plans and report each period at its boundary, with
+//!   the agent's outbox and receipt rules (`max300 fleet`).
 //! - [`cloud`]: the one fake cloud of the agent's tests and the agent benchmark.
 //! - [`bench`]: the drivers of `max300 bench …`.
 //! - [`fds`]: the open-file limit a large fleet needs.

@@ -452,6 +452,23 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         to: Timestamp,
     ) -> Result<Vec<ReportMsg>, CloudError>;
 
+    /// How many devices have reported each period starting in `from..to`, oldest first;
+    /// periods with no report are left out. The default asks [`CommandStore::reports`] of
+    /// every device; a backend with an index by period counts in one query.
+    async fn report_counts(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(Timestamp, u32)>, CloudError> {
+        let mut counts = std::collections::BTreeMap::<Timestamp, u32>::new();
+        for device in self.devices().await? {
+            for report in self.reports(&device.device_id, from, to).await? {
+                *counts.entry(report.interval_start).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+
     /// Commands, newest first, filtered by device and date.
     async fn commands(
         &self,

@@ -751,6 +751,20 @@ async fn lists_a_devices_reports_for_a_day_once_each(l: &Ledger) {
         .await
         .unwrap();
     assert!(none.is_empty());
+    // Per period: d1 reported 1, 2 and 3 (2 twice, kept once), d2 only 1.
+    let counts = store
+        .report_counts(day().period_start(2), day().end())
+        .await
+        .unwrap();
+    assert_eq!(
+        counts,
+        [(day().period_start(2), 1), (day().period_start(3), 1)]
+    );
+    let first = store
+        .report_counts(day().start(), day().period_start(2))
+        .await
+        .unwrap();
+    assert_eq!(first, [(day().start(), 2)]);
 }
 
 async fn the_fleet_rows_count_conformance_and_states(l: &Ledger) {

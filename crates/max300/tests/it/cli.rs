@@ -245,6 +245,40 @@ fn bench_ingest_with_a_fleet_reports_every_command_acknowledged() {
 }
 
 #[test]
+fn a_small_fleet_acks_its_plan_and_every_boundarys_reports_are_recorded_and_receipted() {
+    // 20 units and the real cloud on the embedded broker (port 0), both on one scaled clock
+    // at 1800x: a period is a second of real time, and the bench waits on the clock, not on
+    // sleeps. It exits non-zero unless every report of every boundary is in the store and
+    // every one the fleet sent is receipted.
+    let last = bench(&[
+        "bench",
+        "day",
+        "--devices",
+        "20",
+        "--speed",
+        "1800",
+        "--boundaries",
+        "3",
+        "--jitter-ms",
+        "200",
+    ]);
+    assert!(
+        last.starts_with("bench day: devices 20, broker embedded, speed 1800, boundaries 3: "),
+        "{last}"
+    );
+    assert_eq!(
+        last.matches("recorded 20 of 20").count(),
+        3,
+        "every boundary's reports are recorded: {last}"
+    );
+    assert_eq!(
+        last.matches("receipted 20/20").count(),
+        3,
+        "every report is receipted: {last}"
+    );
+}
+
+#[test]
 fn fleet_refuses_an_impossible_size_or_an_absent_broker_with_a_clear_message() {
     let stderr = |args: &[&str]| {
         let out = run(args);

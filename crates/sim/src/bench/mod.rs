@@ -1,7 +1,8 @@
 //! `max300 bench …`: measurements anyone can repeat on their own machine, through the real
 //! components. Each prints a table and one closing line with every figure. The binary's
 //! `bench` command is [`Bench`] and a call of [`Bench::run`]; the benches that need another
-//! process (`bench plot`, `bench ingest --fleet`, `bench agent`) start this binary again
+//! process (`bench plot`, `bench ingest --fleet`, `bench agent`, `bench day`) start this
+//! binary again
 //! (`std::env::current_exe`) with another command.
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::sample::{SampleProvider, Shape};
 
 pub mod agent;
+pub mod day;
 pub mod plot;
 
 /// What to measure.
@@ -50,6 +52,10 @@ pub enum Bench {
     /// One agent's memory over a simulated week (its own process), period boundary lateness
     /// for 1 and N agents, and schedule-to-ack time, through the real agent and broker.
     Agent(agent::AgentArgs),
+    /// A fleet's evening and day on a scaled clock: the ingestion, then at each of the first
+    /// boundaries of the day the time to every report recorded and receipted, the cloud's
+    /// drops, CPU and peak memory, and the fleet's resends.
+    Day(day::DayArgs),
 }
 
 /// `max300 bench ingest`
@@ -90,6 +96,7 @@ impl Bench {
             Bench::Ingest(args) => ingest(args).await,
             Bench::Plot(args) => plot::plot(args).await,
             Bench::Agent(args) => agent::run(args).await,
+            Bench::Day(args) => day::run(args).await,
         }
     }
 }
@@ -394,11 +401,25 @@ struct FleetChild {
 impl FleetChild {
     /// Starts the fleet and waits for its "fleet: N connected" line.
     async fn start(mqtt: &str, devices: usize, plan_time: Timestamp) -> anyhow::Result<Self> {
+        let clock = ["--clock-start".to_owned(), plan_time.to_string()];
+        // Its later lines are not wanted: dropping the receiver leaves them drained.
+        let (fleet, _lines) = FleetChild::start_with(mqtt, devices, &clock).await?;
+        Ok(fleet)
+    }
+
+    /// Starts the fleet with `extra` flags (its clock, its jitter) and waits for its
+    /// "fleet: N connected" line; its later stdout lines come on the receiver. The pipe is
+    /// drained to the end whether they are read or not, so the child never blocks on it.
+    async fn start_with(
+        mqtt: &str,
+        devices: usize,
+        extra: &[String],
+    ) -> anyhow::Result<(Self, tokio::sync::mpsc::Receiver<String>)> {
         use tokio::io::AsyncBufReadExt;
         let exe = std::env::current_exe().context("the path of this binary")?;
         let mut child = tokio::process::Command::new(&exe)
             .args(["fleet", "--devices", &devices.to_string(), "--mqtt", mqtt])
-            .args(["--clock-start", &plan_time.to_string()])
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -431,9 +452,14 @@ impl FleetChild {
                 limit.as_secs()
             ),
         }
-        // Drained to the end, so the child never blocks on a full pipe; ends when it exits.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(FleetChild { child })
+        // A line per boundary: a small queue is plenty for a reader that polls.
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.try_send(line);
+            }
+        });
+        Ok((FleetChild { child }, rx))
     }
 
     /// The fleet process's peak resident memory in KiB (Linux: VmHWM).

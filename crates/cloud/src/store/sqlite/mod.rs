@@ -99,6 +99,7 @@ CREATE TABLE IF NOT EXISTS reports (
     received_at TEXT NOT NULL,
     PRIMARY KEY (device_id, interval_start)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reports_by_start ON reports (interval_start);
 CREATE TABLE IF NOT EXISTS ingestions (
     id INTEGER PRIMARY KEY,
     schedule_date TEXT NOT NULL,
@@ -601,6 +602,25 @@ impl CommandStore for SqliteStore {
             stmt.query_map(params![device, instant(from), instant(to)], |r| {
                 let body: String = r.get(0)?;
                 serde_json::from_str(&body).map_err(conversion)
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn report_counts(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(Timestamp, u32)>, CloudError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT interval_start, count(*) FROM reports
+                 WHERE interval_start >= ?1 AND interval_start < ?2
+                 GROUP BY interval_start ORDER BY interval_start",
+            )?;
+            stmt.query_map(params![instant(from), instant(to)], |r| {
+                Ok((ts(r.get(0)?)?, r.get(1)?))
             })?
             .collect()
         })
