@@ -327,7 +327,7 @@ async fn measure(
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows: BTreeMap<Timestamp, Row> =
         boundaries.iter().map(|b| (*b, Row::default())).collect();
-    let (first, last) = (boundaries[0], boundaries[boundaries.len() - 1]);
+    let last = boundaries[boundaries.len() - 1];
     let give_up = last + PERIOD * 2;
     // Each boundary's window of drops and CPU runs until the next one begins.
     let mut window: Option<(Timestamp, u64, Duration)> = None;
@@ -357,10 +357,15 @@ async fn measure(
                 row.fleet = Some(f);
             }
         }
-        if next > 0 {
+        // Only the periods still short of a full count: a count over every period so far,
+        // 50 times a second, would load the store it measures.
+        let open = boundaries[..next]
+            .iter()
+            .find(|b| rows.get(b).is_some_and(|r| (r.recorded as usize) < devices));
+        if let Some(&from) = open {
             let counts = cloud
                 .store
-                .report_counts(first - PERIOD, boundaries[next - 1])
+                .report_counts(from - PERIOD, boundaries[next - 1])
                 .await?;
             for (start, n) in counts {
                 if let Some(row) = rows.get_mut(&(start + PERIOD))
