@@ -108,12 +108,7 @@ impl Audit {
         source: &str,
         received: Timestamp,
     ) -> Result<String, CloudError> {
-        let key = format!(
-            "raw/{}/{}-{source}-{}.json",
-            received.strftime("%Y-%m-%d"),
-            received.strftime("%Y%m%dT%H%M%S%.3fZ"),
-            unique(&body)
-        );
+        let key = raw_key(source, received, &unique(&body));
         self.put(&key, body).await?;
         Ok(key)
     }
@@ -125,13 +120,8 @@ impl Audit {
         source: &str,
         received: Timestamp,
     ) -> Result<RawWriter, CloudError> {
-        let key = format!(
-            "raw/{}/{}-{source}-{:08x}-{:04x}.json",
-            received.strftime("%Y-%m-%d"),
-            received.strftime("%Y%m%dT%H%M%S%.3fZ"),
-            fastrand::u32(..),
-            fastrand::u16(..)
-        );
+        let tag = format!("{:08x}-{:04x}", fastrand::u32(..), fastrand::u16(..));
+        let key = raw_key(source, received, &tag);
         let path = ObjectPath::parse(&key).map_err(|e| CloudError::audit_failed(&key, e))?;
         let upload = self
             .store
@@ -243,6 +233,15 @@ fn s3(rest: &str) -> Result<Audit, CloudError> {
     } else {
         Audit::new(Arc::new(PrefixStore::new(store, prefix)))
     })
+}
+
+/// `raw/{received date}/{received instant}-{source}-{tag}.json`.
+fn raw_key(source: &str, received: Timestamp, tag: &str) -> String {
+    format!(
+        "raw/{}/{}-{source}-{tag}.json",
+        received.strftime("%Y-%m-%d"),
+        received.strftime("%Y%m%dT%H%M%S%.3fZ"),
+    )
 }
 
 /// A content hash plus a random part: two documents received in the same millisecond, even

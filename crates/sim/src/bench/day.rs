@@ -21,12 +21,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use jiff::civil::Time;
 use jiff::{SignedDuration, Timestamp};
+use max300_cloud::Cloud;
 use max300_cloud::store::CommandStore;
-use max300_cloud::{Cloud, CloudConfig};
 use max300_mqtt::broker;
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::{period_start_at, time_zone};
@@ -35,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{DATE, FleetChild, peak_memory_kb};
-use crate::sample::SampleProvider;
+use crate::sample::{SampleProvider, Shape};
 
 /// `max300 bench day`
 #[derive(Args, Debug, Clone)]
@@ -178,8 +177,8 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
         seed: 1,
         timezone: tz.clone(),
     };
-    let document = bytes::Bytes::from(provider.document_bytes(DATE, start)?);
-    let provider_addr = serve_document(document, shutdown.clone()).await?;
+    let (provider_addr, _) =
+        super::serve_document(&provider, Shape::Rich, start, dir.path(), shutdown.clone()).await?;
     let mqtt = match &args.mqtt {
         Some(url) => url.clone(),
         None => {
@@ -208,18 +207,8 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
         clock.now()
     );
 
-    let mut config = CloudConfig::load(None, &[])?;
-    config.data_dir = dir.path().join("cloud");
-    config.mqtt = mqtt.clone();
-    config.http = "127.0.0.1:0".into();
-    config.daily_fetch = false;
-    config.auto_register = true;
-    config.provider = Some(format!("http://{provider_addr}/tomorrow"));
-    config.max_document_mib = 4096;
-    let cloud = Cloud::start(config, clock.clone(), shutdown.clone()).await?;
-    tokio::time::timeout(Duration::from_secs(30), cloud.session.wait_connected())
-        .await
-        .with_context(|| format!("the broker at {mqtt} did not answer within 30 s"))?;
+    let cloud =
+        super::start_cloud(dir.path(), &mqtt, provider_addr, clock.clone(), &shutdown).await?;
 
     let t0 = monotonic();
     let ingested_at = clock.now();
@@ -260,29 +249,6 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Serves `document` at `/tomorrow` on a loopback port until `shutdown`, as prepared bytes:
-/// the bench measures the service, not the sample provider.
-async fn serve_document(
-    document: bytes::Bytes,
-    shutdown: CancellationToken,
-) -> anyhow::Result<std::net::SocketAddr> {
-    let app = axum::Router::new().route(
-        "/tomorrow",
-        axum::routing::get(move || {
-            let document = document.clone();
-            async move { ([("content-type", "application/json")], document) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
-    Ok(addr)
 }
 
 /// Waits until every command is acknowledged; returns when (real time).

@@ -211,53 +211,12 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         seed: 1,
         timezone: tz,
     };
-    // Written to a file once, before the clock starts, a device at a time, and served from
-    // it in chunks: the bench measures the service, and its own process holds no copy of the
-    // document (at 100,000 devices it is 136 MB).
     let shape = match args.shape.as_str() {
         "compact" => Shape::Compact,
         _ => Shape::Rich,
     };
-    let path = dir.path().join("tomorrow.json");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    provider.write_document(&mut file, DATE, eve, shape)?;
-    std::io::Write::flush(&mut file)?;
-    drop(file);
-    let size = std::fs::metadata(&path)?.len();
-    let app = axum::Router::new().route(
-        "/tomorrow",
-        axum::routing::get(move || {
-            let path = path.clone();
-            async move {
-                let file = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR)?;
-                let chunks = futures_util::stream::unfold(file, |mut file| async move {
-                    let mut buf = vec![0; 64 * 1024];
-                    match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
-                        Ok(0) => None,
-                        Ok(n) => {
-                            buf.truncate(n);
-                            Some((Ok::<_, std::io::Error>(buf), file))
-                        }
-                        Err(e) => Some((Err(e), file)),
-                    }
-                });
-                Ok::<_, axum::http::StatusCode>((
-                    [("content-type", "application/json")],
-                    axum::body::Body::from_stream(chunks),
-                ))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let provider_addr = listener.local_addr()?;
-    let served = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { served.cancelled().await })
-            .await;
-    });
+    let (provider_addr, size) =
+        serve_document(&provider, shape, eve, dir.path(), shutdown.clone()).await?;
     let clients = if args.fleet { args.devices + 8 } else { 8 };
     let mqtt = match &args.mqtt {
         Some(url) => url.clone(),
@@ -270,19 +229,8 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    let mut config = CloudConfig::load(None, &[])?;
-    config.data_dir = dir.path().join("cloud");
-    config.mqtt = mqtt.clone();
-    config.http = "127.0.0.1:0".into();
-    config.daily_fetch = false;
-    config.auto_register = true;
-    config.provider = Some(format!("http://{provider_addr}/tomorrow"));
-    config.max_document_mib = 4096;
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(eve));
-    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
-    tokio::time::timeout(Duration::from_secs(30), cloud.session.wait_connected())
-        .await
-        .with_context(|| format!("the broker at {mqtt} did not answer within 30 s"))?;
+    let cloud = start_cloud(dir.path(), &mqtt, provider_addr, clock, &shutdown).await?;
     let fleet = if args.fleet {
         Some(FleetChild::start(&mqtt, args.devices, eve).await?)
     } else {
@@ -347,6 +295,84 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         mb(before),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the sample document for [`DATE`] to a file in `dir`, a device at a time, and
+/// serves it from there in chunks until `shutdown`: the benches measure the service, and
+/// their own process holds no copy of the document (136 MB at 100,000 devices, rich).
+/// Returns the address and the document's size.
+pub(crate) async fn serve_document(
+    provider: &SampleProvider,
+    shape: Shape,
+    generated_at: Timestamp,
+    dir: &std::path::Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, u64)> {
+    let path = dir.join("tomorrow.json");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    provider.write_document(&mut file, DATE, generated_at, shape)?;
+    std::io::Write::flush(&mut file)?;
+    drop(file);
+    let size = std::fs::metadata(&path)?.len();
+    let app = axum::Router::new().route(
+        "/tomorrow",
+        axum::routing::get(move || {
+            let path = path.clone();
+            async move {
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR)?;
+                let chunks = futures_util::stream::unfold(file, |mut file| async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            Some((Ok::<_, std::io::Error>(buf), file))
+                        }
+                        Err(e) => Some((Err(e), file)),
+                    }
+                });
+                Ok::<_, axum::http::StatusCode>((
+                    [("content-type", "application/json")],
+                    axum::body::Body::from_stream(chunks),
+                ))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok((addr, size))
+}
+
+/// The real cloud as the ingestion benches run it: data in `dir`, the broker at `mqtt`, the
+/// provider at `provider`, devices registered as they are named, no daily fetch (the bench
+/// asks for the one it measures). Returns once connected to the broker.
+pub(crate) async fn start_cloud(
+    dir: &std::path::Path,
+    mqtt: &str,
+    provider: std::net::SocketAddr,
+    clock: Arc<dyn Clock>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Cloud> {
+    let mut config = CloudConfig::load(None, &[])?;
+    config.data_dir = dir.join("cloud");
+    config.mqtt = mqtt.to_owned();
+    config.http = "127.0.0.1:0".into();
+    config.daily_fetch = false;
+    config.auto_register = true;
+    config.provider = Some(format!("http://{provider}/tomorrow"));
+    config.max_document_mib = 4096;
+    let cloud = Cloud::start(config, clock, shutdown.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(30), cloud.session.wait_connected())
+        .await
+        .with_context(|| format!("the broker at {mqtt} did not answer within 30 s"))?;
+    Ok(cloud)
 }
 
 /// Commands in any of `states`.
