@@ -453,8 +453,9 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<ReportMsg>, CloudError>;
 
     /// How many devices have reported each period starting in `from..to`, oldest first;
-    /// periods with no report are left out. The default asks [`CommandStore::reports`] of
-    /// every device; a backend with an index by period counts in one query.
+    /// periods with no report are left out. Only registered devices' reports are kept (the
+    /// feedback consumer drops the others), so the default asks [`CommandStore::reports`] of
+    /// every registered device; a backend with an index by period counts in one query.
     async fn report_counts(
         &self,
         from: Timestamp,

@@ -751,7 +751,13 @@ async fn lists_a_devices_reports_for_a_day_once_each(l: &Ledger) {
         .await
         .unwrap();
     assert!(none.is_empty());
-    // Per period: d1 reported 1, 2 and 3 (2 twice, kept once), d2 only 1.
+    // Per period: d1 reported 1, 2 and 3 (2 twice, kept once), d2 only 1. Only registered
+    // devices report (the feedback consumer drops the rest), so both are.
+    let d2 = DeviceId::parse("d2").unwrap();
+    store
+        .register_devices(&[d1.clone(), d2], day().end())
+        .await
+        .unwrap();
     let counts = store
         .report_counts(day().period_start(2), day().end())
         .await
