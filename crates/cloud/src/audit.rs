@@ -141,12 +141,7 @@ impl Audit {
     ) -> Result<impl futures_util::Stream<Item = Result<Bytes, CloudError>> + use<>, CloudError>
     {
         use futures_util::TryStreamExt;
-        let path = ObjectPath::parse(key).map_err(|e| CloudError::audit_failed(key, e))?;
-        let got = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| CloudError::audit_failed(key, e))?;
+        let got = self.read_object(key).await?;
         let key = key.to_owned();
         Ok(got
             .into_stream()
@@ -172,13 +167,18 @@ impl Audit {
 
     /// Reads an object back.
     pub async fn get(&self, key: &str) -> Result<Bytes, CloudError> {
-        let path = ObjectPath::parse(key).map_err(|e| CloudError::audit_failed(key, e))?;
-        let got = self
-            .store
-            .get(&path)
+        self.read_object(key)
+            .await?
+            .bytes()
             .await
-            .map_err(|e| CloudError::audit_failed(key, e))?;
-        got.bytes()
+            .map_err(|e| CloudError::audit_failed(key, e))
+    }
+
+    /// Starts reading an object.
+    async fn read_object(&self, key: &str) -> Result<object_store::GetResult, CloudError> {
+        let path = ObjectPath::parse(key).map_err(|e| CloudError::audit_failed(key, e))?;
+        self.store
+            .get(&path)
             .await
             .map_err(|e| CloudError::audit_failed(key, e))
     }
