@@ -507,7 +507,14 @@ impl Ingestor {
         let mut outlook = None;
         let committing = async {
             while let Some(batch) = batches.recv().await {
-                self.stage.send_replace(Stage::Committing);
+                // Once publishing has begun it is what progress shows: the stages overlap.
+                self.stage.send_if_modified(|stage| {
+                    let first = *stage == Stage::Normalizing;
+                    if first {
+                        *stage = Stage::Committing;
+                    }
+                    first
+                });
                 let created = self
                     .commit(batch, &fleet, received, fence, &mut report)
                     .await?;
