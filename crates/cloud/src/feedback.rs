@@ -12,7 +12,7 @@ use std::time::Instant;
 use jiff::tz::TimeZone;
 use max300_mqtt::trace;
 use max300_mqtt::{Event, Inbound};
-use max300_protocol::message::{AckMsg, ReportMsg, SyncMsg};
+use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg, SyncMsg};
 use max300_protocol::{
     Channel, Clock, DeviceId, Message, MessageId, ProtocolError, Topics, TraceParent, day::Day,
 };
@@ -145,6 +145,7 @@ const STRANGER_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 enum Batched {
     Ack(AckMsg, Span),
     Report(ReportMsg, Span),
+    Heartbeat(HeartbeatMsg),
 }
 
 /// Handles device messages.
@@ -287,16 +288,19 @@ impl Feedback {
         }
     }
 
-    /// Handles messages in order, deferring acks and reports to one store call each. Says, in
-    /// order, which were handled; a store failure leaves the rest to the devices' resends.
+    /// Handles messages in order, deferring acks, reports and heartbeats to one store call
+    /// each. Says, in order, which were handled; a store failure leaves the rest to the
+    /// devices' resends.
     async fn apply(&mut self, batch: Vec<Received<'_>>) -> Vec<bool> {
         let mut handled = vec![true; batch.len()];
         let mut acks = Vec::new();
         let mut reports = Vec::new();
+        let mut heartbeats = Vec::new();
         for (i, received) in batch.into_iter().enumerate() {
             match self.handle(received).await {
                 Ok(Some(Batched::Ack(ack, span))) => acks.push((i, ack, span)),
                 Ok(Some(Batched::Report(report, span))) => reports.push((i, report, span)),
+                Ok(Some(Batched::Heartbeat(hb))) => heartbeats.push((i, hb)),
                 Ok(None) => {}
                 // A store failure. No receipt went out, so the device resends from its
                 // outbox; PUBACK anyway, so this message can't hold up the others.
@@ -307,6 +311,20 @@ impl Feedback {
             }
         }
         let now = self.clock.now();
+        if !heartbeats.is_empty() {
+            // One commit for a batch's heartbeats: each on its own was a commit (and an
+            // fsync) in the middle of a boundary's burst, 170 a second at 10,000 units.
+            let msgs: Vec<HeartbeatMsg> = heartbeats.iter().map(|(_, hb)| hb.clone()).collect();
+            match self.ledger.store().record_heartbeats(&msgs, now).await {
+                Ok(()) => heartbeats
+                    .iter()
+                    .for_each(|_| self.metrics.inbound("heartbeat", Outcome::Applied)),
+                Err(e) => {
+                    heartbeats.iter().for_each(|(i, _)| handled[*i] = false);
+                    warn!(count = heartbeats.len(), error = %Chain(&e), "heartbeats not recorded");
+                }
+            }
+        }
         if !acks.is_empty() {
             let msgs: Vec<AckMsg> = acks.iter().map(|(_, ack, _)| ack.clone()).collect();
             match self.ledger.record_acks(&msgs, now).await {
@@ -391,7 +409,6 @@ impl Feedback {
             self.metrics.inbound(kind, Outcome::UnknownDevice);
             return Ok(None);
         }
-        let now = self.clock.now();
         match message {
             Message::Ack(ack) => {
                 let span = info_span!(parent: None, "ack", device_id = %ack.device_id, message_id = %ack.message_id, status = ?ack.status);
@@ -416,11 +433,7 @@ impl Feedback {
                 .await;
                 Ok(Some(Batched::Report(report.clone(), span)))
             }
-            Message::Heartbeat(hb) => {
-                self.ledger.store().record_heartbeat(hb, now).await?;
-                self.metrics.inbound(kind, Outcome::Applied);
-                Ok(None)
-            }
+            Message::Heartbeat(hb) => Ok(Some(Batched::Heartbeat(hb.clone()))),
             Message::Sync(sync) => self.sync(sync).await.map(|()| None),
             _ => Ok(None),
         }

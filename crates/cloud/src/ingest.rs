@@ -576,7 +576,12 @@ impl Ingestor {
             let mut open = true;
             let mut out = |outcome: Outcome| {
                 match outcome {
-                    Outcome::Accepted(s) => batch.schedules.push(s),
+                    Outcome::Accepted(s) => {
+                        // Hashed here, on this thread, and not in the commit that holds the
+                        // store: the schedule caches it.
+                        s.schedule.sha256();
+                        batch.schedules.push(s)
+                    }
                     Outcome::Rejected(r) => batch.rejected.push(r),
                 }
                 if open && batch.len() >= BATCH {

@@ -394,8 +394,13 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     /// One device.
     async fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, CloudError>;
 
-    /// Records a heartbeat (and that the device was seen).
-    async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError>;
+    /// Records heartbeats (and that their devices were seen), all received at `at`; an
+    /// unknown device's changes nothing.
+    async fn record_heartbeats(
+        &self,
+        heartbeats: &[HeartbeatMsg],
+        at: Timestamp,
+    ) -> Result<(), CloudError>;
 
     /// Creates commands ([`Command::new`]), versioning per device and date by
     /// [`crate::lifecycle::next_version`]. SQLite creates them all in one transaction;

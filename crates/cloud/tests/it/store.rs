@@ -429,7 +429,7 @@ async fn registers_devices_and_records_heartbeats(l: &Ledger) {
     )
     .unwrap();
     let seen: Timestamp = "2026-11-29T16:00:01Z".parse().unwrap();
-    store.record_heartbeat(&hb, seen).await.unwrap();
+    store.record_heartbeats(&[hb], seen).await.unwrap();
     let rec = store.device(&d).await.unwrap().unwrap();
     assert_eq!(rec.last_seen, Some(seen));
     assert_eq!(rec.rate_kw, Some(RateKw::from_watts(12_500)));

@@ -659,7 +659,7 @@ async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow:
                 fallback: silent.then_some(Fallback::NoSchedule),
                 outbox: 0,
             };
-            store.record_heartbeat(&heartbeat, seen).await?;
+            store.record_heartbeats(&[heartbeat], seen).await?;
         }
     }
     Ok(reports)

@@ -104,6 +104,33 @@ impl DynamoStore {
         CloudError::store(format!("dynamodb {op} on table {}: {why}", self.table))
     }
 
+    async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError> {
+        // Only attributes that are not index keys change, so the device's `gsi1` entry is
+        // rewritten in place (one index write), never moved (two).
+        let mut change = Change::default();
+        change.when("attribute_exists(pk)".into());
+        change.set("last_seen", s(instant(at)));
+        change.set("mode", s(hb.mode.as_str()));
+        change.set("rate_w", num(hb.rate_kw.watts()));
+        match hb.soc_pct.filter(|p| p.is_finite()) {
+            Some(p) => change.set("soc_pct", num(p)),
+            None => change.remove("soc_pct"),
+        }
+        match hb.fallback {
+            Some(f) => change.set("fallback", s(f.as_str())),
+            None => change.remove("fallback"),
+        }
+        match &hb.active_message_id {
+            Some(m) => change.set("active_message_id", s(m.as_str())),
+            None => change.remove("active_message_id"),
+        }
+        change.set("outbox", num(hb.outbox));
+        // An unknown device's heartbeat changes nothing, as a failed condition.
+        self.update(change, &device_pk(hb.device_id.as_str()), DEVICE_SK)
+            .await?;
+        Ok(())
+    }
+
     fn corrupt(&self, what: impl std::fmt::Display) -> CloudError {
         CloudError::store(format!("dynamodb table {}: {what}", self.table))
     }
@@ -224,30 +251,15 @@ impl CommandStore for DynamoStore {
             .transpose()
     }
 
-    async fn record_heartbeat(&self, hb: &HeartbeatMsg, at: Timestamp) -> Result<(), CloudError> {
-        // Only attributes that are not index keys change, so the device's `gsi1` entry is
-        // rewritten in place (one index write), never moved (two).
-        let mut change = Change::default();
-        change.when("attribute_exists(pk)".into());
-        change.set("last_seen", s(instant(at)));
-        change.set("mode", s(hb.mode.as_str()));
-        change.set("rate_w", num(hb.rate_kw.watts()));
-        match hb.soc_pct.filter(|p| p.is_finite()) {
-            Some(p) => change.set("soc_pct", num(p)),
-            None => change.remove("soc_pct"),
+    async fn record_heartbeats(
+        &self,
+        heartbeats: &[HeartbeatMsg],
+        at: Timestamp,
+    ) -> Result<(), CloudError> {
+        // One update each: DynamoDB has no batched update.
+        for hb in heartbeats {
+            self.record_heartbeat(hb, at).await?;
         }
-        match hb.fallback {
-            Some(f) => change.set("fallback", s(f.as_str())),
-            None => change.remove("fallback"),
-        }
-        match &hb.active_message_id {
-            Some(m) => change.set("active_message_id", s(m.as_str())),
-            None => change.remove("active_message_id"),
-        }
-        change.set("outbox", num(hb.outbox));
-        // An unknown device's heartbeat changes nothing, as a failed condition.
-        self.update(change, &device_pk(hb.device_id.as_str()), DEVICE_SK)
-            .await?;
         Ok(())
     }
 

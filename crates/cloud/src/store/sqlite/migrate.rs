@@ -49,8 +49,34 @@ pub(super) fn run(conn: &mut Connection) -> rusqlite::Result<()> {
         )?;
         tx.commit()?;
     }
+    reports_by_interval(conn)?;
     marks_from_results(conn)?;
     controls_wake(conn)
+}
+
+/// Reports were keyed device first, so a boundary's reports went into as many places in the
+/// table as there are units, each a page to read and write; keyed by their interval first
+/// they are appended together, and a smaller index finds a device's.
+fn reports_by_interval(conn: &mut Connection) -> rusqlite::Result<()> {
+    let sql: String = conn
+        .prepare_cached("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'reports'")?
+        .query_row([], |r| r.get(0))?;
+    let sql: String = sql.chars().filter(|c| !c.is_whitespace()).collect();
+    if !sql.contains("PRIMARYKEY(device_id,interval_start)") {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(
+        "CREATE TABLE reports_new (
+             device_id TEXT NOT NULL, interval_start TEXT NOT NULL, message_id TEXT,
+             body TEXT NOT NULL, received_at TEXT NOT NULL,
+             PRIMARY KEY (interval_start, device_id)) WITHOUT ROWID;
+         INSERT INTO reports_new (device_id, interval_start, message_id, body, received_at)
+             SELECT device_id, interval_start, message_id, body, received_at FROM reports;
+         DROP TABLE reports;
+         ALTER TABLE reports_new RENAME TO reports;",
+    )?;
+    tx.commit()
 }
 
 fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
@@ -237,6 +263,63 @@ mod tests {
             "interval_start":day.period_start(period),"mode":"charge","rate_kw":kw,
             "status":status,"applied_kw":kw,"at":day.period_start(period)})
         .to_string()
+    }
+
+    /// Reports kept device first are kept interval first on open, every one of them still
+    /// found by its device and counted by its period.
+    #[tokio::test]
+    async fn an_older_store_keeps_its_reports_by_interval_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.sqlite");
+        let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+        let id = MessageId::generate("2026-11-29T16:00:00Z".parse().unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE reports (
+                     device_id TEXT NOT NULL, interval_start TEXT NOT NULL, message_id TEXT,
+                     body TEXT NOT NULL, received_at TEXT NOT NULL,
+                     PRIMARY KEY (device_id, interval_start)) WITHOUT ROWID;
+                 CREATE INDEX reports_by_start ON reports (interval_start);",
+            )
+            .unwrap();
+            for p in 1..=3 {
+                conn.execute(
+                    "INSERT INTO reports VALUES ('d1', ?1, ?2, ?3, '2026-11-30T02:00:00.000Z')",
+                    params![
+                        instant(day.period_start(p)),
+                        id.as_str(),
+                        report_body(&id, &day, p, "executed", 40)
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let (from, to) = (day.start(), day.end());
+        for _ in 0..2 {
+            let store = SqliteStore::open(&path).unwrap();
+            let kept = store
+                .reports(&"d1".parse().unwrap(), from, to)
+                .await
+                .unwrap();
+            let periods: Vec<u32> = kept.iter().map(|r| r.period).collect();
+            assert_eq!(periods, [1, 2, 3]);
+            let counts = store.report_counts(from, to).await.unwrap();
+            assert_eq!(counts.len(), 3);
+            assert!(counts.iter().all(|(_, n)| *n == 1), "{counts:?}");
+            let sql: String = Connection::open(&path)
+                .unwrap()
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'reports'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert!(
+                sql.contains("PRIMARY KEY (interval_start, device_id)"),
+                "{sql}"
+            );
+        }
     }
 
     #[tokio::test]
