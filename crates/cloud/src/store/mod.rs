@@ -331,6 +331,14 @@ pub struct Unit {
 }
 
 impl Unit {
+    /// How many of its writes are guarded (a revision, a natural key): each may find the unit
+    /// overtaken and undo the ones before it.
+    pub fn guards(&self) -> usize {
+        self.commands.len()
+            + usize::from(self.control.is_some())
+            + usize::from(self.record.is_some())
+    }
+
     /// The device every write of the unit is about (one unit is always one device's).
     pub fn device(&self) -> Option<&DeviceId> {
         self.commands
