@@ -160,6 +160,10 @@ const WAL_BOUND_PAGES: i64 = 16 * 1024;
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// A second connection, for re-reads that run beside the writer (an ingestion's
+    /// publishing stage re-reads each batch while the next one commits): in WAL mode it reads
+    /// the last commit without waiting for the writer's transaction.
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl SqliteStore {
@@ -189,9 +193,20 @@ impl SqliteStore {
             .and_then(|_| migrate::run(&mut conn))
             .and_then(|_| conn.execute_batch(LATE_INDEXES))
             .map_err(|e| CloudError::store_failed(path.display().to_string(), e))?;
+        let reader = Connection::open(path)
+            .and_then(|r| {
+                r.busy_timeout(std::time::Duration::from_secs(5))?;
+                r.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+                r.pragma_update(None, "query_only", true)?;
+                Ok(r)
+            })
+            .map_err(|e| CloudError::store_failed(format!("{}: reader", path.display()), e))?;
         let conn = Arc::new(Mutex::new(conn));
         checkpointer(path, Arc::downgrade(&conn))?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            reader: Arc::new(Mutex::new(reader)),
+        })
     }
 
     /// Opens the store without waiting for the disk on each commit (`synchronous=OFF`), for
@@ -208,25 +223,44 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Runs `f` on the writer's connection.
     async fn run<T, F>(&self, f: F) -> Result<T, CloudError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| CloudError::store_failed("store task failed", e))?
-        .map_err(|e| match e {
-            rusqlite::Error::ToSqlConversionFailure(e) if e.is::<Fenced>() => {
-                CloudError::Fenced(e.to_string())
-            }
-            e => CloudError::store_failed("sqlite", e),
-        })
+        on(&self.conn, f).await
     }
+
+    /// Runs `f`, which only reads, on the reader's connection.
+    async fn read<T, F>(&self, f: F) -> Result<T, CloudError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        on(&self.reader, f).await
+    }
+}
+
+/// Runs `f` on `conn` on the blocking pool.
+async fn on<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, CloudError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+{
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| CloudError::store_failed("store task failed", e))?
+    .map_err(|e| match e {
+        rusqlite::Error::ToSqlConversionFailure(e) if e.is::<Fenced>() => {
+            CloudError::Fenced(e.to_string())
+        }
+        e => CloudError::store_failed("sqlite", e),
+    })
 }
 
 /// Copies the WAL into the database file on a connection and a thread of its own, once a
@@ -495,7 +529,7 @@ impl CommandStore for SqliteStore {
 
     async fn load(&self, ids: &[MessageId]) -> Result<Vec<Option<Subject>>, CloudError> {
         let ids = ids.to_vec();
-        self.run(move |c| {
+        self.read(move |c| {
             let tx = c.transaction()?;
             ids.iter().map(|id| subject(&tx, id.as_str())).collect()
         })
