@@ -538,7 +538,8 @@ impl CommandStore for SqliteStore {
 
     async fn ack_contexts(&self, acks: &[AckMsg]) -> Result<Vec<AckContext>, CloudError> {
         let acks = acks.to_vec();
-        self.run(move |c| {
+        // Acks come while their ingestion still commits: read beside it.
+        self.read(move |c| {
             let tx = c.transaction()?;
             let mut out = Vec::with_capacity(acks.len());
             for ack in &acks {
