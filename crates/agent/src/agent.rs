@@ -42,7 +42,7 @@ use crate::config::BatteryChoice;
 use crate::energy::PeriodEnergy;
 use crate::engine::{Action, ControlDecision, Decision, Engine, PeriodDue, Plan, Verdict};
 use crate::metrics::AgentMetrics;
-use crate::safety::{Guard, SafetyConfig};
+use crate::safety::{Clamped, Guard, SafetyConfig};
 use crate::store::{Outgoing, Store};
 use crate::{AgentConfig, AgentError};
 
@@ -65,6 +65,11 @@ const EVENT_CAPACITY: usize = 32;
 const PERIOD: jiff::SignedDuration = jiff::SignedDuration::from_secs(max300_protocol::PERIOD_SECS);
 /// How often the measured power is read while it settles on a new setpoint (real time).
 const SETTLE_POLL: Duration = Duration::from_millis(100);
+/// How much earlier than a boundary the timer is set. Tokio's timer fires on whole
+/// milliseconds, rounded up, so a timer set for the boundary wakes up to a millisecond or two
+/// after it. Woken early, the agent reads the controller and clamps the next period's plan
+/// ahead, and yields through what is left (see [`Agent::at_boundary`]).
+const WAKE_EARLY: Duration = Duration::from_millis(3);
 
 /// Runs one agent until `shutdown` on the controller its config names: a SunSpec controller,
 /// or one only read (`dry-run:`). A simulated battery (`battery = "sim"`) is not built here:
@@ -308,9 +313,13 @@ impl Agent {
             // busy (a controller taking seconds to answer), so it is handled late, not
             // skipped while the re-assert and heartbeat ticks win every select.
             boundary = boundary.min(self.engine.next_wake(self.clock.now()));
-            let sleep = self.clock.real_until(boundary).min(MAX_SLEEP);
+            let sleep = self
+                .clock
+                .real_until(boundary)
+                .saturating_sub(WAKE_EARLY)
+                .min(MAX_SLEEP);
             if sleep.is_zero() {
-                self.on_boundary().await;
+                self.at_boundary(boundary).await;
                 boundary = self.engine.next_wake(self.clock.now());
                 continue;
             }
@@ -333,7 +342,7 @@ impl Agent {
                     None => break,
                 },
                 _ = tokio::time::sleep(sleep) => {
-                    self.on_boundary().await;
+                    self.at_boundary(boundary).await;
                     boundary = self.engine.next_wake(self.clock.now());
                 }
                 _ = heartbeat.tick() => self.heartbeat().await,
@@ -342,7 +351,9 @@ impl Agent {
                         self.on_boundary().await;
                     }
                 }
-                _ = reassert.tick() => self.drive(true).await,
+                _ = reassert.tick() => {
+                    self.drive(true).await;
+                }
                 _ = watchdog.tick(), if pet_every.is_some() => notifier.pet(),
                 _ = resend.tick() => self.resend(self.resend_after).await,
                 _ = sync.tick() => {
@@ -573,7 +584,36 @@ impl Agent {
 
     // ---- periods ----
 
+    /// Woken for `boundary` ([`WAKE_EARLY`] before it, or after it): when the agent runs
+    /// through it, the controller is read and the next period's plan clamped ahead, so the
+    /// write goes out the moment the clock reads the boundary.
+    async fn at_boundary(&mut self, boundary: Timestamp) {
+        let crossing = self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.energy.end() == boundary);
+        let ahead = if crossing
+            && !self.dry_run
+            && self.clock.real_until(boundary) <= 2 * WAKE_EARLY
+            && !self.engine.clock_unsynced(boundary)
+        {
+            self.ready(boundary).await
+        } else {
+            None
+        };
+        self.reach(boundary).await;
+        self.boundary(ahead).await;
+    }
+
+    /// A boundary, or a restart or a recovered clock: what [`Agent::at_boundary`] does
+    /// without reading ahead.
     async fn on_boundary(&mut self) {
+        self.boundary(None).await;
+    }
+
+    /// `ahead`: the controller's reading and the new period's clamped plan, taken
+    /// just before the boundary.
+    async fn boundary(&mut self, ahead: Option<(BatteryStatus, Clamped)>) {
         let now = self.clock.now();
         if self.engine.clock_unsynced(now) {
             // Whether the time source is unsynchronized was logged when it was found.
@@ -583,6 +623,28 @@ impl Agent {
             self.clock_untrusted();
             self.drive(false).await;
             return;
+        }
+        // At a boundary the agent ran through, the new period's setpoint goes to the
+        // controller first, before the report of the period that ended is committed: a store
+        // slow to commit (an SD card's fsync takes milliseconds, sometimes seconds) must not
+        // keep the unit on the old setpoint. If that commit fails, the unit idles right after
+        // it, as it does whenever reports cannot be stored (DESIGN §7). Only there: after a
+        // restart or mid-period, the period's first reading must see what the unit ran
+        // before the write.
+        let crossed = self
+            .open
+            .as_ref()
+            .map(|o| o.energy.end())
+            .filter(|end| *end <= now);
+        let driven = match (crossed, ahead) {
+            (None, _) => false,
+            (Some(_), Some(ahead)) => self.put(ahead, false).await,
+            (Some(_), None) => self.drive(false).await,
+        };
+        if driven && let Some(boundary) = crossed {
+            // Plan time after the boundary, in real seconds.
+            let late = self.clock.now().duration_since(boundary).as_secs_f64() / self.clock.speed();
+            self.metrics.boundary_lateness(late);
         }
         if !self.close_period(now).await {
             return;
@@ -696,7 +758,10 @@ impl Agent {
         else {
             return true;
         };
-        if let Err(e) = self.read().await {
+        // The boundary's drive has usually taken the closing reading already.
+        if !self.open.as_ref().is_some_and(|o| o.energy.read_to_end())
+            && let Err(e) = self.read().await
+        {
             self.faulted(Chain(&e).to_string());
         }
         let Some(open) = self.open.as_ref() else {
@@ -772,9 +837,7 @@ impl Agent {
                     self.would_run(&mut report, *setpoint).await;
                     return report.into_message();
                 }
-                let run = self
-                    .execute(*setpoint, is_current.then_some(due.start))
-                    .await;
+                let run = self.execute(*setpoint).await;
                 report.status = run.status;
                 report.applied_kw = run.applied;
                 report.limited_by = run.limited_by;
@@ -803,9 +866,8 @@ impl Agent {
     }
 
     /// Clamps, writes if it changed, reads back, and waits for the measured power to follow
-    /// (at most `settle_s`). `period_start` is set for the current period, whose boundary
-    /// lateness is measured at the write.
-    async fn execute(&mut self, planned: Setpoint, period_start: Option<Timestamp>) -> Run {
+    /// (at most `settle_s`).
+    async fn execute(&mut self, planned: Setpoint) -> Run {
         let status = match self.read().await {
             Ok(s) => s,
             Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
@@ -823,11 +885,6 @@ impl Agent {
             Ok(s) => s,
             Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
         };
-        if let Some(start) = period_start {
-            // Plan time after the boundary, in real seconds.
-            let late = self.clock.now().duration_since(start).as_secs_f64() / self.clock.speed();
-            self.metrics.boundary_lateness(late);
-        }
         if back.setpoint != clamped.setpoint {
             let error = format!("read back {}, expected {}", back.setpoint, clamped.setpoint);
             return Run::failed(error, Some(&back));
@@ -890,31 +947,48 @@ impl Agent {
 
     /// Keeps the controller on the clamped plan: writes when the clamped setpoint differs
     /// from what it runs, and always when `reassert` (before its revert timer runs out).
-    async fn drive(&mut self, reassert: bool) {
+    /// `true` when the controller then runs it.
+    async fn drive(&mut self, reassert: bool) -> bool {
         if self.dry_run {
-            return;
+            return false;
         }
+        match self.ready(self.clock.now()).await {
+            Some(ready) => self.put(ready, reassert).await,
+            None => false,
+        }
+    }
+
+    /// The plan at `at`, clamped against a reading of the controller: what a drive writes.
+    /// `None` when the controller cannot be read.
+    async fn ready(&mut self, at: Timestamp) -> Option<(BatteryStatus, Clamped)> {
         // Derived from the engine each time, so a restart or a recovered clock mid-period
         // drives the current period's plan, not a stale copy of it.
         let planned = if self.store_fault {
             Setpoint::IDLE
         } else {
-            self.engine.current(self.clock.now())
+            self.engine.current(at)
         };
-        let status = match self.read().await {
-            Ok(s) => s,
+        match self.read().await {
+            Ok(status) => {
+                let clamped = self.guard.clamp(planned, &status);
+                Some((status, clamped))
+            }
             Err(e) => {
                 self.faulted(Chain(&e).to_string());
-                return;
+                None
             }
-        };
-        let clamped = self.guard.clamp(planned, &status);
+        }
+    }
+
+    /// Writes a clamped plan when the controller runs something else, and always when
+    /// `reassert`. `true` when the controller then runs it.
+    async fn put(&mut self, (status, clamped): (BatteryStatus, Clamped), reassert: bool) -> bool {
         if reassert || status.setpoint != clamped.setpoint {
             match self.apply(clamped.setpoint).await {
                 Ok(()) => self.fault = None,
                 Err(e) => {
                     self.faulted(Chain(&e).to_string());
-                    return;
+                    return false;
                 }
             }
             // A changed setpoint (the SoC window stopping a charge, a cancel) changes what the
@@ -926,6 +1000,19 @@ impl Agent {
             {
                 self.faulted(Chain(&e).to_string());
             }
+        }
+        true
+    }
+
+    /// Yields until the clock reads `instant`, when it is at most a few milliseconds away
+    /// (the timer woke [`WAKE_EARLY`]); bounded, in case the clock steps back meanwhile.
+    async fn reach(&self, instant: Timestamp) {
+        if self.clock.real_until(instant) > 2 * WAKE_EARLY {
+            return;
+        }
+        let give_up = monotonic() + 4 * WAKE_EARLY;
+        while self.clock.now() < instant && monotonic() < give_up {
+            tokio::task::yield_now().await;
         }
     }
 

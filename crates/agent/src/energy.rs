@@ -67,6 +67,11 @@ impl PeriodEnergy {
         self.last = Some((at, kw));
     }
 
+    /// Whether a reading at or after the end has been taken: the period needs no other.
+    pub fn read_to_end(&self) -> bool {
+        self.last.is_some_and(|(at, _)| at >= self.end)
+    }
+
     /// Makes the total unknown: the clock was not trusted while the period ran.
     pub fn spoil(&mut self) {
         self.unknown = true;
@@ -154,6 +159,19 @@ mod tests {
         e.sample(at(25.0), 0.0);
         let kwh = e.delivered_kwh(Mode::Charge).unwrap();
         assert!((kwh - 10.0).abs() < 1e-3, "{kwh}");
+    }
+
+    #[test]
+    fn the_next_periods_setpoint_written_at_the_boundary_counts_for_nothing_in_this_one() {
+        let mut e = period();
+        e.sample(at(0.0), 40.0);
+        e.sample(at(29.0), 40.0);
+        assert!(!e.read_to_end());
+        // At the boundary the agent reads, writes the next period's discharge, reads again.
+        e.sample(at(30.0 + 1e-5), 40.0);
+        assert!(e.read_to_end());
+        e.sample(at(30.0 + 2e-5), -30.0);
+        assert!(close(e.net_kwh(), 20.0), "{:?}", e.net_kwh());
     }
 
     #[test]

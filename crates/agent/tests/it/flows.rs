@@ -489,3 +489,115 @@ async fn start_up_failures_are_returned_with_clear_messages() {
         "{err}"
     );
 }
+
+/// Polls `ready` every 10 ms until it holds; `false` if `deadline` passes first.
+async fn poll_until(deadline: std::time::Instant, mut ready: impl FnMut() -> bool) -> bool {
+    loop {
+        if ready() {
+            return true;
+        }
+        if max300_protocol::clock::monotonic() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slow_to_commit_does_not_hold_up_the_next_periods_setpoint() {
+    // 600×: a period is 3 s of real time. A slow SD card is played by holding the store's
+    // write lock across a boundary: the report of the period that ended cannot be committed
+    // until it is released, but the unit must run the new period's setpoint on time. Every
+    // boundary changes the setpoint, so the write is in the battery's log.
+    let plan_of = |p: u32| {
+        if p % 2 == 1 {
+            setpoint(Mode::Discharge, 30.0)
+        } else {
+            setpoint(Mode::Charge, 50.0)
+        }
+    };
+    let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    let today = plan(&device(), "2026-11-30", 1, plan_of);
+    app.send(Message::Schedule(today.clone())).await;
+    let ack = app
+        .next("the ack", |m| match m {
+            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, AckStatus::Accepted);
+    // Everything receipted, so the outbox is empty and no resend writes while the lock is held; the
+    // next period is open in the store.
+    let first = app
+        .next("an executed report", |m| {
+            report(m).filter(|r| r.status == ReportStatus::Executed)
+        })
+        .await;
+    let seqs: BTreeSet<u64> = app
+        .seen
+        .iter()
+        .filter_map(|m| match m {
+            Message::Ack(a) => Some(a.seq),
+            Message::Report(r) => Some(r.seq),
+            _ => None,
+        })
+        .collect();
+    app.receipt(&first.store_id, seqs.into_iter().collect())
+        .await;
+    let db = rusqlite::Connection::open(app.dir.path().join("agent.sqlite")).unwrap();
+    let count = |sql: &str| db.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    let settled = poll_until(max300_protocol::clock::monotonic() + WAIT, || {
+        count("SELECT count(*) FROM outbox") == 0
+            && count("SELECT count(*) FROM reports WHERE open = 1") == 1
+    })
+    .await;
+    assert!(settled, "the outbox never emptied after the receipts");
+
+    let period = SignedDuration::from_secs(PERIOD_SECS);
+    let running = first.interval_start + period;
+    let boundary = running + period;
+    let next = plan_of(first.period + 2);
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert!(
+        app.clock.now() < boundary,
+        "the lock was taken after the boundary it is meant to span"
+    );
+    // Well within the agent's busy timeout (5 s), so its commit waits rather than fails.
+    let deadline = max300_protocol::clock::monotonic()
+        + app.clock.real_until(boundary)
+        + std::time::Duration::from_secs(3);
+    let applied = poll_until(deadline, || {
+        app.write_log()
+            .iter()
+            .any(|w| !w.revert && !w.start && w.at >= boundary && w.setpoint() == Some(next))
+    })
+    .await;
+    db.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        applied,
+        "the setpoint of the period from {boundary} was not written while the store was slow \
+         to commit; battery log: {:#?}",
+        app.write_log()
+    );
+
+    // Nothing is lost once the store commits again: the period that ended is reported, and
+    // the next one runs and is reported as executed.
+    let closed = app
+        .next("the report of the period that ended", |m| {
+            report(m).filter(|r| r.interval_start == running)
+        })
+        .await;
+    assert_eq!(closed.status, ReportStatus::Executed, "{closed:?}");
+    assert!(closed.energy_kwh.is_some(), "{closed:?}");
+    let after = app
+        .next("the report of the period after", |m| {
+            report(m).filter(|r| r.interval_start == boundary)
+        })
+        .await;
+    assert_eq!(after.status, ReportStatus::Executed, "{after:?}");
+    assert_eq!(after.applied_kw, Some(next.rate()));
+    assert_no_period_reported_twice(&app.seen);
+    app.stop_agent().await;
+}
