@@ -16,7 +16,7 @@ use max300_protocol::day::period_start_at;
 use max300_protocol::document::{
     Fleet, NormalizedSchedule, Normalizer, Outcome, Outline, Rejection, Survey,
 };
-use max300_protocol::{Clock, Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
+use max300_protocol::{Clock, Day, DeviceId, MessageId, MessageIds, RateKw, Schedule, Setpoint};
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 use tracing::field::Empty;
@@ -505,6 +505,7 @@ impl Ingestor {
             warnings: Vec::new(),
         };
         let mut outlook = None;
+        let mut message_ids = MessageIds::at(received);
         let committing = async {
             while let Some(batch) = batches.recv().await {
                 // Once publishing has begun it is what progress shows: the stages overlap.
@@ -516,7 +517,14 @@ impl Ingestor {
                     first
                 });
                 let created = self
-                    .commit(batch, &fleet, received, fence, &mut report)
+                    .commit(
+                        batch,
+                        &fleet,
+                        &mut message_ids,
+                        received,
+                        fence,
+                        &mut report,
+                    )
                     .await?;
                 if created.is_empty() {
                     continue;
@@ -615,6 +623,7 @@ impl Ingestor {
         &self,
         batch: Batch,
         fleet: &Fleet,
+        message_ids: &mut MessageIds,
         received: Timestamp,
         fence: Option<&Fence>,
         report: &mut IngestReport,
@@ -645,7 +654,7 @@ impl Ingestor {
             .schedules
             .into_iter()
             .map(|s| {
-                let message_id = MessageId::generate(received);
+                let message_id = message_ids.make();
                 let span = info_span!(
                     "command",
                     device_id = %s.schedule.device_id(),
