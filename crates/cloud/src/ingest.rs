@@ -27,7 +27,7 @@ use crate::feasibility::Pack;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
-use crate::publish::Publisher;
+use crate::publish::{Publisher, Sent};
 use crate::store::{Fence, IngestionCounts, Insert, Interrupted, NewCommand};
 use crate::{CloudError, CommandStore};
 
@@ -493,10 +493,10 @@ impl Ingestor {
     ) -> Result<IngestReport, CloudError> {
         let (outline, fleet) = (Arc::new(outline), Arc::new(fleet));
         let total = outline.most_schedules(&fleet);
-        let (batches_tx, mut batches) = mpsc::channel::<Batch>(2);
+        let (batches_tx, batches) = mpsc::channel::<Batch>(2);
         let normalizing =
             self.normalize_in_batches(document, outline.clone(), fleet.clone(), batches_tx);
-        let (ids_tx, mut ids) = mpsc::channel::<Vec<MessageId>>(2);
+        let (ids_tx, ids) = mpsc::channel::<Vec<MessageId>>(2);
         let mut report = IngestReport {
             schedule_date: outline.day.date(),
             accepted: Vec::new(),
@@ -506,7 +506,10 @@ impl Ingestor {
         };
         let mut outlook = None;
         let mut message_ids = MessageIds::at(received);
+        // Each stage owns its receiver, so one that fails closes its channel and the stage
+        // before it stops sending, instead of waiting on a full channel for ever.
         let committing = async {
+            let mut batches = batches;
             while let Some(batch) = batches.recv().await {
                 // Once publishing has begun it is what progress shows: the stages overlap.
                 self.stage.send_if_modified(|stage| {
@@ -540,22 +543,37 @@ impl Ingestor {
             drop(ids_tx);
             Ok::<(), CloudError>(())
         };
+        // Each batch's publishes are recorded while the next batch goes out: a third stage.
+        let (sent_tx, sent) = mpsc::channel::<Sent>(2);
         let publishing = async {
+            let mut ids = ids;
             let mut done = 0;
             while let Some(batch) = ids.recv().await {
                 self.stage.send_replace(Stage::Publishing { done, total });
-                self.publisher.publish(&batch).await?;
+                let out = self.publisher.send(&batch).await?;
                 done += batch.len();
+                if sent_tx.send(out).await.is_err() {
+                    // The recording stopped; its error is the one returned.
+                    break;
+                }
+            }
+            drop(sent_tx);
+            Ok::<(), CloudError>(())
+        };
+        let recording = async {
+            let mut sent = sent;
+            while let Some(out) = sent.recv().await {
+                self.publisher.record(out).await?;
             }
             Ok::<(), CloudError>(())
         };
-        let (committed, published) = tokio::join!(committing, publishing);
-        drop(batches);
+        let (committed, published, recorded) = tokio::join!(committing, publishing, recording);
         let normalized = normalizing
             .await
             .map_err(|e| CloudError::store_failed("the normalizing thread", e))?;
         committed?;
         published?;
+        recorded?;
         normalized?;
         if !report.rejected.is_empty() {
             let json = serde_json::to_vec_pretty(&report.rejected)

@@ -66,6 +66,13 @@ impl Transport for Session {
     }
 }
 
+/// Commands and control messages that went out, not yet recorded.
+#[derive(Debug)]
+pub struct Sent {
+    subjects: Vec<Subject>,
+    at: jiff::Timestamp,
+}
+
 /// Sends commands and receipts, and records what was sent.
 #[derive(Clone, Debug)]
 pub struct Publisher {
@@ -104,13 +111,31 @@ impl Publisher {
     /// superseded or rejected since is never sent. The commit came before, so a crash before
     /// the publish leaves them `created`, and the sweeper publishes them.
     pub async fn publish(&self, ids: &[MessageId]) -> Result<(), CloudError> {
+        let sent = self.send(ids).await?;
+        self.record(sent).await
+    }
+
+    /// [`Publisher::publish`] without the record: what went out, for [`Publisher::record`].
+    /// An ingestion records one batch's publishes while the next batch goes out.
+    pub async fn send(&self, ids: &[MessageId]) -> Result<Sent, CloudError> {
         let subjects = self.ledger.publishable(ids, self.clock.now()).await?;
-        self.publish_loaded(subjects).await
+        Ok(self.send_loaded(subjects).await)
+    }
+
+    /// Records publishes that went out (a crash before leaves them as they were, and the
+    /// sweeper publishes them again).
+    pub async fn record(&self, sent: Sent) -> Result<(), CloudError> {
+        self.ledger.published(sent.subjects, sent.at).await
     }
 
     /// Publishes what was just read and found publishable (the sweeper's resends), then
     /// records the publishes.
     pub async fn publish_loaded(&self, subjects: Vec<Subject>) -> Result<(), CloudError> {
+        let sent = self.send_loaded(subjects).await;
+        self.record(sent).await
+    }
+
+    async fn send_loaded(&self, subjects: Vec<Subject>) -> Sent {
         let mut sent = Vec::with_capacity(subjects.len());
         for subject in subjects {
             if let Subject::Command(c) = &subject
@@ -127,7 +152,10 @@ impl Publisher {
                 sent.push(subject);
             }
         }
-        self.ledger.published(sent, self.clock.now()).await
+        Sent {
+            subjects: sent,
+            at: self.clock.now(),
+        }
     }
 
     async fn command(&self, mut msg: ScheduleMsg) -> bool {

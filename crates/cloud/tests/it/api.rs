@@ -1400,3 +1400,36 @@ async fn a_device_listed_first_and_last_is_refused_and_the_rest_go_ahead() {
         .await;
     assert_eq!(none, json!([]));
 }
+
+/// A store that fails to record the publishes of an ingestion fails the ingestion with its
+/// error, however many batches are still to come: no stage waits for ever on one that
+/// stopped.
+#[tokio::test]
+async fn an_ingestion_whose_publishes_cannot_be_recorded_fails_and_does_not_hang() {
+    let app = TestApp::start(None).await;
+    // Six batches of 500: more than the stages' channels hold.
+    let schedules: Vec<Value> = (1..=3000)
+        .map(|n| json!({"device_id": format!("u{n}"), "intervals": [{"period": 1, "mode": "charge", "rate_kw": 10}]}))
+        .collect();
+    let body = json!({
+        "schedule_date": "2026-11-30", "timezone": "Europe/London", "schedules": schedules
+    })
+    .to_string();
+    // Every record of a publish (a command leaving `created`) is refused, as a failing disk
+    // would refuse it; the commits of the commands themselves go through.
+    let db = rusqlite::Connection::open(app.dir.path().join("cloud.sqlite")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_sent BEFORE UPDATE OF state ON commands
+         WHEN NEW.state <> 'created' BEGIN SELECT RAISE(ABORT, 'the disk refused the write'); END;",
+    )
+    .unwrap();
+    let (status, answer) =
+        tokio::time::timeout(Duration::from_secs(60), app.post("/api/schedules", body))
+            .await
+            .expect("the ingestion hung after its publishes could not be recorded");
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        answer.to_string().contains("the disk refused the write"),
+        "{answer}"
+    );
+}
