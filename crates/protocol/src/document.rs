@@ -603,8 +603,10 @@ fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan
     let mut errors = Vec::new();
     let mut spans = Vec::with_capacity(list.len());
     for (j, raw) in list.iter().enumerate() {
-        let here = format!("{path}.intervals[{j}]");
-        match read_interval(day, raw, &here) {
+        // Named only when something is wrong: most documents have none, and a day has 48
+        // intervals for each of thousands of units.
+        let here = || format!("{path}.intervals[{j}]");
+        match read_interval(day, raw, here) {
             Ok(span) => spans.push(Span { index: j, ..span }),
             Err(mut e) => errors.append(&mut e),
         }
@@ -641,11 +643,11 @@ fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan
 fn read_interval<'a>(
     day: &Day,
     raw: &'a RawValue,
-    here: &str,
+    here: impl Fn() -> String,
 ) -> Result<Span<'a>, Vec<FieldError>> {
     let interval: RawInterval = serde_json::from_str(raw.get()).map_err(|e| {
         vec![FieldError {
-            path: here.to_owned(),
+            path: here(),
             message: if raw.get().starts_with('{') {
                 e.to_string()
             } else {
@@ -655,9 +657,9 @@ fn read_interval<'a>(
     })?;
     let err = |field: &str, message: String| FieldError {
         path: if field.is_empty() {
-            here.to_owned()
+            here()
         } else {
-            format!("{here}.{field}")
+            format!("{}.{field}", here())
         },
         message,
     };
