@@ -96,19 +96,11 @@ impl Schedule {
 
     fn compute_sha256(&self) -> String {
         let mut hasher = Sha256::new();
-        let mut line = String::with_capacity(64);
+        let mut line = Vec::with_capacity(64);
         for p in self.periods() {
-            use std::fmt::Write;
             line.clear();
-            let _ = writeln!(
-                line,
-                "{},{},{},{}",
-                p.period,
-                p.start,
-                p.setpoint.mode(),
-                p.setpoint.rate().watts()
-            );
-            hasher.update(line.as_bytes());
+            hash_line(&mut line, &p);
+            hasher.update(&line);
         }
         hex(&hasher.finalize())
     }
@@ -124,6 +116,53 @@ impl Schedule {
                 crate::Mode::Idle => (c, d),
             })
     }
+}
+
+/// `{period},{start},{mode},{rate_w}\n`, byte for byte as `writeln!` prints it, without the
+/// formatting machinery: a day's 48 lines for each of thousands of units made `writeln!` a
+/// quarter of an ingestion's normalizing. A start outside years 0–9999, or off the whole
+/// second, is left to jiff's own printer.
+fn hash_line(out: &mut Vec<u8>, p: &Period) {
+    digits(out, u64::from(p.period), 1);
+    out.push(b',');
+    let t = jiff::tz::Offset::UTC.to_datetime(p.start);
+    if (0..=9999).contains(&t.year()) && t.subsec_nanosecond() == 0 {
+        digits(out, t.year() as u64, 4);
+        out.push(b'-');
+        digits(out, t.month() as u64, 2);
+        out.push(b'-');
+        digits(out, t.day() as u64, 2);
+        out.push(b'T');
+        digits(out, t.hour() as u64, 2);
+        out.push(b':');
+        digits(out, t.minute() as u64, 2);
+        out.push(b':');
+        digits(out, t.second() as u64, 2);
+        out.push(b'Z');
+    } else {
+        out.extend_from_slice(p.start.to_string().as_bytes());
+    }
+    out.push(b',');
+    out.extend_from_slice(p.setpoint.mode().as_str().as_bytes());
+    out.push(b',');
+    digits(out, u64::from(p.setpoint.rate().watts()), 1);
+    out.push(b'\n');
+}
+
+/// `n` in decimal, zero-padded to at least `width` digits.
+fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let start = i.min(buf.len() - width.min(buf.len()));
+    out.extend_from_slice(&buf[start..]);
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -166,5 +205,61 @@ mod tests {
         }
         assert_eq!(s.sha256(), hex(&Sha256::digest(text.as_bytes())));
         assert_eq!(s.sha256().len(), 64);
+    }
+
+    #[test]
+    fn each_hashed_line_is_what_writeln_prints_on_every_kind_of_day() {
+        // Clock changes, a zone off the hour, dates far from now, every mode and rate shape.
+        let days = [
+            ("2026-03-29", "Europe/London"),
+            ("2026-10-25", "Europe/London"),
+            ("2026-11-30", "Asia/Kathmandu"),
+            ("2026-06-01", "America/St_Johns"),
+            ("0001-01-01", "UTC"),
+            ("9999-12-28", "UTC"),
+        ];
+        let rates = [0, 1, 9, 10, 999, 50_000, 150_000, u32::MAX];
+        for (date, zone) in days {
+            let day = Day::named(date.parse().unwrap(), zone).unwrap();
+            for (i, watts) in rates.iter().enumerate() {
+                let mode = [Mode::Charge, Mode::Discharge][i % 2];
+                let setpoint = if *watts == 0 {
+                    Setpoint::IDLE
+                } else {
+                    Setpoint::new(mode, RateKw::from_watts(*watts)).unwrap()
+                };
+                for period in 1..=day.period_count() {
+                    let p = Period {
+                        period,
+                        start: day.period_start(period),
+                        setpoint,
+                    };
+                    let mut line = Vec::new();
+                    hash_line(&mut line, &p);
+                    let expected = format!(
+                        "{},{},{},{}\n",
+                        p.period,
+                        p.start,
+                        p.setpoint.mode(),
+                        p.setpoint.rate().watts()
+                    );
+                    assert_eq!(String::from_utf8(line).unwrap(), expected);
+                }
+            }
+        }
+        // Off the whole second and before year 0: jiff's own printer.
+        for start in ["2026-11-30T00:00:00.5Z", "-000001-06-01T00:00:00Z"] {
+            let p = Period {
+                period: 7,
+                start: start.parse().unwrap(),
+                setpoint: Setpoint::IDLE,
+            };
+            let mut line = Vec::new();
+            hash_line(&mut line, &p);
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                format!("7,{},idle,0\n", p.start)
+            );
+        }
     }
 }
