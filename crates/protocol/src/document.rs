@@ -593,20 +593,44 @@ fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan
             message: "missing".into(),
         }]);
     };
-    let list: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
-        vec![FieldError {
-            path: format!("{path}.intervals"),
-            message: format!("expected an array, got {}", quote(raw.get())),
-        }]
-    })?;
+    // Most documents are well formed: every interval is read in one pass, and only when
+    // that fails is the list read element by element, to name each one that is wrong.
+    let list: Vec<Result<RawInterval, FieldError>> =
+        match serde_json::from_str::<Vec<RawInterval>>(raw.get()) {
+            Ok(all) => all.into_iter().map(Ok).collect(),
+            Err(_) => {
+                let list: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+                    vec![FieldError {
+                        path: format!("{path}.intervals"),
+                        message: format!("expected an array, got {}", quote(raw.get())),
+                    }]
+                })?;
+                list.into_iter()
+                    .enumerate()
+                    .map(|(j, raw)| {
+                        serde_json::from_str(raw.get()).map_err(|e| FieldError {
+                            path: format!("{path}.intervals[{j}]"),
+                            message: if raw.get().starts_with('{') {
+                                e.to_string()
+                            } else {
+                                format!("expected an object, got {}", quote(raw.get()))
+                            },
+                        })
+                    })
+                    .collect()
+            }
+        };
 
     let mut errors = Vec::new();
     let mut spans = Vec::with_capacity(list.len());
-    for (j, raw) in list.iter().enumerate() {
+    for (j, interval) in list.into_iter().enumerate() {
         // Named only when something is wrong: most documents have none, and a day has 48
         // intervals for each of thousands of units.
         let here = || format!("{path}.intervals[{j}]");
-        match read_interval(day, raw, here) {
+        match interval
+            .map_err(|e| vec![e])
+            .and_then(|i| read_interval(day, i, here))
+        {
             Ok(span) => spans.push(Span { index: j, ..span }),
             Err(mut e) => errors.append(&mut e),
         }
@@ -642,19 +666,9 @@ fn read_plan<'a>(day: &Day, intervals: Option<&'a RawValue>, path: &str) -> Plan
 
 fn read_interval<'a>(
     day: &Day,
-    raw: &'a RawValue,
+    interval: RawInterval<'a>,
     here: impl Fn() -> String,
 ) -> Result<Span<'a>, Vec<FieldError>> {
-    let interval: RawInterval = serde_json::from_str(raw.get()).map_err(|e| {
-        vec![FieldError {
-            path: here(),
-            message: if raw.get().starts_with('{') {
-                e.to_string()
-            } else {
-                format!("expected an object, got {}", quote(raw.get()))
-            },
-        }]
-    })?;
     let err = |field: &str, message: String| FieldError {
         path: if field.is_empty() {
             here()

@@ -601,3 +601,40 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn each_interval_that_is_not_an_object_or_repeats_a_field_is_named() {
+    // Read element by element only when the one-pass read fails: the errors are the same.
+    let input = String::from_utf8(one(json!([
+        {"period": 1, "mode": "charge", "rate_kw": 5},
+        "oops",
+        {"period": 3, "mode": "charge", "rate_kw": 1},
+        {"period": 4, "mode": "fly", "rate_kw": 1}
+    ])))
+    .unwrap()
+    .replace(
+        r#"{"mode":"charge","period":3"#,
+        r#"{"mode":"charge","mode":"idle","period":3"#,
+    );
+    assert!(input.contains(r#""mode":"idle","period":3"#), "{input}");
+    let errs = errors_of(input.as_bytes());
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert_eq!(
+        errs[0],
+        "schedules[0].intervals[1]: expected an object, got \"oops\""
+    );
+    assert!(
+        errs[1].starts_with("schedules[0].intervals[2]: duplicate field `mode`"),
+        "{}",
+        errs[1]
+    );
+    assert_eq!(
+        errs[2],
+        "schedules[0].intervals[3].mode: \"fly\" is not charge, discharge or idle"
+    );
+    let errs = errors_of(&one(json!({"period": 1})));
+    assert_eq!(
+        errs,
+        ["schedules[0].intervals: expected an array, got {\"period\":1}"]
+    );
+}

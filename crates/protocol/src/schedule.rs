@@ -95,14 +95,12 @@ impl Schedule {
     }
 
     fn compute_sha256(&self) -> String {
-        let mut hasher = Sha256::new();
-        let mut line = Vec::with_capacity(64);
+        // The whole day's text, then one digest of it: 48 small updates cost more.
+        let mut text = Vec::with_capacity(self.setpoints.len() * 40);
         for p in self.periods() {
-            line.clear();
-            hash_line(&mut line, &p);
-            hasher.update(&line);
+            hash_line(&mut text, &p);
         }
-        hex(&hasher.finalize())
+        hex(&Sha256::digest(&text))
     }
 
     /// Energy moved over the whole day, in kWh: (charged, discharged).
@@ -162,7 +160,10 @@ fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
         }
     }
     let start = i.min(buf.len() - width.min(buf.len()));
-    out.extend_from_slice(&buf[start..]);
+    // Byte by byte: these are a few digits, too short for a copy to pay.
+    for b in &buf[start..] {
+        out.push(*b);
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
