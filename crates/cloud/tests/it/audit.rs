@@ -44,6 +44,17 @@ async fn keeps_documents_and_rejections_under_the_same_keys(audit: &Audit) {
         "{streamed}"
     );
     assert_eq!(audit.get(&streamed).await.unwrap(), big);
+    // Streamed back, a chunk at a time (as the normalizing reads it), it is the same bytes.
+    use futures_util::TryStreamExt;
+    let chunks: Vec<Bytes> = audit
+        .stream(&streamed)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(chunks.len() > 1, "{} chunks", chunks.len());
+    assert_eq!(chunks.concat(), big);
     let missing = audit.get("raw/2026-11-29/none.json").await.unwrap_err();
     assert!(missing.to_string().contains("none.json"), "{missing}");
 }
