@@ -125,18 +125,18 @@ fn hash_line(out: &mut Vec<u8>, p: &Period) {
     out.push(b',');
     let t = jiff::tz::Offset::UTC.to_datetime(p.start);
     if (0..=9999).contains(&t.year()) && t.subsec_nanosecond() == 0 {
-        digits(out, t.year() as u64, 4);
-        out.push(b'-');
-        digits(out, t.month() as u64, 2);
-        out.push(b'-');
-        digits(out, t.day() as u64, 2);
-        out.push(b'T');
-        digits(out, t.hour() as u64, 2);
-        out.push(b':');
-        digits(out, t.minute() as u64, 2);
-        out.push(b':');
-        digits(out, t.second() as u64, 2);
-        out.push(b'Z');
+        let fields = [
+            (t.year() as u64, 4, b'-'),
+            (t.month() as u64, 2, b'-'),
+            (t.day() as u64, 2, b'T'),
+            (t.hour() as u64, 2, b':'),
+            (t.minute() as u64, 2, b':'),
+            (t.second() as u64, 2, b'Z'),
+        ];
+        for (n, width, then) in fields {
+            digits(out, n, width);
+            out.push(then);
+        }
     } else {
         out.extend_from_slice(p.start.to_string().as_bytes());
     }

@@ -36,6 +36,15 @@ fn distinct_reports(seen: &[Message]) -> Vec<ReportMsg> {
         .collect()
 }
 
+/// Charge 50 kW, except discharge 30 kW in odd periods: every boundary is a write.
+fn alternating(p: u32) -> max300_protocol::Setpoint {
+    if p % 2 == 1 {
+        setpoint(Mode::Discharge, 30.0)
+    } else {
+        setpoint(Mode::Charge, 50.0)
+    }
+}
+
 fn assert_no_period_reported_twice(seen: &[Message]) {
     let reports = distinct_reports(seen);
     let starts: BTreeSet<_> = reports.iter().map(|r| r.interval_start).collect();
@@ -61,14 +70,7 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
     // Idle, with no plan: nothing moved.
     assert_eq!(first.energy_kwh, Some(0.0));
 
-    // Charge 50 kW, except discharge 30 kW in odd periods.
-    let plan_of = |p: u32| {
-        if p % 2 == 1 {
-            setpoint(Mode::Discharge, 30.0)
-        } else {
-            setpoint(Mode::Charge, 50.0)
-        }
-    };
+    let plan_of = alternating;
     let today = plan(&device(), "2026-11-30", 1, plan_of);
     let tomorrow = plan(&device(), "2026-12-01", 1, plan_of);
     let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
@@ -509,25 +511,9 @@ async fn a_store_slow_to_commit_does_not_hold_up_the_next_periods_setpoint() {
     // write lock across a boundary: the report of the period that ended cannot be committed
     // until it is released, but the unit must run the new period's setpoint on time. Every
     // boundary changes the setpoint, so the write is in the battery's log.
-    let plan_of = |p: u32| {
-        if p % 2 == 1 {
-            setpoint(Mode::Discharge, 30.0)
-        } else {
-            setpoint(Mode::Charge, 50.0)
-        }
-    };
+    let plan_of = alternating;
     let mut app = TestApp::start("2026-11-30T10:05:00Z", 600.0).await;
-    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
-        .await;
-    let today = plan(&device(), "2026-11-30", 1, plan_of);
-    app.send(Message::Schedule(today.clone())).await;
-    let ack = app
-        .next("the ack", |m| match m {
-            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
-            _ => None,
-        })
-        .await;
-    assert_eq!(ack.status, AckStatus::Accepted);
+    follow(&mut app, plan_of).await;
     // Everything receipted, so the outbox is empty and no resend writes while the lock is held; the
     // next period is open in the store.
     let first = app

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use max300_agent::{AgentConfig, AgentError};
-use max300_protocol::message::ScheduleMsg;
+use max300_protocol::message::{AckMsg, AckStatus, ScheduleMsg};
 use max300_protocol::{
     Channel, Clock, Day, DeviceId, Message, MessageId, Mode, RateKw, ScaledClock, Schedule,
     Setpoint, StoreId,
@@ -186,4 +186,21 @@ impl TestApp {
             }
         }
     }
+}
+
+/// Once the agent is subscribed (its first `sync`), sends today's plan (`f(period)` each
+/// period) and waits for its ack, which must accept it.
+pub async fn follow(app: &mut TestApp, f: impl Fn(u32) -> Setpoint) -> AckMsg {
+    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
+        .await;
+    let today = plan(&device(), "2026-11-30", 1, f);
+    app.send(Message::Schedule(today.clone())).await;
+    let ack = app
+        .next("the ack", |m| match m {
+            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, AckStatus::Accepted, "{ack:?}");
+    ack
 }

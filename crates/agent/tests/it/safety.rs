@@ -1,7 +1,7 @@
 //! The safety rules at the edge, through a running agent and its simulated unit.
 
 use jiff::SignedDuration;
-use max300_protocol::message::{AckStatus, LimitedBy, ReportMsg, ReportStatus};
+use max300_protocol::message::{LimitedBy, ReportMsg, ReportStatus};
 use max300_protocol::{Message, Mode, PERIOD_SECS, RateKw};
 
 use crate::helpers::*;
@@ -11,22 +11,6 @@ fn report(m: &Message) -> Option<ReportMsg> {
         Message::Report(r) if r.message_id.is_some() => Some(r.clone()),
         _ => None,
     }
-}
-
-/// Once the agent is subscribed (its first `sync`), sends today's plan (`f(period)` each
-/// period) and waits for its ack.
-async fn follow(app: &mut TestApp, f: impl Fn(u32) -> max300_protocol::Setpoint) {
-    app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
-        .await;
-    let today = plan(&device(), "2026-11-30", 1, f);
-    app.send(Message::Schedule(today.clone())).await;
-    let ack = app
-        .next("the ack", |m| match m {
-            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
-            _ => None,
-        })
-        .await;
-    assert_eq!(ack.status, AckStatus::Accepted, "{ack:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
