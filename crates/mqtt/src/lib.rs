@@ -10,17 +10,21 @@
 //! # Layout
 //! - [`url`]: the `mqtt://` / `mqtts://` broker address.
 //! - [`session`]: the session task, its handle and its events.
+//! - [`link`]: a lean connection without a task, for a process holding thousands of them (the
+//!   fleet simulator).
 //! - [`tls`]: server verification against a CA, client certificates, plain-words errors.
 //! - [`trace`]: the `traceparent` of a message as the OpenTelemetry parent of a span, and back.
 //! - `broker` (feature `broker`): the embedded rumqttd broker, loopback only.
 
 #[cfg(feature = "broker")]
 pub mod broker;
+pub mod link;
 pub mod session;
 pub mod tls;
 pub mod trace;
 pub mod url;
 
+pub use link::{Delivery, Link, LinkConfig, LinkEvent};
 pub use session::{Event, Inbound, Qos, Session, SessionConfig, SessionLimits, connect};
 pub use tls::TlsFiles;
 
@@ -36,6 +40,14 @@ pub enum MqttError {
         /// The address given.
         url: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// A connection could not be made, or its subscription was refused.
+    #[error("cannot connect to {url}: {reason}")]
+    Connect {
+        /// The broker.
+        url: String,
+        /// Why: the socket's error, the broker's refusal, a filter refused or a timeout.
         reason: String,
     },
     /// The session task has stopped (shutdown).

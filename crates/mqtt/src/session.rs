@@ -39,17 +39,18 @@ use crate::{BrokerUrl, MqttError, TlsFiles};
 
 mod acks;
 #[cfg(test)]
-mod script;
+pub(crate) mod script;
 mod subscription;
 mod window;
 
 use acks::{Acks, Done, Ticket};
-use subscription::{Failure, Step, Subscription};
+use subscription::Failure;
+pub(crate) use subscription::{Step, Subscription};
 use window::Window;
 
 /// The pause before connecting again: 200 ms doubling to 30 s, each spread ±50 % so a fleet
 /// that lost its broker together does not return in step. Real time.
-const RECONNECT: Backoff =
+pub(crate) const RECONNECT: Backoff =
     Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).jitter(0.5, 1.5);
 /// How long a publish may wait for a slot in the window and room in the client's queue. Both
 /// free up only while the session task runs, so an unbounded wait could deadlock with it.

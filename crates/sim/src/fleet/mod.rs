@@ -4,8 +4,9 @@
 //! says nothing about the agent's own timing.
 //!
 //! Each device is the agent's halves without the battery and the disk: a
-//! [`max300_mqtt::Session`] (reconnect after the session's protocol `Backoff`, resubscribe,
-//! PUBACK order, a clean DISCONNECT at shutdown), a [`Unit`] whose engine (the agent's
+//! [`max300_mqtt::Link`] (the session's rules: reconnect after its backoff, resubscribe,
+//! PUBACK order, a clean DISCONNECT at shutdown; but no task of its own and no buffer between
+//! packets, so that a connection costs a few KB), a [`Unit`] whose engine (the agent's
 //! [`Engine`]) decides each ack and holds each accepted plan's setpoints, and an [`Outbox`]
 //! that keeps every ack and report until the cloud's receipt names it, sending again what
 //! has none after `--resend-after-s` (real time) and on every reconnect, at most 100 a
@@ -36,13 +37,13 @@ use anyhow::Context;
 use clap::Args;
 use jiff::{SignedDuration, Timestamp};
 use max300_agent::engine::Engine;
-use max300_mqtt::{BrokerUrl, Event, Inbound, Qos, Session, SessionConfig, SessionLimits};
+use max300_mqtt::{BrokerUrl, Delivery, Link, LinkConfig, LinkEvent, Qos};
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::{period_start_at, time_zone};
 use max300_protocol::{
     Channel, Clock, DEFAULT_TIMEZONE, DeviceId, Message, PERIOD_SECS, RateKw, StoreId, Topics,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -96,17 +97,9 @@ pub struct FleetArgs {
 const MAX_DEVICES: usize = 1_000_000;
 /// Each device pings this often: 10,000 devices make about 170 pings a second.
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
-/// Events a device's session may queue for it: a schedule, a receipt or two at a time. One
-/// that finds the queue full is dropped, and the cloud sends it again.
-const EVENT_QUEUE: usize = 8;
-/// A device's session is sized to its traffic: a schedule or a receipt in, an ack, a report
-/// or a heartbeat out, a few at a time (see [`SessionLimits`]). The largest message a device
-/// takes is a 50-period schedule, about 4 KB.
-const DEVICE_LIMITS: SessionLimits = SessionLimits {
-    inflight: 10,
-    requests: 16,
-    max_packet_bytes: 16 * 1024,
-};
+/// The largest packet a device takes or sends: its largest message is a 50-period schedule,
+/// about 4 KB.
+const MAX_PACKET: usize = 16 * 1024;
 /// At most this many outbox entries go out per resend round, one round a second: the agent's
 /// rate (AWS IoT Core allows 100 publishes a second per connection).
 const RESEND_BATCH: usize = 100;
@@ -203,7 +196,8 @@ pub async fn run(
 }
 
 /// Starts the devices batch by batch; each batch must be subscribed before the next starts,
-/// so the broker never has more than one batch of handshakes in hand.
+/// so the broker never has more than one batch of handshakes in hand. A failure names the
+/// first device of its batch that could not connect.
 async fn connect_all(
     ids: &[DeviceId],
     batch: usize,
@@ -213,31 +207,47 @@ async fn connect_all(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     for (b, chunk) in ids.chunks(batch).enumerate() {
-        let mut waiting = Vec::with_capacity(chunk.len());
+        let mut connecting = JoinSet::new();
         for (i, id) in chunk.iter().enumerate() {
-            let mut config = SessionConfig::new(
+            let mut config = LinkConfig::new(
                 shared.url.clone(),
                 id.as_str(),
                 shared.topics.device_filters(id),
             );
             config.topics = shared.topics.clone();
             config.keep_alive = KEEP_ALIVE;
-            config.channel_capacity = EVENT_QUEUE;
-            config.limits = DEVICE_LIMITS;
-            let (session, events) = max300_mqtt::connect(config, stop.clone())
-                .with_context(|| format!("{id}: session"))?;
-            let device = Device::new(id.clone(), b * batch + i + 1, session.clone(), shared);
-            tasks.spawn(device.serve(events, ticks.subscribe(), shared.clone()));
-            waiting.push((id, session));
+            config.max_packet_bytes = MAX_PACKET;
+            connecting.spawn(async move { (i, Link::connect(config).await) });
         }
-        for (id, session) in waiting {
-            let outcome = tokio::select! {
+        let mut links: Vec<_> = chunk.iter().map(|_| None).collect();
+        loop {
+            let joined = tokio::select! {
                 _ = stop.cancelled() => anyhow::bail!("stopped before every device connected"),
-                outcome = session.first_connection() => outcome,
+                joined = connecting.join_next() => joined,
             };
-            if let Err(reason) = outcome {
-                anyhow::bail!("{id}: cannot connect to {}: {reason}", shared.url);
+            let Some(joined) = joined else { break };
+            let (i, link) = joined.context("a connection task failed")?;
+            links[i] = Some(link);
+        }
+        // Each device starts as soon as its batch is up; a failed batch closes the links it
+        // made, with the devices already started.
+        let mut started = Vec::with_capacity(chunk.len());
+        let mut failed = None;
+        for (i, (id, link)) in chunk.iter().zip(links).enumerate() {
+            match link {
+                Some(Ok(link)) => started.push((i, id, link)),
+                Some(Err(e)) if failed.is_none() => failed = Some(anyhow::anyhow!("{id}: {e}")),
+                _ => {}
             }
+        }
+        for (i, id, link) in started {
+            // Boxed, or the future would hold the device twice (as its argument, and once
+            // moved into its body).
+            let device = Box::new(Device::new(id.clone(), b * batch + i + 1, link, shared));
+            tasks.spawn(device.serve(ticks.subscribe(), shared.clone(), stop.clone()));
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     Ok(())
@@ -323,10 +333,10 @@ impl Shared {
     }
 }
 
-/// One simulated device: its session, its unit's day and its outbox.
+/// One simulated device: its connection, its unit's day and its outbox.
 struct Device {
     id: DeviceId,
-    session: Session,
+    link: Link,
     unit: Unit,
     outbox: Outbox,
     /// This device's jitter, seeded by its number: runs compare.
@@ -342,7 +352,7 @@ struct Device {
 }
 
 impl Device {
-    fn new(id: DeviceId, number: usize, session: Session, shared: &Shared) -> Device {
+    fn new(id: DeviceId, number: usize, link: Link, shared: &Shared) -> Device {
         let mut rng = fastrand::Rng::with_seed(number as u64);
         let engine = Engine::new(
             id.clone(),
@@ -364,38 +374,31 @@ impl Device {
             resend_at: None,
             last_round: None,
             id,
-            session,
+            link,
         }
     }
 
-    /// Plays the unit's day and answers the cloud until its session has ended (after
-    /// shutdown, once its DISCONNECT is written): what arrives until then is still taken,
-    /// not dropped as if the device were busy.
+    /// Plays the unit's day and answers the cloud until `stop`, then closes its connection
+    /// with a DISCONNECT. What it does at each wake is boxed: this future lives as long as the
+    /// device, one per connection, and would otherwise hold room for the largest of them
+    /// (about 3 KB) all day.
     async fn serve(
-        mut self,
-        mut events: mpsc::Receiver<Event>,
+        mut self: Box<Self>,
         mut ticks: watch::Receiver<Option<Timestamp>>,
         shared: Arc<Shared>,
+        stop: CancellationToken,
     ) {
         // As the agent does at its start: the current period is opened at once.
-        self.on_boundary(None, &shared).await;
+        Box::pin(self.on_boundary(None, &shared)).await;
         let mut ticking = true;
         loop {
-            let wake = [
-                self.report_at.map(|(_, at)| at),
-                Some(self.heartbeat_at),
-                self.resend_at,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let wake = self.wake();
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(Event::Message(inbound)) => self.on_message(*inbound, &shared).await,
+                _ = stop.cancelled() => break,
+                event = self.link.next() => match event {
+                    LinkEvent::Message(delivery) => Box::pin(self.on_message(*delivery, &shared)).await,
                     // As an agent flushes its outbox on every connect.
-                    Some(Event::Connected) => self.resend(Duration::ZERO, &shared).await,
-                    Some(Event::Disconnected(_)) => {}
-                    None => return,
+                    LinkEvent::Connected => Box::pin(self.resend(Duration::ZERO, &shared)).await,
                 },
                 changed = ticks.changed(), if ticking => match changed {
                     Ok(()) => {
@@ -403,7 +406,7 @@ impl Device {
                         if let Some(boundary) = boundary {
                             // A boundary still waiting for its jitter goes out now.
                             if let Some((waiting, _)) = self.report_at.take() {
-                                self.on_boundary(Some(waiting), &shared).await;
+                                Box::pin(self.on_boundary(Some(waiting), &shared)).await;
                             }
                             let delay = jitter(&mut self.rng, shared.jitter);
                             self.report_at = Some((boundary, monotonic() + delay));
@@ -411,9 +414,20 @@ impl Device {
                     }
                     Err(_) => ticking = false,
                 },
-                _ = sleep_until(wake) => self.on_wake(&shared).await,
+                _ = sleep_until(wake) => Box::pin(self.on_wake(&shared)).await,
             }
         }
+        Box::pin(self.link.close()).await;
+    }
+
+    /// When the device next has something to do of its own accord.
+    fn wake(&self) -> Option<Instant> {
+        next_wake(
+            self.report_at.map(|(_, at)| at),
+            self.heartbeat_at,
+            self.resend_at,
+            self.link.is_connected(),
+        )
     }
 
     async fn on_wake(&mut self, shared: &Shared) {
@@ -452,10 +466,10 @@ impl Device {
         }
     }
 
-    async fn on_message(&mut self, inbound: Inbound, shared: &Shared) {
+    async fn on_message(&mut self, delivery: Delivery, shared: &Shared) {
         let now = shared.clock.now();
         let from = |outbox: &Outbox| (outbox.store_id().clone(), outbox.next_seq());
-        match (&inbound.route, &inbound.message) {
+        match (&delivery.route, &delivery.message) {
             (Some((_, Channel::Schedule)), Ok(Message::Schedule(msg))) => {
                 let (store_id, seq) = from(&self.outbox);
                 if let Some(ack) = self.unit.on_schedule(msg, (&store_id, seq), now) {
@@ -486,7 +500,7 @@ impl Device {
             }
             _ => {}
         }
-        inbound.ack().await;
+        self.link.ack(&delivery).await;
     }
 
     /// Keeps a new ack or report in the outbox until it is receipted, and sends it.
@@ -498,9 +512,9 @@ impl Device {
         shared: &Shared,
     ) {
         let seq = self.outbox.push(channel, message.encode(), boundary);
-        if self.session.is_connected() {
+        if self.link.is_connected() {
             let topic = shared.topics.topic(&self.id, channel);
-            match self.session.send(topic, message, Qos::AtLeastOnce).await {
+            match self.link.send(&topic, message, Qos::AtLeastOnce).await {
                 Ok(()) => self.outbox.mark_sent(seq, monotonic()),
                 Err(e) => {
                     debug!(device_id = %self.id, seq, error = %Chain(&e), "not sent: left to the resend");
@@ -515,7 +529,7 @@ impl Device {
     async fn resend(&mut self, older_than: Duration, shared: &Shared) {
         let now = monotonic();
         self.resend_at = self.outbox.next_due(shared.resend_after);
-        if self.outbox.is_empty() || !self.session.is_connected() {
+        if self.outbox.is_empty() || !self.link.is_connected() {
             return;
         }
         if let Some(last) = self.last_round
@@ -528,8 +542,8 @@ impl Device {
         for entry in self.outbox.due(now, older_than, RESEND_BATCH) {
             let topic = shared.topics.topic(&self.id, entry.channel);
             if let Err(e) = self
-                .session
-                .publish(topic, entry.payload.to_vec(), Qos::AtLeastOnce)
+                .link
+                .publish(&topic, entry.payload.to_vec(), Qos::AtLeastOnce)
                 .await
             {
                 debug!(device_id = %self.id, seq = entry.seq, error = %Chain(&e), "not resent: next round");
@@ -552,7 +566,7 @@ impl Device {
 
     /// A heartbeat at QoS 0, as the agent sends it; none while disconnected.
     async fn heartbeat(&mut self, shared: &Shared) {
-        if !self.session.is_connected() {
+        if !self.link.is_connected() {
             return;
         }
         let uptime_s = monotonic()
@@ -563,13 +577,29 @@ impl Device {
             .heartbeat(shared.clock.now(), uptime_s, self.outbox.len());
         let topic = shared.topics.topic(&self.id, Channel::Heartbeat);
         if let Err(e) = self
-            .session
-            .send(topic, &Message::Heartbeat(msg), Qos::AtMostOnce)
+            .link
+            .send(&topic, &Message::Heartbeat(msg), Qos::AtMostOnce)
             .await
         {
             debug!(device_id = %self.id, error = %Chain(&e), "heartbeat not sent");
         }
     }
+}
+
+/// The first of a device's report, heartbeat and resend. A resend waits for a connection
+/// (which flushes the outbox anyway): were it a wake while the broker is away, an entry
+/// already due would wake the device again at once, for ever.
+fn next_wake(
+    report_at: Option<Instant>,
+    heartbeat_at: Instant,
+    resend_at: Option<Instant>,
+    connected: bool,
+) -> Option<Instant> {
+    let resend_at = resend_at.filter(|_| connected);
+    [report_at, Some(heartbeat_at), resend_at]
+        .into_iter()
+        .flatten()
+        .min()
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -603,6 +633,18 @@ mod tests {
         )
         .unwrap();
         ScheduleMsg::new(&schedule, MessageId::generate(day.start()), 1, day.start())
+    }
+
+    #[test]
+    fn a_device_waits_for_its_connection_to_resend_but_not_to_report() {
+        let now = monotonic();
+        let later = now + Duration::from_secs(60);
+        let overdue = Some(now - Duration::from_secs(1));
+        assert_eq!(next_wake(None, later, overdue, true), overdue);
+        // Disconnected: an overdue resend would make every wake immediate while it lasts.
+        assert_eq!(next_wake(None, later, overdue, false), Some(later));
+        let report = Some(now + Duration::from_millis(300));
+        assert_eq!(next_wake(report, later, overdue, false), report);
     }
 
     #[test]
