@@ -62,8 +62,11 @@ pub(crate) struct Splitter {
     key_escaped: bool,
     /// The key of the member being read, decoded.
     name: String,
-    /// The value being captured.
+    /// The value being captured, when it began in an earlier chunk; empty while it lies in
+    /// the current chunk, from `start`, and is handed out from there without a copy.
     value: Vec<u8>,
+    /// Where the value being captured began in the current chunk.
+    start: Option<usize>,
     /// Open brackets in the captured value.
     depth: u32,
     in_string: bool,
@@ -86,6 +89,7 @@ impl Splitter {
             key_escaped: false,
             name: String::new(),
             value: Vec::new(),
+            start: None,
             depth: 0,
             in_string: false,
             escaped: false,
@@ -112,15 +116,17 @@ impl Splitter {
             let b = chunk[i];
             match self.state {
                 State::InValue => {
-                    // The bulk of a document: copy runs of plain bytes at once.
+                    // The bulk of a document: skip runs of plain bytes at once.
                     let run = self.plain_run(&chunk[i..]);
                     if run > 0 {
-                        self.value.extend_from_slice(&chunk[i..i + run]);
+                        if self.start.is_none() {
+                            self.value.extend_from_slice(&chunk[i..i + run]);
+                        }
                         i += run;
                         self.offset += run as u64;
                         continue;
                     }
-                    if !self.value_byte(b, out)? {
+                    if !self.value_byte(chunk, i, out)? {
                         // The byte ended a bare scalar: it belongs to what follows.
                         continue;
                     }
@@ -177,7 +183,7 @@ impl Splitter {
                         out(Piece::Schedules)?;
                     } else if !is_space(b) {
                         self.in_schedules = false;
-                        self.begin_value(b)?;
+                        self.begin_value(b, i)?;
                     }
                 }
                 State::AfterMember => match b {
@@ -191,7 +197,7 @@ impl Splitter {
                     _ if is_space(b) => {}
                     _ => {
                         self.in_schedules = true;
-                        self.begin_value(b)?;
+                        self.begin_value(b, i)?;
                     }
                 },
                 State::AfterEntry => match b {
@@ -208,6 +214,10 @@ impl Splitter {
             }
             self.offset += 1;
             i += 1;
+        }
+        // A value that goes on into the next chunk is kept.
+        if let Some(start) = self.start.take() {
+            self.value.extend_from_slice(&chunk[start..]);
         }
         Ok(())
     }
@@ -231,25 +241,25 @@ impl Splitter {
         if self.escaped {
             return 0;
         }
-        if self.in_string {
-            rest.iter()
-                .position(|&b| b == b'"' || b == b'\\')
-                .unwrap_or(rest.len())
+        let stops = if self.in_string {
+            &STRING_STOPS
         } else if self.depth > 0 {
-            rest.iter()
-                .position(|&b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']'))
-                .unwrap_or(rest.len())
+            &NESTED_STOPS
         } else {
-            0
-        }
+            return 0;
+        };
+        rest.iter()
+            .position(|&b| stops[usize::from(b)])
+            .unwrap_or(rest.len())
     }
 
-    fn begin_value(&mut self, b: u8) -> Result<(), ProtocolError> {
+    /// Begins capturing a value with `b`, at `at` in the current chunk.
+    fn begin_value(&mut self, b: u8, at: usize) -> Result<(), ProtocolError> {
         if matches!(b, b'}' | b']' | b',' | b':') {
             return Err(self.unexpected(b, "a value"));
         }
         self.value.clear();
-        self.value.push(b);
+        self.start = Some(at);
         self.depth = u32::from(b == b'{' || b == b'[');
         self.in_string = b == b'"';
         self.escaped = false;
@@ -257,15 +267,18 @@ impl Splitter {
         Ok(())
     }
 
-    /// Takes one byte of a captured value; `false` when the byte is not part of it (it ends
-    /// a bare number, `true`, `false` or `null`) and must be read again in the new state.
+    /// Takes byte `at` of `chunk`, in a captured value; `false` when the byte is not part of
+    /// it (it ends a bare number, `true`, `false` or `null`) and must be read again in the new
+    /// state.
     fn value_byte(
         &mut self,
-        b: u8,
+        chunk: &[u8],
+        at: usize,
         out: &mut dyn FnMut(Piece<'_>) -> Result<(), ProtocolError>,
     ) -> Result<bool, ProtocolError> {
+        let b = chunk[at];
         if self.in_string {
-            self.value.push(b);
+            self.keep(b);
             if self.escaped {
                 self.escaped = false;
             } else if b == b'\\' {
@@ -273,7 +286,7 @@ impl Splitter {
             } else if b == b'"' {
                 self.in_string = false;
                 if self.depth == 0 {
-                    self.complete(out)?;
+                    self.complete(chunk, at + 1, out)?;
                 }
             }
             return Ok(true);
@@ -281,48 +294,59 @@ impl Splitter {
         match b {
             b'"' => {
                 self.in_string = true;
-                self.value.push(b);
+                self.keep(b);
             }
             b'{' | b'[' => {
                 self.depth += 1;
-                self.value.push(b);
+                self.keep(b);
             }
             b'}' | b']' | b',' if self.depth == 0 => {
-                self.complete(out)?;
+                self.complete(chunk, at, out)?;
                 return Ok(false);
             }
             b'}' | b']' => {
                 self.depth -= 1;
-                self.value.push(b);
+                self.keep(b);
                 if self.depth == 0 {
-                    self.complete(out)?;
+                    self.complete(chunk, at + 1, out)?;
                 }
             }
             _ if is_space(b) && self.depth == 0 => {
-                self.complete(out)?;
+                self.complete(chunk, at, out)?;
             }
-            _ => self.value.push(b),
+            _ => self.keep(b),
         }
         Ok(true)
     }
 
+    /// Keeps a byte of a value begun in an earlier chunk (one in this chunk is sliced out).
+    fn keep(&mut self, b: u8) {
+        if self.start.is_none() {
+            self.value.push(b);
+        }
+    }
+
+    /// Hands out the captured value, which ends before `end` in `chunk`.
     fn complete(
         &mut self,
+        chunk: &[u8],
+        end: usize,
         out: &mut dyn FnMut(Piece<'_>) -> Result<(), ProtocolError>,
     ) -> Result<(), ProtocolError> {
+        let value = match self.start.take() {
+            Some(start) => &chunk[start..end],
+            None => &self.value[..],
+        };
         if self.in_schedules {
             let index = self.entries;
             self.entries += 1;
             self.state = State::AfterEntry;
-            out(Piece::Entry {
-                index,
-                value: &self.value,
-            })
+            out(Piece::Entry { index, value })
         } else {
             self.state = State::AfterMember;
             out(Piece::Field {
                 key: &self.name,
-                value: &self.value,
+                value,
             })
         }
     }
@@ -342,6 +366,21 @@ impl Splitter {
             self.offset
         ))
     }
+}
+
+/// The bytes a run of a value stops at: inside a string, a quote or a backslash; outside one
+/// (within brackets), a quote or a bracket. A table, because the scan is most of the split.
+const STRING_STOPS: [bool; 256] = stops(b"\"\\");
+const NESTED_STOPS: [bool; 256] = stops(b"\"{}[]");
+
+const fn stops(bytes: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < bytes.len() {
+        table[bytes[i] as usize] = true;
+        i += 1;
+    }
+    table
 }
 
 fn is_space(b: u8) -> bool {
