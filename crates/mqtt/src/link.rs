@@ -494,6 +494,18 @@ mod tests {
             .expect("an event within 10 s")
     }
 
+    /// Waits until the link has connected again, to the broker's next connection (granted).
+    async fn reconnected(link: &mut Link, broker: &ScriptedBroker) -> Peer {
+        let accept = async {
+            let mut peer = broker.accept().await;
+            peer.grant().await;
+            peer
+        };
+        let (event, peer) = tokio::join!(next(link), accept);
+        assert!(matches!(event, LinkEvent::Connected), "{event:?}");
+        peer
+    }
+
     async fn message(link: &mut Link) -> Box<Delivery> {
         match next(link).await {
             LinkEvent::Message(m) => m,
@@ -585,13 +597,7 @@ mod tests {
         first.publish(5, TOPIC, "old").await;
         let old = message(&mut link).await;
         drop(first);
-        let reconnect = async {
-            let mut second = broker.accept().await;
-            second.grant().await;
-            second
-        };
-        let (event, mut second) = tokio::join!(next(&mut link), reconnect);
-        assert!(matches!(event, LinkEvent::Connected), "{event:?}");
+        let mut second = reconnected(&mut link, &broker).await;
         second.publish(7, TOPIC, "new").await;
         let new = message(&mut link).await;
         // Packet id 5 means nothing on this connection (or another message): not sent.
@@ -607,13 +613,7 @@ mod tests {
         config.keep_alive = Duration::from_millis(200);
         let (mut link, deaf) = up(config, &broker).await;
         // `deaf` reads nothing, so no PINGRESP: a PINGREQ at 200 ms, given up at 400 ms.
-        let reconnect = async {
-            let mut peer = broker.accept().await;
-            peer.grant().await;
-            peer
-        };
-        let (event, _peer) = tokio::join!(next(&mut link), reconnect);
-        assert!(matches!(event, LinkEvent::Connected), "{event:?}");
+        reconnected(&mut link, &broker).await;
         drop(deaf);
     }
 
@@ -624,13 +624,7 @@ mod tests {
         config.max_packet_bytes = 1024;
         let (mut link, mut peer) = up(config, &broker).await;
         peer.publish(3, TOPIC, &"x".repeat(2000)).await;
-        let reconnect = async {
-            let mut again = broker.accept().await;
-            again.grant().await;
-            again
-        };
-        let (event, _again) = tokio::join!(next(&mut link), reconnect);
-        assert!(matches!(event, LinkEvent::Connected), "{event:?}");
+        reconnected(&mut link, &broker).await;
         peer.expect_closed().await;
     }
 }

@@ -396,7 +396,7 @@ impl Device {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 event = self.link.next() => match event {
-                    LinkEvent::Message(delivery) => Box::pin(self.on_message(*delivery, &shared)).await,
+                    LinkEvent::Message(delivery) => Box::pin(self.on_message(delivery, &shared)).await,
                     // As an agent flushes its outbox on every connect.
                     LinkEvent::Connected => Box::pin(self.resend(Duration::ZERO, &shared)).await,
                 },
@@ -466,7 +466,7 @@ impl Device {
         }
     }
 
-    async fn on_message(&mut self, delivery: Delivery, shared: &Shared) {
+    async fn on_message(&mut self, delivery: Box<Delivery>, shared: &Shared) {
         let now = shared.clock.now();
         let from = |outbox: &Outbox| (outbox.store_id().clone(), outbox.next_seq());
         match (&delivery.route, &delivery.message) {
