@@ -229,22 +229,22 @@ async fn connect_all(
             let (i, link) = joined.context("a connection task failed")?;
             links[i] = Some(link);
         }
-        // Each device starts as soon as its batch is up; a failed batch closes the links it
-        // made, with the devices already started.
-        let mut started = Vec::with_capacity(chunk.len());
+        // Each device starts as soon as its batch is up; a failed batch's devices that did
+        // connect are started too, so that the stop closes their links cleanly.
         let mut failed = None;
         for (i, (id, link)) in chunk.iter().zip(links).enumerate() {
             match link {
-                Some(Ok(link)) => started.push((i, id, link)),
-                Some(Err(e)) if failed.is_none() => failed = Some(anyhow::anyhow!("{id}: {e}")),
-                _ => {}
+                Some(Ok(link)) => {
+                    // Boxed, or the future would hold the device twice (as its argument, and
+                    // once moved into its body).
+                    let device = Box::new(Device::new(id.clone(), b * batch + i + 1, link, shared));
+                    tasks.spawn(device.serve(ticks.subscribe(), shared.clone(), stop.clone()));
+                }
+                Some(Err(e)) => {
+                    failed.get_or_insert_with(|| anyhow::anyhow!("{id}: {e}"));
+                }
+                None => {}
             }
-        }
-        for (i, id, link) in started {
-            // Boxed, or the future would hold the device twice (as its argument, and once
-            // moved into its body).
-            let device = Box::new(Device::new(id.clone(), b * batch + i + 1, link, shared));
-            tasks.spawn(device.serve(ticks.subscribe(), shared.clone(), stop.clone()));
         }
         if let Some(e) = failed {
             return Err(e);
