@@ -79,10 +79,7 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
     app.send(Message::Schedule(tomorrow.clone())).await;
 
     let ack = app
-        .next("today's ack", |m| match m {
-            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
-            _ => None,
-        })
+        .next("today's ack", ack_of(today.message_id.clone()))
         .await;
     assert_eq!(ack.status, AckStatus::Accepted);
     assert_eq!(ack.sha256.as_deref(), Some(today.sha256.as_str()));
@@ -92,10 +89,7 @@ async fn accepts_a_plan_and_reports_each_period_executed() {
         "{effective} after period {period_at_send}"
     );
     let ack = app
-        .next("tomorrow's ack", |m| match m {
-            Message::Ack(a) if a.message_id == tomorrow.message_id => Some(a.clone()),
-            _ => None,
-        })
+        .next("tomorrow's ack", ack_of(tomorrow.message_id.clone()))
         .await;
     assert_eq!(
         (ack.status, ack.effective_period),
@@ -190,12 +184,6 @@ async fn bad_payloads_and_other_devices_plans_do_not_stop_the_agent() {
     let good = plan(&device(), "2026-12-01", 1, |_| setpoint(Mode::Charge, 10.0));
     app.send(Message::Schedule(good.clone())).await;
 
-    let ack_of = |id: MessageId| {
-        move |m: &Message| match m {
-            Message::Ack(a) if a.message_id == id => Some(a.clone()),
-            _ => None,
-        }
-    };
     let a = app
         .next("the foreign plan's ack", ack_of(foreign.message_id.clone()))
         .await;
@@ -272,12 +260,6 @@ async fn a_cancel_that_overtakes_its_plan_wins_and_the_unit_never_runs_that_plan
     app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
         .await;
     let today = plan(&device(), "2026-11-30", 1, |_| setpoint(Mode::Charge, 50.0));
-    let ack_of = |id: MessageId| {
-        move |m: &Message| match m {
-            Message::Ack(a) if a.message_id == id => Some(a.clone()),
-            _ => None,
-        }
-    };
     // The cloud's cancel is published before the plan it cancels reaches the unit.
     let cancel = ControlMsg {
         v: V1,
@@ -362,12 +344,7 @@ async fn a_restart_reports_missed_periods_once_and_a_clock_behind_falls_back() {
     app.next("sync", |m| matches!(m, Message::Sync(_)).then_some(()))
         .await;
     app.send(Message::Schedule(today.clone())).await;
-    let ack = app
-        .next("the ack", |m| match m {
-            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
-            _ => None,
-        })
-        .await;
+    let ack = app.next("the ack", ack_of(today.message_id.clone())).await;
     assert_eq!(ack.effective_period, Some(22));
 
     // Down from 10:05 to 12:25: period 21's report was still open (it goes out at start-up,

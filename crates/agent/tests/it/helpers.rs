@@ -188,6 +188,14 @@ impl TestApp {
     }
 }
 
+/// Picks the ack of message `id` (for [`TestApp::next`]).
+pub fn ack_of(id: MessageId) -> impl Fn(&Message) -> Option<AckMsg> {
+    move |m: &Message| match m {
+        Message::Ack(a) if a.message_id == id => Some(a.clone()),
+        _ => None,
+    }
+}
+
 /// Once the agent is subscribed (its first `sync`), sends today's plan (`f(period)` each
 /// period) and waits for its ack, which must accept it.
 pub async fn follow(app: &mut TestApp, f: impl Fn(u32) -> Setpoint) -> AckMsg {
@@ -195,12 +203,7 @@ pub async fn follow(app: &mut TestApp, f: impl Fn(u32) -> Setpoint) -> AckMsg {
         .await;
     let today = plan(&device(), "2026-11-30", 1, f);
     app.send(Message::Schedule(today.clone())).await;
-    let ack = app
-        .next("the ack", |m| match m {
-            Message::Ack(a) if a.message_id == today.message_id => Some(a.clone()),
-            _ => None,
-        })
-        .await;
+    let ack = app.next("the ack", ack_of(today.message_id.clone())).await;
     assert_eq!(ack.status, AckStatus::Accepted, "{ack:?}");
     ack
 }
