@@ -5,7 +5,6 @@
 //! it over Modbus as a SunSpec map (see [`crate::sunspec`]). Its settings are the agent's
 //! [`SimConfig`]; it can keep a [`write_log`] on disk for tests and audits.
 
-use max300_protocol::error::Chain;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,10 +15,11 @@ use max300_agent::AgentConfig;
 use max300_agent::battery::{Battery, BatteryError, BatteryStatus, SimConfig};
 use max300_protocol::clock::monotonic;
 use max300_protocol::{Clock, Mode, RateKw, Setpoint};
-use serde::{Deserialize, Serialize};
 
+mod state_file;
 pub mod write_log;
 
+use state_file::{StateFile, load_energy};
 use write_log::WriteLog;
 pub use write_log::{WriteLogEntry, read_write_log};
 
@@ -51,6 +51,7 @@ struct SimState {
     writes: VecDeque<(Timestamp, Setpoint)>,
     /// Held under the state lock, so the lines are in the order the writes took effect.
     write_log: Option<WriteLog>,
+    state_file: Option<StateFile>,
 }
 
 impl SimBattery {
@@ -82,6 +83,7 @@ impl SimBattery {
             log.append(&WriteLogEntry::started(now));
             log
         });
+        let state_file = config.state_file.clone().map(StateFile::new);
         let started = monotonic();
         SimBattery {
             max_charge: RateKw::try_from(config.max_charge_kw).unwrap_or(RateKw::ZERO),
@@ -98,6 +100,7 @@ impl SimBattery {
                 asserted_at: started,
                 writes: VecDeque::new(),
                 write_log,
+                state_file,
             }),
         }
     }
@@ -180,8 +183,8 @@ impl SimBattery {
         state.energy_kwh = energy.clamp(0.0, self.config.capacity_kwh);
         state.power_kw = power;
         state.integrated_to = to;
-        if let Some(path) = &self.config.state_file {
-            save_energy(path, state.energy_kwh, to);
+        if let Some(file) = state.state_file.as_mut() {
+            file.save(state.energy_kwh, to);
         }
     }
 
@@ -221,29 +224,6 @@ fn ramped_energy(from: f64, to: f64, ramp: f64, secs: f64) -> (f64, f64) {
             ((from + to) / 2.0 * reach + to * (secs - reach)) / 3600.0,
             to,
         )
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct SavedState {
-    energy_kwh: f64,
-    at: Timestamp,
-}
-
-fn load_energy(path: &std::path::Path) -> Option<f64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let saved: SavedState = serde_json::from_str(&text).ok()?;
-    saved.energy_kwh.is_finite().then_some(saved.energy_kwh)
-}
-
-/// Written to a temporary file and renamed, so a kill mid-write leaves the old state whole.
-fn save_energy(path: &std::path::Path, energy_kwh: f64, at: Timestamp) {
-    let Ok(text) = serde_json::to_string(&SavedState { energy_kwh, at }) else {
-        return;
-    };
-    let tmp = path.with_extension("tmp");
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
-        tracing::warn!(path = %path.display(), error = %Chain(&e), "battery state not saved");
     }
 }
 
