@@ -646,6 +646,14 @@ impl Agent {
             let late = self.clock.now().duration_since(boundary).as_secs_f64() / self.clock.speed();
             self.metrics.boundary_lateness(late);
         }
+        if crossed.is_some() {
+            // Where one process runs many units (`max300 up`, the fault suite's fleet), every
+            // unit waiting on this boundary writes before any unit's bookkeeping starts: that
+            // goes to the blocking pool, whose threads would otherwise take the CPU from the
+            // writes still to come. With 200 units on a loaded 2-core machine this took the
+            // median write from 76 ms to 7 ms after the boundary.
+            tokio::task::yield_now().await;
+        }
         if !self.close_period(now).await {
             return;
         }
