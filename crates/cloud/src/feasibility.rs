@@ -91,6 +91,13 @@ impl Pack {
         }
     }
 
+    /// The SoC after `setpoints` have run from `soc_pct`, each stopped at the limits.
+    pub fn play(&self, soc_pct: f64, setpoints: &[Setpoint]) -> f64 {
+        setpoints
+            .iter()
+            .fold(soc_pct, |soc, sp| self.step(soc, *sp).0)
+    }
+
     /// Plays `before` (the rest of the current plan) from `soc_pct`, then `plan`; `None` when
     /// the plan runs as written.
     pub fn check(
@@ -99,7 +106,7 @@ impl Pack {
         before: &[Setpoint],
         plan: impl IntoIterator<Item = (u32, Setpoint)>,
     ) -> Option<Infeasible> {
-        let mut soc = before.iter().fold(soc_pct, |soc, sp| self.step(soc, *sp).0);
+        let mut soc = self.play(soc_pct, before);
         let start_soc_pct = soc;
         let mut first: Option<(Limit, u32)> = None;
         let mut periods_cut = 0;

@@ -16,7 +16,7 @@ use max300_protocol::day::period_start_at;
 use max300_protocol::document::{
     Fleet, NormalizedSchedule, Normalizer, Outcome, Outline, Rejection, Survey,
 };
-use max300_protocol::{Clock, Day, DeviceId, MessageId, MessageIds, RateKw, Schedule, Setpoint};
+use max300_protocol::{Clock, Day, DeviceId, MessageId, MessageIds, RateKw, Schedule};
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 use tracing::field::Empty;
@@ -149,7 +149,9 @@ impl Batch {
 /// What the feasibility check needs of the fleet, read once per ingestion.
 struct Outlook {
     soc: HashMap<DeviceId, f64>,
-    rest_of_today: HashMap<DeviceId, Vec<Setpoint>>,
+    /// The SoC each unit should have once the rest of today's plan has run: where a plan for
+    /// a later day starts. One number a unit, not today's setpoints.
+    after_today: HashMap<DeviceId, f64>,
     today: Date,
     from: Timestamp,
 }
@@ -764,24 +766,20 @@ impl Ingestor {
         } in created
         {
             let device = schedule.device_id();
-            let Some(&soc) = outlook.soc.get(device) else {
-                continue;
-            };
             let later_day = schedule.day().date() > outlook.today;
-            let before = if later_day {
-                outlook
-                    .rest_of_today
-                    .get(device)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[])
+            let start = if later_day {
+                outlook.after_today.get(device).or(outlook.soc.get(device))
             } else {
-                &[]
+                outlook.soc.get(device)
+            };
+            let Some(&soc) = start else {
+                continue;
             };
             let plan = schedule
                 .periods()
                 .filter(|p| later_day || p.start >= outlook.from)
                 .map(|p| (p.period, p.setpoint));
-            if let Some(bad) = self.pack.check(soc, before, plan) {
+            if let Some(bad) = self.pack.check(soc, &[], plan) {
                 warn!(device_id = %device, message_id = %message_id, warning = %bad.message(), "plan may not run as written");
                 warnings.push(WarningRef {
                     device_id: device.clone(),
@@ -811,15 +809,17 @@ impl Ingestor {
             .collect();
         let today = Day::containing(now, &self.timezone)?;
         let from = period_start_at(now, &self.timezone)?;
-        let mut rest_of_today: HashMap<DeviceId, Vec<Setpoint>> = HashMap::new();
+        let mut after_today = HashMap::new();
         if !soc.is_empty() {
-            for (device, setpoint) in self.store.planned_from(today.date(), from).await? {
-                rest_of_today.entry(device).or_default().push(setpoint);
+            for (device, rest) in self.store.planned_from(today.date(), from).await? {
+                if let Some(&now) = soc.get(&device) {
+                    after_today.insert(device, self.pack.play(now, &rest));
+                }
             }
         }
         Ok(Outlook {
             soc,
-            rest_of_today,
+            after_today,
             today: today.date(),
             from,
         })

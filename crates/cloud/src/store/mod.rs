@@ -604,25 +604,21 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
     }
 
     /// What the standing command of each device plans for `date`, from the period that starts
-    /// at or after `from` on, in device and period order.
+    /// at or after `from` on: its setpoints in period order, by device in id order. This
+    /// default loads every command of the date at once; a store that can read them one at a
+    /// time keeps only what is returned (at 100,000 units the whole load was some 230 MB).
     async fn planned_from(
         &self,
         date: Date,
         from: Timestamp,
-    ) -> Result<Vec<(DeviceId, Setpoint)>, CloudError> {
+    ) -> Result<Vec<(DeviceId, Vec<Setpoint>)>, CloudError> {
         let commands = self.on_date(date).await?;
         let standing = newest_per(commands.iter().filter(|c| c.state.is_live()), |c| {
             c.device_id().clone()
         });
         Ok(standing
             .into_iter()
-            .flat_map(|(device, c)| {
-                c.schedule
-                    .periods()
-                    .filter(|p| p.start >= from)
-                    .map(move |p| (device.clone(), p.setpoint))
-                    .collect::<Vec<_>>()
-            })
+            .map(|(device, c)| (device, rest_of(&c.schedule, from)))
             .collect())
     }
 
@@ -741,4 +737,13 @@ impl CommandDetail {
             periods,
         }
     }
+}
+
+/// A plan's setpoints from the period that starts at or after `from` on.
+pub(crate) fn rest_of(schedule: &Schedule, from: Timestamp) -> Vec<Setpoint> {
+    schedule
+        .periods()
+        .filter(|p| p.start >= from)
+        .map(|p| p.setpoint)
+        .collect()
 }

@@ -1271,6 +1271,51 @@ async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
     assert_eq!(day["command"]["warning"], warning);
 }
 
+#[tokio::test]
+async fn tomorrows_plan_is_checked_from_where_the_rest_of_todays_leaves_the_unit() {
+    let app = TestApp::start(None).await;
+    let (client, _inbox) = app.device("d1").await;
+    app.register("d1").await;
+    let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
+                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":50.0,"outbox":0});
+    client
+        .publish(
+            "max300/d1/heartbeat".into(),
+            hb.to_string().into_bytes(),
+            Qos::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    fleet_until(&app, |f| line(f, "d1")["soc_pct"] == 50.0).await;
+    // This evening, 16:00-17:00: two periods of 60 kW out, 30 kWh each, about 10.7 % of
+    // 300 kWh each with the default pack's losses: 50 % -> about 29 %.
+    let evening: Vec<Value> = (33..=34)
+        .map(|p| json!({"period": p, "mode": "discharge", "rate_kw": 60}))
+        .collect();
+    let today = json!({"schedule_date": "2026-11-29", "timezone": "Europe/London",
+                       "schedules": [{"device_id": "d1", "intervals": evening}]});
+    let (status, body) = app.post("/api/schedules", today.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["warnings"],
+        json!([]),
+        "50 % -> 29 % is within the window"
+    );
+    // Tomorrow's first three periods at 60 kW: from about 29 %, the second reaches soc_min
+    // (10 %). From the 50 % the unit reports now, all three would run (50 -> 18 %).
+    let tomorrow = json!({"schedule_date": "2026-11-30", "timezone": "Europe/London",
+        "schedules": [{"device_id": "d1", "intervals": (1..=3)
+            .map(|p| json!({"period": p, "mode": "discharge", "rate_kw": 60}))
+            .collect::<Vec<_>>()}]});
+    let (status, body) = app.post("/api/schedules", tomorrow.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let warning = body["warnings"][0]["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("estimated 29 %") && warning.contains("soc_min in period 2"),
+        "{body}"
+    );
+}
+
 /// A document of `n` devices `s0001`… with one charge period each; `twice` lists the first
 /// device again at the end.
 fn fleet_document(n: usize, twice: bool) -> String {

@@ -831,22 +831,27 @@ async fn keeps_every_send_and_a_warning_with_the_command(l: &Ledger) {
     assert_eq!(detail.publishes, 2);
     assert_eq!(detail.warning.as_deref(), Some("too full"));
 
-    // What is planned from period 2 on, for the fleet's feasibility estimate.
+    // What is planned from a period on, for the fleet's feasibility estimate: each device's
+    // newest live version, by device.
+    create(l, "d2", 20).await;
+    create(l, "d2", 30).await;
     let planned = store
         .planned_from(day().date(), day().period_start(1))
         .await
         .unwrap();
-    assert_eq!(planned.len(), 48);
-    assert_eq!(planned[0].1.rate(), RateKw::from_watts(10_000));
+    let ids: Vec<&str> = planned.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(ids, ["d1", "d2"]);
+    assert_eq!(planned[0].1.len(), 48);
+    assert_eq!(planned[0].1[0].rate(), RateKw::from_watts(10_000));
+    assert_eq!(planned[1].1[0].rate(), RateKw::from_watts(30_000));
     let rest = store
         .planned_from(day().date(), day().period_start(2))
         .await
         .unwrap();
-    assert_eq!(rest.len(), 47);
-    assert!(
-        rest.iter()
-            .all(|(d, sp)| d.as_str() == "d1" && sp.rate() == RateKw::ZERO)
-    );
+    assert_eq!(rest[0].1.len(), 47);
+    assert!(rest[0].1.iter().all(|sp| sp.rate() == RateKw::ZERO));
+    let after = store.planned_from(day().date(), day().end()).await.unwrap();
+    assert!(after.iter().all(|(_, rest)| rest.is_empty()), "{after:?}");
 }
 
 async fn a_batch_of_acks_is_applied_as_each_would_be_alone(l: &Ledger) {

@@ -196,6 +196,26 @@ fn bench_ingest_sends_every_command_and_closes_with_one_line() {
 }
 
 #[test]
+fn bench_ingest_with_today_measures_the_evening_ingestion_of_a_fleet_at_work() {
+    let last = bench(&["bench", "ingest", "--devices", "50", "--with-today"]);
+    // Every one of tomorrow's 50 is counted, not today's too.
+    assert!(
+        last.starts_with("bench ingest: devices 50, ") && last.contains("fetch to all sent"),
+        "{last}"
+    );
+    let both = run(&[
+        "bench",
+        "ingest",
+        "--devices",
+        "5",
+        "--with-today",
+        "--fleet",
+    ]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("--with-today and --fleet"));
+}
+
+#[test]
 fn bench_agent_measures_memory_lateness_and_acks_and_closes_with_one_line() {
     // A day at 20000x is 4.3 s of real time; the fleet's 4 boundaries at 5000x under 2 s.
     let last = bench(&[

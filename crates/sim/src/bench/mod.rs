@@ -24,7 +24,7 @@ use max300_protocol::message::{
     AckMsg, AckStatus, Fallback, HeartbeatMsg, ReportMsg, ReportStatus, V1,
 };
 use max300_protocol::{
-    Clock, DEFAULT_TIMEZONE, DeviceId, ManualClock, MessageId, RateKw, Setpoint, StoreId,
+    Clock, DEFAULT_TIMEZONE, DeviceId, ManualClock, MessageId, Mode, RateKw, Setpoint, StoreId,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +75,11 @@ pub struct IngestArgs {
     /// 10,000), `compact` only the busy ones (about 0.5 KB a device).
     #[arg(long, default_value = "rich", value_parser = ["rich", "compact"])]
     pub shape: String,
+    /// Measure the evening ingestion of a fleet already at work, as from its second day on:
+    /// first ingest today's plans and record a heartbeat with a state of charge from every
+    /// unit, so the ingestion also checks each new plan against the rest of today's.
+    #[arg(long)]
+    pub with_today: bool,
 }
 
 /// `max300 bench dashboard`
@@ -198,6 +203,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     if args.devices == 0 || args.devices > 1_000_000 {
         anyhow::bail!("--devices: {} is not within 1..=1000000", args.devices);
     }
+    if args.fleet && args.with_today {
+        anyhow::bail!(
+            "--with-today and --fleet: not together (the fleet would ack today's plans too)"
+        );
+    }
     let tz = time_zone(DEFAULT_TIMEZONE)?;
     let eve = DATE
         .yesterday()?
@@ -215,8 +225,16 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         "compact" => Shape::Compact,
         _ => Shape::Rich,
     };
-    let (provider_addr, size) =
-        serve_document(&provider, shape, eve, dir.path(), shutdown.clone()).await?;
+    let today = DATE.yesterday()?;
+    let (provider_addr, size) = serve_documents(
+        &provider,
+        shape,
+        eve,
+        dir.path(),
+        &[DATE, today],
+        shutdown.clone(),
+    )
+    .await?;
     let clients = if args.fleet { args.devices + 8 } else { 8 };
     let mqtt = match &args.mqtt {
         Some(url) => url.clone(),
@@ -237,6 +255,12 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         None
     };
 
+    use max300_cloud::CommandState::{Acknowledged, Sent};
+    if args.with_today {
+        at_work(&cloud, &provider, today, eve).await?;
+    }
+    // Today's commands, when the fleet is at work: not this ingestion's.
+    let already = count(&cloud.store, &[Sent, Acknowledged]).await?;
     let before = peak_memory_kb().unwrap_or(0);
     // Linux: start the peak over from here, so it measures the ingestion, not the set-up.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -244,9 +268,8 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let report = cloud.ingestor.fetch(DATE, None).await?;
     let took = t0.elapsed();
     let peak = peak_memory_kb().unwrap_or(0);
-    use max300_cloud::CommandState::{Acknowledged, Sent};
     // With a fleet, the first acks land while the last commands are still being published.
-    let sent = count(&cloud.store, &[Sent, Acknowledged]).await?;
+    let sent = count(&cloud.store, &[Sent, Acknowledged]).await? - already;
     let acked = match fleet {
         Some(fleet) => {
             let waited = wait_acknowledged(&cloud.store, args.devices, t0).await;
@@ -297,6 +320,43 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A fleet at work at `now`: `today`'s plans ingested, and a heartbeat with a state of charge
+/// recorded for every unit.
+async fn at_work(
+    cloud: &Cloud,
+    provider: &SampleProvider,
+    today: Date,
+    now: Timestamp,
+) -> anyhow::Result<()> {
+    let report = cloud.ingestor.fetch(today, None).await?;
+    anyhow::ensure!(
+        report.accepted.len() == provider.devices.len(),
+        "today: {} of {} plans accepted",
+        report.accepted.len(),
+        provider.devices.len()
+    );
+    for chunk in report.accepted.chunks(1000) {
+        let heartbeats: Vec<HeartbeatMsg> = chunk
+            .iter()
+            .map(|c| HeartbeatMsg {
+                v: V1,
+                device_id: c.device_id.clone(),
+                at: now,
+                uptime_s: 3600,
+                agent_version: "bench".into(),
+                active_message_id: Some(c.message_id.clone()),
+                mode: Mode::Idle,
+                rate_kw: RateKw::ZERO,
+                soc_pct: Some(50.0),
+                fallback: None,
+                outbox: 0,
+            })
+            .collect();
+        cloud.store.record_heartbeats(&heartbeats, now).await?;
+    }
+    Ok(())
+}
+
 /// Writes the sample document for [`DATE`] to a file in `dir`, a device at a time, and
 /// serves it from there in chunks until `shutdown`: the benches measure the service, and
 /// their own process holds no copy of the document (136 MB at 100,000 devices, rich).
@@ -308,37 +368,61 @@ pub(crate) async fn serve_document(
     dir: &std::path::Path,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(std::net::SocketAddr, u64)> {
-    let path = dir.join("tomorrow.json");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    provider.write_document(&mut file, DATE, generated_at, shape)?;
-    std::io::Write::flush(&mut file)?;
-    drop(file);
-    let size = std::fs::metadata(&path)?.len();
+    serve_documents(provider, shape, generated_at, dir, &[DATE], shutdown).await
+}
+
+/// [`serve_document`] for each of `dates` (the first is served when no `?date=` names one).
+/// Returns the address and the size of the first date's document.
+pub(crate) async fn serve_documents(
+    provider: &SampleProvider,
+    shape: Shape,
+    generated_at: Timestamp,
+    dir: &std::path::Path,
+    dates: &[Date],
+    shutdown: CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, u64)> {
+    let mut paths = BTreeMap::new();
+    for date in dates {
+        let path = dir.join(format!("{date}.json"));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        provider.write_document(&mut file, *date, generated_at, shape)?;
+        std::io::Write::flush(&mut file)?;
+        paths.insert(date.to_string(), path);
+    }
+    let first = dates.first().context("no date to serve")?.to_string();
+    let size = std::fs::metadata(&paths[&first])?.len();
+    let paths = Arc::new(paths);
     let app = axum::Router::new().route(
         "/tomorrow",
-        axum::routing::get(move || {
-            let path = path.clone();
-            async move {
-                let file = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR)?;
-                let chunks = futures_util::stream::unfold(file, |mut file| async move {
-                    let mut buf = vec![0; 64 * 1024];
-                    match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
-                        Ok(0) => None,
-                        Ok(n) => {
-                            buf.truncate(n);
-                            Some((Ok::<_, std::io::Error>(buf), file))
+        axum::routing::get(
+            move |query: axum::extract::Query<BTreeMap<String, String>>| {
+                let path = query
+                    .get("date")
+                    .and_then(|d| paths.get(d))
+                    .unwrap_or(&paths[&first])
+                    .clone();
+                async move {
+                    let file = tokio::fs::File::open(&path)
+                        .await
+                        .map_err(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR)?;
+                    let chunks = futures_util::stream::unfold(file, |mut file| async move {
+                        let mut buf = vec![0; 64 * 1024];
+                        match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
+                            Ok(0) => None,
+                            Ok(n) => {
+                                buf.truncate(n);
+                                Some((Ok::<_, std::io::Error>(buf), file))
+                            }
+                            Err(e) => Some((Err(e), file)),
                         }
-                        Err(e) => Some((Err(e), file)),
-                    }
-                });
-                Ok::<_, axum::http::StatusCode>((
-                    [("content-type", "application/json")],
-                    axum::body::Body::from_stream(chunks),
-                ))
-            }
-        }),
+                    });
+                    Ok::<_, axum::http::StatusCode>((
+                        [("content-type", "application/json")],
+                        axum::body::Body::from_stream(chunks),
+                    ))
+                }
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg};
-use max300_protocol::{DeviceId, MessageId, RateKw};
+use max300_protocol::{Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tracing::{debug, warn};
@@ -23,10 +23,10 @@ use self::rows::{
     control_row, conversion, dates_around, device_row, parsed, subject, summary_row, ts, versions,
     write_unit,
 };
-use super::text::{encode_plan, instant};
+use super::text::{decode_plan, encode_plan, instant};
 use super::{
     AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
-    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written,
+    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written, rest_of,
 };
 use crate::CloudError;
 use crate::lifecycle::feedback::AckTarget;
@@ -711,6 +711,59 @@ impl CommandStore for SqliteStore {
             ))?
             .query_map([date.to_string()], command_row)?
             .collect()
+        })
+        .await
+    }
+
+    /// Read a row at a time, in the date index's device order, keeping only each device's
+    /// newest live plan text until its last row: memory for what is returned, not for every
+    /// command of the date.
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Vec<Setpoint>)>, CloudError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT device_id, version, state, timezone, plan FROM commands
+                 WHERE schedule_date = ?1 ORDER BY device_id",
+            )?;
+            let mut rows = stmt.query([date.to_string()])?;
+            let mut out = Vec::new();
+            // The device whose rows are being read, and its newest live version so far.
+            let mut group: Option<(String, Option<(u32, String, String)>)> = None;
+            let close = |group: Option<(String, Option<(u32, String, String)>)>,
+                         out: &mut Vec<(DeviceId, Vec<Setpoint>)>|
+             -> rusqlite::Result<()> {
+                if let Some((device, Some((_, tz, plan)))) = group {
+                    let day = Day::named(date, &tz).map_err(conversion)?;
+                    let schedule = Schedule::new(
+                        parsed(device)?,
+                        day,
+                        decode_plan(&plan).map_err(conversion)?,
+                    )
+                    .ok_or_else(|| conversion("stored plan does not match its date"))?;
+                    out.push((schedule.device_id().clone(), rest_of(&schedule, from)));
+                }
+                Ok(())
+            };
+            while let Some(r) = rows.next()? {
+                let device: String = r.get(0)?;
+                if group.as_ref().is_none_or(|(d, _)| *d != device) {
+                    close(group.take(), &mut out)?;
+                    group = Some((device, None));
+                }
+                let state: CommandState = parsed(r.get(2)?)?;
+                let version: u32 = r.get(1)?;
+                if let Some((_, best)) = group.as_mut()
+                    && state.is_live()
+                    && best.as_ref().is_none_or(|(v, _, _)| version > *v)
+                {
+                    *best = Some((version, r.get(3)?, r.get(4)?));
+                }
+            }
+            close(group, &mut out)?;
+            Ok(out)
         })
         .await
     }
