@@ -802,7 +802,7 @@ impl Ingestor {
     async fn outlook(&self, now: Timestamp) -> Result<Outlook, CloudError> {
         let soc: HashMap<DeviceId, f64> = self
             .store
-            .devices()
+            .device_briefs()
             .await?
             .into_iter()
             .filter_map(|d| Some((d.device_id, d.soc_pct?)))
@@ -828,7 +828,7 @@ impl Ingestor {
     async fn fleet(&self) -> Result<Fleet, CloudError> {
         let devices: BTreeMap<DeviceId, RateKw> = self
             .store
-            .devices()
+            .device_briefs()
             .await?
             .into_iter()
             .map(|d| (d.device_id, d.max_rate_kw.unwrap_or(self.default_max_rate)))

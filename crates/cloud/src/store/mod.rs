@@ -64,6 +64,17 @@ pub struct DeviceRecord {
     pub outbox: Option<u64>,
 }
 
+/// What an ingestion needs of a registered device: its own rate limit and its last SoC.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceBrief {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its own rate limit, if it has one.
+    pub max_rate_kw: Option<RateKw>,
+    /// State of charge from the last heartbeat.
+    pub soc_pct: Option<f64>,
+}
+
 /// A command to create: one device's schedule with the id it will carry.
 #[derive(Clone, Debug)]
 pub struct NewCommand {
@@ -599,6 +610,22 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
                 schedule_date: c.schedule.day().date(),
                 version: c.version,
                 sha256: c.sha256(),
+            })
+            .collect())
+    }
+
+    /// Every device's [`DeviceBrief`], in id order: what an ingestion reads of the fleet,
+    /// without the rest of each record. This default reads the whole records; a store that
+    /// can read three fields keeps a third of the memory (some 9 MB at 100,000 units, not 23).
+    async fn device_briefs(&self) -> Result<Vec<DeviceBrief>, CloudError> {
+        Ok(self
+            .devices()
+            .await?
+            .into_iter()
+            .map(|d| DeviceBrief {
+                device_id: d.device_id,
+                max_rate_kw: d.max_rate_kw,
+                soc_pct: d.soc_pct,
             })
             .collect())
     }

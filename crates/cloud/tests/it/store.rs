@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use max300_cloud::lifecycle::Subject;
-use max300_cloud::store::{Cancel, CommandStore, IngestionCounts, Insert, NewCommand, Recorded};
+use max300_cloud::store::{
+    Cancel, CommandStore, DeviceBrief, IngestionCounts, Insert, NewCommand, Recorded,
+};
 use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, Fallback, ReportMsg, ReportStatus, V1};
 use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId, TraceParent};
@@ -435,6 +437,27 @@ async fn registers_devices_and_records_heartbeats(l: &Ledger) {
     assert_eq!(rec.rate_kw, Some(RateKw::from_watts(12_500)));
     assert_eq!(rec.fallback, Some(Fallback::NoSchedule));
     assert_eq!(store.devices().await.unwrap().len(), 1);
+    // What an ingestion reads of the fleet; a device never heard from has no SoC.
+    store
+        .register_device(&DeviceId::parse("d0").unwrap(), None, eve())
+        .await
+        .unwrap();
+    let briefs = store.device_briefs().await.unwrap();
+    assert_eq!(
+        briefs,
+        [
+            DeviceBrief {
+                device_id: DeviceId::parse("d0").unwrap(),
+                max_rate_kw: None,
+                soc_pct: None,
+            },
+            DeviceBrief {
+                device_id: d,
+                max_rate_kw: Some(RateKw::from_watts(90_000)),
+                soc_pct: Some(40.0),
+            },
+        ]
+    );
 }
 
 async fn reports_before_the_ack_still_complete_the_command(l: &Ledger) {

@@ -20,12 +20,12 @@ mod rows;
 
 use self::rows::{
     COMMAND_COLUMNS, CONTROL_COLUMNS, DEVICE_COLUMNS, SUMMARY_COLUMNS, command_by_id, command_row,
-    control_row, conversion, dates_around, device_row, parsed, subject, summary_row, ts, versions,
-    write_unit,
+    control_row, conversion, dates_around, device_row, parsed, rate, subject, summary_row, ts,
+    versions, write_unit,
 };
 use super::text::{decode_plan, encode_plan, instant};
 use super::{
-    AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
+    AckContext, CommandLog, CommandStore, CommandSummary, DeviceBrief, DeviceRecord, Due, Fence,
     IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written, rest_of,
 };
 use crate::CloudError;
@@ -424,6 +424,23 @@ impl CommandStore for SqliteStore {
                 }
             }
             tx.commit()
+        })
+        .await
+    }
+
+    async fn device_briefs(&self) -> Result<Vec<DeviceBrief>, CloudError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT device_id, max_rate_w, soc_pct FROM devices ORDER BY device_id",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(DeviceBrief {
+                    device_id: parsed(r.get(0)?)?,
+                    max_rate_kw: rate(r.get(1)?),
+                    soc_pct: r.get(2)?,
+                })
+            })?
+            .collect()
         })
         .await
     }
