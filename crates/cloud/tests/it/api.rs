@@ -1234,13 +1234,13 @@ async fn the_fleet_view_raises_alerts_sorts_problems_first_and_follows_the_day()
     assert!(err["error"].as_str().unwrap().contains("date"), "{err}");
 }
 
-#[tokio::test]
-async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
-    let app = TestApp::start(None).await;
-    let (client, mut inbox) = app.device("d1").await;
+/// Device `d1`, registered and heard from at `soc` %, as the fleet view shows it: its client
+/// and its inbox.
+async fn unit_at_soc(app: &TestApp, soc: f64) -> (Session, mpsc::Receiver<Message>) {
+    let (client, inbox) = app.device("d1").await;
     app.register("d1").await;
     let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
-                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":85.0,"outbox":0});
+                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":soc,"outbox":0});
     client
         .publish(
             "max300/d1/heartbeat".into(),
@@ -1249,7 +1249,14 @@ async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
         )
         .await
         .unwrap();
-    fleet_until(&app, |f| line(f, "d1")["soc_pct"] == 85.0).await;
+    fleet_until(app, |f| line(f, "d1")["soc_pct"] == soc).await;
+    (client, inbox)
+}
+
+#[tokio::test]
+async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
+    let app = TestApp::start(None).await;
+    let (_client, mut inbox) = unit_at_soc(&app, 85.0).await;
 
     // 50 kW for half an hour is 25 kWh, about 8 % of 300 kWh: 85 % would pass soc_max (90 %).
     let (status, body) = app.post("/api/schedules", document(50.0)).await;
@@ -1274,19 +1281,7 @@ async fn a_plan_that_would_overcharge_a_unit_is_accepted_with_a_warning() {
 #[tokio::test]
 async fn tomorrows_plan_is_checked_from_where_the_rest_of_todays_leaves_the_unit() {
     let app = TestApp::start(None).await;
-    let (client, _inbox) = app.device("d1").await;
-    app.register("d1").await;
-    let hb = json!({"type":"heartbeat","v":1,"device_id":"d1","at":"2026-11-29T16:00:00Z","uptime_s":1,
-                    "agent_version":"x","mode":"idle","rate_kw":0,"soc_pct":50.0,"outbox":0});
-    client
-        .publish(
-            "max300/d1/heartbeat".into(),
-            hb.to_string().into_bytes(),
-            Qos::AtLeastOnce,
-        )
-        .await
-        .unwrap();
-    fleet_until(&app, |f| line(f, "d1")["soc_pct"] == 50.0).await;
+    let _unit = unit_at_soc(&app, 50.0).await;
     // This evening, 16:00-17:00: two periods of 60 kW out, 30 kWh each, about 10.7 % of
     // 300 kWh each with the default pack's losses: 50 % -> about 29 %.
     let evening: Vec<Value> = (33..=34)
