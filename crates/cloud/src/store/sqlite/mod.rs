@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg};
-use max300_protocol::{Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
+use max300_protocol::{DeviceId, MessageId, RateKw, Setpoint};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tracing::{debug, warn};
@@ -19,14 +19,14 @@ mod migrate;
 mod rows;
 
 use self::rows::{
-    COMMAND_COLUMNS, CONTROL_COLUMNS, DEVICE_COLUMNS, SUMMARY_COLUMNS, command_by_id, command_row,
-    control_row, conversion, dates_around, device_row, parsed, rate, subject, summary_row, ts,
-    versions, write_unit,
+    COMMAND_COLUMNS, CONTROL_COLUMNS, DEVICE_COLUMNS, SUMMARY_COLUMNS, StoredPlan, command_by_id,
+    command_row, control_row, conversion, dates_around, device_row, parsed, rate, subject,
+    summary_row, ts, versions, write_unit,
 };
-use super::text::{decode_plan, encode_plan, instant};
+use super::text::{encode_plan, instant};
 use super::{
     AckContext, CommandLog, CommandStore, CommandSummary, DeviceBrief, DeviceRecord, Due, Fence,
-    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written, rest_of,
+    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written,
 };
 use crate::CloudError;
 use crate::lifecycle::feedback::AckTarget;
@@ -747,39 +747,32 @@ impl CommandStore for SqliteStore {
             )?;
             let mut rows = stmt.query([date.to_string()])?;
             let mut out = Vec::new();
-            // The device whose rows are being read, and its newest live version so far.
-            let mut group: Option<(String, Option<(u32, String, String)>)> = None;
-            let close = |group: Option<(String, Option<(u32, String, String)>)>,
-                         out: &mut Vec<(DeviceId, Vec<Setpoint>)>|
-             -> rusqlite::Result<()> {
-                if let Some((device, Some((_, tz, plan)))) = group {
-                    let day = Day::named(date, &tz).map_err(conversion)?;
-                    let schedule = Schedule::new(
-                        parsed(device)?,
-                        day,
-                        decode_plan(&plan).map_err(conversion)?,
-                    )
-                    .ok_or_else(|| conversion("stored plan does not match its date"))?;
-                    out.push((schedule.device_id().clone(), rest_of(&schedule, from)));
-                }
-                Ok(())
-            };
+            // A device's rows come one after another: keep the newest live one's until the
+            // next device's.
+            let mut newest: Option<StoredPlan> = None;
             while let Some(r) = rows.next()? {
-                let device: String = r.get(0)?;
-                if group.as_ref().is_none_or(|(d, _)| *d != device) {
-                    close(group.take(), &mut out)?;
-                    group = Some((device, None));
+                if !parsed::<CommandState>(r.get(2)?)?.is_live() {
+                    continue;
                 }
-                let state: CommandState = parsed(r.get(2)?)?;
-                let version: u32 = r.get(1)?;
-                if let Some((_, best)) = group.as_mut()
-                    && state.is_live()
-                    && best.as_ref().is_none_or(|(v, _, _)| version > *v)
-                {
-                    *best = Some((version, r.get(3)?, r.get(4)?));
+                let (device, version): (String, u32) = (r.get(0)?, r.get(1)?);
+                match newest.take() {
+                    Some(n) if n.device == device && n.version >= version => {
+                        newest = Some(n);
+                        continue;
+                    }
+                    Some(n) if n.device != device => out.push(n.rest(date, from)?),
+                    _ => {}
                 }
+                newest = Some(StoredPlan {
+                    device,
+                    version,
+                    timezone: r.get(3)?,
+                    plan: r.get(4)?,
+                });
             }
-            close(group, &mut out)?;
+            if let Some(n) = newest {
+                out.push(n.rest(date, from)?);
+            }
             Ok(out)
         })
         .await

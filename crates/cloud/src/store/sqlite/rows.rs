@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::lifecycle::{Command, Control, Marks, Subject};
 use crate::store::text::{decode_plan, instant};
-use crate::store::{CommandSummary, ControlWrite, DeviceRecord, Record, Unit};
+use crate::store::{CommandSummary, ControlWrite, DeviceRecord, Record, Unit, rest_of};
 
 pub(super) fn conversion(e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
@@ -310,6 +310,29 @@ pub(super) fn device_row(row: &rusqlite::Row) -> rusqlite::Result<DeviceRecord> 
         active_message_id: row.get(8)?,
         outbox: row.get::<_, Option<i64>>(9)?.map(|n| n.max(0) as u64),
     })
+}
+
+/// A command's plan as stored, read without the rest of its row.
+pub(super) struct StoredPlan {
+    pub(super) device: String,
+    pub(super) version: u32,
+    pub(super) timezone: String,
+    pub(super) plan: String,
+}
+
+impl StoredPlan {
+    /// The device and its setpoints for `date` from the period that starts at or after `from`.
+    pub(super) fn rest(
+        self,
+        date: Date,
+        from: Timestamp,
+    ) -> rusqlite::Result<(max300_protocol::DeviceId, Vec<max300_protocol::Setpoint>)> {
+        let day = Day::named(date, &self.timezone).map_err(conversion)?;
+        let setpoints = decode_plan(&self.plan).map_err(conversion)?;
+        let schedule = Schedule::new(parsed(self.device)?, day, setpoints)
+            .ok_or_else(|| conversion("stored plan does not match its date"))?;
+        Ok((schedule.device_id().clone(), rest_of(&schedule, from)))
+    }
 }
 
 pub(super) const DEVICE_COLUMNS: &str = "device_id, max_rate_w, registered_at, last_seen, mode, rate_w, \
