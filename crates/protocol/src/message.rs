@@ -61,11 +61,23 @@ pub struct WireInterval {
     /// 1-based period number.
     pub period: u32,
     /// The period's start (UTC).
+    #[serde(serialize_with = "utc")]
     pub start: Timestamp,
     /// What to do.
     pub mode: Mode,
     /// At what rate.
     pub rate_kw: RateKw,
+}
+
+/// A timestamp as jiff serializes one, printed without jiff's printer where it can be (see
+/// [`crate::schedule::utc_seconds`]): an ingestion encodes 48 of them for each unit.
+fn utc<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    match crate::schedule::utc_seconds(*t) {
+        Some(text) => {
+            s.serialize_str(std::str::from_utf8(&text).map_err(serde::ser::Error::custom)?)
+        }
+        None => t.serialize(s),
+    }
 }
 
 /// A normalized plan for one device and date.

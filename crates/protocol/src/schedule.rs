@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use jiff::Timestamp;
 use sha2::{Digest, Sha256};
 
 use crate::{Day, DeviceId, Setpoint};
@@ -123,28 +124,41 @@ impl Schedule {
 fn hash_line(out: &mut Vec<u8>, p: &Period) {
     digits(out, u64::from(p.period), 1);
     out.push(b',');
-    let t = jiff::tz::Offset::UTC.to_datetime(p.start);
-    if (0..=9999).contains(&t.year()) && t.subsec_nanosecond() == 0 {
-        let fields = [
-            (t.year() as u64, 4, b'-'),
-            (t.month() as u64, 2, b'-'),
-            (t.day() as u64, 2, b'T'),
-            (t.hour() as u64, 2, b':'),
-            (t.minute() as u64, 2, b':'),
-            (t.second() as u64, 2, b'Z'),
-        ];
-        for (n, width, then) in fields {
-            digits(out, n, width);
-            out.push(then);
-        }
-    } else {
-        out.extend_from_slice(p.start.to_string().as_bytes());
+    match utc_seconds(p.start) {
+        Some(text) => out.extend_from_slice(&text),
+        None => out.extend_from_slice(p.start.to_string().as_bytes()),
     }
     out.push(b',');
     out.extend_from_slice(p.setpoint.mode().as_str().as_bytes());
     out.push(b',');
     digits(out, u64::from(p.setpoint.rate().watts()), 1);
     out.push(b'\n');
+}
+
+/// `t` as jiff prints a timestamp, `2026-11-30T00:00:00Z`, without its printer: a schedule
+/// message carries 48 of them and the hash another 48, for each of a fleet's units. `None`
+/// outside years 0–9999 or off the whole second, which are left to jiff.
+pub(crate) fn utc_seconds(t: Timestamp) -> Option<[u8; 20]> {
+    let t = jiff::tz::Offset::UTC.to_datetime(t);
+    if !(0..=9999).contains(&t.year()) || t.subsec_nanosecond() != 0 {
+        return None;
+    }
+    let mut text = *b"0000-00-00T00:00:00Z";
+    let fields = [
+        (0..4, t.year() as u32),
+        (5..7, t.month() as u32),
+        (8..10, t.day() as u32),
+        (11..13, t.hour() as u32),
+        (14..16, t.minute() as u32),
+        (17..19, t.second() as u32),
+    ];
+    for (place, mut n) in fields {
+        for b in text[place].iter_mut().rev() {
+            *b = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+    Some(text)
 }
 
 /// `n` in decimal, zero-padded to at least `width` digits.
@@ -184,6 +198,45 @@ mod tests {
 
     fn day() -> Day {
         Day::named(date(2026, 11, 30), "Europe/London").unwrap()
+    }
+
+    #[test]
+    fn a_start_is_printed_as_jiff_prints_it() {
+        // Every half hour over two years (both clock changes, a leap day), the first and last
+        // instants the fast path takes, and the ones it leaves to jiff.
+        let first: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut starts: Vec<Timestamp> = (0..2 * 366 * 48)
+            .map(|i| first + jiff::SignedDuration::from_mins(30 * i))
+            .collect();
+        for text in [
+            "0000-01-01T00:00:00Z",
+            "9999-12-30T21:59:59Z",
+            "2026-11-30T00:00:00.5Z",
+            "-000001-06-01T00:00:00Z",
+        ] {
+            starts.push(text.parse().unwrap());
+        }
+        let mut taken = 0;
+        for t in starts {
+            let jiff = t.to_string();
+            let json = serde_json::to_string(&crate::message::WireInterval {
+                period: 1,
+                start: t,
+                mode: Mode::Idle,
+                rate_kw: RateKw::ZERO,
+            })
+            .unwrap();
+            assert!(json.contains(&format!(r#""start":"{jiff}""#)), "{json}");
+            if let Some(text) = utc_seconds(t) {
+                assert_eq!(std::str::from_utf8(&text).unwrap(), jiff);
+                taken += 1;
+            }
+        }
+        assert_eq!(
+            taken,
+            2 * 366 * 48 + 2,
+            "the fast path takes every whole second"
+        );
     }
 
     #[test]
