@@ -210,6 +210,11 @@ impl SqliteStore {
             .and_then(|_| conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true))
             .and_then(|_| conn.pragma_update(None, "cache_size", -CACHE_KIB))
             .and_then(|_| conn.pragma_update(None, "journal_size_limit", CHECKPOINT_PAGES * 4096))
+            // A unit's savepoint copies each page it changes to a statement journal. Past
+            // 64 KiB once, that journal became a temporary file for good, and every copy a
+            // write to it: 7 % of the cloud's CPU while 10,000 acks came in. In memory, it is
+            // emptied at each unit's end.
+            .and_then(|_| conn.pragma_update(None, "temp_store", "MEMORY"))
             .and_then(|_| conn.execute_batch(SCHEMA))
             .and_then(|_| migrate::run(&mut conn))
             .and_then(|_| conn.execute_batch(LATE_INDEXES))
