@@ -98,16 +98,14 @@ impl Pack {
             .fold(soc_pct, |soc, sp| self.step(soc, *sp).0)
     }
 
-    /// Plays `before` (the rest of the current plan) from `soc_pct`, then `plan`; `None` when
-    /// the plan runs as written.
+    /// Plays `plan` from `soc_pct` (for a later day, where [`Pack::play`] leaves the rest of
+    /// the current plan); `None` when the plan runs as written.
     pub fn check(
         &self,
         soc_pct: f64,
-        before: &[Setpoint],
         plan: impl IntoIterator<Item = (u32, Setpoint)>,
     ) -> Option<Infeasible> {
-        let mut soc = self.play(soc_pct, before);
-        let start_soc_pct = soc;
+        let mut soc = soc_pct;
         let mut first: Option<(Limit, u32)> = None;
         let mut periods_cut = 0;
         for (period, setpoint) in plan {
@@ -122,7 +120,7 @@ impl Pack {
             limit,
             period,
             periods_cut,
-            start_soc_pct: (start_soc_pct * 10.0).round() / 10.0,
+            start_soc_pct: (soc_pct * 10.0).round() / 10.0,
         })
     }
 }
@@ -152,14 +150,14 @@ mod tests {
     fn a_plan_within_the_window_is_feasible() {
         // 6 × 0.5 h × 50 kW = 150 kWh = 50 %: 30 % → 80 %.
         let plan = [sp(Mode::Charge, 50); 6];
-        assert_eq!(PACK.check(30.0, &[], numbered(&plan)), None);
+        assert_eq!(PACK.check(30.0, numbered(&plan)), None);
     }
 
     #[test]
     fn charge_past_soc_max_names_the_first_period_cut() {
         // 30 % + 5 × 10 % = 80 %, the sixth period would reach 90 %, the seventh 100 %.
         let plan = [sp(Mode::Charge, 60); 8];
-        let bad = PACK.check(30.0, &[], numbered(&plan)).unwrap();
+        let bad = PACK.check(30.0, numbered(&plan)).unwrap();
         assert_eq!(
             (bad.limit, bad.period, bad.periods_cut),
             (Limit::SocMax, 7, 2)
@@ -177,13 +175,15 @@ mod tests {
             sp(Mode::Discharge, 60),
             sp(Mode::Discharge, 60),
         ];
-        let bad = PACK.check(50.0, &evening, numbered(&plan)).unwrap();
+        let bad = PACK
+            .check(PACK.play(50.0, &evening), numbered(&plan))
+            .unwrap();
         assert_eq!(
             (bad.limit, bad.period, bad.start_soc_pct),
             (Limit::SocMin, 3, 20.0)
         );
         assert_eq!(
-            PACK.check(50.0, &[], numbered(&plan)),
+            PACK.check(50.0, numbered(&plan)),
             None,
             "without the evening"
         );
@@ -197,8 +197,8 @@ mod tests {
         };
         // Discharging 80 % of stored energy costs 80 / 0.9 = 88.9 % with losses.
         let plan = [sp(Mode::Discharge, 60); 8];
-        assert_eq!(PACK.check(90.0, &[], numbered(&plan)), None);
-        assert!(lossy.check(90.0, &[], numbered(&plan)).is_some());
+        assert_eq!(PACK.check(90.0, numbered(&plan)), None);
+        assert!(lossy.check(90.0, numbered(&plan)).is_some());
     }
 
     proptest! {
@@ -211,7 +211,7 @@ mod tests {
                 .into_iter()
                 .map(|(m, kw)| sp([Mode::Charge, Mode::Discharge, Mode::Idle][usize::from(m)], kw))
                 .collect();
-            if let Some(bad) = PACK.check(start, &[], numbered(&plan)) {
+            if let Some(bad) = PACK.check(start, numbered(&plan)) {
                 prop_assert!(bad.periods_cut >= 1);
                 prop_assert!(bad.period >= 1 && bad.period as usize <= plan.len());
             }

@@ -779,7 +779,7 @@ impl Ingestor {
                 .periods()
                 .filter(|p| later_day || p.start >= outlook.from)
                 .map(|p| (p.period, p.setpoint));
-            if let Some(bad) = self.pack.check(soc, &[], plan) {
+            if let Some(bad) = self.pack.check(soc, plan) {
                 warn!(device_id = %device, message_id = %message_id, warning = %bad.message(), "plan may not run as written");
                 warnings.push(WarningRef {
                     device_id: device.clone(),
