@@ -855,9 +855,18 @@ async fn keeps_every_send_and_a_warning_with_the_command(l: &Ledger) {
     assert_eq!(detail.warning.as_deref(), Some("too full"));
 
     // What is planned from a period on, for the fleet's feasibility estimate: each device's
-    // newest live version, by device.
+    // newest live version, by device. d2's newest is cancelled, so its older one stands; d3
+    // has none live.
     create(l, "d2", 20).await;
-    create(l, "d2", 30).await;
+    let (d2_v2, _) = create(l, "d2", 30).await;
+    let (d3, _) = create(l, "d3", 50).await;
+    for id in [&d2_v2, &d3] {
+        let cancelled = l.cancel(id, MessageId::generate(eve()), eve()).await;
+        assert!(
+            matches!(cancelled, Ok(Cancel::Cancelled(_))),
+            "{cancelled:?}"
+        );
+    }
     let planned = store
         .planned_from(day().date(), day().period_start(1))
         .await
@@ -866,7 +875,7 @@ async fn keeps_every_send_and_a_warning_with_the_command(l: &Ledger) {
     assert_eq!(ids, ["d1", "d2"]);
     assert_eq!(planned[0].1.len(), 48);
     assert_eq!(planned[0].1[0].rate(), RateKw::from_watts(10_000));
-    assert_eq!(planned[1].1[0].rate(), RateKw::from_watts(30_000));
+    assert_eq!(planned[1].1[0].rate(), RateKw::from_watts(20_000));
     let rest = store
         .planned_from(day().date(), day().period_start(2))
         .await
