@@ -93,9 +93,30 @@ pub fn next_version(latest: Option<(u32, &str)>, sha256: &str) -> Option<u32> {
 pub fn standing<'a>(
     commands: impl IntoIterator<Item = &'a Command>,
 ) -> std::collections::BTreeMap<jiff::civil::Date, &'a Command> {
-    newest_per(commands.into_iter().filter(|c| c.state.is_live()), |c| {
-        c.schedule.day().date()
-    })
+    standing_per(commands, |c| c.schedule.day().date())
+}
+
+/// The version that stands per key (a date of one device, a device on one date): see
+/// [`stands_over`].
+pub fn standing_per<'a, K: Ord>(
+    commands: impl IntoIterator<Item = &'a Command>,
+    key: impl Fn(&Command) -> K,
+) -> std::collections::BTreeMap<K, &'a Command> {
+    let mut out: std::collections::BTreeMap<K, &Command> = std::collections::BTreeMap::new();
+    for c in commands {
+        let k = key(c);
+        if stands_over(c.state, c.version, out.get(&k).map(|held| held.version)) {
+            out.insert(k, c);
+        }
+    }
+    out
+}
+
+/// Whether a version in `state` stands over `held`, the version standing so far for the same
+/// device and date: the newest live one stands. Stores that read versions one at a time ask
+/// this of each.
+pub fn stands_over(state: CommandState, version: u32, held: Option<u32>) -> bool {
+    state.is_live() && held.is_none_or(|held| version > held)
 }
 
 /// The newest version per key, whatever its state.

@@ -36,7 +36,7 @@ use serde::Serialize;
 
 pub use crate::lifecycle::HistoryEntry;
 use crate::lifecycle::feedback::AckTarget;
-use crate::lifecycle::{Command, Control, Mark, Step, Subject, newest_per, standing};
+use crate::lifecycle::{Command, Control, Mark, Step, Subject, newest_per, standing, standing_per};
 use crate::{CloudError, CommandState, PeriodStatus};
 
 /// A registered device and what its last heartbeat said.
@@ -640,10 +640,7 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         from: Timestamp,
     ) -> Result<Vec<(DeviceId, Vec<Setpoint>)>, CloudError> {
         let commands = self.on_date(date).await?;
-        let standing = newest_per(commands.iter().filter(|c| c.state.is_live()), |c| {
-            c.device_id().clone()
-        });
-        Ok(standing
+        Ok(standing_per(&commands, |c| c.device_id().clone())
             .into_iter()
             .map(|(device, c)| (device, rest_of(&c.schedule, from)))
             .collect())

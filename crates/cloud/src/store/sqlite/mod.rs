@@ -30,7 +30,9 @@ use super::{
 };
 use crate::CloudError;
 use crate::lifecycle::feedback::AckTarget;
-use crate::lifecycle::{Command, CommandState, HistoryEntry, Policy, Subject, next_version};
+use crate::lifecycle::{
+    Command, CommandState, HistoryEntry, Policy, Subject, next_version, stands_over,
+};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS devices (
@@ -756,17 +758,15 @@ impl CommandStore for SqliteStore {
             // next device's.
             let mut newest: Option<StoredPlan> = None;
             while let Some(r) = rows.next()? {
-                if !parsed::<CommandState>(r.get(2)?)?.is_live() {
-                    continue;
-                }
                 let (device, version): (String, u32) = (r.get(0)?, r.get(1)?);
-                match newest.take() {
-                    Some(n) if n.device == device && n.version >= version => {
-                        newest = Some(n);
-                        continue;
-                    }
-                    Some(n) if n.device != device => out.push(n.rest(date, from)?),
-                    _ => {}
+                let state: CommandState = parsed(r.get(2)?)?;
+                if newest.as_ref().is_some_and(|n| n.device != device)
+                    && let Some(n) = newest.take()
+                {
+                    out.push(n.rest(date, from)?);
+                }
+                if !stands_over(state, version, newest.as_ref().map(|n| n.version)) {
+                    continue;
                 }
                 newest = Some(StoredPlan {
                     device,
