@@ -102,14 +102,9 @@ pub fn standing_per<'a, K: Ord>(
     commands: impl IntoIterator<Item = &'a Command>,
     key: impl Fn(&Command) -> K,
 ) -> std::collections::BTreeMap<K, &'a Command> {
-    let mut out: std::collections::BTreeMap<K, &Command> = std::collections::BTreeMap::new();
-    for c in commands {
-        let k = key(c);
-        if stands_over(c.state, c.version, out.get(&k).map(|held| held.version)) {
-            out.insert(k, c);
-        }
-    }
-    out
+    best_per(commands, key, |c, held| {
+        stands_over(c.state, c.version, held)
+    })
 }
 
 /// Whether a version in `state` stands over `held`, the version standing so far for the same
@@ -124,12 +119,23 @@ pub fn newest_per<'a, K: Ord>(
     commands: impl IntoIterator<Item = &'a Command>,
     key: impl Fn(&Command) -> K,
 ) -> std::collections::BTreeMap<K, &'a Command> {
-    let mut newest: std::collections::BTreeMap<K, &Command> = std::collections::BTreeMap::new();
+    best_per(commands, key, |c, held| {
+        held.is_none_or(|held| c.version > held)
+    })
+}
+
+/// Per key, the last command that `wins` over the version held for its key so far.
+fn best_per<'a, K: Ord>(
+    commands: impl IntoIterator<Item = &'a Command>,
+    key: impl Fn(&Command) -> K,
+    wins: impl Fn(&Command, Option<u32>) -> bool,
+) -> std::collections::BTreeMap<K, &'a Command> {
+    let mut out: std::collections::BTreeMap<K, &Command> = std::collections::BTreeMap::new();
     for c in commands {
-        let slot = newest.entry(key(c)).or_insert(c);
-        if c.version > slot.version {
-            *slot = c;
+        let k = key(c);
+        if wins(c, out.get(&k).map(|held| held.version)) {
+            out.insert(k, c);
         }
     }
-    newest
+    out
 }
