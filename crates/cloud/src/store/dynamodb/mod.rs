@@ -29,7 +29,7 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::error::Cause;
 use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg};
-use max300_protocol::{DeviceId, MessageId, RateKw};
+use max300_protocol::{Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
 use tracing::debug;
 
 use self::item::{
@@ -38,14 +38,14 @@ use self::item::{
 };
 use self::request::{Change, backoff};
 use self::table::StoreUrl;
-use super::text::instant;
+use super::text::{decode_plan, instant};
 use super::{
     AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
-    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written,
+    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written, rest_of,
 };
 use crate::CloudError;
 use crate::lifecycle::feedback::AckTarget;
-use crate::lifecycle::{Command, CommandState, Policy, Subject};
+use crate::lifecycle::{Command, CommandState, Policy, Subject, stands_over};
 
 /// Shards of each sparse GSI key: enough that no index partition takes more than a sixteenth
 /// of a fleet-wide burst (10,000 acks or reports at one boundary), few enough that a listing
@@ -505,6 +505,66 @@ impl CommandStore for DynamoStore {
             .iter()
             .map(|i| self.command(i))
             .collect()
+    }
+
+    /// Reads five attributes of each of the date's commands, not whole items, and keeps per
+    /// device only the version that stands as each page arrives: the whole items of 100,000
+    /// commands were several hundred MB.
+    async fn planned_from(
+        &self,
+        date: Date,
+        from: Timestamp,
+    ) -> Result<Vec<(DeviceId, Vec<Setpoint>)>, CloudError> {
+        // Device, version, zone and plan text of the version that stands, per device.
+        type Standing = std::collections::BTreeMap<String, (u32, String, String)>;
+        const FIELDS: &[&str] = &["device_id", "version", "state", "timezone", "plan"];
+        let shards = self
+            .concurrently((0..SHARDS).collect(), move |store, shard| async move {
+                let pk = s(format!("DATE#{date}#{shard}"));
+                let mut standing = Standing::new();
+                store
+                    .query_pages(
+                        Some("gsi1"),
+                        "gsi1pk = :pk",
+                        &[(":pk", pk)],
+                        false,
+                        FIELDS,
+                        |page| {
+                            for item in page {
+                                let corrupt = |e: String| store.corrupt(e);
+                                let device = need(&item, "device_id").map_err(corrupt)?;
+                                let version: u32 = get_n(&item, "version")
+                                    .ok_or_else(|| corrupt("a command without version".into()))?;
+                                let state: CommandState = parse(&item, "state").map_err(corrupt)?;
+                                let held = standing.get(device).map(|(v, _, _)| *v);
+                                if stands_over(state, version, held) {
+                                    let tz = need(&item, "timezone").map_err(corrupt)?.to_owned();
+                                    let plan = need(&item, "plan").map_err(corrupt)?.to_owned();
+                                    standing.insert(device.to_owned(), (version, tz, plan));
+                                }
+                            }
+                            Ok(())
+                        },
+                    )
+                    .await?;
+                Ok(standing)
+            })
+            .await?;
+        // A device's commands are all in its one shard.
+        let mut out: Vec<(DeviceId, Vec<Setpoint>)> = Vec::new();
+        for (device, (_, tz, plan)) in shards.into_iter().flatten() {
+            let schedule = Day::named(date, &tz)
+                .map_err(|e| e.to_string())
+                .and_then(|day| {
+                    let id = DeviceId::parse(&device).map_err(|e| e.to_string())?;
+                    Schedule::new(id, day, decode_plan(&plan)?)
+                        .ok_or_else(|| "the stored plan does not match its date".to_owned())
+                })
+                .map_err(|e| self.corrupt(format!("{device} on {date}: {e}")))?;
+            out.push((schedule.device_id().clone(), rest_of(&schedule, from)));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     async fn command_log(&self, id: &MessageId) -> Result<Option<CommandLog>, CloudError> {

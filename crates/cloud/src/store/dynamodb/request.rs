@@ -119,6 +119,25 @@ impl DynamoStore {
         consistent: bool,
     ) -> Result<Vec<Item>, CloudError> {
         let mut out = Vec::new();
+        self.query_pages(index, cond, values, consistent, &[], |page| {
+            out.extend(page);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// [`Self::query`], a page at a time to `each`, with only `attributes` of each item when
+    /// any are named.
+    pub(super) async fn query_pages(
+        &self,
+        index: Option<&str>,
+        cond: &str,
+        values: &[(&str, AttributeValue)],
+        consistent: bool,
+        attributes: &[&str],
+        mut each: impl FnMut(Vec<Item>) -> Result<(), CloudError>,
+    ) -> Result<(), CloudError> {
         let mut start = None;
         loop {
             let mut q = self
@@ -130,15 +149,23 @@ impl DynamoStore {
             for (k, v) in values {
                 q = q.expression_attribute_values(*k, v.clone());
             }
+            if !attributes.is_empty() {
+                // Named by placeholder: some attribute names are reserved words.
+                let names: Vec<String> = (0..attributes.len()).map(|i| format!("#a{i}")).collect();
+                q = q.projection_expression(names.join(", "));
+                for (name, attribute) in names.iter().zip(attributes) {
+                    q = q.expression_attribute_names(name, *attribute);
+                }
+            }
             q = match index {
                 Some(i) => q.index_name(i),
                 None => q.consistent_read(consistent),
             };
             let page = q.send().await.map_err(|e| self.err("Query", e))?;
-            out.extend(page.items.unwrap_or_default());
+            each(page.items.unwrap_or_default())?;
             match page.last_evaluated_key {
                 Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(out),
+                _ => return Ok(()),
             }
         }
     }
