@@ -16,7 +16,7 @@ use max300_protocol::{Backoff, Clock, ProtocolError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::ingest::{Ingestor, LEASE, ingest_lease};
+use crate::ingest::{Ingestor, LEASE, Listing, ingest_lease};
 use crate::store::{Fence, Interrupted};
 use crate::{CloudError, CommandStore};
 
@@ -143,7 +143,7 @@ impl DailyFetch {
             None => None,
         };
         info!(schedule_date = %tomorrow, "daily fetch");
-        let fetched = ingestor.fetch(tomorrow, fence).await;
+        let fetched = ingestor.fetch(tomorrow, fence, Listing::Counts).await;
         // Given back either way: after a failure any instance may retry at once.
         if let Some(owner) = &self.owner
             && let Err(e) = store.release(&lease, owner).await

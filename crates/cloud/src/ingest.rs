@@ -78,15 +78,74 @@ pub struct WarningRef {
     pub warning: String,
 }
 
+/// How much of each device's outcome an ingestion's report names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// Every accepted and unchanged command by name: the HTTP API's answer (DESIGN §8).
+    Every,
+    /// Only how many: for a caller that prints or logs counts (the daily fetch, `max300
+    /// ingest`), so that the report's memory does not grow with the fleet (about 130 bytes a
+    /// device listed; 13 MB at 100,000 units).
+    Counts,
+}
+
+/// The commands of one outcome in an [`IngestReport`]: always counted, and named one by one
+/// when the run was asked for [`Listing::Every`]. Serialized as the list, or else the count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandRefs {
+    count: usize,
+    listed: Option<Vec<CommandRef>>,
+}
+
+impl CommandRefs {
+    fn new(listing: Listing) -> CommandRefs {
+        CommandRefs {
+            count: 0,
+            listed: (listing == Listing::Every).then(Vec::new),
+        }
+    }
+
+    fn push(&mut self, command: CommandRef) {
+        self.count += 1;
+        if let Some(listed) = &mut self.listed {
+            listed.push(command);
+        }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// None at all.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Each one, when the run listed them.
+    pub fn listed(&self) -> Option<&[CommandRef]> {
+        self.listed.as_deref()
+    }
+}
+
+impl Serialize for CommandRefs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.listed {
+            Some(listed) => listed.serialize(s),
+            None => s.serialize_u64(self.count as u64),
+        }
+    }
+}
+
 /// The answer to an ingestion (DESIGN §8).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct IngestReport {
     /// The local date.
     pub schedule_date: Date,
     /// New commands.
-    pub accepted: Vec<CommandRef>,
+    pub accepted: CommandRefs,
     /// Schedules identical to what is already held.
-    pub unchanged: Vec<CommandRef>,
+    pub unchanged: CommandRefs,
     /// Refused schedules.
     pub rejected: Vec<RejectedRef>,
     /// Accepted plans that would run into a unit's SoC limits (estimated; see
@@ -230,6 +289,7 @@ impl Ingestor {
         &self,
         date: Date,
         fence: Option<Fence>,
+        listing: Listing,
     ) -> Result<IngestReport, CloudError> {
         let provider = self.provider.as_ref().ok_or_else(|| {
             CloudError::config("provider: not configured, so there is nothing to fetch")
@@ -250,6 +310,7 @@ impl Ingestor {
             audit_key,
             Some(date),
             fence,
+            listing,
         )
         .await
     }
@@ -325,6 +386,7 @@ impl Ingestor {
                 run.audit_key.clone(),
                 Some(run.schedule_date),
                 fence,
+                Listing::Counts,
             )
             .await
         }
@@ -357,6 +419,7 @@ impl Ingestor {
             audit_key,
             None,
             None,
+            Listing::Every,
         )
         .await
     }
@@ -371,10 +434,13 @@ impl Ingestor {
         audit_key: String,
         want: Option<Date>,
         fence: Option<Fence>,
+        listing: Listing,
     ) -> Result<IngestReport, CloudError> {
         self.stage.send_replace(Stage::Normalizing);
         let report = self
-            .run_once(document, fleet, outline, source, audit_key, want, fence)
+            .run_once(
+                document, fleet, outline, source, audit_key, want, fence, listing,
+            )
             .await;
         self.stage.send_replace(Stage::Done);
         match &report {
@@ -394,6 +460,7 @@ impl Ingestor {
         audit_key: String,
         want: Option<Date>,
         fence: Option<Fence>,
+        listing: Listing,
     ) -> Result<IngestReport, CloudError> {
         let received = self.clock.now();
         let outline = match outline {
@@ -450,7 +517,7 @@ impl Ingestor {
             .begin_ingestion(date, source, &audit_key, received)
             .await?;
         let result = self
-            .commit_and_publish(document, outline, fleet, received, fence.as_ref())
+            .commit_and_publish(document, outline, fleet, received, fence.as_ref(), listing)
             .await;
         let outcome = match &result {
             Ok(report) => Ok(counts(report)),
@@ -492,6 +559,7 @@ impl Ingestor {
         fleet: Fleet,
         received: Timestamp,
         fence: Option<&Fence>,
+        listing: Listing,
     ) -> Result<IngestReport, CloudError> {
         let (outline, fleet) = (Arc::new(outline), Arc::new(fleet));
         let total = outline.most_schedules(&fleet);
@@ -501,8 +569,8 @@ impl Ingestor {
         let (ids_tx, ids) = mpsc::channel::<Vec<MessageId>>(2);
         let mut report = IngestReport {
             schedule_date: outline.day.date(),
-            accepted: Vec::new(),
-            unchanged: Vec::new(),
+            accepted: CommandRefs::new(listing),
+            unchanged: CommandRefs::new(listing),
             rejected: Vec::new(),
             warnings: Vec::new(),
         };
@@ -859,6 +927,8 @@ fn counts(report: &IngestReport) -> IngestionCounts {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     #[test]
     fn names_the_field_at_fault() {
         assert_eq!(
@@ -867,5 +937,34 @@ mod tests {
         );
         assert_eq!(super::field_at_fault("schedules[3]"), "schedules");
         assert_eq!(super::field_at_fault("date"), "date");
+    }
+
+    /// A run asked for counts keeps no command of its own (what the daily fetch holds does
+    /// not grow with the fleet), and says how many, never an empty list.
+    #[test]
+    fn a_run_asked_for_counts_keeps_none_and_says_how_many() {
+        use super::{CommandRef, CommandRefs, Listing};
+        let command = |n: u32| CommandRef {
+            device_id: format!("dev-{n}").parse().unwrap(),
+            message_id: format!("m-{n}").parse().unwrap(),
+            version: 1,
+        };
+        let mut counted = CommandRefs::new(Listing::Counts);
+        let mut listed = CommandRefs::new(Listing::Every);
+        for n in 0..3 {
+            counted.push(command(n));
+            listed.push(command(n));
+        }
+        assert_eq!((counted.len(), listed.len()), (3, 3));
+        assert_eq!(counted.listed(), None);
+        assert_eq!(listed.listed().map(<[_]>::len), Some(3));
+        assert_eq!(
+            serde_json::to_value(&counted).unwrap(),
+            serde_json::json!(3)
+        );
+        assert_eq!(
+            serde_json::to_value(&listed).unwrap()[2],
+            serde_json::json!({"device_id": "dev-2", "message_id": "m-2", "version": 1})
+        );
     }
 }

@@ -45,7 +45,7 @@ mod error;
 pub use app::Cloud;
 pub use config::CloudConfig;
 pub use error::CloudError;
-pub use ingest::IngestReport;
+pub use ingest::{CommandRef, CommandRefs, IngestReport, Listing};
 pub use ledger::Ledger;
 pub use lifecycle::{CommandState, PeriodStatus, Policy};
 pub use store::{CommandStore, SqliteStore};

@@ -763,7 +763,9 @@ async fn run_ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("the broker did not answer within 30 s")?;
     let progress = show_progress(ingestor.progress(), args.date);
-    let report = ingestor.fetch(args.date, None).await;
+    let report = ingestor
+        .fetch(args.date, None, max300_cloud::Listing::Counts)
+        .await;
     progress.abort();
     shutdown.cancel();
     let report = report?;

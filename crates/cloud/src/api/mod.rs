@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::CommandStore;
-use crate::ingest::{IngestReport, Ingestor};
+use crate::ingest::{IngestReport, Ingestor, Listing};
 use crate::publish::Publisher;
 use crate::store::Cancel;
 use crate::store::DeviceRecord;
@@ -279,7 +279,9 @@ async fn ingest(
             "no provider is configured (--provider); POST the document to /api/schedules",
         ));
     }
-    Ok(Json(state.ingestor.fetch(date, None).await?))
+    Ok(Json(
+        state.ingestor.fetch(date, None, Listing::Every).await?,
+    ))
 }
 
 async fn schedules(

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use jiff::civil::Time;
 use jiff::{SignedDuration, Timestamp};
-use max300_cloud::Cloud;
 use max300_cloud::store::CommandStore;
+use max300_cloud::{Cloud, Listing};
 use max300_mqtt::broker;
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::{period_start_at, time_zone};
@@ -212,7 +212,7 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
 
     let t0 = monotonic();
     let ingested_at = clock.now();
-    let report = cloud.ingestor.fetch(DATE, None).await?;
+    let report = cloud.ingestor.fetch(DATE, None, Listing::Counts).await?;
     if report.accepted.len() != args.devices {
         anyhow::bail!(
             "{} of {} commands accepted",

@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use jiff::civil::{Date, Time};
 use jiff::{SignedDuration, Timestamp};
 use max300_cloud::store::{CommandStore, NewCommand};
-use max300_cloud::{Cloud, CloudConfig, SqliteStore};
+use max300_cloud::{Cloud, CloudConfig, Listing, SqliteStore};
 use max300_mqtt::broker;
 use max300_protocol::clock::monotonic;
 use max300_protocol::day::time_zone;
@@ -266,7 +266,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     // Linux: start the peak over from here, so it measures the ingestion, not the set-up.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let t0 = monotonic();
-    let report = cloud.ingestor.fetch(DATE, None).await?;
+    let report = cloud.ingestor.fetch(DATE, None, Listing::Counts).await?;
     let took = t0.elapsed();
     let peak = peak_memory_kb().unwrap_or(0);
     // With a fleet, the first acks land while the last commands are still being published.
@@ -329,14 +329,18 @@ async fn at_work(
     today: Date,
     now: Timestamp,
 ) -> anyhow::Result<()> {
-    let report = cloud.ingestor.fetch(today, None).await?;
+    let report = cloud.ingestor.fetch(today, None, Listing::Every).await?;
     anyhow::ensure!(
         report.accepted.len() == provider.devices.len(),
         "today: {} of {} plans accepted",
         report.accepted.len(),
         provider.devices.len()
     );
-    for chunk in report.accepted.chunks(1000) {
+    let accepted = report
+        .accepted
+        .listed()
+        .context("today's commands were not listed")?;
+    for chunk in accepted.chunks(1000) {
         let heartbeats: Vec<HeartbeatMsg> = chunk
             .iter()
             .map(|c| HeartbeatMsg {
