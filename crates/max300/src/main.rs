@@ -11,7 +11,9 @@
 //! - `validate`: offline checking of a provider document.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
 //! - `lambda`: the Lambda Runtime API client around the cloud's Lambda handler.
+//! - `arenas`: one malloc arena a core.
 
+mod arenas;
 #[cfg(feature = "cloud")]
 mod certs;
 mod cli;
@@ -38,6 +40,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 fn main() -> ExitCode {
+    arenas::one_per_core();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // Lambda starts its `bootstrap` with no arguments: that is `max300 lambda`.
     if cfg!(feature = "aws")

@@ -92,6 +92,42 @@ fn the_embedded_broker_refuses_a_public_address() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"));
 }
 
+/// The program runs with one malloc arena a core (it starts itself again with the limit in
+/// its environment), under the same pid and arguments; an operator's own limit stands.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn the_program_runs_with_one_malloc_arena_a_core_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let cores = std::thread::available_parallelism()
+        .unwrap()
+        .get()
+        .to_string();
+    for (set, want) in [(None, cores.as_str()), (Some("7"), "7")] {
+        let env: Vec<(String, String)> = set
+            .map(|n| ("MALLOC_ARENA_MAX".to_owned(), n.to_owned()))
+            .into_iter()
+            .collect();
+        let args = ["provider", "--http", "127.0.0.1:0", "--devices", "1"].map(String::from);
+        let mut provider = crate::Proc::start_with_env("provider", &args, &env, dir.path());
+        // Serving: the same process, by now past its start.
+        provider.expect_line("listening on");
+        let pid = provider.child.id();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(
+            environ
+                .split('\0')
+                .any(|v| v == format!("MALLOC_ARENA_MAX={want}")),
+            "{environ}"
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let cmdline: Vec<&str> = cmdline.split_terminator('\0').skip(1).collect();
+        assert_eq!(cmdline, args, "{cmdline:?}");
+        provider.stop();
+    }
+}
+
 #[test]
 fn ingest_fetches_publishes_and_says_how_far_it_got() {
     let dir = tempfile::tempdir().unwrap();
