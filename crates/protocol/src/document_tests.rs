@@ -333,6 +333,25 @@ fn rejects_a_device_listed_twice_and_keeps_the_others() {
     );
 }
 
+/// Once surveyed, a document without `"*"` keeps a count only of the ids listed more than
+/// once (what refuses them), not of every id; one with `"*"` keeps every count, since the
+/// wildcard stands for the registered devices not listed.
+#[test]
+fn the_survey_keeps_every_count_only_for_a_wildcard() {
+    let outline = |schedules: serde_json::Value| {
+        let mut survey = Survey::new(&fleet());
+        survey.feed(&doc("2026-11-30", schedules)).unwrap();
+        survey.finish().unwrap()
+    };
+    let entry = |id: &str| json!({"device_id": id, "intervals": []});
+    let plain = outline(json!([entry("d1"), entry("d2"), entry("d3"), entry("d1")]));
+    assert_eq!(plain.listed.counts.len(), 1);
+    assert_eq!(plain.listed.count("d1"), 2);
+    let wild = outline(json!([entry("d1"), entry("*"), entry("d2"), entry("d1")]));
+    assert_eq!(wild.listed.counts.len(), 3);
+    assert_eq!((wild.listed.count("d1"), wild.listed.count("d2")), (2, 1));
+}
+
 #[test]
 fn rejects_device_ids_outside_the_allowed_shape() {
     let input = doc(
