@@ -1397,10 +1397,11 @@ async fn a_store_file_from_before_trace_contexts_still_opens_and_gains_them() {
         let store = SqliteStore::open(&path).unwrap();
         create(&ledger(Arc::new(store)), "d1", 10).await.0
     };
-    // The previous version's file: the commands table without the column.
+    // The previous version's file: the commands table without the column, and no layout
+    // version (those came later still).
     rusqlite::Connection::open(&path)
         .unwrap()
-        .execute("ALTER TABLE commands DROP COLUMN traceparent", [])
+        .execute_batch("ALTER TABLE commands DROP COLUMN traceparent; PRAGMA user_version = 0;")
         .unwrap();
     let store = SqliteStore::open(&path).unwrap();
     let msg = store.schedule_message(&old).await.unwrap().unwrap();
