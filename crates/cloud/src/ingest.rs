@@ -2,7 +2,6 @@
 //! schedule, then publish. One run at a time; a second one answers [`CloudError::Busy`].
 
 use max300_protocol::error::Chain;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,12 +10,12 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use max300_mqtt::trace;
-use max300_protocol::ProtocolError;
 use max300_protocol::day::period_start_at;
 use max300_protocol::document::{
     Fleet, NormalizedSchedule, Normalizer, Outcome, Outline, Rejection, Survey,
 };
 use max300_protocol::{Clock, Day, DeviceId, MessageId, MessageIds, RateKw, Schedule};
+use max300_protocol::{ProtocolError, Roster};
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 use tracing::field::Empty;
@@ -28,7 +27,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::publish::{Publisher, Sent};
-use crate::store::{Fence, IngestionCounts, Insert, Interrupted, NewCommand};
+use crate::store::{Fence, IngestionCounts, Insert, Interrupted, NewCommand, PlanFold};
 use crate::{CloudError, CommandStore};
 
 /// A command this ingestion created, until it is published.
@@ -207,10 +206,11 @@ impl Batch {
 
 /// What the feasibility check needs of the fleet, read once per ingestion.
 struct Outlook {
-    soc: HashMap<DeviceId, f64>,
+    /// The last reported SoC of each unit that has one.
+    soc: Arc<Roster<f64>>,
     /// The SoC each unit should have once the rest of today's plan has run: where a plan for
     /// a later day starts. One number a unit, not today's setpoints.
-    after_today: HashMap<DeviceId, f64>,
+    after_today: Roster<f64>,
     today: Date,
     from: Timestamp,
 }
@@ -729,7 +729,9 @@ impl Ingestor {
         let newcomers: Vec<DeviceId> = batch
             .schedules
             .iter()
-            .filter(|s| !s.from_wildcard && !fleet.devices.contains_key(s.schedule.device_id()))
+            .filter(|s| {
+                !s.from_wildcard && !fleet.devices.contains(s.schedule.device_id().as_str())
+            })
             .map(|s| s.schedule.device_id().clone())
             .collect();
         if !newcomers.is_empty() {
@@ -835,12 +837,12 @@ impl Ingestor {
         {
             let device = schedule.device_id();
             let later_day = schedule.day().date() > outlook.today;
-            let start = if later_day {
-                outlook.after_today.get(device).or(outlook.soc.get(device))
-            } else {
-                outlook.soc.get(device)
+            let last = outlook.soc.get(device.as_str()).copied();
+            let start = match later_day {
+                true => outlook.after_today.get(device.as_str()).copied().or(last),
+                false => last,
             };
-            let Some(&soc) = start else {
+            let Some(soc) = start else {
                 continue;
             };
             let plan = schedule
@@ -868,22 +870,17 @@ impl Ingestor {
 
     /// The units' last SoC and the rest of today's plans, for [`Ingestor::feasibility`].
     async fn outlook(&self, now: Timestamp) -> Result<Outlook, CloudError> {
-        let soc: HashMap<DeviceId, f64> = self
-            .store
-            .device_briefs()
-            .await?
-            .into_iter()
-            .filter_map(|d| Some((d.device_id, d.soc_pct?)))
-            .collect();
+        let soc = Arc::new(self.store.device_briefs().await?.filter_map(|d| d.soc_pct));
         let today = Day::containing(now, &self.timezone)?;
         let from = period_start_at(now, &self.timezone)?;
-        let mut after_today = HashMap::new();
+        let mut after_today = Roster::default();
         if !soc.is_empty() {
-            for (device, rest) in self.store.planned_from(today.date(), from).await? {
-                if let Some(&now) = soc.get(&device) {
-                    after_today.insert(device, self.pack.play(now, &rest));
-                }
-            }
+            let (known, pack) = (soc.clone(), self.pack);
+            let play: PlanFold = Arc::new(move |device, rest| {
+                let now = *known.get(device.as_str())?;
+                Some(pack.play(now, rest))
+            });
+            after_today = self.store.planned_from(today.date(), from, play).await?;
         }
         Ok(Outlook {
             soc,
@@ -894,13 +891,11 @@ impl Ingestor {
     }
 
     async fn fleet(&self) -> Result<Fleet, CloudError> {
-        let devices: BTreeMap<DeviceId, RateKw> = self
+        let devices = self
             .store
             .device_briefs()
             .await?
-            .into_iter()
-            .map(|d| (d.device_id, d.max_rate_kw.unwrap_or(self.default_max_rate)))
-            .collect();
+            .map(|d| d.max_rate_kw.unwrap_or(self.default_max_rate));
         Ok(Fleet {
             timezone: self.timezone.clone(),
             default_max_rate: self.default_max_rate,

@@ -29,10 +29,16 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(&args.file).with_context(|| format!("{}", args.file.display()))?;
     let mut fleet = Fleet::new(time_zone(&args.timezone).context("--timezone")?);
     fleet.default_max_rate = RateKw::try_from(args.max_rate_kw).context("--max-rate-kw")?;
-    for id in &args.devices {
-        let id = DeviceId::parse(id.as_str()).context("--devices")?;
-        fleet.devices.insert(id, fleet.default_max_rate);
-    }
+    fleet.devices = args
+        .devices
+        .iter()
+        .map(|id| {
+            Ok((
+                DeviceId::parse(id.as_str()).context("--devices")?,
+                fleet.default_max_rate,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let out = match normalize(&body, &fleet) {
         Ok(out) => out,
         Err(e) => {

@@ -4,7 +4,6 @@
 //! `cargo bench -p max300-protocol`; under `cargo test --benches` each runs once.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -84,7 +83,7 @@ fn fleet(n: usize) -> Fleet {
     let mut fleet = Fleet::new(time_zone(DEFAULT_TIMEZONE).unwrap());
     fleet.devices = (0..n)
         .map(|i| (DeviceId::parse(device(i)).unwrap(), fleet.default_max_rate))
-        .collect::<BTreeMap<_, _>>();
+        .collect();
     fleet
 }
 

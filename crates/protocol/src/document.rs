@@ -4,8 +4,8 @@
 //! until it is checked, so every error can name its place and quote the offending value, and
 //! one bad schedule never stops the others.
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
 
@@ -21,7 +21,7 @@ mod split;
 
 use split::{Piece, Splitter};
 
-use crate::{Day, DeviceId, Mode, PERIOD_SECS, ProtocolError, RateKw, Schedule, Setpoint};
+use crate::{Day, DeviceId, Mode, PERIOD_SECS, ProtocolError, RateKw, Roster, Schedule, Setpoint};
 
 /// What normalization needs to know about the fleet.
 #[derive(Clone, Debug)]
@@ -30,8 +30,8 @@ pub struct Fleet {
     pub timezone: TimeZone,
     /// The limit for devices without one of their own.
     pub default_max_rate: RateKw,
-    /// Registered devices and their own limits; `"*"` schedules go to these.
-    pub devices: BTreeMap<DeviceId, RateKw>,
+    /// Registered devices and the limit of each; `"*"` schedules go to these.
+    pub devices: Roster<RateKw>,
     /// The largest document accepted, in bytes.
     pub max_document_bytes: usize,
 }
@@ -42,7 +42,7 @@ impl Fleet {
         Fleet {
             timezone,
             default_max_rate: RateKw::from_watts(150_000),
-            devices: BTreeMap::new(),
+            devices: Roster::default(),
             max_document_bytes: 64 * 1024 * 1024,
         }
     }
@@ -50,7 +50,7 @@ impl Fleet {
     /// The rate limit that applies to `device`.
     pub fn max_rate(&self, device: &DeviceId) -> RateKw {
         self.devices
-            .get(device)
+            .get(device.as_str())
             .copied()
             .unwrap_or(self.default_max_rate)
     }
@@ -388,8 +388,8 @@ impl Outline {
         let wildcard = if self.listed.count("*") > 0 {
             fleet
                 .devices
-                .keys()
-                .filter(|id| self.listed.count(id.as_str()) == 0)
+                .iter()
+                .filter(|(id, _)| self.listed.count(id) == 0)
                 .count()
         } else {
             0
@@ -502,13 +502,13 @@ fn entry(outline: &Outline, fleet: &Fleet, i: usize, text: &str, out: &mut dyn F
                     errors: errors.clone(),
                 }));
             }
-            for id in fleet
+            for (id, &max) in fleet
                 .devices
-                .keys()
-                .filter(|id| outline.listed.count(id.as_str()) == 0)
+                .devices()
+                .filter(|(id, _)| outline.listed.count(id.as_str()) == 0)
             {
-                let max = fleet.max_rate(id);
-                out(outcome(id.clone(), id.to_string(), day, &plan, max, true));
+                let label = id.to_string();
+                out(outcome(id, label, day, &plan, max, true));
             }
         }
     }

@@ -134,8 +134,9 @@ fn rejects_a_rate_above_the_limit_naming_device_place_and_value() {
 #[test]
 fn honours_per_device_limits() {
     let mut f = fleet();
-    f.devices
-        .insert(DeviceId::parse("d1").unwrap(), RateKw::from_watts(40_000));
+    f.devices = [(DeviceId::parse("d1").unwrap(), RateKw::from_watts(40_000))]
+        .into_iter()
+        .collect();
     let out = normalize(
         &one(json!([{"period": 1, "mode": "charge", "rate_kw": 40.0004}])),
         &f,
@@ -377,14 +378,15 @@ fn rejects_device_ids_outside_the_allowed_shape() {
 #[test]
 fn the_wildcard_covers_registered_devices_without_their_own_schedule() {
     let mut f = fleet();
-    for id in ["d1", "d2", "d3"] {
-        f.devices
-            .insert(DeviceId::parse(id).unwrap(), RateKw::from_watts(150_000));
-    }
-    f.devices.insert(
-        DeviceId::parse("small").unwrap(),
-        RateKw::from_watts(10_000),
-    );
+    f.devices = [
+        ("d1", 150_000),
+        ("d2", 150_000),
+        ("d3", 150_000),
+        ("small", 10_000),
+    ]
+    .into_iter()
+    .map(|(id, w)| (DeviceId::parse(id).unwrap(), RateKw::from_watts(w)))
+    .collect();
     let input = doc(
         "2026-11-30",
         json!([
@@ -516,7 +518,9 @@ mod properties {
                 .collect();
             let input = doc(&date, json!(schedules));
             let mut f = fleet();
-            f.devices.insert(DeviceId::parse("d3").unwrap(), RateKw::from_watts(150_000));
+            f.devices = [(DeviceId::parse("d3").unwrap(), RateKw::from_watts(150_000))]
+                .into_iter()
+                .collect();
             let out = normalize(&input, &f).unwrap();
             let n = out.day.period_count();
             prop_assert!(matches!(n, 46 | 48 | 50));
@@ -561,9 +565,10 @@ mod properties {
                 {"device_id": "d5", "intervals": [{"period": 2, "mode": "idle", "rate_kw": 0}]}
             ]));
             let mut f = fleet();
-            for id in ["d1", "d3", "d6"] {
-                f.devices.insert(DeviceId::parse(id).unwrap(), RateKw::from_watts(150_000));
-            }
+            f.devices = ["d1", "d3", "d6"]
+                .into_iter()
+                .map(|id| (DeviceId::parse(id).unwrap(), RateKw::from_watts(150_000)))
+                .collect();
             let whole = normalize(&input, &f).unwrap();
             let cut = cut.min(input.len());
             let (a, b) = input.split_at(cut);

@@ -33,7 +33,7 @@ pub use clock::{Clock, ManualClock, ScaledClock, SystemClock};
 pub use day::Day;
 pub use document::{FieldError, Fleet, Normalized, NormalizedSchedule, Rejection};
 pub use error::ProtocolError;
-pub use ids::{DeviceId, MessageId, MessageIds, StoreId};
+pub use ids::{DeviceId, MessageId, MessageIds, Roster, StoreId};
 pub use message::Message;
 pub use schedule::Schedule;
 pub use setpoint::{Mode, RateKw, Setpoint};

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use max300_cloud::lifecycle::Subject;
 use max300_cloud::store::{
-    Cancel, CommandStore, DeviceBrief, IngestionCounts, Insert, NewCommand, Recorded,
+    Cancel, CommandStore, DeviceBrief, IngestionCounts, Insert, NewCommand, PlanFold, Recorded,
 };
 use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, Fallback, ReportMsg, ReportStatus, V1};
-use max300_protocol::{DeviceId, MessageId, Mode, RateKw, StoreId, TraceParent};
+use max300_protocol::{DeviceId, MessageId, Mode, RateKw, Setpoint, StoreId, TraceParent};
 
 use crate::{day, eve, schedule};
 
@@ -443,19 +443,24 @@ async fn registers_devices_and_records_heartbeats(l: &Ledger) {
         .await
         .unwrap();
     let briefs = store.device_briefs().await.unwrap();
+    let briefs: Vec<(DeviceId, DeviceBrief)> = briefs.devices().map(|(d, b)| (d, *b)).collect();
     assert_eq!(
         briefs,
         [
-            DeviceBrief {
-                device_id: DeviceId::parse("d0").unwrap(),
-                max_rate_kw: None,
-                soc_pct: None,
-            },
-            DeviceBrief {
-                device_id: d,
-                max_rate_kw: Some(RateKw::from_watts(90_000)),
-                soc_pct: Some(40.0),
-            },
+            (
+                DeviceId::parse("d0").unwrap(),
+                DeviceBrief {
+                    max_rate_kw: None,
+                    soc_pct: None,
+                }
+            ),
+            (
+                d,
+                DeviceBrief {
+                    max_rate_kw: Some(RateKw::from_watts(90_000)),
+                    soc_pct: Some(40.0),
+                }
+            ),
         ]
     );
 }
@@ -867,23 +872,42 @@ async fn keeps_every_send_and_a_warning_with_the_command(l: &Ledger) {
             "{cancelled:?}"
         );
     }
-    let planned = store
-        .planned_from(day().date(), day().period_start(1))
-        .await
-        .unwrap();
+    let planned = planned_from(store, day().period_start(1)).await;
     let ids: Vec<&str> = planned.iter().map(|(d, _)| d.as_str()).collect();
     assert_eq!(ids, ["d1", "d2"]);
     assert_eq!(planned[0].1.len(), 48);
     assert_eq!(planned[0].1[0].rate(), RateKw::from_watts(10_000));
     assert_eq!(planned[1].1[0].rate(), RateKw::from_watts(20_000));
-    let rest = store
-        .planned_from(day().date(), day().period_start(2))
-        .await
-        .unwrap();
+    let rest = planned_from(store, day().period_start(2)).await;
     assert_eq!(rest[0].1.len(), 47);
     assert!(rest[0].1.iter().all(|sp| sp.rate() == RateKw::ZERO));
-    let after = store.planned_from(day().date(), day().end()).await.unwrap();
+    let after = planned_from(store, day().end()).await;
     assert!(after.iter().all(|(_, rest)| rest.is_empty()), "{after:?}");
+    // What the fold makes of each device is kept; a device it has nothing for is left out.
+    let fold: PlanFold =
+        Arc::new(|device, rest| (device.as_str() == "d2").then_some(rest.len() as f64));
+    let folded = store
+        .planned_from(day().date(), day().period_start(2), fold)
+        .await
+        .unwrap();
+    assert_eq!(folded.len(), 1);
+    assert_eq!(folded.get("d2"), Some(&47.0));
+}
+
+/// Every device's remaining setpoints, as [`CommandStore::planned_from`] hands them to its
+/// fold, by device (a store folds them in the order it reads them).
+async fn planned_from(store: &dyn CommandStore, from: Timestamp) -> Vec<(DeviceId, Vec<Setpoint>)> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    let fold: PlanFold = Arc::new(move |device, rest| {
+        keep.lock().unwrap().push((device.clone(), rest.to_vec()));
+        Some(0.0)
+    });
+    let folded = store.planned_from(day().date(), from, fold).await.unwrap();
+    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(folded.len(), seen.len(), "one number a device");
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    seen
 }
 
 async fn a_batch_of_acks_is_applied_as_each_would_be_alone(l: &Ledger) {

@@ -80,6 +80,10 @@ pub struct IngestArgs {
     /// unit, so the ingestion also checks each new plan against the rest of today's.
     #[arg(long)]
     pub with_today: bool,
+    /// Register every unit before the ingestion, as a cloud knows its fleet from the first
+    /// evening on; without it (or `--with-today`), the ingestion registers the units it meets.
+    #[arg(long)]
+    pub registered: bool,
 }
 
 /// `max300 bench dashboard`
@@ -260,6 +264,15 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         at_work(&cloud, &provider, today, eve).await?;
         count(&cloud.store, &[Sent, Acknowledged]).await?
     } else {
+        if args.registered {
+            for chunk in provider.devices.chunks(1000) {
+                let ids = chunk
+                    .iter()
+                    .map(|id| DeviceId::parse(id.as_str()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                cloud.store.register_devices(&ids, eve).await?;
+            }
+        }
         0
     };
     // The bench's own list of the fleet's ids (3.8 MB at 100,000) is not the service's: the
@@ -309,7 +322,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     };
     println!(
         "bench ingest: devices {}, document {:.1} MB, broker {}, fetch to all sent {:.3} s{acks}, \
-         peak memory {:.1} MB during the ingestion ({:.1} MB before it)",
+         peak memory {:.1} MB during the ingestion ({:.1} MB before it){}",
         args.devices,
         size as f64 / 1e6,
         if args.mqtt.is_some() {
@@ -320,6 +333,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         took.as_secs_f64(),
         mb(peak),
         mb(before),
+        match (args.with_today, args.registered) {
+            (true, _) => ", a fleet at work",
+            (false, true) => ", the fleet registered",
+            (false, false) => "",
+        },
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -641,12 +659,13 @@ async fn fill(path: &std::path::Path, ids: &[String], now: Timestamp) -> anyhow:
     );
     let tz = time_zone(DEFAULT_TIMEZONE)?;
     let default_max_rate = RateKw::try_from(150.0)?;
-    let mut devices = BTreeMap::new();
+    let mut registered = Vec::with_capacity(ids.len());
     for id in ids {
         let device = DeviceId::parse(id.clone())?;
         store.register_device(&device, None, now).await?;
-        devices.insert(device, default_max_rate);
+        registered.push((device, default_max_rate));
     }
+    let devices = registered.into_iter().collect();
     let fleet = Fleet {
         timezone: tz.clone(),
         default_max_rate,

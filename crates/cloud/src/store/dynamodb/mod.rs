@@ -29,7 +29,7 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 use max300_protocol::error::Cause;
 use max300_protocol::message::{AckMsg, HeartbeatMsg, ReportMsg};
-use max300_protocol::{Day, DeviceId, MessageId, RateKw, Schedule, Setpoint};
+use max300_protocol::{Day, DeviceId, MessageId, RateKw, Roster, Schedule};
 use tracing::debug;
 
 use self::item::{
@@ -41,7 +41,8 @@ use self::table::StoreUrl;
 use super::text::{decode_plan, instant};
 use super::{
     AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
-    IngestionCounts, Insert, Interrupted, NewCommand, ReportContext, Unit, Written, rest_of,
+    IngestionCounts, Insert, Interrupted, NewCommand, PlanFold, ReportContext, Unit, Written,
+    rest_of,
 };
 use crate::CloudError;
 use crate::lifecycle::feedback::AckTarget;
@@ -514,7 +515,8 @@ impl CommandStore for DynamoStore {
         &self,
         date: Date,
         from: Timestamp,
-    ) -> Result<Vec<(DeviceId, Vec<Setpoint>)>, CloudError> {
+        fold: PlanFold,
+    ) -> Result<Roster<f64>, CloudError> {
         // Device, version, zone and plan text of the version that stands, per device.
         type Standing = std::collections::BTreeMap<String, (u32, String, String)>;
         const FIELDS: &[&str] = &["device_id", "version", "state", "timezone", "plan"];
@@ -551,7 +553,7 @@ impl CommandStore for DynamoStore {
             })
             .await?;
         // A device's commands are all in its one shard.
-        let mut out: Vec<(DeviceId, Vec<Setpoint>)> = Vec::new();
+        let mut out: Vec<(DeviceId, f64)> = Vec::new();
         for (device, (_, tz, plan)) in shards.into_iter().flatten() {
             let schedule = Day::named(date, &tz)
                 .map_err(|e| e.to_string())
@@ -561,10 +563,11 @@ impl CommandStore for DynamoStore {
                         .ok_or_else(|| "the stored plan does not match its date".to_owned())
                 })
                 .map_err(|e| self.corrupt(format!("{device} on {date}: {e}")))?;
-            out.push((schedule.device_id().clone(), rest_of(&schedule, from)));
+            if let Some(folded) = fold(schedule.device_id(), &rest_of(&schedule, from)) {
+                out.push((schedule.device_id().clone(), folded));
+            }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 
     async fn command_log(&self, id: &MessageId) -> Result<Option<CommandLog>, CloudError> {
