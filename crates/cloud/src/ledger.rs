@@ -66,7 +66,16 @@ pub struct Sweep {
     pub swept: Vec<Swept>,
     /// Commands and control messages to publish again now (their attempt is recorded).
     pub resend: Vec<Subject>,
+    /// Whether the sweep took a whole page: what is due after it is left to the next one.
+    pub more: bool,
 }
+
+/// The most commands (and control messages) one sweep loads and writes. A day after its end
+/// every acknowledged command of a day wakes at once (to be marked `incomplete` or not), and
+/// after a broker outage every unacknowledged one is due again: at 100,000 units, whole
+/// commands (about a kilobyte each in memory) in one transaction, some 100 MB held at once.
+/// Page by page, a sweep holds no more than this many.
+pub const SWEEP_PAGE: usize = 1000;
 
 /// How a decision ends for one message: a unit to write (and what it means once written),
 /// or an outcome that writes nothing.
@@ -314,13 +323,20 @@ impl Ledger {
         )))
     }
 
-    /// Applies the clock at `now` to every command and control message that is due: `late`,
-    /// `expired`, `incomplete`, and the publishes to try again. One that lost a race to
-    /// another writer is still due, and the next sweep decides it again.
+    /// Applies the clock at `now` to the [`SWEEP_PAGE`] earliest commands that are due, and
+    /// as many control messages: `late`, `expired`, `incomplete`, and the publishes to try
+    /// again. One that lost a race to another writer is still due, and the next sweep decides
+    /// it again. [`Sweep::more`] says whether more may be due already.
     pub async fn sweep(&self, now: Timestamp) -> Result<Sweep, CloudError> {
         let mut units = Vec::new();
         let mut changes = Vec::new();
-        for due in self.store.due(now).await? {
+        let due = self.store.due(now, SWEEP_PAGE).await?;
+        let commands = due
+            .iter()
+            .filter(|d| matches!(d, Due::Command { .. }))
+            .count();
+        let full = commands == SWEEP_PAGE || due.len() - commands == SWEEP_PAGE;
+        for due in due {
             match due {
                 Due::Command { command, newest } => {
                     if let Some(tick) = command.tick(now, newest, &self.policy) {
@@ -343,7 +359,11 @@ impl Ledger {
             }
         }
         let written = self.store.write(units).await?;
-        let mut sweep = Sweep::default();
+        let mut sweep = Sweep {
+            // Only when this page moved on: one that did not would come back whole.
+            more: full && written.contains(&Written::Applied),
+            ..Sweep::default()
+        };
         for (change, w) in changes.into_iter().zip(written) {
             if w == Written::Conflict {
                 continue;

@@ -58,21 +58,31 @@ impl Sweeper {
     }
 
     /// One sweep: the clock's transitions, then the publishes due again (commands and
-    /// control messages never published included); nothing when another instance holds the
-    /// lease.
+    /// control messages never published included), a page at a time until none is left;
+    /// nothing when another instance holds the lease.
     pub async fn sweep_once(&self) -> Result<(), CloudError> {
-        let now = self.clock.now();
-        let until = now + self.clock.clock_duration(LEASE);
-        if let Some(owner) = &self.owner
-            && self
-                .ledger
-                .store()
-                .lease(LEASE_NAME, owner, until, now)
-                .await?
-                .is_none()
-        {
-            return Ok(());
+        loop {
+            let now = self.clock.now();
+            let until = now + self.clock.clock_duration(LEASE);
+            // Taken again for each page, so a long sweep keeps what it holds.
+            if let Some(owner) = &self.owner
+                && self
+                    .ledger
+                    .store()
+                    .lease(LEASE_NAME, owner, until, now)
+                    .await?
+                    .is_none()
+            {
+                return Ok(());
+            }
+            if !self.sweep_page(now).await? {
+                return Ok(());
+            }
         }
+    }
+
+    /// One page of a sweep; says whether more may be due.
+    async fn sweep_page(&self, now: jiff::Timestamp) -> Result<bool, CloudError> {
         let sweep = self.ledger.sweep(now).await?;
         for s in &sweep.swept {
             if s.late {
@@ -93,7 +103,7 @@ impl Sweeper {
             self.metrics.resent(sweep.resend.len() as u64);
             self.publisher.publish_loaded(sweep.resend).await?;
         }
-        Ok(())
+        Ok(sweep.more)
     }
 }
 
@@ -198,5 +208,67 @@ mod tests {
         b.sweep_once().await.unwrap();
         assert_eq!(resends(), 2);
         assert_eq!(sent.0.lock().unwrap()[1], "max300/d1/schedule");
+    }
+
+    /// A day's commands all wake together; a sweep takes them a page at a time, so it never
+    /// holds a whole fleet's, and still leaves none of them for the next tick.
+    #[tokio::test]
+    async fn a_sweep_takes_what_is_due_a_page_at_a_time_and_all_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn CommandStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap());
+        let t0: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
+        let clock = Arc::new(ManualClock::new(t0));
+        let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
+        let policy = Policy {
+            ack_timeout: SignedDuration::from_secs(5),
+            ..Policy::default()
+        };
+        let ledger = Ledger::new(store.clone(), policy);
+        let commands: Vec<NewCommand> = (0..crate::ledger::SWEEP_PAGE + 1)
+            .map(|i| NewCommand {
+                message_id: MessageId::generate(t0),
+                schedule: Schedule::new(
+                    DeviceId::parse(format!("d{i}")).unwrap(),
+                    day.clone(),
+                    vec![Setpoint::IDLE; 48],
+                )
+                .unwrap(),
+                traceparent: None,
+            })
+            .collect();
+        ledger.insert_commands(&commands, t0, None).await.unwrap();
+        let ids: Vec<MessageId> = commands.iter().map(|c| c.message_id.clone()).collect();
+        let loaded = ledger.publishable(&ids, t0).await.unwrap();
+        ledger.published(loaded, t0).await.unwrap();
+
+        // No ack from any of them: all due again at once.
+        clock.advance(SignedDuration::from_secs(6));
+        let page = ledger.sweep(clock.now()).await.unwrap();
+        assert_eq!(page.resend.len(), crate::ledger::SWEEP_PAGE);
+        assert!(page.more, "a whole page: more may be due");
+        let rest = ledger.sweep(clock.now()).await.unwrap();
+        assert_eq!(rest.resend.len(), 1);
+        assert!(!rest.more);
+
+        // Due again, after the backoff: one sweep of the sweeper sends every one.
+        clock.advance(policy.resend_delay(2) + SignedDuration::from_secs(1));
+        let sent = Arc::new(Recorded::default());
+        let sweeper = Sweeper {
+            ledger: ledger.clone(),
+            publisher: Publisher::new(
+                sent.clone(),
+                Topics::new("max300"),
+                ledger.clone(),
+                clock.clone(),
+                Arc::new(Metrics::new()),
+            ),
+            clock: clock.clone(),
+            metrics: Arc::new(Metrics::new()),
+            owner: Some("a".into()),
+        };
+        sweeper.sweep_once().await.unwrap();
+        assert_eq!(sent.0.lock().unwrap().len(), crate::ledger::SWEEP_PAGE + 1);
+        assert!(ledger.sweep(clock.now()).await.unwrap().resend.is_empty());
     }
 }

@@ -449,8 +449,9 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         reports: &[ReportMsg],
     ) -> Result<Vec<ReportContext>, CloudError>;
 
-    /// The commands and control messages whose wake time is at or before `now`.
-    async fn due(&self, now: Timestamp) -> Result<Vec<Due>, CloudError>;
+    /// The commands and control messages whose wake time is at or before `now`, earliest
+    /// first: at most `first` of each kind.
+    async fn due(&self, now: Timestamp, first: usize) -> Result<Vec<Due>, CloudError>;
 
     /// Writes each unit atomically over the revisions it was decided on, in order (a later
     /// unit may depend on an earlier one); says which were written.

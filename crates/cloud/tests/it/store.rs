@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use max300_cloud::lifecycle::Subject;
 use max300_cloud::store::{
-    Cancel, CommandStore, DeviceBrief, IngestionCounts, Insert, NewCommand, PlanFold, Recorded,
+    Cancel, CommandStore, DeviceBrief, Due, IngestionCounts, Insert, NewCommand, PlanFold, Recorded,
 };
 use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, Fallback, ReportMsg, ReportStatus, V1};
@@ -576,6 +576,33 @@ async fn periods_left_unreported_end_incomplete(l: &Ledger) {
     assert_eq!(state(store, &id).await, CommandState::Completed);
 }
 
+async fn what_is_due_comes_earliest_first_as_many_as_asked(l: &Ledger) {
+    let store = &**l.store();
+    let p = *l.policy();
+    // Sent a second apart: each waits for its ack until a second after the one before.
+    let mut ids = Vec::new();
+    for (i, device) in ["d1", "d2", "d3"].into_iter().enumerate() {
+        let (id, _) = create(l, device, 10).await;
+        let sent = eve() + jiff::SignedDuration::from_secs(i as i64);
+        mark_sent(l, std::slice::from_ref(&id), sent).await;
+        ids.push(id);
+    }
+    let all_due = eve() + jiff::SignedDuration::from_secs(2) + p.resend_delay(1);
+    let due = |first| async move {
+        let due = store.due(all_due, first).await.unwrap();
+        let ids: Vec<MessageId> = due
+            .into_iter()
+            .map(|d| match d {
+                Due::Command { command, .. } => command.message_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        ids
+    };
+    assert_eq!(due(10).await, ids);
+    assert_eq!(due(2).await, ids[..2]);
+}
+
 /// What a sweep at `at` publishes again.
 async fn resent_at(l: &Ledger, at: Timestamp) -> Vec<MessageId> {
     let resend = l.sweep(at).await.unwrap().resend;
@@ -1095,6 +1122,7 @@ macro_rules! contract {
             the_clock_flags_late_and_ends_what_was_never_acked,
             periods_left_unreported_end_incomplete,
             resends_back_off_and_stop_at_an_ack_or_a_newer_version,
+            what_is_due_comes_earliest_first_as_many_as_asked,
             a_cancel_ends_the_command_and_is_delivered_like_one,
             an_unfinished_ingestion_is_listed_for_replay,
             a_failed_run_is_closed_and_an_overtaken_one_says_so,

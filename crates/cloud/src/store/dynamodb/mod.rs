@@ -236,7 +236,7 @@ impl CommandStore for DynamoStore {
 
     async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError> {
         let mut devices: Vec<DeviceRecord> = self
-            .shards("gsi1", "DEV".into(), None)
+            .shards("gsi1", "DEV".into(), None, None)
             .await?
             .iter()
             .map(|i| device_record(i).map_err(|e| self.corrupt(e)))
@@ -416,13 +416,22 @@ impl CommandStore for DynamoStore {
             .collect())
     }
 
-    async fn due(&self, now: Timestamp) -> Result<Vec<Due>, CloudError> {
-        let items = self
-            .shards("gsi2", "DUE".into(), Some(("<=", s(instant(now)))))
+    async fn due(&self, now: Timestamp, first: usize) -> Result<Vec<Due>, CloudError> {
+        let mut items = self
+            .shards(
+                "gsi2",
+                "DUE".into(),
+                Some(("<=", s(instant(now)))),
+                Some(first),
+            )
             .await?;
-        let (commands, controls): (Vec<&Item>, Vec<&Item>) = items
+        // Each shard's earliest: together, they hold the earliest of all.
+        items.sort_by(|a, b| get_s(a, "gsi2sk").cmp(&get_s(b, "gsi2sk")));
+        let (mut commands, mut controls): (Vec<&Item>, Vec<&Item>) = items
             .iter()
             .partition(|i| get_s(i, "kind") == Some("command"));
+        commands.truncate(first);
+        controls.truncate(first);
         let commands: Vec<Command> = commands
             .into_iter()
             .map(|i| self.command(i))
@@ -501,7 +510,7 @@ impl CommandStore for DynamoStore {
     }
 
     async fn on_date(&self, date: Date) -> Result<Vec<Command>, CloudError> {
-        self.shards("gsi1", format!("DATE#{date}"), None)
+        self.shards("gsi1", format!("DATE#{date}"), None, None)
             .await?
             .iter()
             .map(|i| self.command(i))
@@ -545,7 +554,7 @@ impl CommandStore for DynamoStore {
                                     standing.insert(device.to_owned(), (version, tz, plan));
                                 }
                             }
-                            Ok(())
+                            Ok(true)
                         },
                     )
                     .await?;
@@ -638,7 +647,10 @@ impl CommandStore for DynamoStore {
                 )
                 .await?
             }
-            (None, Some(date)) => self.shards("gsi1", format!("DATE#{date}"), None).await?,
+            (None, Some(date)) => {
+                self.shards("gsi1", format!("DATE#{date}"), None, None)
+                    .await?
+            }
             (None, None) => self.scan_commands().await?,
         };
         let mut rows: Vec<CommandSummary> = items

@@ -121,7 +121,7 @@ impl DynamoStore {
         let mut out = Vec::new();
         self.query_pages(index, cond, values, consistent, &[], |page| {
             out.extend(page);
-            Ok(())
+            Ok(true)
         })
         .await?;
         Ok(out)
@@ -136,7 +136,7 @@ impl DynamoStore {
         values: &[(&str, AttributeValue)],
         consistent: bool,
         attributes: &[&str],
-        mut each: impl FnMut(Vec<Item>) -> Result<(), CloudError>,
+        mut each: impl FnMut(Vec<Item>) -> Result<bool, CloudError>,
     ) -> Result<(), CloudError> {
         let mut start = None;
         loop {
@@ -162,21 +162,23 @@ impl DynamoStore {
                 None => q.consistent_read(consistent),
             };
             let page = q.send().await.map_err(|e| self.err("Query", e))?;
-            each(page.items.unwrap_or_default())?;
+            let more = each(page.items.unwrap_or_default())?;
             match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
+                Some(k) if more && !k.is_empty() => start = Some(k),
                 _ => return Ok(()),
             }
         }
     }
 
     /// Every item of a sharded GSI key `{prefix}#{0..16}`, with an optional sort-key
-    /// condition such as `gsi2sk > :r`.
+    /// condition such as `gsi2sk > :r`; with `first`, only the pages that hold a shard's
+    /// first `first` (in sort-key order).
     pub(super) async fn shards(
         &self,
         index: &'static str,
         prefix: String,
         range: Option<(&'static str, AttributeValue)>,
+        first: Option<usize>,
     ) -> Result<Vec<Item>, CloudError> {
         let parts = self
             .concurrently((0..SHARDS).collect(), move |store, shard| {
@@ -191,7 +193,14 @@ impl DynamoStore {
                         ),
                         None => (format!("{index}pk = :pk"), vec![(":pk", pk)]),
                     };
-                    store.query(Some(index), &cond, &values, false).await
+                    let mut out = Vec::new();
+                    store
+                        .query_pages(Some(index), &cond, &values, false, &[], |page| {
+                            out.extend(page);
+                            Ok(first.is_none_or(|n| out.len() < n))
+                        })
+                        .await?;
+                    Ok(out)
                 }
             })
             .await?;

@@ -438,7 +438,7 @@ mod tests {
         );
         // A command still waiting for its ack goes out again at the next sweep.
         let due = store
-            .due(eve + jiff::SignedDuration::from_mins(2))
+            .due(eve + jiff::SignedDuration::from_mins(2), 100)
             .await
             .unwrap();
         assert!(

@@ -662,7 +662,8 @@ impl CommandStore for SqliteStore {
         .await
     }
 
-    async fn due(&self, now: Timestamp) -> Result<Vec<Due>, CloudError> {
+    async fn due(&self, now: Timestamp, first: usize) -> Result<Vec<Due>, CloudError> {
+        let first = i64::try_from(first).unwrap_or(i64::MAX);
         self.run(move |c| {
             let tx = c.transaction()?;
             let now = instant(now);
@@ -672,9 +673,9 @@ impl CommandStore for SqliteStore {
                             (SELECT max(version) FROM commands AS n
                              WHERE n.device_id = c.device_id
                                AND n.schedule_date = c.schedule_date)
-                     FROM commands AS c WHERE wake_at <= ?1 ORDER BY wake_at"
+                     FROM commands AS c WHERE wake_at <= ?1 ORDER BY wake_at LIMIT ?2"
                 ))?
-                .query_map([&now], |r| {
+                .query_map(params![&now, first], |r| {
                     Ok(Due::Command {
                         command: command_row(r)?,
                         newest: r.get(20)?,
@@ -683,9 +684,10 @@ impl CommandStore for SqliteStore {
                 .collect::<rusqlite::Result<_>>()?;
             let controls = tx
                 .prepare_cached(&format!(
-                    "SELECT {CONTROL_COLUMNS} FROM controls WHERE wake_at <= ?1 ORDER BY wake_at"
+                    "SELECT {CONTROL_COLUMNS} FROM controls WHERE wake_at <= ?1
+                     ORDER BY wake_at LIMIT ?2"
                 ))?
-                .query_map([&now], control_row)?
+                .query_map(params![&now, first], control_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             out.extend(controls.into_iter().map(Due::Control));
             Ok(out)
