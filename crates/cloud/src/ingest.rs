@@ -870,7 +870,7 @@ impl Ingestor {
 
     /// The units' last SoC and the rest of today's plans, for [`Ingestor::feasibility`].
     async fn outlook(&self, now: Timestamp) -> Result<Outlook, CloudError> {
-        let soc = Arc::new(self.store.device_briefs().await?.filter_map(|d| d.soc_pct));
+        let soc = Arc::new(self.store.device_socs().await?);
         let today = Day::containing(now, &self.timezone)?;
         let from = period_start_at(now, &self.timezone)?;
         let mut after_today = Roster::default();
@@ -893,9 +893,9 @@ impl Ingestor {
     async fn fleet(&self) -> Result<Fleet, CloudError> {
         let devices = self
             .store
-            .device_briefs()
+            .device_limits()
             .await?
-            .map(|d| d.max_rate_kw.unwrap_or(self.default_max_rate));
+            .map(|own| own.unwrap_or(self.default_max_rate));
         Ok(Fleet {
             timezone: self.timezone.clone(),
             default_max_rate: self.default_max_rate,

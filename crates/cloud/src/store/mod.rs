@@ -69,15 +69,6 @@ pub struct DeviceRecord {
 /// anything: an ingestion, the SoC the unit should have at the end of the day.
 pub type PlanFold = Arc<dyn Fn(&DeviceId, &[Setpoint]) -> Option<f64> + Send + Sync>;
 
-/// What an ingestion needs of a registered device: its own rate limit and its last SoC.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DeviceBrief {
-    /// Its own rate limit, if it has one.
-    pub max_rate_kw: Option<RateKw>,
-    /// State of charge from the last heartbeat.
-    pub soc_pct: Option<f64>,
-}
-
 /// A command to create: one device's schedule with the id it will carry.
 #[derive(Clone, Debug)]
 pub struct NewCommand {
@@ -618,22 +609,27 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
             .collect())
     }
 
-    /// Every device's [`DeviceBrief`]: what an ingestion reads of the fleet, without the rest
-    /// of each record. This default reads the whole records; a store that can read three
-    /// fields a row, each into the roster as it comes, holds little more than the roster
-    /// (5 MB at 100,000 units; the whole records are some 23 MB).
-    async fn device_briefs(&self) -> Result<Roster<DeviceBrief>, CloudError> {
+    /// Every registered device, with its own rate limit if it has one: what an ingestion's
+    /// normalizer reads of the fleet. This default reads the whole records (some 23 MB at
+    /// 100,000 units); a store that reads two fields a row into the roster as they come holds
+    /// little more than the roster (2.9 MB).
+    async fn device_limits(&self) -> Result<Roster<Option<RateKw>>, CloudError> {
         Ok(self
             .devices()
             .await?
             .into_iter()
-            .map(|d| {
-                let brief = DeviceBrief {
-                    max_rate_kw: d.max_rate_kw,
-                    soc_pct: d.soc_pct,
-                };
-                (d.device_id, brief)
-            })
+            .map(|d| (d.device_id, d.max_rate_kw))
+            .collect())
+    }
+
+    /// The devices that have reported a state of charge, with the last one: where an
+    /// ingestion's feasibility check starts each unit. None on a fleet's first evening.
+    async fn device_socs(&self) -> Result<Roster<f64>, CloudError> {
+        Ok(self
+            .devices()
+            .await?
+            .into_iter()
+            .filter_map(|d| Some((d.device_id, d.soc_pct?)))
             .collect())
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use max300_cloud::lifecycle::Subject;
 use max300_cloud::store::{
-    Cancel, CommandStore, DeviceBrief, Due, IngestionCounts, Insert, NewCommand, PlanFold, Recorded,
+    Cancel, CommandStore, Due, IngestionCounts, Insert, NewCommand, PlanFold, Recorded,
 };
 use max300_cloud::{CommandState, Ledger, PeriodStatus, Policy, SqliteStore};
 use max300_protocol::message::{AckMsg, AckStatus, Fallback, ReportMsg, ReportStatus, V1};
@@ -442,27 +442,18 @@ async fn registers_devices_and_records_heartbeats(l: &Ledger) {
         .register_device(&DeviceId::parse("d0").unwrap(), None, eve())
         .await
         .unwrap();
-    let briefs = store.device_briefs().await.unwrap();
-    let briefs: Vec<(DeviceId, DeviceBrief)> = briefs.devices().map(|(d, b)| (d, *b)).collect();
+    let limits = store.device_limits().await.unwrap();
+    let limits: Vec<(DeviceId, Option<RateKw>)> = limits.devices().map(|(d, r)| (d, *r)).collect();
     assert_eq!(
-        briefs,
+        limits,
         [
-            (
-                DeviceId::parse("d0").unwrap(),
-                DeviceBrief {
-                    max_rate_kw: None,
-                    soc_pct: None,
-                }
-            ),
-            (
-                d,
-                DeviceBrief {
-                    max_rate_kw: Some(RateKw::from_watts(90_000)),
-                    soc_pct: Some(40.0),
-                }
-            ),
+            (DeviceId::parse("d0").unwrap(), None),
+            (d.clone(), Some(RateKw::from_watts(90_000))),
         ]
     );
+    let socs = store.device_socs().await.unwrap();
+    let socs: Vec<(DeviceId, f64)> = socs.devices().map(|(d, s)| (d, *s)).collect();
+    assert_eq!(socs, [(d, 40.0)], "only a device heard from has a SoC");
 }
 
 async fn reports_before_the_ack_still_complete_the_command(l: &Ledger) {

@@ -25,7 +25,7 @@ use self::rows::{
 };
 use super::text::{encode_plan, instant};
 use super::{
-    AckContext, CommandLog, CommandStore, CommandSummary, DeviceBrief, DeviceRecord, Due, Fence,
+    AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
     IngestionCounts, Insert, Interrupted, NewCommand, PlanFold, ReportContext, Unit, Written,
 };
 use crate::CloudError;
@@ -441,20 +441,24 @@ impl CommandStore for SqliteStore {
         .await
     }
 
-    async fn device_briefs(&self) -> Result<Roster<DeviceBrief>, CloudError> {
-        // On the reader, whose cache is SQLite's default 2 MB: read on the writer, the whole
-        // table stayed in its cache (8 MB at 100,000 units) through the ingestion's survey.
+    // Both on the reader, whose cache is SQLite's default 2 MB: read on the writer, the whole
+    // table stayed in its cache (8 MB at 100,000 units) through the ingestion's survey.
+    async fn device_limits(&self) -> Result<Roster<Option<RateKw>>, CloudError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT device_id, max_rate_w, soc_pct FROM devices ORDER BY device_id",
-            )?;
-            stmt.query_map([], |r| {
-                let brief = DeviceBrief {
-                    max_rate_kw: rate(r.get(1)?),
-                    soc_pct: r.get(2)?,
-                };
-                Ok((parsed(r.get(0)?)?, brief))
-            })?
+            c.prepare_cached("SELECT device_id, max_rate_w FROM devices ORDER BY device_id")?
+                .query_map([], |r| Ok((parsed(r.get(0)?)?, rate(r.get(1)?))))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn device_socs(&self) -> Result<Roster<f64>, CloudError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT device_id, soc_pct FROM devices
+                 WHERE soc_pct IS NOT NULL ORDER BY device_id",
+            )?
+            .query_map([], |r| Ok((parsed(r.get(0)?)?, r.get(1)?)))?
             .collect()
         })
         .await
