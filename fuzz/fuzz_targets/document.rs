@@ -8,11 +8,15 @@ use max300_protocol::{DeviceId, RateKw};
 
 fuzz_target!(|data: &[u8]| {
     let mut fleet = Fleet::new(jiff::tz::TimeZone::get("Europe/London").expect("bundled tzdb"));
-    for (id, kw) in [("d1", 150_000), ("d3", 10_000)] {
-        fleet
-            .devices
-            .insert(DeviceId::parse(id).expect("a valid id"), RateKw::from_watts(kw));
-    }
+    fleet.devices = [("d1", 150_000), ("d3", 10_000)]
+        .into_iter()
+        .map(|(id, kw)| {
+            (
+                DeviceId::parse(id).expect("a valid id"),
+                RateKw::from_watts(kw),
+            )
+        })
+        .collect();
     if let Ok(out) = normalize(data, &fleet) {
         let n = out.day.period_count() as usize;
         for s in &out.schedules {

@@ -139,41 +139,48 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn two_instances_take_turns_and_the_second_takes_over_when_the_first_stops() {
+    const T0: &str = "2026-11-29T16:00:00Z";
+
+    /// A ledger on a new SQLite store (kept alive by the directory returned) whose commands
+    /// wait 5 s for an ack, holding `devices` commands (`d0`, `d1`, …) published at [`T0`].
+    async fn sent_commands(devices: usize) -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn CommandStore> =
             Arc::new(SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap());
-        let t0: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
-        let clock = Arc::new(ManualClock::new(t0));
+        let t0: Timestamp = T0.parse().unwrap();
         let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
-        let device = DeviceId::parse("d1").unwrap();
-        let id = MessageId::generate(t0);
-        let schedule = Schedule::new(device, day, vec![Setpoint::IDLE; 48]).unwrap();
-        let ledger = Ledger::new(
-            store.clone(),
-            Policy {
-                ack_timeout: SignedDuration::from_secs(5),
-                ..Policy::default()
-            },
-        );
-        ledger
-            .insert_commands(
-                &[NewCommand {
-                    message_id: id.clone(),
-                    schedule,
-                    traceparent: None,
-                }],
-                t0,
-                None,
-            )
-            .await
-            .unwrap();
-        let loaded = ledger.publishable(&[id], t0).await.unwrap();
+        let policy = Policy {
+            ack_timeout: SignedDuration::from_secs(5),
+            ..Policy::default()
+        };
+        let ledger = Ledger::new(store, policy);
+        let commands: Vec<NewCommand> = (0..devices)
+            .map(|i| NewCommand {
+                message_id: MessageId::generate(t0),
+                schedule: Schedule::new(
+                    DeviceId::parse(format!("d{i}")).unwrap(),
+                    day.clone(),
+                    vec![Setpoint::IDLE; 48],
+                )
+                .unwrap(),
+                traceparent: None,
+            })
+            .collect();
+        ledger.insert_commands(&commands, t0, None).await.unwrap();
+        let ids: Vec<MessageId> = commands.into_iter().map(|c| c.message_id).collect();
+        let loaded = ledger.publishable(&ids, t0).await.unwrap();
         ledger.published(loaded, t0).await.unwrap();
+        (dir, ledger)
+    }
 
-        let sent = Arc::new(Recorded::default());
-        let sweeper = |owner: &str| Sweeper {
+    /// A sweeper named `owner` whose publishes are recorded in `sent`.
+    fn sweeper(
+        ledger: &Ledger,
+        clock: &Arc<ManualClock>,
+        sent: &Arc<Recorded>,
+        owner: &str,
+    ) -> Sweeper {
+        Sweeper {
             ledger: ledger.clone(),
             publisher: Publisher::new(
                 sent.clone(),
@@ -185,8 +192,18 @@ mod tests {
             clock: clock.clone(),
             metrics: Arc::new(Metrics::new()),
             owner: Some(owner.into()),
-        };
-        let (a, b) = (sweeper("a"), sweeper("b"));
+        }
+    }
+
+    #[tokio::test]
+    async fn two_instances_take_turns_and_the_second_takes_over_when_the_first_stops() {
+        let (_dir, ledger) = sent_commands(1).await;
+        let clock = Arc::new(ManualClock::new(T0.parse().unwrap()));
+        let sent = Arc::new(Recorded::default());
+        let (a, b) = (
+            sweeper(&ledger, &clock, &sent, "a"),
+            sweeper(&ledger, &clock, &sent, "b"),
+        );
         let resends = || sent.0.lock().unwrap().len();
 
         // `a` sweeps first, with nothing due yet, and holds the lease for 10 s.
@@ -207,40 +224,15 @@ mod tests {
         clock.advance(SignedDuration::from_secs(2));
         b.sweep_once().await.unwrap();
         assert_eq!(resends(), 2);
-        assert_eq!(sent.0.lock().unwrap()[1], "max300/d1/schedule");
+        assert_eq!(sent.0.lock().unwrap()[1], "max300/d0/schedule");
     }
 
     /// A day's commands all wake together; a sweep takes them a page at a time, so it never
     /// holds a whole fleet's, and still leaves none of them for the next tick.
     #[tokio::test]
     async fn a_sweep_takes_what_is_due_a_page_at_a_time_and_all_of_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn CommandStore> =
-            Arc::new(SqliteStore::open(&dir.path().join("cloud.sqlite")).unwrap());
-        let t0: Timestamp = "2026-11-29T16:00:00Z".parse().unwrap();
-        let clock = Arc::new(ManualClock::new(t0));
-        let day = Day::named("2026-11-30".parse().unwrap(), "Europe/London").unwrap();
-        let policy = Policy {
-            ack_timeout: SignedDuration::from_secs(5),
-            ..Policy::default()
-        };
-        let ledger = Ledger::new(store.clone(), policy);
-        let commands: Vec<NewCommand> = (0..crate::ledger::SWEEP_PAGE + 1)
-            .map(|i| NewCommand {
-                message_id: MessageId::generate(t0),
-                schedule: Schedule::new(
-                    DeviceId::parse(format!("d{i}")).unwrap(),
-                    day.clone(),
-                    vec![Setpoint::IDLE; 48],
-                )
-                .unwrap(),
-                traceparent: None,
-            })
-            .collect();
-        ledger.insert_commands(&commands, t0, None).await.unwrap();
-        let ids: Vec<MessageId> = commands.iter().map(|c| c.message_id.clone()).collect();
-        let loaded = ledger.publishable(&ids, t0).await.unwrap();
-        ledger.published(loaded, t0).await.unwrap();
+        let (_dir, ledger) = sent_commands(crate::ledger::SWEEP_PAGE + 1).await;
+        let clock = Arc::new(ManualClock::new(T0.parse().unwrap()));
 
         // No ack from any of them: all due again at once.
         clock.advance(SignedDuration::from_secs(6));
@@ -252,22 +244,12 @@ mod tests {
         assert!(!rest.more);
 
         // Due again, after the backoff: one sweep of the sweeper sends every one.
-        clock.advance(policy.resend_delay(2) + SignedDuration::from_secs(1));
+        clock.advance(ledger.policy().resend_delay(2) + SignedDuration::from_secs(1));
         let sent = Arc::new(Recorded::default());
-        let sweeper = Sweeper {
-            ledger: ledger.clone(),
-            publisher: Publisher::new(
-                sent.clone(),
-                Topics::new("max300"),
-                ledger.clone(),
-                clock.clone(),
-                Arc::new(Metrics::new()),
-            ),
-            clock: clock.clone(),
-            metrics: Arc::new(Metrics::new()),
-            owner: Some("a".into()),
-        };
-        sweeper.sweep_once().await.unwrap();
+        sweeper(&ledger, &clock, &sent, "a")
+            .sweep_once()
+            .await
+            .unwrap();
         assert_eq!(sent.0.lock().unwrap().len(), crate::ledger::SWEEP_PAGE + 1);
         assert!(ledger.sweep(clock.now()).await.unwrap().resend.is_empty());
     }
