@@ -11,15 +11,15 @@
 //! - `validate`: offline checking of a provider document.
 //! - `certs`: a development CA and the broker, cloud and device certificates.
 //! - `lambda`: the Lambda Runtime API client around the cloud's Lambda handler.
-//! - `arenas`: one malloc arena a core.
+//! - `malloc`: glibc's allocator set for a service (arenas, mmap threshold).
 
-mod arenas;
 #[cfg(feature = "cloud")]
 mod certs;
 mod cli;
 mod clock;
 #[cfg(feature = "aws")]
 mod lambda;
+mod malloc;
 #[cfg(all(feature = "cloud", feature = "broker", feature = "sim"))]
 mod up;
 mod validate;
@@ -40,7 +40,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 fn main() -> ExitCode {
-    arenas::one_per_core();
+    malloc::tuned();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // Lambda starts its `bootstrap` with no arguments: that is `max300 lambda`.
     if cfg!(feature = "aws")

@@ -92,8 +92,9 @@ fn the_embedded_broker_refuses_a_public_address() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback only"));
 }
 
-/// The program runs with one malloc arena a core (it starts itself again with the limit in
-/// its environment), under the same pid and arguments; an operator's own limit stands.
+/// The program runs with one malloc arena a core and a fixed mmap threshold (it starts itself
+/// again with both in its environment), under the same pid and arguments; an operator's own
+/// malloc settings stand, and none is added to them.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
 fn the_program_runs_with_one_malloc_arena_a_core_unless_told_otherwise() {
@@ -102,7 +103,15 @@ fn the_program_runs_with_one_malloc_arena_a_core_unless_told_otherwise() {
         .unwrap()
         .get()
         .to_string();
-    for (set, want) in [(None, cores.as_str()), (Some("7"), "7")] {
+    let ours = [
+        format!("MALLOC_ARENA_MAX={cores}"),
+        "MALLOC_MMAP_THRESHOLD_=1048576".to_owned(),
+    ];
+    let operators = ["MALLOC_ARENA_MAX=7".to_owned()];
+    for (set, want, not) in [
+        (None, &ours[..], None),
+        (Some("7"), &operators[..], Some("MALLOC_MMAP_THRESHOLD_")),
+    ] {
         let env: Vec<(String, String)> = set
             .map(|n| ("MALLOC_ARENA_MAX".to_owned(), n.to_owned()))
             .into_iter()
@@ -114,12 +123,13 @@ fn the_program_runs_with_one_malloc_arena_a_core_unless_told_otherwise() {
         let pid = provider.child.id();
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let environ = String::from_utf8_lossy(&environ);
-        assert!(
-            environ
-                .split('\0')
-                .any(|v| v == format!("MALLOC_ARENA_MAX={want}")),
-            "{environ}"
-        );
+        let vars: Vec<&str> = environ.split('\0').collect();
+        for v in want {
+            assert!(vars.contains(&v.as_str()), "{v} not in {environ}");
+        }
+        if let Some(not) = not {
+            assert!(!vars.iter().any(|v| v.starts_with(not)), "{environ}");
+        }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         let cmdline = String::from_utf8_lossy(&cmdline);
         let cmdline: Vec<&str> = cmdline.split_terminator('\0').skip(1).collect();
