@@ -278,6 +278,15 @@ struct OpenPeriod {
     energy: PeriodEnergy,
 }
 
+/// What to write for a plan: the controller's reading it was decided on, and the plan
+/// clamped by the safety rules against it.
+#[derive(Clone, Copy, Debug)]
+struct Ready {
+    planned: Setpoint,
+    status: BatteryStatus,
+    clamped: Clamped,
+}
+
 impl Agent {
     async fn run(
         mut self,
@@ -613,7 +622,7 @@ impl Agent {
 
     /// `ahead`: the controller's reading and the new period's clamped plan, taken
     /// just before the boundary.
-    async fn boundary(&mut self, ahead: Option<(BatteryStatus, Clamped)>) {
+    async fn boundary(&mut self, ahead: Option<Ready>) {
         let now = self.clock.now();
         if self.engine.clock_unsynced(now) {
             // Whether the time source is unsynchronized was logged when it was found.
@@ -636,10 +645,13 @@ impl Agent {
             .as_ref()
             .map(|o| o.energy.end())
             .filter(|end| *end <= now);
-        let driven = match (crossed, ahead) {
-            (None, _) => false,
-            (Some(_), Some(ahead)) => self.put(ahead, false).await,
-            (Some(_), None) => self.drive(false).await,
+        let (driven, mut decided) = match (crossed, ahead) {
+            (None, _) => (false, None),
+            (Some(_), Some(ahead)) => {
+                let put = self.put(ahead, false).await;
+                (put, put.then_some(ahead))
+            }
+            (Some(_), None) => (self.drive(false).await, None),
         };
         if driven && let Some(boundary) = crossed {
             // Plan time after the boundary, in real seconds.
@@ -702,8 +714,10 @@ impl Agent {
                     energy: PeriodEnergy::new(period.start, period.start + PERIOD),
                 });
             }
+            // The current period is the last: the ones before it were missed.
+            let decided = if is_current { decided.take() } else { None };
             let report = self
-                .handle_period(&period, is_current, now)
+                .handle_period(&period, is_current, decided, now)
                 .instrument(span.clone())
                 .await;
             let report = span.in_scope(|| Self::traced(report, plan_trace.as_ref()));
@@ -816,10 +830,12 @@ impl Agent {
     }
 
     /// Runs or skips one period and builds its report (seq and store id are stamped later).
+    /// `decided`: the current period's decision, when the boundary already wrote it.
     async fn handle_period(
         &mut self,
         due: &PeriodDue,
         is_current: bool,
+        decided: Option<Ready>,
         now: Timestamp,
     ) -> Message {
         let mut report = due.report(&self.device_id, self.store.store_id(), now);
@@ -845,7 +861,10 @@ impl Agent {
                     self.would_run(&mut report, *setpoint).await;
                     return report.into_message();
                 }
-                let run = self.execute(*setpoint).await;
+                // A decision made for another plan (a store fault idles the unit) is not
+                // this period's.
+                let decided = decided.filter(|d| d.planned == *setpoint);
+                let run = self.execute(*setpoint, decided).await;
                 report.status = run.status;
                 report.applied_kw = run.applied;
                 report.limited_by = run.limited_by;
@@ -874,21 +893,32 @@ impl Agent {
     }
 
     /// Clamps, writes if it changed, reads back, and waits for the measured power to follow
-    /// (at most `settle_s`).
-    async fn execute(&mut self, planned: Setpoint) -> Run {
-        let status = match self.read().await {
-            Ok(s) => s,
-            Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
+    /// (at most `settle_s`). `decided`: the decision the boundary already wrote, on a reading
+    /// taken just before it; it is not made again on a later reading, which under load can
+    /// come well into the period. The report gives the state of charge the decision was made
+    /// on, not one read after the unit has run a while.
+    async fn execute(&mut self, planned: Setpoint, decided: Option<Ready>) -> Run {
+        let (status, clamped) = match decided {
+            Some(Ready {
+                status, clamped, ..
+            }) => (status, clamped),
+            None => {
+                let status = match self.read().await {
+                    Ok(s) => s,
+                    Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
+                };
+                let clamped = self.guard.clamp(planned, &status);
+                if status.setpoint != clamped.setpoint
+                    && let Err(e) = self.apply(clamped.setpoint).await
+                {
+                    let error = self.faulted(Chain(&e).to_string());
+                    // Say what the unit runs instead, if it still answers.
+                    let observed = self.read().await.ok();
+                    return Run::failed(error, observed.as_ref());
+                }
+                (status, clamped)
+            }
         };
-        let clamped = self.guard.clamp(planned, &status);
-        if status.setpoint != clamped.setpoint
-            && let Err(e) = self.apply(clamped.setpoint).await
-        {
-            let error = self.faulted(Chain(&e).to_string());
-            // Say what the unit runs instead, if it still answers.
-            let observed = self.read().await.ok();
-            return Run::failed(error, observed.as_ref());
-        }
         let mut back = match self.read().await {
             Ok(s) => s,
             Err(e) => return Run::failed(self.faulted(Chain(&e).to_string()), None),
@@ -933,7 +963,7 @@ impl Agent {
             status: ReportStatus::Executed,
             applied: Some(clamped.setpoint.rate()),
             limited_by: clamped.limited_by,
-            soc_pct: Some(back.soc_pct),
+            soc_pct: Some(status.soc_pct),
             error: None,
         }
     }
@@ -968,7 +998,7 @@ impl Agent {
 
     /// The plan at `at`, clamped against a reading of the controller: what a drive writes.
     /// `None` when the controller cannot be read.
-    async fn ready(&mut self, at: Timestamp) -> Option<(BatteryStatus, Clamped)> {
+    async fn ready(&mut self, at: Timestamp) -> Option<Ready> {
         // Derived from the engine each time, so a restart or a recovered clock mid-period
         // drives the current period's plan, not a stale copy of it.
         let planned = if self.store_fault {
@@ -979,7 +1009,11 @@ impl Agent {
         match self.read().await {
             Ok(status) => {
                 let clamped = self.guard.clamp(planned, &status);
-                Some((status, clamped))
+                Some(Ready {
+                    planned,
+                    status,
+                    clamped,
+                })
             }
             Err(e) => {
                 self.faulted(Chain(&e).to_string());
@@ -990,7 +1024,13 @@ impl Agent {
 
     /// Writes a clamped plan when the controller runs something else, and always when
     /// `reassert`. `true` when the controller then runs it.
-    async fn put(&mut self, (status, clamped): (BatteryStatus, Clamped), reassert: bool) -> bool {
+    async fn put(
+        &mut self,
+        Ready {
+            status, clamped, ..
+        }: Ready,
+        reassert: bool,
+    ) -> bool {
         if reassert || status.setpoint != clamped.setpoint {
             match self.apply(clamped.setpoint).await {
                 Ok(()) => self.fault = None,

@@ -67,6 +67,34 @@ async fn the_soc_window_stops_charging_until_past_the_hysteresis_and_rates_are_c
     app.stop_agent().await;
 }
 
+/// A period's report gives the state of charge its decision was made on, not one read after
+/// the unit had run a while: a charge allowed just below `soc_max_pct` is never reported as a
+/// charge from above it (which is what an operator would then see).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_reports_the_state_of_charge_its_decision_was_made_on() {
+    // 5 kWh at 88.5 %, idle until the plan comes; then 40 kW behind a ramp of 0.5 kW a plan
+    // second: the power follows in about 75 plan seconds (60 ms at 1200×), by when about
+    // 0.4 kWh, 8 % of the unit, has gone in.
+    let mut app = TestApp::start_with(
+        "2026-11-30T10:05:00Z",
+        1200.0,
+        "[safety]\nsoc_max_pct = 90\nsettle_s = 1\n\
+         [sim]\ncapacity_kwh = 5\ninitial_soc_pct = 88.5\nramp_kw_per_s = 0.5\n",
+    )
+    .await;
+    follow(&mut app, |_| setpoint(Mode::Charge, 40.0)).await;
+    let r = app.next("a period report", report).await;
+    assert_eq!(r.status, ReportStatus::Executed, "{r:?}");
+    assert_eq!(r.mode, Mode::Charge, "{r:?}");
+    assert_eq!(r.limited_by, None, "{r:?}");
+    let soc = r.soc_pct.unwrap();
+    assert!(
+        (soc - 88.5).abs() < 0.05,
+        "reported charging from {soc} %, decided at 88.5 %: {r:?}"
+    );
+    app.stop_agent().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_whose_power_does_not_follow_is_failed_with_the_measured_kw() {
     // The unit's power ramps at 0.005 kW per plan second: 6 kW per real second at 1200×, so
