@@ -183,6 +183,7 @@ impl Feedback {
         metrics: Arc<Metrics>,
     ) -> Feedback {
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        metrics.time_acks();
         Feedback {
             ledger,
             publisher,

@@ -184,7 +184,8 @@ pub struct Metrics {
     pub(crate) alerts: Family<Labels, Gauge>,
     pub(crate) devices: Family<Labels, Gauge>,
     pub(crate) heartbeat_age: Family<Labels, Gauge<f64, AtomicU64>>,
-    acks: Mutex<AckClock>,
+    /// Only in a process that consumes acks (see [`Metrics::time_acks`]).
+    acks: Mutex<Option<AckClock>>,
 }
 
 impl Default for Metrics {
@@ -216,7 +217,7 @@ impl Metrics {
             alerts: Family::default(),
             devices: Family::default(),
             heartbeat_age: Family::default(),
-            acks: Mutex::new(AckClock::new(max300_protocol::clock::monotonic())),
+            acks: Mutex::new(None),
         };
         registry.register(
             "max300_inbound_messages",
@@ -347,10 +348,17 @@ impl Metrics {
         self.publishes
             .get_or_create(&labels(&[("kind", kind)]))
             .inc();
-        if let Some(id) = command {
-            self.ack_clock()
-                .published(id, max300_protocol::clock::monotonic());
+        if let (Some(id), Some(clock)) = (command, self.ack_clock().as_mut()) {
+            clock.published(id, max300_protocol::clock::monotonic());
         }
+    }
+
+    /// Starts timing acks from the first publish of each command: for a process that will
+    /// see them (the feedback consumer asks for it). Elsewhere (`max300 ingest`) nothing
+    /// would read the clock.
+    pub fn time_acks(&self) {
+        self.ack_clock()
+            .get_or_insert_with(|| AckClock::new(max300_protocol::clock::monotonic()));
     }
 
     /// `n` messages published again.
@@ -362,13 +370,14 @@ impl Metrics {
     pub fn acked(&self, id: &MessageId) {
         let took = self
             .ack_clock()
-            .acked(id, max300_protocol::clock::monotonic());
+            .as_mut()
+            .and_then(|clock| clock.acked(id, max300_protocol::clock::monotonic()));
         if let Some(took) = took {
             self.ack_latency.observe(took.as_secs_f64());
         }
     }
 
-    fn ack_clock(&self) -> std::sync::MutexGuard<'_, AckClock> {
+    fn ack_clock(&self) -> std::sync::MutexGuard<'_, Option<AckClock>> {
         self.acks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -465,6 +474,7 @@ mod tests {
     #[test]
     fn renders_counters_and_the_ack_histogram() {
         let m = Metrics::new();
+        m.time_acks();
         m.inbound("ack", Outcome::Applied);
         m.inbound("ack", Outcome::Applied);
         let id = MessageId::parse("01J00000000000000000000000").unwrap();
@@ -489,6 +499,19 @@ mod tests {
             text.contains(r#"max300_publishes_total{kind="command"} 1"#),
             "{text}"
         );
+    }
+
+    /// A process that consumes no acks (`max300 ingest`) keeps no clock for them: at
+    /// 100,000 units that clock is 1.2 MB that nothing would read.
+    #[test]
+    fn only_a_process_that_consumes_acks_keeps_their_clock() {
+        let m = Metrics::new();
+        let id = MessageId::parse("01J00000000000000000000000").unwrap();
+        m.published("command", Some(&id));
+        assert!(m.ack_clock().is_none());
+        m.time_acks();
+        m.published("command", Some(&id));
+        assert_eq!(m.ack_clock().as_ref().map(|c| c.pending.len()), Some(1));
     }
 
     /// An ack's latency counts from the command's first publish, in milliseconds; past 49
