@@ -465,7 +465,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn devices(&self) -> Result<Vec<DeviceRecord>, CloudError> {
-        self.run(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
             ))?;
@@ -476,7 +476,7 @@ impl CommandStore for SqliteStore {
 
     async fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, CloudError> {
         let device = device.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
             ))?
@@ -739,11 +739,11 @@ impl CommandStore for SqliteStore {
         to: Date,
     ) -> Result<Vec<Command>, CloudError> {
         let device = device.to_string();
-        self.run(move |c| versions(c, &device, from, to)).await
+        self.read(move |c| versions(c, &device, from, to)).await
     }
 
     async fn on_date(&self, date: Date) -> Result<Vec<Command>, CloudError> {
-        self.run(move |c| {
+        self.read(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands WHERE schedule_date = ?1"
             ))?
@@ -762,7 +762,7 @@ impl CommandStore for SqliteStore {
         from: Timestamp,
         fold: PlanFold,
     ) -> Result<Roster<f64>, CloudError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT device_id, version, state, timezone, plan FROM commands
                  WHERE schedule_date = ?1 ORDER BY device_id",
@@ -807,7 +807,7 @@ impl CommandStore for SqliteStore {
 
     async fn command_log(&self, id: &MessageId) -> Result<Option<CommandLog>, CloudError> {
         let id = id.clone();
-        self.run(move |c| {
+        self.read(move |c| {
             let tx = c.transaction()?;
             let Some(command) = command_by_id(&tx, id.as_str())? else {
                 return Ok(None);
@@ -848,7 +848,7 @@ impl CommandStore for SqliteStore {
         to: Timestamp,
     ) -> Result<Vec<ReportMsg>, CloudError> {
         let device = device.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT body FROM reports
                  WHERE device_id = ?1 AND interval_start >= ?2 AND interval_start < ?3
@@ -868,7 +868,7 @@ impl CommandStore for SqliteStore {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<(Timestamp, u32)>, CloudError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT interval_start, count(*) FROM reports
                  WHERE interval_start >= ?1 AND interval_start < ?2
@@ -889,7 +889,7 @@ impl CommandStore for SqliteStore {
     ) -> Result<Vec<CommandSummary>, CloudError> {
         let device = device.map(|d| d.to_string());
         let date = date.map(|d| d.to_string());
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {SUMMARY_COLUMNS} FROM commands
                  WHERE (?1 IS NULL OR device_id = ?1) AND (?2 IS NULL OR schedule_date = ?2)
@@ -917,7 +917,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn command_counts(&self) -> Result<Vec<(CommandState, u32)>, CloudError> {
-        self.run(|c| {
+        self.read(|c| {
             c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?
                 .query_map([], |r| Ok((parsed(r.get(0)?)?, r.get(1)?)))?
                 .collect()
@@ -979,7 +979,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn interrupted_ingestions(&self) -> Result<Vec<Interrupted>, CloudError> {
-        self.run(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, schedule_date, source, audit_key,
                         EXISTS (SELECT 1 FROM ingestions AS l
@@ -1003,7 +1003,7 @@ impl CommandStore for SqliteStore {
 
     async fn ingested(&self, date: Date) -> Result<bool, CloudError> {
         let date = date.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             c.prepare_cached(
                 "SELECT count(*) > 0 FROM ingestions
                  WHERE schedule_date = ?1 AND source = 'fetch' AND finished_at IS NOT NULL
