@@ -315,7 +315,8 @@ fn a_small_fleet_acks_its_plan_and_every_boundarys_reports_are_recorded_and_rece
     // 20 units and the real cloud on the embedded broker (port 0), both on one scaled clock
     // at 1800x: a period is a second of real time, and the bench waits on the clock, not on
     // sleeps. It exits non-zero unless every report of every boundary is in the store and
-    // every one the fleet sent is receipted.
+    // every one the fleet sent is receipted, and (watched) unless every fetch of the fleet
+    // page and /metrics succeeded.
     let last = bench(&[
         "bench",
         "day",
@@ -327,6 +328,7 @@ fn a_small_fleet_acks_its_plan_and_every_boundarys_reports_are_recorded_and_rece
         "3",
         "--jitter-ms",
         "200",
+        "--watch",
     ]);
     assert!(
         last.starts_with("bench day: devices 20, broker embedded, speed 1800, boundaries 3: "),
@@ -342,6 +344,7 @@ fn a_small_fleet_acks_its_plan_and_every_boundarys_reports_are_recorded_and_rece
         3,
         "every report is receipted: {last}"
     );
+    assert!(last.contains("; watched: "), "{last}");
 }
 
 #[test]

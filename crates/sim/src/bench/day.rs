@@ -55,6 +55,10 @@ pub struct DayArgs {
     /// The fleet's report jitter (`max300 fleet --jitter-ms`).
     #[arg(long, default_value_t = 1000)]
     pub jitter_ms: u64,
+    /// Operators watching while the day runs: the fleet page's JSON and `/metrics` fetched
+    /// every 2 s (real time), as the open dashboard and a Prometheus scraper would.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 const PERIOD: SignedDuration = SignedDuration::from_secs(PERIOD_SECS);
@@ -210,6 +214,7 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
     let cloud =
         super::start_cloud(dir.path(), &mqtt, provider_addr, clock.clone(), &shutdown).await?;
 
+    let watching = args.watch.then(|| watch(cloud.addr, shutdown.clone()));
     let t0 = monotonic();
     let ingested_at = clock.now();
     let report = cloud.ingestor.fetch(DATE, None, Listing::Counts).await?;
@@ -236,10 +241,14 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
     let fleet_peak = fleet.peak_memory_kb().unwrap_or(0);
     let stopped = fleet.stop().await;
     shutdown.cancel();
+    let watched = match watching {
+        Some(watching) => Some(watching.await??),
+        None => None,
+    };
     cloud.wait().await;
     let rows = rows?;
     stopped?;
-    print_rows(&args, &mqtt, &boundaries, &rows, fleet_peak);
+    print_rows(&args, &mqtt, &boundaries, &rows, fleet_peak, watched);
     let complete = rows.iter().all(|r| {
         r.recorded as usize == args.devices
             && r.fleet.as_ref().is_some_and(|f| f.receipted == f.reports)
@@ -248,6 +257,35 @@ pub async fn run(args: DayArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// Fetches the fleet page's JSON and `/metrics` every 2 s until `stop`; returns how many
+/// fetches there were and the slowest. A failed fetch fails the bench: what operators see
+/// must keep working under a fleet's load.
+fn watch(
+    api: std::net::SocketAddr,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<(u32, Duration)>> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let pages = [
+            format!("http://{api}/api/fleet"),
+            format!("http://{api}/metrics"),
+        ];
+        let (mut polls, mut slowest) = (0, Duration::ZERO);
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok((polls, slowest)),
+                _ = every.tick() => {}
+            }
+            for page in &pages {
+                let (_, took) = super::get(&http, page).await?;
+                polls += 1;
+                slowest = slowest.max(took);
+            }
+        }
     })
 }
 
@@ -365,7 +403,14 @@ async fn measure(
     Ok(rows.into_values().collect())
 }
 
-fn print_rows(args: &DayArgs, mqtt: &str, boundaries: &[Timestamp], rows: &[Row], fleet_kb: u64) {
+fn print_rows(
+    args: &DayArgs,
+    mqtt: &str,
+    boundaries: &[Timestamp],
+    rows: &[Row],
+    fleet_kb: u64,
+    watched: Option<(u32, Duration)>,
+) {
     let secs = |d: Option<Duration>| {
         d.map_or_else(|| "-".to_owned(), |d| format!("{:.3}", d.as_secs_f64()))
     };
@@ -431,8 +476,14 @@ fn print_rows(args: &DayArgs, mqtt: &str, boundaries: &[Timestamp], rows: &[Row]
     }
     let cpu: f64 = rows.iter().map(|r| r.cpu.as_secs_f64()).sum();
     let real = boundaries.len() as f64 * PERIOD_SECS as f64 / args.speed;
+    let watched = watched.map_or_else(String::new, |(fetches, slowest)| {
+        format!(
+            "; watched: {fetches} fetches of the fleet page and /metrics, the slowest {:.0} ms",
+            slowest.as_secs_f64() * 1000.0
+        )
+    });
     println!(
-        "bench day: devices {}, broker {broker}, speed {}, boundaries {}: {}; cloud cpu {:.2} s in {:.0} s ({:.0} % of one core), cloud peak memory {:.1} MB, fleet process {:.1} MB ({:.1} KB a connection)",
+        "bench day: devices {}, broker {broker}, speed {}, boundaries {}: {}; cloud cpu {:.2} s in {:.0} s ({:.0} % of one core), cloud peak memory {:.1} MB, fleet process {:.1} MB ({:.1} KB a connection){watched}",
         args.devices,
         args.speed,
         boundaries.len(),
