@@ -182,6 +182,50 @@ pub struct FleetRow {
     pub as_planned: u32,
 }
 
+/// What the fleet view needs of a device's newest command for a date: not its plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetCommand {
+    /// The command.
+    pub summary: CommandSummary,
+    /// The first period it governs on the device, from the accepted ack.
+    pub effective_period: Option<u32>,
+    /// Its local day.
+    pub day: max300_protocol::Day,
+    /// What is known of each period.
+    pub marks: crate::lifecycle::Marks,
+}
+
+impl FleetCommand {
+    /// The fleet view's part of a command.
+    pub fn of(c: &Command) -> FleetCommand {
+        FleetCommand {
+            summary: CommandSummary::of(c),
+            effective_period: c.effective_period,
+            day: c.schedule.day().clone(),
+            marks: c.marks.clone(),
+        }
+    }
+
+    /// Its periods, from the one it governs from, that started by `ended_by` (that is, have
+    /// ended by now), and how many of them ran as planned.
+    fn conformance(&self, ended_by: Timestamp) -> (u32, u32) {
+        let effective = self.effective_period.unwrap_or(1);
+        self.marks
+            .iter()
+            .filter(|(p, _)| *p >= effective && self.day.period_start(*p) <= ended_by)
+            .fold((0, 0), |(due, as_planned), (_, mark)| {
+                let ran = matches!(
+                    mark,
+                    Mark::Reported {
+                        as_planned: true,
+                        ..
+                    }
+                );
+                (due + 1, as_planned + u32::from(ran))
+            })
+    }
+}
+
 /// A command a device holds or should hold.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CurrentCommand {
@@ -655,6 +699,16 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
             .collect())
     }
 
+    /// Each device's newest command for `date`, whatever its state, as the fleet view needs
+    /// it, in device order.
+    async fn newest_on_date(&self, date: Date) -> Result<Vec<FleetCommand>, CloudError> {
+        let on = self.on_date(date).await?;
+        Ok(newest_per(&on, |c| c.device_id().clone())
+            .into_values()
+            .map(FleetCommand::of)
+            .collect())
+    }
+
     /// Every device, in id order, with its newest commands for `today` and `tomorrow` and its
     /// conformance so far: the periods of today's command, from the one it governs from, that
     /// started before `ended_by` (that is, ended by now), and how many of them ran as
@@ -665,41 +719,30 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         tomorrow: Date,
         ended_by: Timestamp,
     ) -> Result<Vec<FleetRow>, CloudError> {
-        let (devices, on_today, on_tomorrow) =
-            tokio::try_join!(self.devices(), self.on_date(today), self.on_date(tomorrow))?;
-        let by_device = |c: &Command| c.device_id().clone();
-        let newest_today = newest_per(&on_today, by_device);
-        let newest_tomorrow = newest_per(&on_tomorrow, by_device);
+        let (devices, on_today, on_tomorrow) = tokio::try_join!(
+            self.devices(),
+            self.newest_on_date(today),
+            self.newest_on_date(tomorrow)
+        )?;
+        let by_device = |commands: Vec<FleetCommand>| -> BTreeMap<DeviceId, FleetCommand> {
+            commands
+                .into_iter()
+                .map(|c| (c.summary.device_id.clone(), c))
+                .collect()
+        };
+        let (mut on_today, mut on_tomorrow) = (by_device(on_today), by_device(on_tomorrow));
         Ok(devices
             .into_iter()
             .map(|device| {
-                let id = device.device_id.clone();
-                let id = &id;
-                let mut row = FleetRow {
-                    today: newest_today.get(id).map(|c| CommandSummary::of(c)),
-                    tomorrow: newest_tomorrow.get(id).map(|c| CommandSummary::of(c)),
-                    due: 0,
-                    as_planned: 0,
+                let today = on_today.remove(&device.device_id);
+                let (due, as_planned) = today.as_ref().map_or((0, 0), |c| c.conformance(ended_by));
+                FleetRow {
+                    today: today.map(|c| c.summary),
+                    tomorrow: on_tomorrow.remove(&device.device_id).map(|c| c.summary),
+                    due,
+                    as_planned,
                     device,
-                };
-                if let Some(c) = newest_today.get(id) {
-                    let day = c.schedule.day();
-                    let effective = c.effective_period.unwrap_or(1);
-                    let due = c
-                        .marks
-                        .iter()
-                        .filter(|(p, _)| *p >= effective && day.period_start(*p) <= ended_by);
-                    for (_, mark) in due {
-                        row.due += 1;
-                        if let Mark::Reported {
-                            as_planned: true, ..
-                        } = mark
-                        {
-                            row.as_planned += 1;
-                        }
-                    }
                 }
-                row
             })
             .collect())
     }

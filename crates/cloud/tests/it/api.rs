@@ -569,8 +569,11 @@ async fn an_unacknowledged_command_is_published_again_after_the_ack_timeout() {
     assert_eq!(again.message_id, first.message_id);
     assert_eq!(again.sha256, first.sha256);
     let id = body["accepted"][0]["message_id"].as_str().unwrap();
-    let (_, detail) = app.get(&format!("/api/commands/{id}")).await;
-    assert_eq!(detail["publishes"], 2);
+    // The resend is recorded once it went out, so it may be read a moment before that.
+    let detail = get_until(&app, &format!("/api/commands/{id}"), |d| {
+        d["publishes"] == 2
+    })
+    .await;
     assert_eq!(detail["state"], "sent");
 }
 
@@ -1041,16 +1044,22 @@ fn sum_of(metrics: &str, label: &str) -> f64 {
 /// Waits until the fleet view satisfies `ok`, as the feedback consumer applies messages in
 /// the background.
 async fn fleet_until(app: &TestApp, ok: impl Fn(&Value) -> bool) -> Value {
+    get_until(app, "/api/fleet", ok).await
+}
+
+/// Waits until what `path` answers satisfies `ok`: the service records what it did (a
+/// publish, an applied message) in the background, after it did it.
+async fn get_until(app: &TestApp, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
     loop {
-        let (status, fleet) = app.get("/api/fleet").await;
-        assert_eq!(status, 200, "{fleet}");
-        if ok(&fleet) {
-            return fleet;
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 200, "{body}");
+        if ok(&body) {
+            return body;
         }
         assert!(
             max300_protocol::clock::monotonic() < deadline,
-            "the fleet view never got there: {fleet}"
+            "{path} never got there: {body}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -19,13 +19,13 @@ mod migrate;
 mod rows;
 
 use self::rows::{
-    COMMAND_COLUMNS, CONTROL_COLUMNS, DEVICE_COLUMNS, SUMMARY_COLUMNS, StoredPlan, command_by_id,
-    command_row, control_row, conversion, dates_around, device_row, parsed, rate, subject,
-    summary_row, ts, versions, write_unit,
+    COMMAND_COLUMNS, CONTROL_COLUMNS, DEVICE_COLUMNS, FLEET_COLUMNS, SUMMARY_COLUMNS, StoredPlan,
+    command_by_id, command_row, control_row, conversion, dates_around, device_row,
+    fleet_command_row, parsed, rate, subject, summary_row, ts, versions, write_unit,
 };
 use super::text::{encode_plan, instant};
 use super::{
-    AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence,
+    AckContext, CommandLog, CommandStore, CommandSummary, DeviceRecord, Due, Fence, FleetCommand,
     IngestionCounts, Insert, Interrupted, NewCommand, PlanFold, ReportContext, Unit, Written,
 };
 use crate::CloudError;
@@ -749,6 +749,33 @@ impl CommandStore for SqliteStore {
             ))?
             .query_map([date.to_string()], command_row)?
             .collect()
+        })
+        .await
+    }
+
+    /// Without the plans, and only the newest version of each device kept: at 10,000 units the
+    /// whole commands read for the fleet page and every `/metrics` scrape (plans decoded and
+    /// all) were most of their cost.
+    async fn newest_on_date(&self, date: Date) -> Result<Vec<FleetCommand>, CloudError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {FLEET_COLUMNS} FROM commands WHERE schedule_date = ?1
+                 ORDER BY device_id, version"
+            ))?;
+            let mut rows = stmt.query([date.to_string()])?;
+            let (mut out, mut days) = (Vec::<FleetCommand>::new(), Vec::new());
+            while let Some(row) = rows.next()? {
+                let command = fleet_command_row(row, &mut days)?;
+                // In version order: a device's later row is its newer version.
+                if out
+                    .last()
+                    .is_some_and(|last| last.summary.device_id == command.summary.device_id)
+                {
+                    out.pop();
+                }
+                out.push(command);
+            }
+            Ok(out)
         })
         .await
     }

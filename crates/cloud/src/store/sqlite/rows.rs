@@ -8,7 +8,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::lifecycle::{Command, Control, Marks, Subject};
 use crate::store::text::{decode_plan, instant};
-use crate::store::{CommandSummary, ControlWrite, DeviceRecord, Record, Unit, rest_of};
+use crate::store::{
+    CommandSummary, ControlWrite, DeviceRecord, FleetCommand, Record, Unit, rest_of,
+};
 
 pub(super) fn conversion(e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
@@ -351,3 +353,37 @@ pub(super) fn summary_row(row: &rusqlite::Row) -> rusqlite::Result<CommandSummar
 
 pub(super) const SUMMARY_COLUMNS: &str =
     "message_id, device_id, schedule_date, version, state, late";
+
+/// What [`fleet_command_row`] reads: the summary, then what the fleet view's conformance
+/// needs, and not the plan.
+pub(super) const FLEET_COLUMNS: &str =
+    "message_id, device_id, schedule_date, version, state, late, effective_period, marks, timezone";
+
+/// A row selected as [`FLEET_COLUMNS`]; `days` keeps the day of each zone met, as every
+/// command of a date shares it.
+pub(super) fn fleet_command_row(
+    r: &Row,
+    days: &mut Vec<(String, Day)>,
+) -> rusqlite::Result<FleetCommand> {
+    let summary = summary_row(r)?;
+    let zone: String = r.get(8)?;
+    let day = match days.iter().find(|(z, _)| *z == zone) {
+        Some((_, day)) => day.clone(),
+        None => {
+            let day = Day::named(summary.schedule_date, &zone).map_err(conversion)?;
+            days.push((zone, day.clone()));
+            day
+        }
+    };
+    let periods = day.period_count();
+    let marks = match r.get::<_, Option<String>>(7)? {
+        Some(text) => Marks::parse(&text, periods).map_err(conversion)?,
+        None => Marks::pending(periods),
+    };
+    Ok(FleetCommand {
+        summary,
+        effective_period: r.get(6)?,
+        day,
+        marks,
+    })
+}
