@@ -758,22 +758,24 @@ impl CommandStore for SqliteStore {
     /// all) were most of their cost.
     async fn newest_on_date(&self, date: Date) -> Result<Vec<FleetCommand>, CloudError> {
         self.read(move |c| {
+            // In the date index's device order, so no sort: a device's versions come
+            // together, and the newest of them is kept.
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {FLEET_COLUMNS} FROM commands WHERE schedule_date = ?1
-                 ORDER BY device_id, version"
+                 ORDER BY device_id"
             ))?;
             let mut rows = stmt.query([date.to_string()])?;
             let (mut out, mut days) = (Vec::<FleetCommand>::new(), Vec::new());
             while let Some(row) = rows.next()? {
                 let command = fleet_command_row(row, &mut days)?;
-                // In version order: a device's later row is its newer version.
-                if out
-                    .last()
-                    .is_some_and(|last| last.summary.device_id == command.summary.device_id)
-                {
-                    out.pop();
+                match out.last_mut() {
+                    Some(last) if last.summary.device_id == command.summary.device_id => {
+                        if command.summary.version > last.summary.version {
+                            *last = command;
+                        }
+                    }
+                    _ => out.push(command),
                 }
-                out.push(command);
             }
             Ok(out)
         })
