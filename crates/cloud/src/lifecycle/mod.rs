@@ -111,7 +111,13 @@ pub fn standing_per<'a, K: Ord>(
 /// device and date: the newest live one stands. Stores that read versions one at a time ask
 /// this of each.
 pub fn stands_over(state: CommandState, version: u32, held: Option<u32>) -> bool {
-    state.is_live() && held.is_none_or(|held| version > held)
+    state.is_live() && is_newer(version, held)
+}
+
+/// Whether `version` is newer than `held`, the newest version met so far for the same device
+/// and date, whatever their states. Stores that read versions one at a time ask this of each.
+pub fn is_newer(version: u32, held: Option<u32>) -> bool {
+    held.is_none_or(|held| version > held)
 }
 
 /// The newest version per key, whatever its state.
@@ -119,9 +125,7 @@ pub fn newest_per<'a, K: Ord>(
     commands: impl IntoIterator<Item = &'a Command>,
     key: impl Fn(&Command) -> K,
 ) -> std::collections::BTreeMap<K, &'a Command> {
-    best_per(commands, key, |c, held| {
-        held.is_none_or(|held| c.version > held)
-    })
+    best_per(commands, key, |c, held| is_newer(c.version, held))
 }
 
 /// Per key, the last command that `wins` over the version held for its key so far.

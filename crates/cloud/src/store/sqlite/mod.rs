@@ -31,7 +31,7 @@ use super::{
 use crate::CloudError;
 use crate::lifecycle::feedback::AckTarget;
 use crate::lifecycle::{
-    Command, CommandState, HistoryEntry, Policy, Subject, next_version, stands_over,
+    Command, CommandState, HistoryEntry, Policy, Subject, is_newer, next_version, stands_over,
 };
 
 const SCHEMA: &str = r#"
@@ -770,7 +770,7 @@ impl CommandStore for SqliteStore {
                 let command = fleet_command_row(row, &mut days)?;
                 match out.last_mut() {
                     Some(last) if last.summary.device_id == command.summary.device_id => {
-                        if command.summary.version > last.summary.version {
+                        if is_newer(command.summary.version, Some(last.summary.version)) {
                             *last = command;
                         }
                     }
