@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the SQLite command store, on real files in a temp dir: the commands of
 //! one ingestion for 1,000 devices (durable, and `open_unsynced` for contrast), an ack, a
-//! period report, and the reads behind the fleet page and a command's page.
+//! period report, a fleet's acks in one batch, and the reads behind the fleet page and a command's page.
 //!
 //! `cargo bench -p max300-cloud`; under `cargo test --benches` each runs once.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -250,6 +250,50 @@ fn feedback(c: &mut Criterion) {
                 assert_eq!(recorded.unwrap(), Recorded::Applied);
             },
             BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+
+    // The evening's burst: a whole fleet's acks in one call, as the feedback consumer batches
+    // them, so the figure is the store's work an ack, not an fsync's.
+    let mut group = c.benchmark_group("cloud_store/record_acks_1000");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(DEVICES as u64));
+    let mut days = 0;
+    group.bench_function("durable", |b| {
+        b.iter_batched(
+            || {
+                let date = DATE.checked_add((1_000 + days).days()).unwrap();
+                days += 1;
+                let commands: Vec<NewCommand> = fixture
+                    .devices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| command(d, date, i))
+                    .collect();
+                rt.block_on(async {
+                    fixture
+                        .store
+                        .insert_commands(&commands, eve(), None)
+                        .await
+                        .unwrap();
+                    let ids: Vec<MessageId> =
+                        commands.iter().map(|c| c.message_id.clone()).collect();
+                    mark_sent(&fixture.store, &ids).await;
+                });
+                commands.iter().map(ack).collect::<Vec<_>>()
+            },
+            |acks| {
+                let recorded = rt
+                    .block_on(fixture.store.record_acks(&acks, eve()))
+                    .unwrap();
+                assert!(recorded.iter().all(|r| *r == Recorded::Applied));
+            },
+            BatchSize::PerIteration,
         )
     });
     group.finish();

@@ -33,7 +33,7 @@ use max300_protocol::{Clock, DEFAULT_TIMEZONE, PERIOD_SECS, ScaledClock, SystemC
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{DATE, FleetChild, peak_memory_kb};
+use super::{DATE, FleetChild, cpu, peak_memory_kb};
 use crate::sample::{SampleProvider, Shape};
 
 /// `max300 bench day`
@@ -136,19 +136,6 @@ impl FleetLine {
             resent: resent.parse().ok()?,
         })
     }
-}
-
-/// CPU time of this process so far (user + system).
-fn cpu_time() -> Duration {
-    use nix::sys::resource::{UsageWho, getrusage};
-    let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
-        return Duration::ZERO;
-    };
-    let secs = |t: nix::sys::time::TimeVal| {
-        Duration::from_secs(t.tv_sec().max(0) as u64)
-            + Duration::from_micros(t.tv_usec().max(0) as u64)
-    };
-    secs(usage.user_time()) + secs(usage.system_time())
 }
 
 /// Runs the bench.
@@ -341,7 +328,7 @@ async fn measure(
         if next < boundaries.len() && now >= boundaries[next] {
             let b = boundaries[next];
             let late = clock.real_duration(now.duration_since(b));
-            let (dropped, cpu) = (cloud.session.dropped(), cpu_time());
+            let (dropped, cpu) = (cloud.session.dropped(), cpu::this_process());
             if let Some((prev, d0, c0)) = window.replace((b, dropped, cpu))
                 && let Some(row) = rows.get_mut(&prev)
             {
@@ -397,7 +384,7 @@ async fn measure(
         && let Some(row) = rows.get_mut(&prev)
     {
         row.dropped = cloud.session.dropped() - d0;
-        row.cpu = cpu_time().saturating_sub(c0);
+        row.cpu = cpu::this_process().saturating_sub(c0);
         row.peak_kb = peak_memory_kb().unwrap_or(0);
     }
     Ok(rows.into_values().collect())

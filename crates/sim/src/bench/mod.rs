@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::sample::{SampleProvider, Shape};
 
 pub mod agent;
+pub mod cpu;
 pub mod day;
 pub mod plot;
 
@@ -281,20 +282,30 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let before = peak_memory_kb().unwrap_or(0);
     // Linux: start the peak over from here, so it measures the ingestion, not the set-up.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let fleet_pid = fleet.as_ref().and_then(FleetChild::pid);
+    let cpu0 = cpu::Sample::now(fleet_pid);
     let t0 = monotonic();
     let report = cloud.ingestor.fetch(DATE, None, Listing::Counts).await?;
     let took = t0.elapsed();
+    let cpu_sent = cpu::Sample::now(fleet_pid);
     let peak = peak_memory_kb().unwrap_or(0);
     // With a fleet, the first acks land while the last commands are still being published.
     let sent = count(&cloud.store, &[Sent, Acknowledged]).await? - already;
     let acked = match fleet {
         Some(fleet) => {
             let waited = wait_acknowledged(&cloud.store, args.devices, t0).await;
+            let cpu_acked = cpu::Sample::now(fleet_pid);
             let fleet_peak = fleet.peak_memory_kb().unwrap_or(0);
             let stopped = fleet.stop().await;
             let (n, took) = waited?;
             stopped?;
-            Some((n, took, peak_memory_kb().unwrap_or(0), fleet_peak))
+            Some((
+                n,
+                took,
+                peak_memory_kb().unwrap_or(0),
+                fleet_peak,
+                cpu_acked,
+            ))
         }
         None => None,
     };
@@ -309,20 +320,22 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     }
     let mb = |kb: u64| kb as f64 / 1024.0;
     let acks = match acked {
-        Some((n, took, peak, fleet_peak)) => format!(
+        Some((n, took, peak, fleet_peak, cpu_acked)) => format!(
             ", acknowledged {n} of {}, fetch to all acknowledged {:.3} s \
-             (peak memory {:.1} MB by then; the fleet process {:.1} MB, {:.1} KB a connection)",
+             (peak memory {:.1} MB by then; the fleet process {:.1} MB, {:.1} KB a connection; \
+             CPU from the fetch to all acknowledged: {})",
             args.devices,
             took.as_secs_f64(),
             mb(peak),
             mb(fleet_peak),
-            fleet_peak as f64 / args.devices as f64
+            fleet_peak as f64 / args.devices as f64,
+            cpu_acked.spent_since(&cpu0, "the cloud", "the fleet"),
         ),
         None => String::new(),
     };
     println!(
-        "bench ingest: devices {}, document {:.1} MB, broker {}, fetch to all sent {:.3} s{acks}, \
-         peak memory {:.1} MB during the ingestion ({:.1} MB before it){}",
+        "bench ingest: devices {}, document {:.1} MB, broker {}, fetch to all sent {:.3} s \
+         (CPU: {}){acks}, peak memory {:.1} MB during the ingestion ({:.1} MB before it){}",
         args.devices,
         size as f64 / 1e6,
         if args.mqtt.is_some() {
@@ -331,6 +344,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             "embedded"
         },
         took.as_secs_f64(),
+        cpu_sent.spent_since(&cpu0, "the cloud", "the fleet"),
         mb(peak),
         mb(before),
         match (args.with_today, args.registered) {
@@ -596,6 +610,11 @@ impl FleetChild {
             }
         });
         Ok((FleetChild { child }, rx))
+    }
+
+    /// The fleet process's id, while it runs.
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// The fleet process's peak resident memory in KiB (Linux: VmHWM).

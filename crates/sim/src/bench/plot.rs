@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn reads_the_figures_from_the_closing_line() {
-        let line = "bench ingest: devices 10000, document 4.7 MB, broker embedded, fetch to all sent 0.812 s, peak memory 61.5 MB during the ingestion (80.1 MB before it)";
+        let line = "bench ingest: devices 10000, document 4.7 MB, broker embedded, fetch to all sent 0.812 s (CPU: the cores busy 1.20 of 1.60 s (75 %): the cloud 1.10 s, the rest 0.10 s), peak memory 61.5 MB during the ingestion (80.1 MB before it)";
         assert_eq!(parse_closing_line(line), Some((0.812, 61.5)));
         assert_eq!(parse_closing_line("bench ingest: failed"), None);
     }
