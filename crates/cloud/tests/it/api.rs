@@ -375,15 +375,14 @@ async fn an_unregistered_devices_messages_wait_in_its_outbox_until_it_is_registe
                 .unwrap();
         }
     }
-    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
-    let refused = loop {
-        let text = app.metrics().await;
-        let n = metric_value(&text, r#"type="ack",outcome="unknown_device""#);
-        if n >= 50 || max300_protocol::clock::monotonic() > deadline {
-            break n;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let refused = read_until(
+        || async {
+            let text = app.metrics().await;
+            metric_value(&text, r#"type="ack",outcome="unknown_device""#)
+        },
+        |n| *n >= 50,
+    )
+    .await;
     assert_eq!(refused, 50, "every ack of the stranger was refused");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), inbox.recv())
@@ -626,16 +625,15 @@ async fn an_interrupted_ingestion_is_run_again_at_start_up() {
             .unwrap();
     }
     let app = TestApp::start_in(dir, None).await;
-    let mut found = false;
-    for _ in 0..50 {
-        let (_, list) = app.get("/api/commands?date=2026-11-30").await;
-        if list.as_array().is_some_and(|l| !l.is_empty()) {
-            found = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(found, "the replay created the command");
+    let (_, list) = read_until(
+        || app.get("/api/commands?date=2026-11-30"),
+        |(_, list)| list.as_array().is_some_and(|l| !l.is_empty()),
+    )
+    .await;
+    assert!(
+        list.as_array().is_some_and(|l| !l.is_empty()),
+        "the replay created the command: {list}"
+    );
     let (status, _) = app.get("/readyz").await;
     assert_eq!(status, 200);
 }
@@ -688,17 +686,14 @@ async fn a_replay_never_brings_back_a_plan_that_a_later_one_replaced() {
 
     let app = app.restart(Some(url)).await;
     let store = app.cloud().store.clone();
-    let mut closed = false;
-    for _ in 0..100 {
-        if store.interrupted_ingestions().await.unwrap().is_empty() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let open = read_until(
+        || async { store.interrupted_ingestions().await.unwrap() },
+        Vec::is_empty,
+    )
+    .await;
     assert!(
-        closed,
-        "the overtaken run is closed at start-up, not left open"
+        open.is_empty(),
+        "the overtaken run is closed at start-up, not left open: {open:?}"
     );
     let d1 = DeviceId::parse("d1").unwrap();
     let current = store
@@ -953,17 +948,14 @@ async fn malformed_messages_each_get_a_clear_error_and_change_nothing() {
         )
     };
     let expected = (cases.len() + 3, 1);
-    let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
-    let metrics = loop {
-        let metrics = app.cloud().metrics.render();
-        let (invalid, unknown) = counted(&metrics);
-        if invalid >= expected.0 && unknown >= expected.1
-            || max300_protocol::clock::monotonic() > deadline
-        {
-            break metrics;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let metrics = read_until(
+        || async { app.cloud().metrics.render() },
+        |m| {
+            let (invalid, unknown) = counted(m);
+            invalid >= expected.0 && unknown >= expected.1
+        },
+    )
+    .await;
     assert_eq!(counted(&metrics), expected, "{metrics}");
     let (_, after) = app.get(&format!("/api/commands/{id}")).await;
     assert_eq!(before["state"], "sent");
@@ -1065,17 +1057,25 @@ async fn fleet_until(app: &TestApp, ok: impl Fn(&Value) -> bool) -> Value {
 /// Waits until what `path` answers satisfies `ok`: the service records what it did (a
 /// publish, an applied message) in the background, after it did it.
 async fn get_until(app: &TestApp, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let (status, body) = read_until(|| app.get(path), |(s, b)| *s != 200 || ok(b)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(ok(&body), "{path} never got there: {body}");
+    body
+}
+
+/// Reads with `read` until `done` holds of what it read, for up to 10 s, and returns the last
+/// read either way, for the caller to assert on: the service records what it did (a publish,
+/// an applied message, a count) in the background, after it did it.
+async fn read_until<T, F: std::future::Future<Output = T>>(
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
     let deadline = max300_protocol::clock::monotonic() + Duration::from_secs(10);
     loop {
-        let (status, body) = app.get(path).await;
-        assert_eq!(status, 200, "{body}");
-        if ok(&body) {
-            return body;
+        let value = read().await;
+        if done(&value) || max300_protocol::clock::monotonic() > deadline {
+            return value;
         }
-        assert!(
-            max300_protocol::clock::monotonic() < deadline,
-            "{path} never got there: {body}"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
