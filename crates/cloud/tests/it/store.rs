@@ -969,6 +969,65 @@ async fn a_batch_of_acks_is_applied_as_each_would_be_alone(l: &Ledger) {
     assert_eq!(l.record_acks(&[], eve()).await.unwrap(), []);
 }
 
+/// A unit decided over a revision that has moved on is a conflict: nothing of it is written,
+/// not even the writes before its failed guard (here the ack kept before the command's
+/// update), and the units around it in the same call are written.
+async fn a_unit_that_lost_its_race_leaves_nothing_and_the_rest_are_written(l: &Ledger) {
+    use max300_cloud::lifecycle::feedback::{AckOutcome, ack as decide};
+    use max300_cloud::store::{Record, Unit, Written};
+    let store = &**l.store();
+    let mut ids = Vec::new();
+    for device in ["d1", "d2", "d3"] {
+        ids.push(create(l, device, 10).await.0);
+    }
+    mark_sent(l, &ids, eve()).await;
+    let acks: Vec<AckMsg> = ["d1", "d2", "d3"]
+        .iter()
+        .zip(&ids)
+        .map(|(device, id)| ack(id, device, 1, 1))
+        .collect();
+    let contexts = store.ack_contexts(&acks).await.unwrap();
+    let mut units: Vec<Unit> = acks
+        .iter()
+        .zip(contexts)
+        .map(|(a, ctx)| match decide(&ctx.target, ctx.seen, a, eve()) {
+            AckOutcome::Apply { commands, .. } => Unit {
+                commands,
+                control: None,
+                record: Some(Record::Ack {
+                    ack: a.clone(),
+                    at: eve(),
+                }),
+            },
+            _ => panic!("each ack applies"),
+        })
+        .collect();
+    // Another writer moved d2's command on after its ack was decided.
+    units[1].commands[0].after.rev += 1;
+    let written = store.write(units).await.unwrap();
+    assert_eq!(
+        written,
+        [Written::Applied, Written::Conflict, Written::Applied]
+    );
+    assert_eq!(state(store, &ids[0]).await, CommandState::Acknowledged);
+    assert_eq!(state(store, &ids[1]).await, CommandState::Sent);
+    assert_eq!(state(store, &ids[2]).await, CommandState::Acknowledged);
+    let kept: Vec<bool> = store
+        .ack_contexts(&acks)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seen)
+        .collect();
+    assert_eq!(kept, [true, false, true], "the lost unit's ack is not kept");
+    // Decided again over what is stored, it applies.
+    assert_eq!(
+        l.record_ack(&acks[1], eve()).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(state(store, &ids[1]).await, CommandState::Acknowledged);
+}
+
 async fn a_lease_has_one_holder_until_it_expires_or_is_released(l: &Ledger) {
     let store = &**l.store();
     let t0 = eve();
@@ -1122,6 +1181,7 @@ macro_rules! contract {
             keeps_every_send_and_a_warning_with_the_command,
             keeps_each_commands_trace_context,
             a_batch_of_acks_is_applied_as_each_would_be_alone,
+            a_unit_that_lost_its_race_leaves_nothing_and_the_rest_are_written,
             a_lease_has_one_holder_until_it_expires_or_is_released,
             a_commit_under_a_lease_that_moved_on_is_refused,
         ]);
