@@ -67,6 +67,20 @@ fn splits_a_span_given_by_instants_with_any_offset() {
 }
 
 #[test]
+fn strings_written_with_escapes_read_as_their_text() {
+    // JSON may escape any character: "d\u0031" is "d1", "ch\u0061rge" is "charge".
+    let input = br#"{"schedule_date": "2026-11-30", "timezone": "Europe\/London",
+        "generated_at": "2026-11-29T15:45:00Z", "schedules": [{"device_id": "d\u0031",
+        "intervals": [{"start": "2026-11-30T01:00:00\u002B00:00",
+                       "end": "2026-11-30T02:00:00Z", "mode": "ch\u0061rge", "rate_kw": 5}]}]}"#;
+    let s = accepted(input);
+    assert_eq!(s.schedule.device_id().as_str(), "d1");
+    assert_eq!(s.schedule.setpoint(3), Some(sp(Mode::Charge, 5)));
+    assert_eq!(s.schedule.setpoint(4), Some(sp(Mode::Charge, 5)));
+    assert_eq!(s.schedule.setpoint(5), Some(Setpoint::IDLE));
+}
+
+#[test]
 fn a_start_without_end_covers_one_period() {
     let s = accepted(&one(
         json!([{"start": "2026-11-30T10:30:00Z", "mode": "CHARGE", "rate_kw": 5}]),

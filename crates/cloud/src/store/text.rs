@@ -1,6 +1,8 @@
 //! The text forms both backends store: instants that sort as text, and a plan as one line of
 //! signed watts.
 
+use std::fmt::Write;
+
 use jiff::Timestamp;
 use max300_protocol::{Mode, RateKw, Setpoint};
 
@@ -24,7 +26,8 @@ pub fn encode_plan(setpoints: &[Setpoint]) -> String {
             Mode::Discharge => -w,
             Mode::Idle => 0,
         };
-        out.push_str(&signed.to_string());
+        // Into the one string: a plan is 46 to 50 numbers, each once its own allocation.
+        let _ = write!(out, "{signed}");
     }
     out
 }
