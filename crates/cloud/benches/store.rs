@@ -79,6 +79,15 @@ impl Fixture {
         }
     }
 
+    /// One command for each device on `date`, as one evening's ingestion makes them.
+    fn commands(&self, date: Date) -> Vec<NewCommand> {
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| command(d, date, i))
+            .collect()
+    }
+
     /// Creates and publishes one command (the state an ack finds it in).
     fn sent_command(&self, rt: &Runtime, device: usize, date: Date) -> NewCommand {
         let command = command(&self.devices[device], date, device);
@@ -157,17 +166,26 @@ fn report(command: &NewCommand, period: u32) -> ReportMsg {
     }
 }
 
-/// The commands of one ingestion: one transaction for the whole fleet, each iteration for the
-/// next date so every command is created (version 1), as each evening's run does.
-fn insert(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("cloud_store/insert_commands_1000");
+/// A group whose every iteration is a whole fleet's worth: few, long samples.
+fn fleet_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
     group
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(DEVICES as u64));
+    group
+}
+
+/// The commands of one ingestion: one transaction for the whole fleet, each iteration for the
+/// next date so every command is created (version 1), as each evening's run does.
+fn insert(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = fleet_group(c, "cloud_store/insert_commands_1000");
     for (name, durable) in [("durable", true), ("unsynced", false)] {
         let fixture = Fixture::new(&rt, durable);
         let mut days = 0;
@@ -176,12 +194,7 @@ fn insert(c: &mut Criterion) {
                 || {
                     let date = DATE.checked_add(days.days()).unwrap();
                     days += 1;
-                    fixture
-                        .devices
-                        .iter()
-                        .enumerate()
-                        .map(|(i, d)| command(d, date, i))
-                        .collect::<Vec<_>>()
+                    fixture.commands(date)
                 },
                 |commands| {
                     let inserted =
@@ -256,13 +269,7 @@ fn feedback(c: &mut Criterion) {
 
     // The evening's burst: a whole fleet's acks in one call, as the feedback consumer batches
     // them, so the figure is the store's work an ack, not an fsync's.
-    let mut group = c.benchmark_group("cloud_store/record_acks_1000");
-    group
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(4))
-        .throughput(Throughput::Elements(DEVICES as u64));
+    let mut group = fleet_group(c, "cloud_store/record_acks_1000");
     // Unsynced too: without the fsync, what is left is the CPU an ack costs.
     let unsynced = Fixture::new(&rt, false);
     for (name, fixture) in [("durable", &fixture), ("unsynced", &unsynced)] {
@@ -272,12 +279,7 @@ fn feedback(c: &mut Criterion) {
                 || {
                     let date = DATE.checked_add((1_000 + days).days()).unwrap();
                     days += 1;
-                    let commands: Vec<NewCommand> = fixture
-                        .devices
-                        .iter()
-                        .enumerate()
-                        .map(|(i, d)| command(d, date, i))
-                        .collect();
+                    let commands = fixture.commands(date);
                     rt.block_on(async {
                         fixture
                             .store
@@ -313,12 +315,7 @@ fn reads(c: &mut Criterion) {
     let mut today = Vec::with_capacity(DEVICES);
     rt.block_on(async {
         for date in [DATE, tomorrow] {
-            let commands: Vec<NewCommand> = fixture
-                .devices
-                .iter()
-                .enumerate()
-                .map(|(i, d)| command(d, date, i))
-                .collect();
+            let commands = fixture.commands(date);
             fixture
                 .store
                 .insert_commands(&commands, eve(), None)
