@@ -77,38 +77,38 @@ impl Sample {
     /// 1.20 s, the rest 0.81 s". What the rest is depends on the run (a broker, the kernel's
     /// interrupts, anything else on the machine).
     pub fn spent_since(&self, earlier: &Sample, this: &str, child: &str) -> String {
+        use std::fmt::Write;
         let secs = |d: Duration| d.as_secs_f64();
         let own = self.this.saturating_sub(earlier.this);
         let theirs = self
             .child
             .zip(earlier.child)
             .map(|(a, b)| a.saturating_sub(b));
-        let mut text = match self.machine.zip(earlier.machine) {
-            Some((now, then)) => {
-                let m = now.since(then);
-                let share = if m.all.is_zero() {
-                    0.0
-                } else {
-                    secs(m.busy) / secs(m.all) * 100.0
-                };
-                format!(
-                    "the cores busy {:.2} of {:.2} s ({share:.0} %): ",
-                    secs(m.busy),
-                    secs(m.all)
-                )
-            }
-            None => String::new(),
-        };
-        text.push_str(&format!("{this} {:.2} s", secs(own)));
-        if let Some(t) = theirs {
-            text.push_str(&format!(", {child} {:.2} s", secs(t)));
+        let machine = self
+            .machine
+            .zip(earlier.machine)
+            .map(|(now, then)| now.since(then));
+        let mut text = String::new();
+        if let Some(m) = machine {
+            let share = if m.all.is_zero() {
+                0.0
+            } else {
+                secs(m.busy) / secs(m.all) * 100.0
+            };
+            let _ = write!(
+                text,
+                "the cores busy {:.2} of {:.2} s ({share:.0} %): ",
+                secs(m.busy),
+                secs(m.all)
+            );
         }
-        if let Some((now, then)) = self.machine.zip(earlier.machine) {
-            let rest = now
-                .since(then)
-                .busy
-                .saturating_sub(own + theirs.unwrap_or_default());
-            text.push_str(&format!(", the rest {:.2} s", secs(rest)));
+        let _ = write!(text, "{this} {:.2} s", secs(own));
+        if let Some(t) = theirs {
+            let _ = write!(text, ", {child} {:.2} s", secs(t));
+        }
+        if let Some(m) = machine {
+            let rest = m.busy.saturating_sub(own + theirs.unwrap_or_default());
+            let _ = write!(text, ", the rest {:.2} s", secs(rest));
         }
         text
     }
@@ -169,6 +169,41 @@ mod tests {
         // user 100 + nice 5 + system 50 + irq 3 + softirq 2 + steal 10; guest is in user.
         assert_eq!(machine_ticks(stat), Some((170, 1010)));
         assert_eq!(machine_ticks("intr 1 2 3\n"), None);
+    }
+
+    #[test]
+    fn a_window_is_split_into_this_process_the_child_and_the_rest() {
+        let ms = Duration::from_millis;
+        let at = |busy, all, this, child| Sample {
+            machine: Some(Machine {
+                busy: ms(busy),
+                all: ms(all),
+            }),
+            this: ms(this),
+            child: Some(ms(child)),
+        };
+        let text = at(4_000, 5_000, 2_000, 1_000).spent_since(
+            &at(1_000, 1_000, 500, 200),
+            "the cloud",
+            "the fleet",
+        );
+        assert_eq!(
+            text,
+            "the cores busy 3.00 of 4.00 s (75 %): the cloud 1.50 s, the fleet 0.80 s, the rest 0.70 s"
+        );
+        let alone = Sample {
+            machine: None,
+            this: ms(900),
+            child: None,
+        };
+        let before = Sample {
+            this: ms(400),
+            ..alone
+        };
+        assert_eq!(
+            alone.spent_since(&before, "the cloud", "the fleet"),
+            "the cloud 0.50 s"
+        );
     }
 
     #[test]
